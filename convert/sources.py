@@ -1,0 +1,108 @@
+"""Reading tensors one at a time from Hugging Face checkpoint files (safetensors or PyTorch .bin), as numpy.
+
+The only module (with convert/neox.py) that touches torch. PyTorch files are opened with weights_only=True and mmap:
+a pickle that would run code is refused, and nothing is read before it is asked for.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class ConvertError(ValueError):
+    """Bad input to a converter: the message names the file and the tensor."""
+
+
+def torch_to_numpy(t, where: str) -> np.ndarray:
+    import torch
+
+    if not t.is_floating_point():
+        raise ConvertError(f"{where}: dtype {t.dtype} is not a floating-point weight")
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: widen exactly, the caller casts to the target dtype
+        t = t.float()
+    return t.detach().cpu().numpy()
+
+
+def torch_load(path: Path) -> dict:
+    """torch.load with weights_only=True (never a fallback that runs pickled code) and mmap (read lazily)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(f"{path}: refused to load: the file is not plain weights (weights_only=True: {first})") \
+            from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(f"{path}: cannot read PyTorch file (truncated or corrupt?): {first}") from None
+
+
+class HFTensors:
+    """The tensors of a `save_pretrained` directory: model.safetensors, sharded safetensors with
+    model.safetensors.index.json, pytorch_model.bin, or sharded .bin with pytorch_model.bin.index.json."""
+
+    def __init__(self, src: str | os.PathLike):
+        self.src = Path(src)
+        self.file_of: dict[str, Path] = {}
+        self._bins: dict[Path, dict] = {}
+        st_index, bin_index = self.src / "model.safetensors.index.json", self.src / "pytorch_model.bin.index.json"
+        if st_index.is_file() or (self.src / "model.safetensors").is_file():
+            self.kind = "safetensors"
+            files = self._files_from_index(st_index) if st_index.is_file() else [self.src / "model.safetensors"]
+        elif bin_index.is_file() or (self.src / "pytorch_model.bin").is_file():
+            self.kind = "bin"
+            files = self._files_from_index(bin_index) if bin_index.is_file() else [self.src / "pytorch_model.bin"]
+        else:
+            raise ConvertError(f"{self.src}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
+        for f in files:
+            for name in self._names_in(f):
+                self.file_of[name] = f
+
+    def _files_from_index(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ConvertError(f"{index}: not a valid checkpoint index ({e})") from None
+        files = sorted({self.src / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise ConvertError(f"{index}: names shard {f.name}, which does not exist")
+        return files
+
+    def _names_in(self, f: Path) -> list[str]:
+        if self.kind == "safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(f, framework="pt") as h:
+                    return list(h.keys())
+            except Exception as e:  # safetensors raises its own error types for truncated headers
+                raise ConvertError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+        self._bins[f] = torch_load(f)
+        return list(self._bins[f].keys())
+
+    def names(self) -> set[str]:
+        return set(self.file_of)
+
+    def get(self, name: str) -> np.ndarray:
+        f = self.file_of[name]
+        where = f"{f}: tensor {name}"
+        try:
+            if self.kind == "safetensors":
+                from safetensors import safe_open
+
+                with safe_open(f, framework="pt") as h:
+                    t = h.get_tensor(name)
+            else:
+                t = self._bins[f][name]
+            return torch_to_numpy(t, where)
+        except ConvertError:
+            raise
+        except Exception as e:
+            raise ConvertError(f"{where}: cannot read (truncated or corrupt file?): {e}") from None

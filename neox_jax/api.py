@@ -1,0 +1,63 @@
+"""`neox_jax.load(path)`: the user-facing model object."""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from neox_jax import checkpoint
+from neox_jax.config import NeoXConfig
+from neox_jax.model import Params, forward, positions_from_mask
+from neox_jax.tokenizer import Tokenizer
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(cfg: NeoXConfig, params: Params, ids, mask):
+    return forward(cfg, params, ids, positions_from_mask(mask), mask.astype(bool))[0]
+
+
+class NeoX:
+    """A loaded GPT-NeoX: config, params (a plain nested dict of jax arrays) and the tokenizer (or None)."""
+
+    def __init__(self, config: NeoXConfig, params: Params, tokenizer: Tokenizer | None = None, path: str | None = None):
+        self.config, self.params, self.tokenizer, self.path = config, params, tokenizer, path
+
+    @property
+    def dtype(self):
+        return jax.tree.leaves(self.params)[0].dtype
+
+    def logits(self, ids, mask=None) -> np.ndarray:
+        """ids: int array [B, T] (or a list of lists of equal length); mask [B, T], 1 for real tokens (left padding
+        allowed). Returns float32 numpy logits [B, T, vocab_size]."""
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"ids must be an int array [batch, length], got {ids.dtype} shape {ids.shape}")
+        if ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
+        mask = np.ones(ids.shape, np.int32) if mask is None else np.asarray(mask, np.int32)
+        if mask.shape != ids.shape:
+            raise ValueError(f"mask shape {mask.shape} differs from ids shape {ids.shape}")
+        return np.asarray(_logits(self.config, self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
+
+    def __repr__(self):
+        c = self.config
+        return (f"NeoX({c.num_params / 1e6:.1f}M params, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+                f"dtype {jnp.dtype(self.dtype).name}, tokenizer={'yes' if self.tokenizer else 'no'})")
+
+
+def load(path: str | os.PathLike, dtype=None) -> NeoX:
+    """Loads a neox-jax checkpoint directory (made by `python -m convert ...`). dtype: float32 / float16 / bfloat16 to
+    cast the parameters to (default: as stored)."""
+    path = Path(path)
+    meta = checkpoint.read_metadata(path)
+    cfg = NeoXConfig.from_dict(meta["config"])
+    params = checkpoint.restore_params(path, dtype)
+    tok = Tokenizer.from_file(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+    return NeoX(cfg, params, tok, str(path))

@@ -1,0 +1,208 @@
+"""neox-jax checkpoints: a directory of Orbax checkpoints, one per parameter group, plus metadata and the tokenizer.
+
+    CKPT/
+      metadata.json        format version, NeoXConfig, dtype, where it was converted from, the group names
+      tokenizer.json       when the source had one
+      params/embed_in/     one Orbax (StandardCheckpointHandler) checkpoint per group: a plain nested dict of arrays
+      params/layers.0/ ... params/layers.{L-1}/
+      params/final_layer_norm/
+      params/embed_out/
+
+One group per layer lets a converter write (and `restore_params` read) one layer at a time, so neither ever holds
+the whole model in host memory. The checkpoint is written under a temporary name and renamed when complete: a crash
+leaves nothing that looks finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from neox_jax.config import NeoXConfig
+from neox_jax.model import abstract_params
+
+FORMAT = "neox-jax-checkpoint"
+FORMAT_VERSION = 1
+DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not match what was expected."""
+
+
+def dtype_name(dtype) -> str:
+    name = jnp.dtype(dtype).name
+    if name not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {name!r}; expected one of {list(DTYPES)}")
+    return name
+
+
+def group_names(cfg: NeoXConfig) -> list[str]:
+    return ["embed_in", *[f"layers.{i}" for i in range(cfg.num_hidden_layers)], "final_layer_norm", "embed_out"]
+
+
+def get_group(params: dict, name: str):
+    if name.startswith("layers."):
+        return params["layers"][int(name.split(".")[1])]
+    return params[name]
+
+
+def set_group(params: dict, name: str, value) -> None:
+    if name.startswith("layers."):
+        params.setdefault("layers", {})[int(name.split(".")[1])] = value
+    else:
+        params[name] = value
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+
+
+def _describe(tree) -> dict[str, tuple]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): (tuple(x.shape), jnp.dtype(x.dtype).name) for p, x in flat}
+
+
+def compare_trees(expected, actual, where: str) -> None:
+    """Raises CheckpointError listing every missing / unexpected name and every shape or dtype that differs."""
+    e, a = _describe(expected), _describe(actual)
+    problems = [f"missing {k} (expected shape {e[k][0]} {e[k][1]})" for k in e if k not in a]
+    problems += [f"unexpected {k} (shape {a[k][0]} {a[k][1]})" for k in a if k not in e]
+    problems += [f"{k}: expected shape {e[k][0]} {e[k][1]}, found {a[k][0]} {a[k][1]}"
+                 for k in e if k in a and e[k] != a[k]]
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems))
+
+
+class CheckpointWriter:
+    """Writes a checkpoint group by group under OUT.tmp-*, renamed to OUT by `finish`. Use as a context manager:
+    an exception (or KeyboardInterrupt) removes the temporary directory and leaves OUT untouched."""
+
+    def __init__(self, out: str | os.PathLike, cfg: NeoXConfig, dtype, source: dict[str, Any] | None = None,
+                 overwrite: bool = False):
+        self.out = Path(out).absolute()
+        if self.out.exists() and not overwrite:
+            raise CheckpointError(f"{self.out} already exists; choose another output directory or remove it")
+        self.cfg, self.dtype = cfg, dtype_name(dtype)
+        self.source = source or {}
+        self.tmp = self.out.with_name(f"{self.out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.expected = abstract_params(cfg, DTYPES[self.dtype])
+        self.written: set[str] = set()
+        self.bytes = 0
+        self.overwrite = overwrite
+        self._ckptr = _checkpointer()
+
+    def __enter__(self):
+        (self.tmp / "params").mkdir(parents=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+    def write_group(self, name: str, tree) -> None:
+        """tree: a nested dict of numpy / jax arrays for one group, already in the checkpoint dtype."""
+        if name not in group_names(self.cfg):
+            raise CheckpointError(f"unknown parameter group {name!r}")
+        compare_trees(get_group(self.expected, name), tree, f"group {name}")
+        self._ckptr.save(self.tmp / "params" / name, tree)
+        self.written.add(name)
+        self.bytes += sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+    def add_file(self, src: str | os.PathLike, name: str) -> None:
+        shutil.copyfile(src, self.tmp / name)
+
+    def finish(self) -> Path:
+        missing = [g for g in group_names(self.cfg) if g not in self.written]
+        if missing:
+            raise CheckpointError(f"checkpoint incomplete: groups never written: {missing}")
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.cfg.to_dict(),
+                "dtype": self.dtype, "num_params": self.cfg.num_params, "bytes": self.bytes,
+                "groups": group_names(self.cfg), "source": self.source,
+                "has_tokenizer": (self.tmp / "tokenizer.json").exists(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (self.tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if self.out.exists() and self.overwrite:
+            old = self.out.with_name(f"{self.out.name}.old-{uuid.uuid4().hex[:8]}")
+            self.out.rename(old)
+            self.tmp.rename(self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.tmp.rename(self.out)
+        return self.out
+
+
+def save_params(out, cfg: NeoXConfig, params, dtype=None, source=None, tokenizer_file=None, overwrite=False) -> Path:
+    """Saves a whole in-memory params tree (unstacked layers) as a checkpoint."""
+    leaf_dtype = jax.tree.leaves(params)[0].dtype if dtype is None else dtype
+    with CheckpointWriter(out, cfg, leaf_dtype, source, overwrite=overwrite) as w:
+        for name in group_names(cfg):
+            w.write_group(name, jax.tree.map(lambda x: np.asarray(x).astype(DTYPES[w.dtype]), get_group(params, name)))
+        if tokenizer_file is not None:
+            w.add_file(tokenizer_file, "tokenizer.json")
+        return w.finish()
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    meta_file = path / "metadata.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: not a neox-jax checkpoint (no metadata.json; convert weights with "
+                              f"`python -m convert hf|neox SRC {path}` first)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_file}: format {meta.get('format')!r} version {meta.get('format_version')!r}, "
+                              f"expected {FORMAT!r} version {FORMAT_VERSION}")
+    return meta
+
+
+def read_config(path) -> NeoXConfig:
+    return NeoXConfig.from_dict(read_metadata(path)["config"])
+
+
+def iter_groups(path, dtype=None, shardings: Callable[[str], Any] | None = None) -> Iterator[tuple[str, Any]]:
+    """Yields (group name, nested dict of jax arrays) one group at a time, checked against the config.
+    dtype: cast to this dtype (default: as stored). shardings(name) -> a tree of jax.sharding.Sharding for the group,
+    so each device reads only its slice."""
+    path = Path(path)
+    meta = read_metadata(path)
+    cfg = NeoXConfig.from_dict(meta["config"])
+    stored = DTYPES[meta["dtype"]]
+    target = stored if dtype is None else DTYPES[dtype_name(dtype)]
+    expected = abstract_params(cfg, stored)
+    ckptr = _checkpointer()
+    for name in group_names(cfg):
+        gdir = path / "params" / name
+        if not gdir.is_dir():
+            raise CheckpointError(f"{gdir}: missing parameter group (incomplete checkpoint)")
+        want = get_group(expected, name)
+        found = ckptr.metadata(gdir).item_metadata.tree
+        compare_trees(want, found, str(gdir))
+        shard_tree = shardings(name) if shardings is not None else None
+        if shard_tree is None:
+            dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shard_tree = jax.tree.map(lambda _: dev, want)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), want, shard_tree)
+        tree = ckptr.restore(gdir, ocp.args.StandardRestore(abstract))
+        if target != stored:
+            tree = jax.tree.map(lambda x: x.astype(target), tree)
+        yield name, tree
+
+
+def restore_params(path, dtype=None, shardings=None) -> dict:
+    params: dict = {}
+    for name, tree in iter_groups(path, dtype, shardings):
+        set_group(params, name, tree)
+    return params

@@ -1,0 +1,291 @@
+"""The GPT-NeoX module tree in Flax NNX, with Hugging Face GPT-NeoX names.
+
+    GPTNeoX
+      embed_in                 Embed     embedding [V, D]
+      layers[i]                Block
+        input_layernorm        LayerNorm weight, bias [D]
+        post_attention_layernorm
+        attention
+          query_key_value      Linear    kernel [D, N, 3, H], bias [N, 3, H]  (HF packs q, k, v per head)
+          dense                Linear    kernel [N, H, D], bias [D]
+        mlp
+          dense_h_to_4h        Linear    kernel [D, F], bias [F]
+          dense_4h_to_h        Linear    kernel [F, D], bias [D]
+      final_layer_norm         LayerNorm
+      embed_out                Linear    kernel [D, V]  (untied)
+
+Shape letters: B batch, T query tokens, S key/value slots, D hidden, N heads, H head dim, R rotary dims, F mlp, V vocab.
+
+Functional core: `init_params` gives a plain nested dict of arrays and `forward(params, ...)` merges it into the module
+tree under jit. The layers are separate buffers by default (`layers` = {0: ..., 1: ...}; unrolled, which decodes fastest
+on CPU); `stack_layers` turns them into one stacked buffer per weight ([L, ...]) that runs under `lax.scan`, for a
+compile time flat in depth. Precision: parameters in their own dtype; layernorm statistics, QK^T, softmax and logits in
+float32.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from neox_jax.config import NeoXConfig
+
+Params = dict[str, Any]
+F32 = jnp.float32
+
+
+def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return (std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), axes=("norm",))
+
+    def __call__(self, x):  # [..., D] -> [..., D] (x.dtype); statistics in float32
+        x32 = x.astype(F32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(F32) + self.bias[...].astype(F32)).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """y = einsum(spec, x, kernel) + bias, with the kernel laid out one axis per meaning."""
+
+    def __init__(self, spec: str, kernel_shape, kernel_axes, bias_shape, bias_axes, *, use_bias: bool, param_dtype,
+                 rngs: nnx.Rngs):
+        self.spec = spec
+        self.kernel = nnx.Param(_init(rngs, kernel_shape, param_dtype), axes=kernel_axes)
+        self.bias = nnx.Param(jnp.zeros(bias_shape, param_dtype), axes=bias_axes) if use_bias else None
+
+    def __call__(self, x, out_dtype=None):
+        kernel = self.kernel[...]
+        y = jnp.einsum(self.spec, x.astype(kernel.dtype), kernel, preferred_element_type=out_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, param_dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(_init(rngs, (vocab, dim), param_dtype), axes=("vocab", "embed"))
+
+    def __call__(self, ids):  # [B, T] int -> [B, T, D]
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+def rotary_cos_sin(positions, rotary_dims: int, base: float):
+    """positions [B, T] -> cos, sin [B, T, R] in float32 (GPT-NeoX's rotate-half layout: frequencies repeated twice)."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dims, 2, dtype=F32) / rotary_dims))  # [R/2]
+    freqs = positions.astype(F32)[..., None] * inv_freq  # [B, T, R/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, R]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x, cos, sin):
+    """x [B, T, N, H]: rotates the first R features of each head, passes the rest through."""
+    r = cos.shape[-1]
+    rot, rest = x[..., :r].astype(F32), x[..., r:]
+    x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = rot * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: NeoXConfig, *, param_dtype, rngs: nnx.Rngs):
+        d, n, h = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        self.query_key_value = Linear("BTD,DNKH->BTNKH", (d, n, 3, h), ("embed", "heads", "qkv", "head_dim"),
+                                      (n, 3, h), ("heads", "qkv", "head_dim"), use_bias=cfg.attention_bias,
+                                      param_dtype=param_dtype, rngs=rngs)
+        self.dense = Linear("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), (d,), ("norm",),
+                            use_bias=cfg.attention_bias, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv, cache_index):
+        """x [B, T, D]; mask [B, T, S] bool; kv None (S == T) or (k, v) caches [B, S, N, H] written at cache_index.
+        Returns [B, T, D] and the updated (k, v) (or None)."""
+        qkv = self.query_key_value(x)  # [B, T, N, 3, H]
+        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # [B, T, N, H]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:
+            k_cache, v_cache = kv
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+            k, v, kv = k_cache, v_cache, (k_cache, v_cache)
+        scale = q.shape[-1] ** -0.5
+        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k.astype(q.dtype), preferred_element_type=F32) * scale
+        scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(F32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, N, T, S]
+        out = jnp.einsum("BNTS,BSNH->BTNH", probs, v)  # [B, T, N, H]
+        return self.dense(out.astype(x.dtype)), kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: NeoXConfig, *, param_dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.approximate = cfg.hidden_act != "gelu"
+        self.relu = cfg.hidden_act == "relu"
+        self.dense_h_to_4h = Linear("BTD,DF->BTF", (d, f), ("embed", "mlp"), (f,), ("mlp",), use_bias=True,
+                                    param_dtype=param_dtype, rngs=rngs)
+        self.dense_4h_to_h = Linear("BTF,FD->BTD", (f, d), ("mlp", "embed"), (d,), ("norm",), use_bias=True,
+                                    param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):  # [B, T, D] -> [B, T, D]
+        h = self.dense_h_to_4h(x)
+        h = jax.nn.relu(h) if self.relu else jax.nn.gelu(h.astype(F32), approximate=self.approximate).astype(x.dtype)
+        return self.dense_4h_to_h(h)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: NeoXConfig, *, param_dtype, rngs: nnx.Rngs):
+        self.parallel = cfg.use_parallel_residual
+        self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.attention = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv, cache_index):
+        attn, kv = self.attention(self.input_layernorm(x), cos, sin, mask, kv, cache_index)
+        if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
+            x = x + attn + self.mlp(self.post_attention_layernorm(x))
+        else:  # x + attn(ln1(x)), then + mlp(ln2(.))
+            x = x + attn
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv
+
+
+class GPTNeoX(nnx.Module):
+    def __init__(self, cfg: NeoXConfig, *, param_dtype=F32, rngs: nnx.Rngs, stacked: bool = False):
+        self.embed_in = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
+        if stacked:
+            @nnx.split_rngs(splits=cfg.num_hidden_layers)
+            @nnx.vmap(in_axes=0, out_axes=0)
+            def make(r):
+                return Block(cfg, param_dtype=param_dtype, rngs=r)
+            self.layers = make(rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, param_dtype=param_dtype, rngs=rngs)
+                                    for _ in range(cfg.num_hidden_layers)])
+        self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype)
+        self.embed_out = Linear("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), (), (),
+                                use_bias=False, param_dtype=param_dtype, rngs=rngs)
+        self.rotary_dims = cfg.rotary_dims
+        self.rotary_base = cfg.rotary_emb_base
+
+    def hidden_states(self, input_ids, positions, kv_valid, cache=None, cache_index=0):
+        """input_ids, positions [B, T] int; kv_valid [B, S] bool (which key slots hold real tokens, S == T without a
+        cache); cache None or {"k", "v"}: a list of L [B, S, N, H] buffers
+        (unrolled layers) or one [L, B, S, N, H] buffer (stacked layers), written at slots cache_index..cache_index+T-1.
+        Returns the final-layernormed hidden states [B, T, D] and the updated cache (or None)."""
+        t, s = input_ids.shape[1], kv_valid.shape[1]
+        causal = jnp.arange(s)[None, :] <= (cache_index + jnp.arange(t))[:, None]  # [T, S]
+        mask = kv_valid[:, None, :] & causal[None]  # [B, T, S]
+        cos, sin = rotary_cos_sin(positions, self.rotary_dims, self.rotary_base)
+        x = self.embed_in(input_ids)  # [B, T, D]
+        if isinstance(self.layers, nnx.List):  # unrolled: one buffer per layer
+            ks, vs = [], []
+            for i, block in enumerate(self.layers):
+                kv = None if cache is None else (cache["k"][i], cache["v"][i])
+                x, kv = block(x, cos, sin, mask, kv, cache_index)
+                if kv is not None:
+                    ks.append(kv[0])
+                    vs.append(kv[1])
+            if cache is not None:
+                cache = {"k": ks, "v": vs}
+        else:  # stacked [L, ...] under lax.scan
+            graphdef, state = nnx.split(self.layers)
+
+            def body(x, layer):
+                layer_state, kv = layer
+                x, kv = nnx.merge(graphdef, layer_state)(x, cos, sin, mask, kv, cache_index)
+                return x, kv
+
+            kvs = None if cache is None else (cache["k"], cache["v"])
+            x, kvs = jax.lax.scan(body, x, (state, kvs))
+            if cache is not None:
+                cache = {"k": kvs[0], "v": kvs[1]}
+        return self.final_layer_norm(x), cache
+
+    def logits(self, hidden):  # [B, T, D] -> [B, T, V] float32
+        return self.embed_out(hidden, out_dtype=F32)
+
+    def __call__(self, input_ids, positions, kv_valid, cache=None, cache_index=0):
+        hidden, cache = self.hidden_states(input_ids, positions, kv_valid, cache, cache_index)
+        return self.logits(hidden), cache
+
+
+# ---- functional core ------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=32)
+def graphdef(cfg: NeoXConfig, stacked: bool = False):
+    """The module structure (no arrays) for `nnx.merge(graphdef(cfg), params)`."""
+    abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0), stacked=stacked))
+    return nnx.split(abstract)[0]
+
+
+def abstract_params(cfg: NeoXConfig, dtype=F32, stacked: bool = False) -> Params:
+    """Shapes and dtypes of every parameter, nothing allocated (jax.eval_shape)."""
+    abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, param_dtype=dtype, rngs=nnx.Rngs(0), stacked=stacked))
+    return nnx.to_pure_dict(nnx.state(abstract))
+
+
+def logical_axes(cfg: NeoXConfig, stacked: bool = False) -> Params:
+    """The same tree as the params, each leaf a tuple of logical axis names ("layers" first when stacked)."""
+    abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0), stacked=stacked))
+    state = nnx.state(abstract)
+
+    def axes(path, var):
+        names = tuple(var.get_metadata()["axes"])
+        return ("layers",) + names if stacked and path[0] == "layers" else names
+
+    return nnx.to_pure_dict(jax.tree_util.tree_map_with_path(
+        lambda p, v: axes([getattr(k, "key", k) for k in p], v), state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def init_params(cfg: NeoXConfig, dtype=F32, seed: int = 0, stacked: bool = False) -> Params:
+    """Random parameters (normal, std 0.02) as a plain nested dict; for demos and benchmarks."""
+    model = GPTNeoX(cfg, param_dtype=dtype, rngs=nnx.Rngs(seed), stacked=stacked)
+    return nnx.to_pure_dict(nnx.state(model))
+
+
+def is_stacked(params: Params) -> bool:
+    return 0 not in params["layers"]
+
+
+def stack_layers(params: Params) -> Params:
+    """{0: layer, 1: layer, ...} -> one [L, ...] buffer per weight (runs under lax.scan)."""
+    layers = [params["layers"][i] for i in range(len(params["layers"]))]
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_layers(params: Params) -> Params:
+    """[L, ...] buffers -> {0: layer, 1: layer, ...} (unrolled)."""
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    return {**params, "layers": {i: jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n)}}
+
+
+def model_from_params(cfg: NeoXConfig, params: Params) -> GPTNeoX:
+    return nnx.merge(graphdef(cfg, is_stacked(params)), params)
+
+
+def forward(cfg: NeoXConfig, params: Params, input_ids, positions=None, kv_valid=None, cache=None, cache_index=0):
+    """Pure function: logits [B, T, V] float32 and the updated cache. Without positions / kv_valid every token is real
+    and positions count from 0."""
+    b, t = input_ids.shape
+    if kv_valid is None:
+        kv_valid = jnp.ones((b, t), bool)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    return model_from_params(cfg, params)(input_ids, positions, kv_valid, cache, cache_index)
+
+
+def positions_from_mask(mask):
+    """mask [B, T] (1 = real token, left padding allowed) -> positions [B, T] counted over real tokens only."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)

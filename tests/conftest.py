@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random Hugging Face GPT-NeoX references, built in the test itself, and a CLI runner."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def run_cli(*args, check=True, env=None, timeout=600):
+    """Runs `python ARGS...` from the repo root with the repo importable; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=full_env,
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"command failed ({r.returncode}): {args}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
+    return r
+
+
+def make_hf_model(seed=0, **overrides):
+    """A random transformers GPTNeoXForCausalLM (float32, eval mode) with weights of a realistic scale."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    kw = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+              rotary_pct=0.25, max_position_embeddings=128, use_parallel_residual=True, hidden_act="gelu",
+              bos_token_id=0, eos_token_id=0)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**kw)).eval()
+    with torch.no_grad():  # HF inits biases to 0 and layernorms to 1: perturb so every tensor matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tmp_path_factory):
+    """(model, directory): a saved tiny HF GPT-NeoX with parallel residual and rotary_pct 0.25."""
+    model = make_hf_model()
+    d = tmp_path_factory.mktemp("hf_tiny")
+    model.save_pretrained(d)
+    return model, d
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(hf_tiny, tmp_path_factory):
+    """(hf model, neox-jax checkpoint directory) converted with the real CLI."""
+    model, src = hf_tiny
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    run_cli("-m", "convert", "hf", src, out, "--quiet")
+    return model, out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file():
+    f = SHARED_DATA / "20B_tokenizer.json"
+    if not f.is_file():
+        pytest.skip(f"reference data absent: {f} (a fresh clone without ../shared/data)")
+    return f
+
+
+def hf_logits(model, ids, mask=None) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        kw = {} if mask is None else {"attention_mask": torch.tensor(mask)}
+        return model(torch.tensor(np.asarray(ids)), **kw).logits.float().numpy()
