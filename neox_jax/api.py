@@ -52,12 +52,37 @@ class NeoX:
                 f"dtype {jnp.dtype(self.dtype).name}, tokenizer={'yes' if self.tokenizer else 'no'})")
 
 
-def load(path: str | os.PathLike, dtype=None) -> NeoX:
-    """Loads a neox-jax checkpoint directory (made by `python -m convert ...`). dtype: float32 / float16 / bfloat16 to
-    cast the parameters to (default: as stored)."""
+def _restore(path: Path, cfg: NeoXConfig, dtype, mesh) -> Params:
+    """Reads the params; with a mesh, each device reads only its slice (sharding issue)."""
+    if mesh is not None:
+        raise NotImplementedError("loading onto a mesh is not implemented yet")
+    return checkpoint.restore_params(path, dtype)
+
+
+def _apply_finetuned(params: Params, cfg: NeoXConfig, run_dir) -> Params:
+    """Replaces the trainable parameters with those of a fine-tuning run (fine-tuning issue)."""
+    raise NotImplementedError("--finetuned is not implemented yet")
+
+
+def _quantize(params: Params, cfg: NeoXConfig, mode: str) -> Params:
+    """int8 / llm.int8 weights (int8 issue)."""
+    raise NotImplementedError("quantization is not implemented yet")
+
+
+def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quantize=None) -> NeoX:
+    """Loads a neox-jax checkpoint directory (made by `python -m convert ...`).
+
+    dtype: float32 / float16 / bfloat16 to cast the parameters to (default: as stored).
+    mesh: a jax.sharding.Mesh (see neox_jax.sharding.make_mesh) to restore the params onto, sharded.
+    finetuned: a fine-tuning run directory whose trained parameters replace the checkpoint's.
+    quantize: None, "int8" (weight-only) or "llm.int8"."""
     path = Path(path)
     meta = checkpoint.read_metadata(path)
     cfg = NeoXConfig.from_dict(meta["config"])
-    params = checkpoint.restore_params(path, dtype)
+    params = _restore(path, cfg, dtype, mesh)
+    if finetuned is not None:
+        params = _apply_finetuned(params, cfg, finetuned)
+    if quantize is not None:
+        params = _quantize(params, cfg, quantize)
     tok = Tokenizer.from_file(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
     return NeoX(cfg, params, tok, str(path))
