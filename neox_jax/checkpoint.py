@@ -106,7 +106,7 @@ class CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
+        if self.tmp.exists():  # an exception, or a writer that never finished: nothing may look written
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False
 
