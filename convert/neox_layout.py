@@ -116,13 +116,15 @@ def plan(cfg: NeoXConfig, tp: int, tied_embeddings: bool = False, output_paralle
 
 
 def split(t: SlimTensor, merged: np.ndarray, tp: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
-    """The inverse of the merge: per-rank tensors whose merge gives `merged`. Summed biases are split into random
-    parts (so a converter that takes one copy instead of the sum is caught)."""
+    """The inverse of the merge: per-rank tensors whose merge gives `merged`. Summed float32 biases are split into
+    random parts (so a converter that takes one copy, or the mean, instead of the sum is caught)."""
     if t.merge == CAT0:
         return np.split(merged, tp, axis=0)
     if t.merge == CAT1:
         return np.split(merged, tp, axis=1)
     if t.merge == SUM:
+        if merged.dtype != np.float32:  # float16: random parts would not sum back exactly; halves do (tp = 2^k)
+            return [merged / np.asarray(tp, merged.dtype) for _ in range(tp)]
         rng = rng or np.random.default_rng(0)
         parts = [rng.normal(0, 0.05, merged.shape).astype(merged.dtype) for _ in range(tp - 1)]
         return [merged - sum(parts, np.zeros_like(merged)), *parts]

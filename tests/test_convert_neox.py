@@ -105,7 +105,7 @@ def test_20b_plan_without_weights():
     assert sequential["attention.dense.bias"] == sequential["mlp.dense_4h_to_h.bias"] == REPLICATED
 
 
-def read_neox_args_text(text, tmp=None):
+def read_neox_args_text(text):
     import tempfile
     from pathlib import Path
 
@@ -284,3 +284,23 @@ def test_legacy_format_rank_file_is_read_safely(slim_tp2, tmp_path):
     torch.save(torch.load(f, weights_only=True), f, _use_new_zipfile_serialization=False)
     assert convert(src, tmp_path / "ckpt") == 0
     assert np.abs(neox_jax.load(tmp_path / "ckpt").logits(IDS) - hf_logits(model, IDS)).max() <= 1e-4
+
+
+def test_tied_embeddings_and_float16_shards(tmp_path):
+    """GPT-NeoX's default (no `no-weight-tying`): no layer L+4 file, the output layer is word_embeddings. float16
+    shards (as 20B's) give a float16 checkpoint unless --dtype says otherwise."""
+    import torch
+
+    model = make_hf_model(seed=6)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.copy_(model.gpt_neox.embed_in.weight)
+        for p in model.parameters():
+            p.copy_(p.half().float())  # the reference holds exactly the float16 values the shards carry
+    cfg = NeoXConfig.from_hf_config(model.config.to_dict())
+    state = hf_state(model)
+    src = write_slim(tmp_path / "src", cfg, lambda n: state[n].astype(np.float16), 2, tied_embeddings=True)
+    assert not (src / STEP / layer_file(cfg.num_hidden_layers + 4, 0)).exists()
+    assert convert(src, tmp_path / "ckpt") == 0
+    ours = neox_jax.load(tmp_path / "ckpt", dtype="float32")
+    assert neox_jax.load(tmp_path / "ckpt").dtype == np.float16
+    assert np.abs(ours.logits(IDS) - hf_logits(model, IDS)).max() <= 1e-4
