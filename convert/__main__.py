@@ -63,7 +63,8 @@ def _register_optional():
             if e.name == mod:
                 continue
             raise
-        _EXTRA_COMMANDS.append(m.register)
+        if m.register not in _EXTRA_COMMANDS:  # main() may run more than once in a process (tests)
+            _EXTRA_COMMANDS.append(m.register)
 
 
 def main(argv=None) -> int:

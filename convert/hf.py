@@ -23,11 +23,11 @@ OUTPUT_ALIASES = ("lm_head.weight",)  # transformers 5 names embed_out "lm_head"
 
 def cast_checked(x: np.ndarray, dtype, where: str, allow_nonfinite: bool) -> np.ndarray:
     """Casts to the checkpoint dtype; NaN/Inf (in the source, or made by overflow in the cast) is an error."""
-    y = x.astype(DTYPES[dtype_name(dtype)])
+    y = x.astype(DTYPES[dtype_name(dtype)], copy=False)  # no copy (and no second check) when already that dtype
     if not allow_nonfinite:
         if not np.isfinite(x).all():
             raise ConvertError(f"{where}: contains NaN/Inf values (pass --allow-nonfinite to keep them)")
-        if not np.isfinite(y.astype(np.float32)).all():
+        if y.dtype != x.dtype and not np.isfinite(y).all():
             big = float(np.abs(x).max())
             raise ConvertError(f"{where}: values up to {big:g} overflow {dtype_name(dtype)} (use --dtype bfloat16 or "
                                f"float32, or --allow-nonfinite)")

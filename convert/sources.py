@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,19 +29,30 @@ def torch_to_numpy(t, where: str) -> np.ndarray:
 
 
 def torch_load(path: Path) -> dict:
-    """torch.load with weights_only=True (never a fallback that runs pickled code) and mmap (read lazily)."""
+    """torch.load with weights_only=True (never a fallback that runs pickled code) and mmap (read lazily; legacy
+    pre-1.6 files, which cannot be mapped, are read whole)."""
     import pickle
 
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # a legacy (pre-1.6, not zip) file cannot be mmapped: read it whole, still safely
+            if "mmap can only be used" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"{path}: refused to load: the file is not plain weights (weights_only=True: {first})") \
-            from None
+        # torch's message is a paragraph suggesting weights_only=False; keep only what the file asked for
+        lines = [ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln or "Unsupported" in ln]
+        first = re.sub(r"\x1b\[[0-9;]*m", "", (lines or str(e).strip().splitlines() or [type(e).__name__])[0])
+        first = first.replace("WeightsUnpickler error: ", "").split(". Please use")[0]
+        raise ConvertError(f"{path}: refused to load: the file is not plain weights (weights_only=True: {first}); "
+                           f"loading it would run code stored in it") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if path.is_file() and not zipfile.is_zipfile(path):  # torch >= 1.6 files are zip archives, indexed at the end
+            first = "the zip index at the end of the file is missing"
         raise ConvertError(f"{path}: cannot read PyTorch file (truncated or corrupt?): {first}") from None
 
 
