@@ -41,12 +41,13 @@ from neox_jax.sharding import batch_sharding, param_shardings
 
 F32 = jnp.float32
 MODES = ("biases", "all")
-BIAS_PATHS = (("attention", "query_key_value", "bias"), ("attention", "dense", "bias"), ("mlp", "dense_h_to_4h", "bias"))
+BIAS_PATHS = (("attention", "query_key_value", "bias"), ("attention", "dense", "bias"),
+              ("mlp", "dense_h_to_4h", "bias"))
 FINETUNED = "finetuned"  # RUN_DIR/finetuned: the trained parameters, a small Orbax checkpoint + metadata.json
 FORMAT = "neox-jax-finetuned"
 
 
-# ---- trainable subsets ------------------------------------------------------------------------------------------------
+# ---- trainable subsets -----------------------------------------------------------------------------------------------
 
 def is_trainable(path: tuple, mode: str) -> bool:
     """path: keys from the params root, e.g. ("layers", 3, "attention", "dense", "bias")."""
@@ -109,8 +110,8 @@ def load_for_training(path, mode: str, dtype, mesh):
 # ---- optimizer and loss scale -------------------------------------------------------------------------------------
 
 def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, kind: str = "cosine", min_lr_ratio: float = 0.1):
-    """Linear warm-up to lr over the first warmup_steps updates, then cosine / linear decay to lr * min_lr_ratio at total_steps
-    (or constant)."""
+    """Linear warm-up to lr over the first warmup_steps updates, then cosine / linear decay to lr * min_lr_ratio at
+    total_steps (or constant)."""
     rest = max(total_steps - warmup_steps, 1)
     decays = {"cosine": lambda: optax.cosine_decay_schedule(lr, rest, alpha=min_lr_ratio),
               "linear": lambda: optax.linear_schedule(lr, lr * min_lr_ratio, rest),
@@ -149,7 +150,7 @@ def adjust_loss_scale(ls: dict, finite, period: int = 2000, factor: float = 2.0,
     return {"scale": scale, "counter": jnp.where(finite & ~grow, ls["counter"] + 1, 0).astype(jnp.int32)}
 
 
-# ---- the train step ---------------------------------------------------------------------------------------------------
+# ---- the train step --------------------------------------------------------------------------------------------------
 
 def token_losses(cfg: NeoXConfig, params: dict, windows):
     """windows [B, T + 1] int -> per-token cross entropy [B, T] float32 (inputs w[:, :-1], targets w[:, 1:])."""
@@ -186,11 +187,12 @@ def frozen_shardings(cfg: NeoXConfig, mesh, mode: str) -> dict:
 def init_state(trainable: dict, tx, shardings: dict, *, dynamic: bool, initial_scale: float = 2.0 ** 15,
                seed: int = 0) -> dict:
     """The train state: float32 masters, optimizer state, loss scale, RNG key data (reserved for stochastic
-    regularisation: GPT-NeoX trains without dropout; it is split every step and saved) and the step count."""
+    regularisation: GPT-NeoX trains without dropout; it is split every step and saved) and the step count.
+    `trainable` is donated: the state takes over its buffers (no second copy of the masters)."""
     def init(p):
         return {"params": p, "opt_state": tx.init(p), "loss_scale": init_loss_scale(dynamic, initial_scale),
                 "rng": jax.random.key_data(jax.random.key(seed)), "step": jnp.zeros((), jnp.int32)}
-    return jax.jit(init, out_shardings=shardings)(trainable)
+    return jax.jit(init, out_shardings=shardings, donate_argnums=0)(trainable)
 
 
 def make_train_step(cfg: NeoXConfig, tx, dtype, mesh, mode: str, *, dynamic: bool, scale_period: int = 2000,

@@ -96,7 +96,7 @@ def _check_run_json(out: Path, settings: dict, resume: bool) -> None:
 
 
 def _rewrite_metrics(path: Path, last_step: int) -> None:
-    """On resume: drop lines for steps after the restored checkpoint (they will be run again)."""
+    """Drops the lines for steps after last_step (all of them for a fresh run)."""
     if path.is_file():
         keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
         tmp = path.with_suffix(".jsonl.tmp")
@@ -190,14 +190,15 @@ def run(cfg: RunConfig) -> int:
     shardings = finetune.state_shardings(model_cfg, mesh, cfg.trainable, tx)
     state = finetune.init_state(trainable, tx, shardings, dynamic=dynamic, initial_scale=cfg.initial_loss_scale,
                                 seed=cfg.seed)
+    del trainable  # donated to the state
     pos = data.Position()
     metrics_file = out / "metrics.jsonl"
+    _rewrite_metrics(metrics_file, 0 if not cfg.resume else latest)  # lines past the checkpoint will be run again
     if cfg.resume:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
         restored = mgr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                meta=ocp.args.JsonRestore()))
         state, pos = restored["state"], data.Position.from_dict(restored["meta"]["position"])
-        _rewrite_metrics(metrics_file, latest)
         print(f"resumed from {out / 'checkpoints' / str(latest)} (epoch {pos.epoch}, batch {pos.index})", flush=True)
     train_step = finetune.make_train_step(model_cfg, tx, dtype, mesh, cfg.trainable, dynamic=dynamic,
                                           scale_period=cfg.loss_scale_period)
@@ -235,8 +236,8 @@ def run(cfg: RunConfig) -> int:
                     f"loss is {m['loss']} at step {step + 1} (epoch {pos.epoch}, batch {pos.index}): stopping without "
                     f"saving; the last good checkpoint is step {mgr.latest_step()} in {out / 'checkpoints'} (try a "
                     f"lower --lr, --dtype bfloat16/float32, or check the data)")
-            state, step, pos = new_state, step + 1, batches.advance(pos)
-            last = {"step": step, "epoch": pos.epoch, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+            state, step, epoch, pos = new_state, step + 1, pos.epoch, batches.advance(pos)
+            last = {"step": step, "epoch": epoch, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
                     "loss_scale": m["loss_scale"], "skipped": bool(m["skipped"]),
                     "tokens_per_s": cfg.batch_size * cfg.seq_len / dt}
             if eval_step is not None and (step % cfg.eval_every == 0 or step == total):

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "over model); -1 = the remaining devices (default %(default)s)")
     p.add_argument("--trainable", choices=("biases", "all"), default=d.trainable,
                    help="biases: of query_key_value, attention.dense and dense_h_to_4h (BitFit); all: everything")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (default %(default)s)")
+    p.add_argument("--save-every", type=int, default=d.save_every,
+                   help="checkpoint every N steps (default %(default)s)")
     p.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep (default %(default)s)")
     p.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="held-out loss every N steps and at the end; 0 = no held-out split (default)")

@@ -60,7 +60,7 @@ def _host(tree):
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-# ---- library level ----------------------------------------------------------------------------------------------------
+# ---- library level ---------------------------------------------------------------------------------------------------
 
 def test_trainable_subsets():
     params = neox_jax.model.abstract_params(neox_jax.preset("tiny"))
@@ -178,7 +178,7 @@ def test_data_pipeline(tmp_path, small_tokenizer):
         data.read_documents([tmp_path / "bad.jsonl"])
 
 
-# ---- the CLI: runs, resume, merge, NaN ----------------------------------------------------------------------------------
+# ---- the CLI: runs, resume, merge, NaN -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def runs(tiny_ckpt, small_tokenizer, tmp_path_factory):
