@@ -224,17 +224,17 @@ def make_train_step(cfg: NeoXConfig, tx, dtype, mesh, mode: str, *, dynamic: boo
                    out_shardings=(st_sh, rep), donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(cfg: NeoXConfig, tx, dtype, mesh, mode: str):
+def make_eval_step(cfg: NeoXConfig, dtype, mesh, mode: str):
     """jit(ev)(masters, frozen, windows [B, T + 1], weights [B]) -> (sum of weighted per-window mean losses,
     sum of weights)."""
-    st_sh = state_shardings(cfg, mesh, mode, tx)
+    trainable_sh, frozen_sh = split_params(param_shardings(cfg, mesh), mode)
 
     def ev(trainable, frozen, windows, weights):
         per_window = token_losses(cfg, merge_params(cast(trainable, dtype), frozen), windows).mean(-1)  # [B]
         return jnp.sum(per_window * weights), jnp.sum(weights)
 
-    return jax.jit(ev, in_shardings=(st_sh["params"], frozen_shardings(cfg, mesh, mode), batch_sharding(mesh),
-                                     batch_sharding(mesh, 1)), out_shardings=NamedSharding(mesh, P()))
+    return jax.jit(ev, in_shardings=(trainable_sh, frozen_sh, batch_sharding(mesh), batch_sharding(mesh, 1)),
+                   out_shardings=NamedSharding(mesh, P()))
 
 
 # ---- the fine-tuned parameters as a small checkpoint ----------------------------------------------------------------

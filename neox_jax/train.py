@@ -36,7 +36,7 @@ from neox_jax.tokenizer import Tokenizer
 
 # settings a resumed run must share with the run it continues (the rest may change: steps, saving, mesh, ...)
 EXACT = ("data", "tokenizer", "seq_len", "batch_size", "lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay",
-         "grad_clip", "dtype", "trainable", "eval_fraction", "seed", "initial_loss_scale", "loss_scale_period")
+         "grad_clip", "dtype", "trainable", "heldout_fraction", "seed", "initial_loss_scale", "loss_scale_period")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -80,6 +80,7 @@ def _resolved(cfg: RunConfig, ckpt_dtype: str) -> dict:
     d["data"] = [str(Path(p).absolute()) for p in cfg.data]
     d["tokenizer"] = str(Path(cfg.tokenizer).absolute()) if cfg.tokenizer else None
     d["dtype"] = cfg.dtype or ckpt_dtype
+    d["heldout_fraction"] = cfg.eval_fraction if cfg.eval_every else 0.0  # decides which windows train
     return d
 
 
@@ -170,8 +171,7 @@ def run(cfg: RunConfig) -> int:
 
     tok = Tokenizer.from_file(cfg.tokenizer or cfg.checkpoint)
     model_cfg = checkpoint.read_config(cfg.checkpoint)
-    packed = data.prepare(cfg.data, tok, cfg.seq_len, cfg.eval_fraction if cfg.eval_every else 0.0,
-                          model_cfg.vocab_size)
+    packed = data.prepare(cfg.data, tok, cfg.seq_len, settings["heldout_fraction"], model_cfg.vocab_size)
     batches = data.Batches(packed.train, cfg.batch_size, cfg.seed)
     total = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * batches.batches_per_epoch)
     mesh = make_mesh(cfg.mesh)
@@ -202,7 +202,7 @@ def run(cfg: RunConfig) -> int:
         print(f"resumed from {out / 'checkpoints' / str(latest)} (epoch {pos.epoch}, batch {pos.index})", flush=True)
     train_step = finetune.make_train_step(model_cfg, tx, dtype, mesh, cfg.trainable, dynamic=dynamic,
                                           scale_period=cfg.loss_scale_period)
-    eval_step = finetune.make_eval_step(model_cfg, tx, dtype, mesh, cfg.trainable) if cfg.eval_every else None
+    eval_step = finetune.make_eval_step(model_cfg, dtype, mesh, cfg.trainable) if cfg.eval_every else None
 
     def evaluate(params) -> float:
         total_loss, count = 0.0, 0.0
@@ -232,10 +232,12 @@ def run(cfg: RunConfig) -> int:
             m = {k: v.item() for k, v in jax.device_get(m).items()}
             dt = time.perf_counter() - t0
             if not math.isfinite(m["loss"]):
+                good = mgr.latest_step()
+                good = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint was saved yet"
                 raise NonFiniteLoss(
                     f"loss is {m['loss']} at step {step + 1} (epoch {pos.epoch}, batch {pos.index}): stopping without "
-                    f"saving; the last good checkpoint is step {mgr.latest_step()} in {out / 'checkpoints'} (try a "
-                    f"lower --lr, --dtype bfloat16/float32, or check the data)")
+                    f"saving; {good} in {out / 'checkpoints'} (try a lower --lr, --dtype bfloat16/float32, or check "
+                    f"the data)")
             state, step, epoch, pos = new_state, step + 1, pos.epoch, batches.advance(pos)
             last = {"step": step, "epoch": epoch, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
                     "loss_scale": m["loss_scale"], "skipped": bool(m["skipped"]),

@@ -4,17 +4,20 @@ device mesh, in mixed precision, resumable.
     python scripts/finetune.py --checkpoint ckpt/pythia-160m --data input.txt --out runs/shakespeare \\
         --steps 1000 --batch-size 8 --seq-len 128 --dtype bfloat16 --eval-every 100
     python scripts/finetune.py ... --resume            # after an interruption (SIGTERM / Ctrl-C saves first)
-    python scripts/generate.py --checkpoint ckpt/pythia-160m --finetuned runs/shakespeare ...
+    neox_jax.load("ckpt/pythia-160m", finetuned="runs/shakespeare")   # in Python: base + trained biases
     python -m convert merge ckpt/pythia-160m runs/shakespeare ckpt/pythia-160m-shakespeare
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from neox_jax.checkpoint import CheckpointError
-from neox_jax.data import DataError
-from neox_jax.train import NonFiniteLoss, RunConfig, run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a clone without installing
+
+from neox_jax.checkpoint import CheckpointError  # noqa: E402
+from neox_jax.data import DataError  # noqa: E402
+from neox_jax.train import NonFiniteLoss, RunConfig, run  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
