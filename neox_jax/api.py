@@ -60,8 +60,10 @@ def _restore(path: Path, cfg: NeoXConfig, dtype, mesh) -> Params:
 
 
 def _apply_finetuned(params: Params, cfg: NeoXConfig, run_dir) -> Params:
-    """Replaces the trainable parameters with those of a fine-tuning run (fine-tuning issue)."""
-    raise NotImplementedError("--finetuned is not implemented yet")
+    """Replaces the trainable parameters with those of a fine-tuning run (RUN_DIR/finetuned, see neox_jax.finetune)."""
+    from neox_jax.finetune import apply_finetuned
+
+    return apply_finetuned(params, cfg, run_dir)
 
 
 def _quantize(params: Params, cfg: NeoXConfig, mode: str) -> Params:

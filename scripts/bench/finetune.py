@@ -1,0 +1,167 @@
+"""Fine-tuning speed and memory: neox-jax's jitted train step vs a PyTorch train step of transformers'
+GPTNeoXForCausalLM with the same shape, batch, sequence length, dtype and optimizer (AdamW, clip 1.0), training the
+biases (BitFit: query_key_value, attention.dense, dense_h_to_4h) or every parameter.
+
+    python scripts/benchmark.py finetune                 # pythia-70m and pythia-160m shapes, random weights
+    python scripts/benchmark.py finetune --quick         # the tiny test shape, 1 timed step: checks that it runs
+
+Each measurement runs in its own subprocess so that its peak RSS is its own: `peak_rss_mb` is the process's peak,
+`train_mb` the peak minus the RSS once the model was built (what training adds: gradients, optimizer state,
+activations; for JAX also the compiler's own memory). tokens/s = batch * seq_len / median step time, after
+untimed warm-up steps (the first compiles).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from scripts.bench._common import markdown_table, peak_rss_mb, write_json  # noqa: E402
+
+BIAS_SUFFIXES = ("attention.query_key_value.bias", "attention.dense.bias", "mlp.dense_h_to_4h.bias")
+
+
+def _rss_mb() -> float:
+    import psutil
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _windows(vocab, batch, seq, seed=0):
+    import numpy as np
+    return np.random.RandomState(seed).randint(0, vocab, (batch, seq + 1)).astype(np.int32)
+
+
+def worker_jax(shape, mode, batch, seq, dtype_name, steps, warmup) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from neox_jax import finetune as ft
+    from neox_jax.config import preset
+    from neox_jax.model import init_params
+    from neox_jax.sharding import make_mesh
+
+    cfg, dtype = preset(shape), jnp.dtype(dtype_name)
+    mesh = make_mesh("data=1,model=1", jax.devices()[:1])
+    trainable, frozen = ft.split_params(init_params(cfg, dtype), mode)
+    trainable = ft.cast(trainable, jnp.float32)
+    base = _rss_mb()
+    tx = ft.make_optimizer(ft.make_schedule(3e-4, 100), 1.0)
+    state = ft.init_state(trainable, tx, ft.state_shardings(cfg, mesh, mode, tx), dynamic=dtype == jnp.float16)
+    del trainable  # donated
+    step = ft.make_train_step(cfg, tx, dtype, mesh, mode, dynamic=dtype == jnp.float16)
+    times = []
+    for i in range(steps + warmup):
+        w = _windows(cfg.vocab_size, batch, seq, i)
+        t = time.perf_counter()
+        state, m = step(state, frozen, w)
+        float(m["loss"])
+        times.append(time.perf_counter() - t)
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"times": times[warmup:], "compile_s": times[0], "base_mb": base, "loss": float(m["loss"]),
+            "device_peak_mb": stats.get("peak_bytes_in_use", 0) / 2**20 or None,
+            "trainable": sum(x.size for x in jax.tree.leaves(state["params"]))}
+
+
+def worker_torch(shape, mode, batch, seq, dtype_name, steps, warmup) -> dict:
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from neox_jax.config import preset
+
+    cfg = preset(shape)
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**cfg.to_hf_config())).to(getattr(torch, dtype_name)).train()
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(mode == "all" or name.endswith(BIAS_SUFFIXES))
+        if p.requires_grad:
+            params.append(p)
+    base = _rss_mb()
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    times = []
+    for i in range(steps + warmup):
+        w = torch.from_numpy(_windows(cfg.vocab_size, batch, seq, i)).long()
+        t = time.perf_counter()
+        logits = model(w[:, :-1]).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss)
+        times.append(time.perf_counter() - t)
+    return {"times": times[warmup:], "compile_s": times[0], "base_mb": base, "loss": float(loss),
+            "device_peak_mb": None, "trainable": sum(p.numel() for p in params)}
+
+
+def run_worker(impl, shape, mode, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, shape, mode, "--batch-size", str(args.batch_size),
+           "--seq-len", str(args.seq_len), "--dtype", args.dtype, "--steps", str(args.steps),
+           "--warmup", str(args.warmup)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if r.returncode:
+        raise SystemExit(f"{impl} {shape} {mode} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny shape, batch 2, seq 32, 1 timed step")
+    p.add_argument("--shapes", nargs="+", default=["pythia-70m", "pythia-160m"], help="config presets")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
+    p.add_argument("--modes", nargs="+", default=["biases", "all"], choices=("biases", "all"))
+    p.add_argument("--out-dir", default="bench_out")
+    p.add_argument("--worker", nargs=3, metavar=("IMPL", "SHAPE", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        impl, shape, mode = args.worker
+        fn = worker_jax if impl == "jax" else worker_torch
+        res = fn(shape, mode, args.batch_size, args.seq_len, args.dtype, args.steps, args.warmup)
+        res["peak_rss_mb"] = peak_rss_mb()
+        print(json.dumps(res))
+        return
+    if args.quick:
+        args.shapes, args.batch_size, args.seq_len, args.steps, args.warmup = ["tiny"], 2, 32, 1, 1
+    rows = []
+    for shape in args.shapes:
+        for mode in args.modes:
+            for impl in ("jax", "torch"):
+                r = run_worker(impl, shape, mode, args)
+                med = sorted(r["times"])[len(r["times"]) // 2]
+                rows.append({"shape": shape, "trainable": mode, "impl": impl, "trainable_params": r["trainable"],
+                             "tokens_per_s": args.batch_size * args.seq_len / med, "step_ms": med * 1e3,
+                             "first_step_s": r["compile_s"], "peak_rss_mb": r["peak_rss_mb"],
+                             "train_mb": r["peak_rss_mb"] - r["base_mb"], "device_peak_mb": r["device_peak_mb"],
+                             "loss": r["loss"]})
+                print(f"{shape} {mode} {impl}: {rows[-1]['tokens_per_s']:.0f} tokens/s, "
+                      f"peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    for r in rows:
+        other = next(o for o in rows if o["shape"] == r["shape"] and o["trainable"] == r["trainable"]
+                     and o["impl"] != r["impl"])
+        r["speed_vs_other"] = r["tokens_per_s"] / other["tokens_per_s"]
+    cols = ["shape", "trainable", "impl", "trainable_params", "tokens_per_s", "speed_vs_other", "step_ms",
+            "first_step_s", "peak_rss_mb", "train_mb"]
+    table = markdown_table(rows, cols)
+    setup = {"batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": args.dtype, "steps": args.steps,
+             "warmup": args.warmup, "quick": args.quick, "cpu_count": os.cpu_count()}
+    print(f"fine-tuning, batch {args.batch_size} x seq {args.seq_len}, {args.dtype}, AdamW + clip 1.0, "
+          f"median of {args.steps} steps:\n\n{table}")
+    path = write_json("finetune", {"setup": setup, "rows": rows, "markdown": table}, args.out_dir)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
