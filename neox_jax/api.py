@@ -65,8 +65,20 @@ def _apply_finetuned(params: Params, cfg: NeoXConfig, run_dir) -> Params:
 
 
 def _quantize(params: Params, cfg: NeoXConfig, mode: str) -> Params:
-    """int8 / llm.int8 weights (int8 issue)."""
-    raise NotImplementedError("quantization is not implemented yet")
+    """int8 / llm.int8 weights (neox_jax/quantize.py), one group at a time so each float group is freed as it is
+    replaced. An int8 checkpoint (already quantized) just switches mode."""
+    from neox_jax import quantize
+
+    if mode not in quantize.MODES:
+        raise ValueError(f"quantize={mode!r}: expected one of {quantize.MODES}")
+    current = quantize.spec_of(params)
+    if current is not None and current.mode == mode:
+        return params  # an int8 checkpoint in this mode: keep its stored threshold
+    embed_out = (current or quantize.QuantSpec(mode)).embed_out
+    for name in checkpoint.group_names(cfg):
+        checkpoint.set_group(params, name, quantize.quantize_tree({name: checkpoint.get_group(params, name)}, mode,
+                                                                  embed_out=embed_out)[name])
+    return params
 
 
 def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quantize=None) -> NeoX:
@@ -75,7 +87,8 @@ def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quan
     dtype: float32 / float16 / bfloat16 to cast the parameters to (default: as stored).
     mesh: a jax.sharding.Mesh (see neox_jax.sharding.make_mesh) to restore the params onto, sharded.
     finetuned: a fine-tuning run directory whose trained parameters replace the checkpoint's.
-    quantize: None, "int8" (weight-only) or "llm.int8"."""
+    quantize: None, "int8" (weight-only) or "llm.int8" (see neox_jax/quantize.py). An int8 checkpoint (made by
+    `python -m convert quantize`) loads quantized without it; passing the other mode switches modes."""
     path = Path(path)
     meta = checkpoint.read_metadata(path)
     cfg = NeoXConfig.from_dict(meta["config"])
