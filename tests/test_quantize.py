@@ -130,11 +130,13 @@ def test_outlier_path_reduces_error_on_injected_outlier_features(float_model):
 
 
 def test_quantized_greedy_generation(tiny_ckpt, float_model):
-    """Greedy decoding end to end on the int8 model: a fixed window, left-padded, so NeoX.logits compiles once."""
-    model = neox_jax.load(tiny_ckpt[1], quantize="llm.int8")
-    prompt, new = list(_ids((1, 5), seed=2)[0]), 6
+    """Greedy NeoX.generate (KV cache, compiled prefill + decode loop) end to end on int8 models. Weight-only int8 is
+    deterministic per token, so its cached decode equals a full forward per step over NeoX.logits (one fixed
+    left-padded window: one compile). llm.int8's outlier set depends on the tokens of each call (the whole prompt in
+    prefill, one token per decode step), so it is checked to run and to keep float32's first greedy token."""
+    prompt, new = [int(t) for t in _ids((1, 5), seed=2)[0]], 6
 
-    def greedy(m):
+    def greedy_by_logits(m):
         ids = list(prompt)
         for _ in range(new):
             window = np.zeros((1, len(prompt) + new), np.int64)
@@ -143,9 +145,14 @@ def test_quantized_greedy_generation(tiny_ckpt, float_model):
             ids.append(int(m.logits(window, mask)[0, -1].argmax()))
         return ids[len(prompt):]
 
-    out = greedy(model)
-    assert len(out) == new and all(0 <= t < model.config.vocab_size for t in out)
-    assert out[0] == greedy(float_model)[0]  # a clear top-1 margin on this seed: int8 keeps it
+    w8 = neox_jax.load(tiny_ckpt[1], quantize="int8")
+    out = w8.generate([prompt], max_new_tokens=new, stop_token_ids=[]).token_ids[0]
+    assert out == greedy_by_logits(w8)
+
+    llm = neox_jax.load(tiny_ckpt[1], quantize="llm.int8")
+    out = llm.generate([prompt], max_new_tokens=new, stop_token_ids=[]).token_ids[0]
+    assert len(out) == new and all(0 <= t < llm.config.vocab_size for t in out)
+    assert out[0] == int(float_model.logits([prompt])[0, -1].argmax())  # a clear top-1 margin on this seed
 
 
 def test_int8_checkpoint_roundtrips_through_orbax(tiny_ckpt, float_model, tmp_path):

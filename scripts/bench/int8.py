@@ -2,9 +2,10 @@
 
     python scripts/benchmark.py int8 [--quick] [--preset pythia-160m] [--prompt 32] [--new 32]
 
-Random weights of a preset's shape (timing and bytes do not depend on the values). Decode: a KV-cache step
-(neox_jax.model.forward with a preallocated cache, jitted once, greedy), timed over --new tokens after a warm-up;
-batch 1. JAX rows: float32, float16, and int8 / llm.int8 block matrices with the other params in float32 or float16.
+Random weights of a preset's shape (timing and bytes do not depend on the values). Decode: neox_jax.generate
+(KV cache, compiled prefill + decode loop), greedy, batch 1: its decode time over the tokens after the first, after
+a warm-up call (compile excluded). JAX rows: float32, float16, and int8 / llm.int8 block matrices with the other
+params in float32 or float16.
 PyTorch reference rows on the same config: transformers GPTNeoXForCausalLM float32 and its Linears through
 torch.ao dynamic int8 (`quantize_dynamic`, per-tensor weights, per-token int8 activations; CPU only), decoding
 with its KV cache. Also prints the GPT-NeoX-20B parameter bytes of each JAX variant from jax.eval_shape.
@@ -27,7 +28,8 @@ import numpy as np  # noqa: E402
 from _common import markdown_table, peak_rss_mb, write_json  # noqa: E402
 from neox_jax import quantize as Q  # noqa: E402
 from neox_jax.config import preset  # noqa: E402
-from neox_jax.model import abstract_params, forward, init_params  # noqa: E402
+from neox_jax.generate import Generator  # noqa: E402
+from neox_jax.model import abstract_params, init_params  # noqa: E402
 
 VARIANTS = [  # name, dtype of the float params, quantization mode
     ("float32", jnp.float32, None), ("float16", jnp.float16, None),
@@ -37,33 +39,13 @@ VARIANTS = [  # name, dtype of the float params, quantization mode
 
 
 def jax_decode_ms(cfg, params, prompt, new: int, repeats: int) -> float:
-    """ms per decoded token: prefill the prompt into a preallocated cache, then `new` single-token steps."""
-    b, p = prompt.shape
-    s = p + new
-    dtype = params["embed_in"]["embedding"].dtype
-    shape = (b, s, cfg.num_attention_heads, cfg.head_dim)
-    kv_valid = jnp.ones((b, s), bool)
-
-    @jax.jit
-    def prefill(params, ids):
-        cache = {"k": [jnp.zeros(shape, dtype)] * cfg.num_hidden_layers,
-                 "v": [jnp.zeros(shape, dtype)] * cfg.num_hidden_layers}
-        logits, cache = forward(cfg, params, ids, jnp.broadcast_to(jnp.arange(p), (b, p)), kv_valid, cache, 0)
-        return logits[:, -1].argmax(-1), cache
-
-    @jax.jit
-    def step(params, tok, cache, index):
-        logits, cache = forward(cfg, params, tok[:, None], jnp.full((b, 1), index), kv_valid, cache, index)
-        return logits[:, -1].argmax(-1), cache
+    """ms per decoded token from neox_jax.generate (greedy, no stop ids; compile excluded: warmed up first)."""
+    gen = Generator(cfg, params)
+    ids = [[int(t) for t in row] for row in np.asarray(prompt)]
 
     def run():
-        tok, cache = prefill(params, prompt)
-        jax.block_until_ready(tok)
-        t0 = time.perf_counter()
-        for i in range(new):
-            tok, cache = step(params, tok, cache, jnp.int32(p + i))
-        jax.block_until_ready(tok)
-        return (time.perf_counter() - t0) / new * 1e3
+        t = gen.generate(ids, max_new_tokens=new, stop_token_ids=[]).timing
+        return t.decode_s / t.decode_tokens * 1e3
 
     run()  # compile
     return float(np.median([run() for _ in range(repeats)]))
