@@ -11,6 +11,7 @@ import numpy as np
 
 from neox_jax import checkpoint
 from neox_jax.config import NeoXConfig
+from neox_jax.generate import GenerateResult, Generator, Stream
 from neox_jax.model import Params, forward, positions_from_mask
 from neox_jax.tokenizer import Tokenizer
 
@@ -46,6 +47,27 @@ class NeoX:
             raise ValueError(f"mask shape {mask.shape} differs from ids shape {ids.shape}")
         return np.asarray(_logits(self.config, self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
 
+    def generator(self) -> Generator:
+        """The Generator (compiled programs kept between calls) over the current params."""
+        if getattr(self, "_generator", None) is None:
+            self._generator = Generator(self.config, self.params, self.tokenizer)
+        self._generator.params, self._generator.tokenizer = self.params, self.tokenizer
+        return self._generator
+
+    def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
+                 seed: int = 0, stop=None, **kwargs) -> GenerateResult:
+        """prompts: a string, a list of strings, or token-id lists. Greedy at temperature 0; `stop` strings and
+        `stop_token_ids` (default end-of-text) end a completion; also repetition_penalty, callback(StreamEvent).
+        Returns token_ids, texts, finish_reasons, timing (see neox_jax.generate)."""
+        return self.generator().generate(prompts, max_new_tokens, temperature, top_k, top_p, seed=seed, stop=stop,
+                                         **kwargs)
+
+    def generate_stream(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
+                        seed: int = 0, stop=None, **kwargs) -> Stream:
+        """As generate, as an iterator of StreamEvents (new ids and text per prompt); `.result` at the end."""
+        return self.generator().stream(prompts, max_new_tokens, temperature, top_k, top_p, seed=seed, stop=stop,
+                                       **kwargs)
+
     def __repr__(self):
         c = self.config
         return (f"NeoX({c.num_params / 1e6:.1f}M params, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
@@ -67,8 +89,20 @@ def _apply_finetuned(params: Params, cfg: NeoXConfig, run_dir) -> Params:
 
 
 def _quantize(params: Params, cfg: NeoXConfig, mode: str) -> Params:
-    """int8 / llm.int8 weights (int8 issue)."""
-    raise NotImplementedError("quantization is not implemented yet")
+    """int8 / llm.int8 weights (neox_jax/quantize.py), one group at a time so each float group is freed as it is
+    replaced. An int8 checkpoint (already quantized) just switches mode."""
+    from neox_jax import quantize
+
+    if mode not in quantize.MODES:
+        raise ValueError(f"quantize={mode!r}: expected one of {quantize.MODES}")
+    current = quantize.spec_of(params)
+    if current is not None and current.mode == mode:
+        return params  # an int8 checkpoint in this mode: keep its stored threshold
+    embed_out = (current or quantize.QuantSpec(mode)).embed_out
+    for name in checkpoint.group_names(cfg):
+        checkpoint.set_group(params, name, quantize.quantize_tree({name: checkpoint.get_group(params, name)}, mode,
+                                                                  embed_out=embed_out)[name])
+    return params
 
 
 def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quantize=None) -> NeoX:
@@ -77,7 +111,8 @@ def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quan
     dtype: float32 / float16 / bfloat16 to cast the parameters to (default: as stored).
     mesh: a jax.sharding.Mesh (see neox_jax.sharding.make_mesh) to restore the params onto, sharded.
     finetuned: a fine-tuning run directory whose trained parameters replace the checkpoint's.
-    quantize: None, "int8" (weight-only) or "llm.int8"."""
+    quantize: None, "int8" (weight-only) or "llm.int8" (see neox_jax/quantize.py). An int8 checkpoint (made by
+    `python -m convert quantize`) loads quantized without it; passing the other mode switches modes."""
     path = Path(path)
     meta = checkpoint.read_metadata(path)
     cfg = NeoXConfig.from_dict(meta["config"])

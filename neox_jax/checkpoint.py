@@ -1,7 +1,8 @@
 """neox-jax checkpoints: a directory of Orbax checkpoints, one per parameter group, plus metadata and the tokenizer.
 
     CKPT/
-      metadata.json        format version, NeoXConfig, dtype, where it was converted from, the group names
+      metadata.json        format version, NeoXConfig, dtype, where it was converted from, the group names,
+                           and for int8 checkpoints `quantization` (mode, threshold, targets; see quantize.py)
       tokenizer.json       when the source had one
       params/embed_in/     one Orbax (StandardCheckpointHandler) checkpoint per group: a plain nested dict of arrays
       params/layers.0/ ... params/layers.{L-1}/
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from neox_jax import quantize
 from neox_jax.config import NeoXConfig
 from neox_jax.model import abstract_params
 
@@ -88,14 +90,15 @@ class CheckpointWriter:
     an exception (or KeyboardInterrupt) removes the temporary directory and leaves OUT untouched."""
 
     def __init__(self, out: str | os.PathLike, cfg: NeoXConfig, dtype, source: dict[str, Any] | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, quantization: dict[str, Any] | None = None):
         self.out = Path(out).absolute()
         if self.out.exists() and not overwrite:
             raise CheckpointError(f"{self.out} already exists; choose another output directory or remove it")
         self.cfg, self.dtype = cfg, dtype_name(dtype)
         self.source = source or {}
         self.tmp = self.out.with_name(f"{self.out.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self.expected = abstract_params(cfg, DTYPES[self.dtype])
+        self.quantization = quantization  # quantize.describe(params): int8 kernels, float32 scales
+        self.expected = abstract_params(cfg, DTYPES[self.dtype], quant=quantize.spec_from_metadata(quantization))
         self.written: set[str] = set()
         self.bytes = 0
         self.overwrite = overwrite
@@ -131,6 +134,8 @@ class CheckpointWriter:
                 "groups": group_names(self.cfg), "source": self.source,
                 "has_tokenizer": (self.tmp / "tokenizer.json").exists(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if self.quantization:
+            meta["quantization"] = self.quantization
         (self.tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         if self.out.exists() and self.overwrite:
             old = self.out.with_name(f"{self.out.name}.old-{uuid.uuid4().hex[:8]}")
@@ -145,9 +150,11 @@ class CheckpointWriter:
 def save_params(out, cfg: NeoXConfig, params, dtype=None, source=None, tokenizer_file=None, overwrite=False) -> Path:
     """Saves a whole in-memory params tree (unstacked layers) as a checkpoint."""
     leaf_dtype = jax.tree.leaves(params)[0].dtype if dtype is None else dtype
-    with CheckpointWriter(out, cfg, leaf_dtype, source, overwrite=overwrite) as w:
+    with CheckpointWriter(out, cfg, leaf_dtype, source, overwrite=overwrite,
+                          quantization=quantize.describe(params)) as w:
         for name in group_names(cfg):
-            w.write_group(name, jax.tree.map(lambda x: np.asarray(x).astype(DTYPES[w.dtype]), get_group(params, name)))
+            w.write_group(name, jax.tree.map(np.asarray, quantize.cast_floats(get_group(params, name),
+                                                                               DTYPES[w.dtype])))
         if tokenizer_file is not None:
             w.add_file(tokenizer_file, "tokenizer.json")
         return w.finish()
@@ -181,7 +188,7 @@ def iter_groups(path, dtype=None, shardings: Callable[[str], Any] | None = None)
     cfg = NeoXConfig.from_dict(meta["config"])
     stored = DTYPES[meta["dtype"]]
     target = stored if dtype is None else DTYPES[dtype_name(dtype)]
-    expected = abstract_params(cfg, stored)
+    expected = abstract_params(cfg, stored, quant=quantize.spec_from_metadata(meta.get("quantization")))
     ckptr = _checkpointer()
     for name in group_names(cfg):
         gdir = path / "params" / name
@@ -197,7 +204,7 @@ def iter_groups(path, dtype=None, shardings: Callable[[str], Any] | None = None)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), want, shard_tree)
         tree = ckptr.restore(gdir, ocp.args.StandardRestore(abstract))
         if target != stored:
-            tree = jax.tree.map(lambda x: x.astype(target), tree)
+            tree = quantize.cast_floats(tree, target)  # int8 kernels and their scales stay as stored
         yield name, tree
 
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from neox_jax import quantize
 from neox_jax.config import NeoXConfig
 
 Params = dict[str, Any]
@@ -63,8 +64,11 @@ class Linear(nnx.Module):
         self.spec = spec
         self.kernel = nnx.Param(_init(rngs, kernel_shape, param_dtype), axes=kernel_axes)
         self.bias = nnx.Param(jnp.zeros(bias_shape, param_dtype), axes=bias_axes) if use_bias else None
+        self.scale = self.threshold = None  # int8 kernels: set by neox_jax.quantize.quantize_module
 
     def __call__(self, x, out_dtype=None):
+        if self.scale is not None:
+            return quantize.linear(self, x, out_dtype)
         kernel = self.kernel[...]
         y = jnp.einsum(self.spec, x.astype(kernel.dtype), kernel, preferred_element_type=out_dtype)
         if self.bias is not None:
@@ -223,21 +227,24 @@ class GPTNeoX(nnx.Module):
 # ---- functional core ------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=32)
-def graphdef(cfg: NeoXConfig, stacked: bool = False):
-    """The module structure (no arrays) for `nnx.merge(graphdef(cfg), params)`."""
+def graphdef(cfg: NeoXConfig, stacked: bool = False, quant: quantize.QuantSpec | None = None):
+    """The module structure (no arrays) for `nnx.merge(graphdef(cfg), params)`; quant: int8 Linears (quantize.py)."""
     abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0), stacked=stacked))
+    abstract = abstract if quant is None else quantize.quantize_module(abstract, quant)
     return nnx.split(abstract)[0]
 
 
-def abstract_params(cfg: NeoXConfig, dtype=F32, stacked: bool = False) -> Params:
+def abstract_params(cfg: NeoXConfig, dtype=F32, stacked: bool = False, quant=None) -> Params:
     """Shapes and dtypes of every parameter, nothing allocated (jax.eval_shape)."""
     abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, param_dtype=dtype, rngs=nnx.Rngs(0), stacked=stacked))
+    abstract = abstract if quant is None else quantize.quantize_module(abstract, quant)
     return nnx.to_pure_dict(nnx.state(abstract))
 
 
-def logical_axes(cfg: NeoXConfig, stacked: bool = False) -> Params:
+def logical_axes(cfg: NeoXConfig, stacked: bool = False, quant=None) -> Params:
     """The same tree as the params, each leaf a tuple of logical axis names ("layers" first when stacked)."""
     abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0), stacked=stacked))
+    abstract = abstract if quant is None else quantize.quantize_module(abstract, quant)
     state = nnx.state(abstract)
 
     def axes(path, var):
@@ -272,7 +279,7 @@ def unstack_layers(params: Params) -> Params:
 
 
 def model_from_params(cfg: NeoXConfig, params: Params) -> GPTNeoX:
-    return nnx.merge(graphdef(cfg, is_stacked(params)), params)
+    return nnx.merge(graphdef(cfg, is_stacked(params), quantize.spec_of(params)), params)
 
 
 def forward(cfg: NeoXConfig, params: Params, input_ids, positions=None, kv_valid=None, cache=None, cache_index=0):

@@ -14,6 +14,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from neox_jax.config import NeoXConfig
 from neox_jax.model import logical_axes
+from neox_jax.quantize import spec_of
 
 MESH_AXES = ("data", "model")
 
@@ -90,21 +91,22 @@ def check_divisible(cfg: NeoXConfig, mesh: Mesh, batch: int | None = None) -> No
                          f"e.g. {ok}")
 
 
-def param_specs(cfg: NeoXConfig, mesh: Mesh | None = None, stacked: bool = False):
-    """Tree of PartitionSpec matching the params tree."""
-    return jax.tree.map(lambda axes: spec_for(axes, mesh), logical_axes(cfg, stacked),
+def param_specs(cfg: NeoXConfig, mesh: Mesh | None = None, stacked: bool = False, quant=None):
+    """Tree of PartitionSpec matching the params tree. quant (quantize.spec_of(params)): int8 kernels keep the
+    kernel's axes, their scales get the kernel's output axes."""
+    return jax.tree.map(lambda axes: spec_for(axes, mesh), logical_axes(cfg, stacked, quant),
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
-def param_shardings(cfg: NeoXConfig, mesh: Mesh, stacked: bool = False):
+def param_shardings(cfg: NeoXConfig, mesh: Mesh, stacked: bool = False, quant=None):
     check_divisible(cfg, mesh)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh, stacked),
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh, stacked, quant),
                         is_leaf=lambda x: isinstance(x, P))
 
 
 def shard_params(params, cfg: NeoXConfig, mesh: Mesh):
     stacked = 0 not in params["layers"]
-    return jax.device_put(params, param_shardings(cfg, mesh, stacked))
+    return jax.device_put(params, param_shardings(cfg, mesh, stacked, spec_of(params)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
