@@ -1,0 +1,126 @@
+"""neox-jax through lm-evaluation-harness gives lm-eval's own `hf` backend's numbers, on a tiny random GPT-NeoX with
+the real 20B tokenizer, over the local-data tasks (lambada_openai, piqa, wsc, hellaswag, winogrande and ANLI on
+invented fixtures), a rolling-window perplexity task and a generate_until task."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, SHARED_DATA, make_hf_model, run_cli
+
+pytest.importorskip("lm_eval")
+
+FIXTURES = ROOT / "tests" / "fixtures"
+LIMITED = ["lambada_openai", "piqa", "hellaswag", "tinyshakespeare", "shakespeare_gen"]  # first 12 docs each
+FULL = ["wsc", "winogrande", "anli_r1", "anli_r2", "anli_r3"]  # every doc (winogrande, ANLI: the fixtures)
+PPL_METRICS = ("perplexity", "bits_per_byte")
+
+
+@pytest.fixture(scope="module")
+def data_env():
+    if not (SHARED_DATA / "lambada_openai").is_dir():
+        pytest.skip(f"reference data absent: {SHARED_DATA} (a fresh clone without ../shared/data)")
+    old = os.environ.get("NEOX_JAX_DATA_DIR")
+    os.environ["NEOX_JAX_DATA_DIR"] = os.pathsep.join([str(FIXTURES / "eval_data"), str(SHARED_DATA)])
+    yield
+    if old is None:
+        os.environ.pop("NEOX_JAX_DATA_DIR")
+    else:
+        os.environ["NEOX_JAX_DATA_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def eval_models(tmp_path_factory, tokenizer_file):
+    """(HF directory with tokenizer, converted neox-jax checkpoint): a random GPT-NeoX of Pythia's vocabulary (50304
+    rows; the 27 rows past the tokenizer's 50277 ids zeroed, so greedy decoding never picks them) and max length 128,
+    so lambada contexts get truncated and tiny shakespeare takes several rolling windows."""
+    import torch
+
+    model = make_hf_model(seed=3, vocab_size=50304, hidden_size=32, num_attention_heads=4, intermediate_size=128,
+                          max_position_embeddings=128)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[50277:] = 0
+    d = tmp_path_factory.mktemp("eval") / "hf"
+    model.save_pretrained(d)
+    shutil.copyfile(tokenizer_file, d / "tokenizer.json")
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False, "model_max_length": 128}))
+    ckpt = d.parent / "ckpt"
+    run_cli("-m", "convert", "hf", d, ckpt, "--quiet")
+    return d, ckpt
+
+
+@pytest.fixture(scope="module")
+def task_manager(data_env):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(FIXTURES / "eval_tasks"), include_defaults=False)
+
+
+def _run(lm, tm, names, limit):
+    from lm_eval import simple_evaluate
+    from neox_jax.tasks import task_specs
+
+    specs = task_specs(names)
+    missing = [n for n in names if specs[n] == n and n != "shakespeare_gen"]
+    assert not missing, f"local data not found for {missing}"
+    return simple_evaluate(model=lm, tasks=list(specs.values()), limit=limit, task_manager=tm, log_samples=True,
+                           bootstrap_iters=0)
+
+
+@pytest.fixture(scope="module")
+def both(eval_models, task_manager):
+    """{'neox-jax': {task: (metrics, samples)}, 'hf': ...} over every task, each backend in one process."""
+    from lm_eval.models.huggingface import HFLM
+    from neox_jax.evaluation import NeoXLM
+
+    hf_dir, ckpt = eval_models
+    lms = {"neox-jax": NeoXLM(pretrained=str(ckpt), batch_size=4),
+           "hf": HFLM(pretrained=str(hf_dir), device="cpu", batch_size=4, dtype="float32")}
+    out = {}
+    for name, lm in lms.items():
+        out[name] = {}
+        for names, limit in ((LIMITED, 12), (FULL, None)):
+            r = _run(lm, task_manager, names, limit)
+            out[name].update({t: (r["results"][t], r["samples"][t]) for t in r["results"]})
+    return out
+
+
+def _metrics(res: dict) -> dict:
+    return {k: v for k, v in res.items() if "," in k and "_stderr" not in k}
+
+
+@pytest.mark.parametrize("task", LIMITED + FULL)
+def test_same_metrics_as_hf_backend(both, task):
+    ours, ours_samples = both["neox-jax"][task]
+    ref, ref_samples = both["hf"][task]
+    assert _metrics(ours).keys() == _metrics(ref).keys() and _metrics(ref)
+    for key, want in _metrics(ref).items():
+        got = ours[key]
+        if any(p in key for p in PPL_METRICS):
+            assert got == pytest.approx(want, rel=1e-4), key
+        else:
+            assert got == want, key  # accuracies (and exact_match) identical
+    assert len(ours_samples) == len(ref_samples) > 0
+    for a, b in zip(ours_samples, ref_samples):
+        assert a["doc_id"] == b["doc_id"]
+        for ra, rb in zip(a["resps"], b["resps"]):
+            if isinstance(rb[0], str):  # generate_until: the same text
+                assert ra == rb
+            else:  # (log-likelihood, is_greedy) or a rolling log-likelihood
+                va, vb = np.atleast_1d(np.asarray(ra[0], float)), np.atleast_1d(np.asarray(rb[0], float))
+                np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-4)
+                if len(rb[0]) == 2 if isinstance(rb[0], (tuple, list)) else False:
+                    assert ra[0][1] == rb[0][1]
+
+
+def test_generation_stops(both):
+    """The generate_until task exercised stop strings: some continuations were cut, some ran to max_gen_toks."""
+    samples = both["hf"]["shakespeare_gen"][1]
+    texts = [s["resps"][0][0] for s in samples]
+    assert len(set(texts)) > 1
