@@ -15,12 +15,9 @@ lm-eval is an optional dependency: `pip install 'neox-jax[eval]'`.
 """
 from __future__ import annotations
 
-import functools
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 try:
@@ -36,8 +33,7 @@ except ImportError as e:  # pragma: no cover
 
 import neox_jax
 from neox_jax import sharding
-from neox_jax.model import model_from_params, positions_from_mask
-from neox_jax.scoring import bucket, score_requests
+from neox_jax.scoring import score_requests
 from neox_jax.tokenizer import Tokenizer
 
 DEFAULT_BATCH_SIZE = 8
@@ -83,7 +79,9 @@ class NeoXLM(TemplateLM):
         elif isinstance(mesh, str):
             mesh = sharding.make_mesh(mesh)
         self.model, self.mesh = model, mesh
-        self.tok: Tokenizer = Tokenizer.from_file(tokenizer) if tokenizer else model.tokenizer
+        if tokenizer:
+            model.tokenizer = Tokenizer.from_file(tokenizer)  # generation decodes with it too
+        self.tok: Tokenizer = model.tokenizer
         if self.tok is None:
             raise ValueError(f"{model.path}: the checkpoint has no tokenizer.json; pass tokenizer=<tokenizer.json>")
         self.batch_rows = _batch_size(batch_size)
@@ -189,49 +187,14 @@ class NeoXLM(TemplateLM):
         return order.get_original(res)
 
     def _generate(self, prompts: list[list[int]], max_new: int, until: list[str]) -> list[list[int]]:
-        """Greedy continuations (token ids, cut before EOS) of a batch of prompts."""
-        return greedy_fallback(self, prompts, max_new, until)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _next_token(cfg, params, ids, mask, at, vocab_limit):
-    """Greedy next token after position `at` for each row; ids [B, T] (left-padded, placeholders to the right)."""
-    model = model_from_params(cfg, params)
-    hidden, _ = model.hidden_states(ids, positions_from_mask(mask), mask.astype(bool))
-    logits = model.logits(jax.lax.dynamic_slice_in_dim(hidden, at, 1, axis=1))[:, 0]  # [B, V]
-    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)  # ids the tokenizer can decode
-    return jnp.argmax(logits, axis=-1)
-
-
-def greedy_fallback(lm: NeoXLM, prompts, max_new: int, until: list[str]) -> list[list[int]]:
-    """A plain greedy loop over the full forward (one compile per length bucket), used until the generation module
-    (KV cache, compiled decode loop) is available. Rows stop at EOS or once a stop string appears."""
-    cfg, n = lm.model.config, len(prompts)
-    plen = max(len(p) for p in prompts)
-    rows = lm.batch_rows * -(-n // lm.batch_rows)
-    ids = np.zeros((rows, bucket(plen + max_new)), np.int32)
-    mask = np.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, plen - len(p):plen] = p
-        mask[i, plen - len(p):] = 1  # the slots to the right are future positions: causally invisible
-    mask[n:, plen - 1:] = 1  # padding rows
-    out, done = [[] for _ in prompts], [False] * n
-    for step in range(max_new):
-        nxt = np.asarray(_next_token(cfg, lm.model.params, lm._place(ids), lm._place(mask), plen + step - 1,
-                                     lm.tok.vocab_size))
-        for i in range(n):
-            if done[i]:
-                continue
-            if nxt[i] == lm.eot_token_id:
-                done[i] = True
-                continue
-            out[i].append(int(nxt[i]))
-            text = lm.tok_decode(out[i])
-            done[i] = any(s and s in text for s in until)
-        ids[:, plen + step] = nxt
-        if all(done):
-            break
-    return out
+        """Greedy continuations (token ids, cut before EOS) of a batch of prompts, through NeoX.generate (KV cache,
+        compiled prefill and decode loop). The stop strings only end generation early: generate_until cuts the text
+        at them itself, as lm-eval does, so the result does not depend on where generation stopped."""
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        stops = [u for u in until if u and u != eos_text]
+        out = self.model.generate(prompts, max_new_tokens=max_new, temperature=0.0, stop=stops or None,
+                                  stop_token_ids=[self.eot_token_id])
+        return [ids[:ids.index(self.eot_token_id)] if self.eot_token_id in ids else ids for ids in out.token_ids]
 
 
 def cli() -> None:

@@ -124,3 +124,78 @@ def test_generation_stops(both):
     samples = both["hf"]["shakespeare_gen"][1]
     texts = [s["resps"][0][0] for s in samples]
     assert len(set(texts)) > 1
+
+
+def test_packed_scores_equal_one_request_at_a_time():
+    """Shared contexts, duplicate requests, left truncation at max length, a one-token context, several trees per
+    row, stacked layers: the packed scorer gives what one unpadded forward per request gives."""
+    from neox_jax.api import NeoX
+    from neox_jax.config import preset
+    from neox_jax.model import init_params, stack_layers
+    from neox_jax.scoring import score_requests
+
+    cfg, length = preset("tiny").replace(max_position_embeddings=64), 64
+    params = init_params(cfg, seed=1)
+    rng = np.random.RandomState(0)
+    reqs = []
+    for _ in range(12):
+        ctx = rng.randint(0, cfg.vocab_size, rng.randint(1, 90)).tolist()  # some longer than max length
+        reqs += [(ctx, rng.randint(0, cfg.vocab_size, rng.randint(1, 9)).tolist()) for _ in range(rng.randint(1, 4))]
+    reqs += [reqs[3], ([7], rng.randint(0, cfg.vocab_size, length).tolist())]  # a duplicate; a full-length one
+    model = NeoX(cfg, params)
+
+    inputs = [(c + k)[-(length + 1):][:-1] for c, k in reqs]
+    grid = np.array([x + [0] * (length - len(x)) for x in inputs])  # right padding: causally invisible
+    logits = model.logits(grid)  # one forward, [N, length, V]
+    want = []
+    for x, (_, cont), lg in zip(inputs, reqs, logits):
+        lg = lg[len(x) - len(cont):len(x)]
+        logp = lg - np.logaddexp.reduce(lg, axis=-1, keepdims=True)
+        want.append((logp[np.arange(len(cont)), cont].sum(), bool((lg.argmax(-1) == cont).all())))
+    for p in (params, stack_layers(params)):
+        got = score_requests(cfg, p, reqs, max_length=length, batch_rows=3, pack_length=32)
+        np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5)
+        assert [g[1] for g in got] == [w[1] for w in want]
+
+
+def test_cli_on_a_mesh_matches_hf(both, eval_models, tmp_path):
+    """scripts/evaluate.py with the params split over data=2,model=4 (8 simulated devices): hf's metrics, the
+    reference README's table layout, and the results JSON."""
+    import jax
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    out = tmp_path / "res" / "results.json"
+    r = run_cli("scripts/evaluate.py", "--checkpoint", eval_models[1], "--tasks", "lambada_openai,piqa",
+                "--limit", "12", "--mesh", "data=2,model=4", "--batch-size", "4", "--bootstrap-iters", "0",
+                "--output", out, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert "| Task | Metric | Value |" in r.stdout and "| piqa | acc | " in r.stdout
+    assert f"results written to {out}" in r.stdout and not out.with_name("results.json.tmp").exists()
+    results = json.loads(out.read_text())["results"]
+    for task in ("lambada_openai", "piqa"):
+        for key, want in _metrics(both["hf"][task][0]).items():
+            assert results[task][key] == pytest.approx(want, rel=1e-4 if "perplexity" in key else 0), (task, key)
+
+
+def test_unknown_task_lists_close_matches(eval_models, data_env):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import evaluate
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit, match="'lambada_opena' .*close: .*lambada_openai"):
+        evaluate.main(["--checkpoint", str(eval_models[1]), "--tasks", "lambada_opena,piqa"])
+
+
+def test_half_precision_close_to_float32(eval_models, data_env):
+    from neox_jax.evaluation import NeoXLM
+
+    reqs = [("The quick brown fox", " jumps over the lazy dog"), ("To be, or not to be", ": that is the question")]
+    scores = {}
+    for dtype in ("float32", "bfloat16"):
+        lm = NeoXLM(pretrained=str(eval_models[1]), dtype=dtype, batch_size=2)
+        scores[dtype] = [lp for lp, _ in lm._loglikelihood_tokens([(r, *lm._encode_pair(*r)) for r in reqs],
+                                                                  disable_tqdm=True)]
+    np.testing.assert_allclose(scores["bfloat16"], scores["float32"], rtol=0.05)
