@@ -199,3 +199,17 @@ def test_half_precision_close_to_float32(eval_models, data_env):
         scores[dtype] = [lp for lp, _ in lm._loglikelihood_tokens([(r, *lm._encode_pair(*r)) for r in reqs],
                                                                   disable_tqdm=True)]
     np.testing.assert_allclose(scores["bfloat16"], scores["float32"], rtol=0.05)
+
+
+def test_neox_jax_imports_without_lm_eval():
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'lm_eval': raise ImportError('no ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import neox_jax, neox_jax.tasks, neox_jax.scoring\n"
+            "try:\n"
+            "    import neox_jax.evaluation\n"
+            "except ImportError as e:\n"
+            "    print(e)\n")
+    assert "pip install 'neox-jax[eval]'" in run_cli("-c", code).stdout
