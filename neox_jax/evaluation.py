@@ -67,9 +67,10 @@ class NeoXLM(TemplateLM):
     def __init__(self, pretrained=None, checkpoint=None, dtype=None, batch_size=None, mesh=None, finetuned=None,
                  max_length=None, max_gen_toks=256, pack_length=512, tokenizer=None, model=None, **kwargs):
         super().__init__()
-        ignored = {k: v for k, v in kwargs.items() if k not in ("device", "max_batch_size", "trust_remote_code")}
-        if ignored:
-            raise ValueError(f"neox-jax: unknown model args {sorted(ignored)}; known: pretrained, dtype, batch_size, "
+        # lm-eval's command line passes device / max_batch_size to every backend: JAX places arrays itself
+        unknown = {k for k in kwargs if k not in ("device", "max_batch_size", "trust_remote_code")}
+        if unknown:
+            raise ValueError(f"neox-jax: unknown model args {sorted(unknown)}; known: pretrained, dtype, batch_size, "
                              f"mesh, finetuned, max_length, max_gen_toks, pack_length, tokenizer")
         if model is None:
             path = pretrained or checkpoint
@@ -132,7 +133,8 @@ class NeoXLM(TemplateLM):
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="neox-jax loglikelihood")
         res = score_requests(self.model.config, self.model.params, [(c, k) for _, c, k in requests],
                              max_length=self.max_length, batch_rows=self.batch_rows, pack_length=self.pack_length,
-                             place=self._place, progress=bar.update)
+                             row_multiple=1 if self.mesh is None else self.mesh.shape["data"], place=self._place,
+                             progress=bar.update)
         bar.close()
         for (strings, _, _), answer in zip(requests, res):
             if strings is not None:

@@ -183,21 +183,29 @@ def score_rows(cfg: NeoXConfig, params: Params, ids, positions, doc, branch, idx
     def head(args):
         h, t = args
         logits = model.logits(h)  # [B, c, V] float32
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        lp = jnp.take_along_axis(logp, t[..., None], axis=-1)[..., 0]
+        lp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
         return lp, jnp.argmax(logits, axis=-1) == t
 
     lp, greedy = jax.lax.map(head, (chunks, tchunks))
     return lp.swapaxes(0, 1).reshape(b, k), greedy.swapaxes(0, 1).reshape(b, k)
 
 
+def batch_shape_rows(n: int, batch_rows: int, row_multiple: int = 1) -> int:
+    """Rows for a batch holding n rows: batch_rows, or for a final short batch the smallest power of two >= n (and a
+    multiple of row_multiple, the mesh's data axis), so a few leftover rows are not computed as a full batch."""
+    rows = bucket(max(n, row_multiple), lo=1)
+    return rows if rows < batch_rows and rows % row_multiple == 0 else batch_rows
+
+
 def score_requests(cfg: NeoXConfig, params: Params, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
-                   max_length: int, batch_rows: int, pack_length: int = 512, place=None, progress=None):
+                   max_length: int, batch_rows: int, pack_length: int = 512, row_multiple: int = 1, place=None,
+                   progress=None):
     """(context, continuation) token pairs -> [(sum log p(continuation | context), continuation is greedy)] in order.
 
     batch_rows: rows per forward call (B); pack_length: the shortest row bucket (short requests share rows of this
-    length); place: optional function applied to each numpy input (e.g. jax.device_put onto a mesh's data axis);
-    progress: optional callable(n) called with the number of requests finished after each batch."""
+    length); row_multiple: every batch's rows are a multiple of it (the mesh's data axis); place: optional function
+    applied to each numpy input (e.g. jax.device_put onto a mesh's data axis); progress: optional callable(n) called
+    with the number of requests finished after each batch."""
     if not requests:
         return []
     segments, keys = build_segments(requests, max_length)
@@ -215,7 +223,7 @@ def score_requests(cfg: NeoXConfig, params: Params, requests: Sequence[tuple[Seq
         for start in range(0, len(todo), batch_rows):
             batch = todo[start:start + batch_rows]
             k = min(bucket(max(r.n_scored for r in batch)), length)
-            arrays, where = row_arrays(batch, batch_rows, length, k)
+            arrays, where = row_arrays(batch, batch_shape_rows(len(batch), batch_rows, row_multiple), length, k)
             lp, gr = score_rows(cfg, params, *(place(a) for a in arrays))
             lp, gr = np.asarray(lp, np.float64), np.asarray(gr)
             done = set()
