@@ -6,6 +6,7 @@ dense_4h_to_h over their input dim (row parallel), embed_in and embed_out over t
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -155,16 +156,23 @@ def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
     return AbstractMesh((sizes.get("data", 1), sizes.get("model", 1)), MESH_AXES, axis_types=(AxisType.Auto,) * 2)
 
 
-def param_bytes_per_device(cfg: NeoXConfig, mesh, dtype=jnp.float16, bytes_per_param: float | None = None) -> float:
+@functools.lru_cache(maxsize=8)
+def _shapes_and_axes(cfg: NeoXConfig) -> tuple[tuple[tuple[int, ...], tuple[str, ...]], ...]:
+    """(shape, logical axes) of every parameter, in tree order (two eval_shapes, cached: 20B takes seconds)."""
+    shapes = [x.shape for x in jax.tree.leaves(abstract_params(cfg))]
+    axes = jax.tree.leaves(logical_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    return tuple(zip(shapes, axes))
+
+
+def param_bytes_per_device(cfg: NeoXConfig, mesh, dtype=jnp.float16, weight_bytes: float | None = None) -> float:
     """Bytes of parameters each device holds when the params are placed by the rules on `mesh` (a Mesh or
-    AbstractMesh), computed with jax.eval_shape (nothing allocated). bytes_per_param overrides the dtype's size
-    (e.g. 1 for int8 weights)."""
-    abstract = abstract_params(cfg, dtype)
-    shardings = param_shardings(cfg, mesh)
+    AbstractMesh), from jax.eval_shape (nothing allocated). weight_bytes overrides the bytes per element of the
+    matrices (>= 2-D: kernels, embeddings; e.g. 1 for int8 weights); vectors keep `dtype`."""
+    check_divisible(cfg, mesh)
     total = 0.0
-    for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
-        size = bytes_per_param if bytes_per_param is not None else jnp.dtype(x.dtype).itemsize
-        total += math.prod(s.shard_shape(x.shape)) * size
+    for shape, axes in _shapes_and_axes(cfg):
+        size = weight_bytes if weight_bytes is not None and len(shape) >= 2 else jnp.dtype(dtype).itemsize
+        total += math.prod(NamedSharding(mesh, spec_for(axes, mesh)).shard_shape(shape)) * size
     return total
 
 
