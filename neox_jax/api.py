@@ -11,6 +11,7 @@ import numpy as np
 
 from neox_jax import checkpoint, sharding
 from neox_jax.config import NeoXConfig
+from neox_jax.generate import GenerateResult, Generator, Stream
 from neox_jax.model import Params, forward, positions_from_mask
 from neox_jax.tokenizer import Tokenizer
 
@@ -52,6 +53,27 @@ class NeoX:
         sharding.check_divisible(self.config, self.mesh, batch=ids.shape[0])
         ids, mask = sharding.put_batch(ids.astype(np.int32), self.mesh), sharding.put_batch(mask, self.mesh)
         return sharding.to_host(_logits(self.config, self.params, ids, mask))
+
+    def generator(self) -> Generator:
+        """The Generator (compiled programs kept between calls) over the current params."""
+        if getattr(self, "_generator", None) is None:
+            self._generator = Generator(self.config, self.params, self.tokenizer)
+        self._generator.params, self._generator.tokenizer = self.params, self.tokenizer
+        return self._generator
+
+    def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
+                 seed: int = 0, stop=None, **kwargs) -> GenerateResult:
+        """prompts: a string, a list of strings, or token-id lists. Greedy at temperature 0; `stop` strings and
+        `stop_token_ids` (default end-of-text) end a completion; also repetition_penalty, callback(StreamEvent).
+        Returns token_ids, texts, finish_reasons, timing (see neox_jax.generate)."""
+        return self.generator().generate(prompts, max_new_tokens, temperature, top_k, top_p, seed=seed, stop=stop,
+                                         **kwargs)
+
+    def generate_stream(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
+                        seed: int = 0, stop=None, **kwargs) -> Stream:
+        """As generate, as an iterator of StreamEvents (new ids and text per prompt); `.result` at the end."""
+        return self.generator().stream(prompts, max_new_tokens, temperature, top_k, top_p, seed=seed, stop=stop,
+                                       **kwargs)
 
     def __repr__(self):
         c = self.config

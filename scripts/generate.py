@@ -1,0 +1,108 @@
+"""Generate text from a neox-jax checkpoint.
+
+    python scripts/generate.py --checkpoint ckpt/pythia-160m                       # the default prompt, greedy
+    python scripts/generate.py --checkpoint ckpt/pythia-160m --prompt "Hello" --temperature 0.8 --top-p 0.95 --stream
+    python scripts/generate.py --checkpoint ckpt/pythia-160m --prompt-file prompts.txt --json > out.json
+
+Prompts run as one batch (left-padded); with --stream each prompt streams in turn. --json prints one JSON object
+(prompts, completions, token ids, finish reasons, timing) on stdout; streamed text then goes to stderr.
+JAX's persistent compilation cache is on (see neox_jax/compile_cache.py), so a second run skips the compiles.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_PROMPT = "Einstein was born in the German Empire, but moved to Switzerland in 1895, forsaking his German"
+
+
+def parse_args(argv=None):
+    from neox_jax import compile_cache
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="neox-jax checkpoint directory (python -m convert ...)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch); default: the Einstein sentence")
+    p.add_argument("--prompt-file", type=Path, help="a text file with one prompt per line (blank lines skipped)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); not part of the output")
+    p.add_argument("--stop-token-id", type=int, action="append", default=None,
+                   help="a stop token id (repeatable; default: the tokenizer's end-of-text)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text (only --stop-token-id ids)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast the parameters (default: as stored)")
+    p.add_argument("--chunk-size", type=int, default=8, help="decode steps per streamed chunk")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are made")
+    p.add_argument("--json", action="store_true", help="print one JSON object with everything")
+    compile_cache.add_argument(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from neox_jax import compile_cache
+
+    compile_cache.enable(args.compile_cache)
+    import neox_jax
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts += [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
+    prompts = prompts or [DEFAULT_PROMPT]
+    model = neox_jax.load(args.checkpoint, dtype=args.dtype)
+    if model.tokenizer is None:
+        sys.exit(f"{args.checkpoint}: no tokenizer.json; text prompts need one (convert from a directory that has it)")
+    gen = model.generator()
+    gen.chunk_size = args.chunk_size
+    stop_ids = [] if args.ignore_eos else None
+    if args.stop_token_id:
+        stop_ids = list(args.stop_token_id) + ([] if args.ignore_eos else [model.tokenizer.eos_id])
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, stop_token_ids=stop_ids)
+    try:
+        if args.stream:
+            out = sys.stderr if args.json else sys.stdout
+            results = []
+            for prompt in prompts:
+                print(prompt, end="", file=out, flush=True)
+                stream = gen.stream([prompt], **kw)
+                for event in stream:
+                    print(event.texts[0], end="", file=out, flush=True)
+                print(file=out)
+                results.append(stream.result)
+        else:
+            results = [gen.generate(prompts, **kw)]
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    completions, timings = [], []
+    i = 0
+    for r in results:
+        for j in range(len(r.token_ids)):
+            completions.append({"prompt": prompts[i], "prompt_tokens": len(r.prompt_ids[j]), "text": r.texts[j],
+                                "token_ids": r.token_ids[j], "finish_reason": r.finish_reasons[j],
+                                "stopped_by": r.stopped_by[j]})
+            i += 1
+        timings.append(r.timing.to_dict())
+    timing = {k: sum(t[k] for t in timings) for k in timings[0]}
+    timing["decode_tokens_per_s"] = timing["decode_tokens"] / timing["decode_s"] if timing["decode_s"] else 0.0
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "dtype": str(model.dtype), "sampling": {
+            k: v for k, v in kw.items() if k != "max_new_tokens"}, "max_new_tokens": args.max_new_tokens,
+            "completions": completions, "timing": timing}, indent=2, ensure_ascii=False))
+    elif not args.stream:
+        for c in completions:
+            print(f"{c['prompt']}\x1b[1m{c['text']}\x1b[0m" if sys.stdout.isatty() else c["prompt"] + c["text"])
+            print(f"  [{c['finish_reason']}, {len(c['token_ids'])} tokens]")
+    print(f"compile {timing['compile_s']:.2f} s, prefill {timing['prefill_s'] * 1e3:.1f} ms, "
+          f"first token {timing['first_token_s'] * 1e3:.1f} ms, decode {timing['decode_tokens_per_s']:.1f} tokens/s "
+          f"({model!r})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Generation: greedy equals transformers, decode equals the full forward, sampling, stops, streaming, errors, no
+recompiles, and the scripts/generate.py CLI. One tiny model (vocab 320) with a byte-level BPE tokenizer (300 ids)
+trained here, so the padded embedding rows exist and must never be emitted."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import neox_jax
+from conftest import make_hf_model, run_cli
+from neox_jax.cache import init_cache, pad_cache
+from neox_jax.model import forward, model_from_params, positions_from_mask
+from neox_jax.sampling import SamplingParams, choose
+from neox_jax.textstops import RowTracker
+
+MODEL_VOCAB, TOK_VOCAB = 320, 300
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Einstein was born in the German Empire.",
+          "Über naïve café: déjà vu, 東京 and Zürich.", "Hello, world! 1 2 3 4 5 6 7 8 9 10"] * 20
+
+
+@pytest.fixture(scope="session")
+def tok_ckpt(tmp_path_factory):
+    """(hf model, checkpoint dir with tokenizer.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=TOK_VOCAB, special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    assert tk.get_vocab_size() == TOK_VOCAB
+    model = make_hf_model(seed=7, vocab_size=MODEL_VOCAB)
+    src = tmp_path_factory.mktemp("hf_tok")
+    model.save_pretrained(src)
+    tk.save(str(src / "tokenizer.json"))
+    out = tmp_path_factory.mktemp("ckpt_tok") / "tiny"
+    run_cli("-m", "convert", "hf", src, out, "--quiet")
+    return model, out
+
+
+@pytest.fixture(scope="session")
+def lm(tok_ckpt):
+    return neox_jax.load(tok_ckpt[1])
+
+
+PROMPTS = [[5, 17, 99, 200, 42, 7, 8], [61, 3], [250, 251, 252, 9, 10, 11, 12, 13, 14, 15, 16, 18]]
+
+
+def test_greedy_matches_transformers(tok_ckpt, lm):
+    import torch
+
+    model, _ = tok_ckpt
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[1] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                             pad_token_id=1)[:, width:].tolist()
+    # no tokenizer: the model's whole vocabulary, as for HF
+    ours = neox_jax.NeoX(lm.config, lm.params).generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
+    assert ours.token_ids == ref
+    assert ours.finish_reasons == ["length"] * 3
+
+
+def test_prefill_then_decode_equals_full_forward(lm):
+    cfg, params = lm.config, lm.params
+    prompt = np.array([[1, 1, 1, 5, 6, 7], [9, 8, 7, 6, 5, 4]])  # row 0 left-padded
+    pmask = np.array([[0, 0, 0, 1, 1, 1], [1] * 6])
+    cont = np.random.RandomState(0).randint(0, MODEL_VOCAB, (2, 5))
+    full_ids, full_mask = np.concatenate([prompt, cont], 1), np.concatenate([pmask, np.ones_like(cont)], 1)
+    ref = np.asarray(forward(cfg, params, jnp.asarray(full_ids), positions_from_mask(jnp.asarray(full_mask)),
+                             jnp.asarray(full_mask, bool))[0])
+
+    @jax.jit
+    def run(params, ids, positions, valid, cache, index):
+        model = model_from_params(cfg, params)
+        hidden, cache = model.hidden_states(ids, positions, valid, cache, index)
+        return model.logits(hidden), cache
+
+    s = 16  # cache longer than needed: the empty slots must not matter
+    pos = positions_from_mask(jnp.asarray(pmask))
+    logits, cache = run(params, jnp.asarray(prompt), pos, jnp.asarray(pmask, bool), init_cache(cfg, 2, 6), 0)
+    got = [np.asarray(logits)]
+    cache, valid = pad_cache(cache, s), np.zeros((2, s), bool)
+    valid[:, :6] = pmask
+    nxt = np.asarray(pos[:, -1]) + 1
+    for t in range(cont.shape[1]):
+        valid[:, 6 + t] = True
+        logits, cache = run(params, jnp.asarray(cont[:, t:t + 1]), jnp.asarray(nxt[:, None] + t), jnp.asarray(valid),
+                            cache, 6 + t)
+        got.append(np.asarray(logits))
+    got = np.concatenate(got, 1)
+    real = full_mask == 1
+    assert np.abs(got[real] - ref[real]).max() <= 1e-4
+
+
+def test_decode_loop_agrees_with_forward(lm):
+    """Each greedy token is the argmax of the full forward over the prompt plus the tokens before it."""
+    r = lm.generate([[3, 4, 5], [6]], max_new_tokens=10, stop_token_ids=[])
+    for prompt, gen in zip(r.prompt_ids, r.token_ids):
+        seq = np.array([prompt + gen])
+        logits = lm.logits(seq)[0, len(prompt) - 1:-1, :TOK_VOCAB]
+        assert logits.argmax(-1).tolist() == gen
+
+
+def test_padded_vocab_rows_never_emitted(lm):
+    params = lm.params
+    kernel = np.array(params["embed_out"]["kernel"])
+    kernel[:, TOK_VOCAB:] = 1.0  # with every final hidden feature shifted up, the padded rows win every argmax
+    norm = {**params["final_layer_norm"], "bias": params["final_layer_norm"]["bias"] + 10.0}
+    lm.params = {**params, "embed_out": {"kernel": jnp.asarray(kernel)}, "final_layer_norm": norm}
+    try:  # same shapes: the generator's compiled programs are reused
+        assert lm.logits([[3, 4]])[0, -1].argmax() >= TOK_VOCAB
+        ids = lm.generate(["Hello", "fox"], max_new_tokens=6, stop_token_ids=[]).token_ids
+    finally:
+        lm.params = params
+    assert max(max(row) for row in ids) < TOK_VOCAB
+    logits = jnp.zeros((2, MODEL_VOCAB)).at[:, TOK_VOCAB:].set(100.0)
+    static = SamplingParams(temperature=1.0).static(TOK_VOCAB)
+    picks = choose(static, SamplingParams(temperature=1.0).values(), logits, jax.random.key(0))
+    assert (np.asarray(picks) < TOK_VOCAB).all()
+
+
+def test_top_k_1_equals_greedy(lm):
+    greedy = lm.generate(["The quick", "Hello"], max_new_tokens=8, stop_token_ids=[])
+    k1 = lm.generate(["The quick", "Hello"], max_new_tokens=8, stop_token_ids=[], temperature=1.3, top_k=1, seed=5)
+    assert k1.token_ids == greedy.token_ids
+
+
+SAMPLE = dict(temperature=1.0, top_k=40, top_p=0.95)  # one sampling mode for every test: one compile
+
+
+def test_seed_reproducible_and_different(lm):
+    kw = dict(max_new_tokens=12, stop_token_ids=[], **SAMPLE)
+    a = lm.generate(["The quick", "fox"], seed=1, **kw).token_ids
+    assert lm.generate(["The quick", "fox"], seed=1, **kw).token_ids == a
+    b = lm.generate(["The quick", "fox"], seed=2, **kw).token_ids
+    assert b[0] != a[0] and b[1] != a[1]
+
+
+def test_stop_token_ids_end_at_first_occurrence(lm):
+    full = lm.generate(["Einstein was", "x"], max_new_tokens=12, stop_token_ids=[]).token_ids[0]
+    stop_id = full[4]
+    r = lm.generate(["Einstein was", "x"], max_new_tokens=12, stop_token_ids=[stop_id])
+    cut = full.index(stop_id) + 1
+    assert r.token_ids[0] == full[:cut]
+    assert r.finish_reasons[0] == "stop" and r.stopped_by[0] == stop_id
+    assert r.texts[0] == lm.tokenizer.decode(full[:cut - 1])
+
+
+def test_stop_strings_end_at_right_place(lm):
+    base = lm.generate(["Hello", "The quick"], max_new_tokens=16, stop_token_ids=[])
+    text = base.texts[0]
+    stop = text[5:7]
+    assert stop and stop not in text[:5]
+    r = lm.generate(["Hello", "The quick"], max_new_tokens=16, stop_token_ids=[], stop=[stop, "\x00never"])
+    assert r.texts[0] == text[:text.index(stop)]
+    assert r.finish_reasons[0] == "stop" and r.stopped_by[0] == stop
+    ids = r.token_ids[0]  # the fewest ids whose text holds the stop string
+    assert stop in lm.tokenizer.decode(ids) and stop not in lm.tokenizer.decode(ids[:-1])
+    other = base.texts[1]  # the other row ends at its own first occurrence (or runs to the length limit)
+    assert r.texts[1] == (other[:other.index(stop)] if stop in other else other)
+
+
+def test_stream_pieces_add_up(lm):
+    kw = dict(max_new_tokens=24, seed=3, stop_token_ids=[], **SAMPLE)
+    stream = lm.generate_stream(["Über naïve", "東京"], **kw)
+    pieces = [[], []]
+    for event in stream:
+        for i, piece in enumerate(event.texts):
+            pieces[i].append(piece)
+    result = stream.result
+    assert len(pieces[0]) > 2  # it streamed in several steps
+    assert ["".join(p) for p in pieces] == result.texts  # nothing streamed was taken back
+    assert result.token_ids == lm.generate(["Über naïve", "東京"], **kw).token_ids  # streaming samples the same
+
+
+def test_stream_text_waits_for_whole_characters_and_stop_strings(lm):
+    tok = lm.tokenizer
+    text = "Zürich 東京 stop here"
+    byte_ids = [i for w in tok._tok.pre_tokenizer.pre_tokenize_str(text) for i in
+                [tok._tok.token_to_id(c) for c in w[0]]]  # one token per byte: characters span tokens
+    assert None not in byte_ids and tok.decode(byte_ids) == text
+    row = RowTracker(tok, [], ["stop here", "東京X"], max_new=100)
+    shown, want = "", "Zürich 東京 "
+    for t in byte_ids:
+        ids, piece = row.push([t])
+        shown += piece
+        assert want.startswith(shown)  # whole characters only, nothing taken back
+        assert "東京" not in shown or "東京 " in shown  # "東京" waits until "東京X" is ruled out
+    assert shown == want and row.text == want
+    assert row.finish_reason == "stop" and row.stopped_by == "stop here"
+
+
+def test_no_recompile_for_same_bucket_and_batch(lm):
+    gen = lm.generator()
+    kw = dict(max_new_tokens=8, stop_token_ids=[], **SAMPLE)
+    gen.generate(["a b c", "Hello there"], **kw)
+    before = gen.compiles
+    compiles = []
+
+    def listen(name, secs, **_):
+        if "backend_compile" in name:
+            compiles.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:  # same buckets, other lengths and sampling values
+        gen.generate(["The quick brown", "x"], **{**kw, "temperature": 0.7, "top_p": 0.5, "stop_token_ids": [5]},
+                     seed=9)
+        assert compiles == []
+        jax.jit(lambda x: x * 3.25 + 1)(np.float32(2))  # the listener does see a compile
+        assert len(compiles) == 1
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert gen.compiles == before
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[""]), "empty"),
+    (dict(prompts=[[]]), "empty"),
+    (dict(prompts=[[1] * 200]), "max_position_embeddings"),
+    (dict(prompts=["hi"], max_new_tokens=0), "max_new_tokens"),
+    (dict(prompts=["hi"], temperature=-1.0), "temperature"),
+    (dict(prompts=["hi"], temperature=float("nan")), "temperature"),
+    (dict(prompts=["hi"], top_k=0), "top_k"),
+    (dict(prompts=["hi"], top_k=TOK_VOCAB + 1, temperature=1.0), "top_k"),
+    (dict(prompts=["hi"], top_p=1.5), "top_p"),
+    (dict(prompts=["hi"], top_p=0.0), "top_p"),
+    (dict(prompts=["hi"], repetition_penalty=0.0), "repetition_penalty"),
+    (dict(prompts=[[MODEL_VOCAB]]), "outside"),
+    (dict(prompts=["hi"], stop=[""]), "stop"),
+])
+def test_bad_inputs_give_clear_errors(lm, kwargs, match):
+    prompts = kwargs.pop("prompts")
+    with pytest.raises(ValueError, match=match):
+        lm.generate(prompts, **kwargs)
+
+
+def test_repetition_penalty_changes_output(lm):
+    kw = dict(max_new_tokens=16, stop_token_ids=[])
+    plain = lm.generate(["1 2 3", "x"], **kw).token_ids[0]
+    pen = lm.generate(["1 2 3", "x"], repetition_penalty=10.0, **kw).token_ids[0]
+    assert len(set(pen)) >= len(set(plain)) and pen != plain
+
+
+def test_cli_json_and_stream(tok_ckpt, lm, tmp_path):
+    _, ckpt = tok_ckpt
+    env = {"NEOX_JAX_COMPILE_CACHE": str(tmp_path / "jaxcache")}
+    prompts = ["Hello", "Über"]
+    r = run_cli("scripts/generate.py", "--checkpoint", ckpt, "--prompt", prompts[0], "--prompt", prompts[1],
+                "--max-new-tokens", "6", "--ignore-eos", "--json", "--stream", env=env)
+    out = json.loads(r.stdout)  # with --json the stream goes to stderr
+    assert [c["prompt"] for c in out["completions"]] == prompts
+    assert all(len(c["token_ids"]) == 6 and c["finish_reason"] == "length" for c in out["completions"])
+    assert {"prefill_s", "decode_tokens_per_s", "compile_s"} <= set(out["timing"])
+    want = lm.generate(prompts, max_new_tokens=6, stop_token_ids=[])
+    for i, (prompt, c) in enumerate(zip(prompts, out["completions"])):
+        assert c["token_ids"] == want.token_ids[i] and c["text"] == want.texts[i]
+        assert prompt + c["text"] in r.stderr
+    assert any((tmp_path / "jaxcache").iterdir())  # the persistent compilation cache was written
