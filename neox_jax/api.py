@@ -57,7 +57,7 @@ class NeoX:
     def generator(self) -> Generator:
         """The Generator (compiled programs kept between calls) over the current params."""
         if getattr(self, "_generator", None) is None:
-            self._generator = Generator(self.config, self.params, self.tokenizer)
+            self._generator = Generator(self.config, self.params, self.tokenizer, mesh=self.mesh)
         self._generator.params, self._generator.tokenizer = self.params, self.tokenizer
         return self._generator
 

@@ -24,7 +24,13 @@ import jax
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_arguments(parser: argparse.ArgumentParser, mesh: bool = True) -> argparse.ArgumentParser:
+    """Adds --mesh (unless mesh=False) and the multi-host flags; `setup(args)` then acts on them."""
+    if mesh:
+        parser.add_argument("--mesh", default=None, metavar="SPEC",
+                            help="shard over a device mesh, e.g. 'data=2,model=4' or 'model=-1' (every device on "
+                                 "model: tensor parallel); default: one device (every device on model when several "
+                                 "processes take part)")
     g = parser.add_argument_group("multi-host (jax.distributed)")
     g.add_argument("--coordinator", metavar="HOST:PORT", default=None,
                    help="address of process 0's coordinator service; every process passes the same one")
@@ -65,6 +71,17 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
 def initialize_from_args(args: argparse.Namespace) -> bool:
     return initialize(args.coordinator, args.num_processes, args.process_id, args.distributed, args.init_timeout)
+
+
+def setup(args: argparse.Namespace):
+    """For scripts: jax.distributed.initialize if the flags ask for it, then the mesh from --mesh (None: one device,
+    unless several processes take part: then every device on `model`)."""
+    multi = initialize_from_args(args)
+    spec = getattr(args, "mesh", None)
+    if spec is None and not multi:
+        return None
+    from neox_jax import sharding
+    return sharding.make_mesh(spec)
 
 
 def is_main() -> bool:

@@ -149,6 +149,28 @@ def cache_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
     return NamedSharding(mesh, spec_for(axes, mesh))
 
 
+def constrain_state(state: dict, mesh: Mesh | None) -> dict:
+    """Inside jit: pins a generation state on the mesh. The KV cache {"k", "v"} over batch (data) and heads (model),
+    every other [B, ...] array over batch; scalars and PRNG keys stay as they are. No-op without a mesh."""
+    if mesh is None:
+        return state
+
+    def pin(path, x):
+        if x.ndim == 0 or jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return x
+        if getattr(path[0], "key", None) == "cache":
+            return jax.lax.with_sharding_constraint(x, cache_sharding(mesh, stacked=x.ndim == 5))
+        return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim))
+
+    return jax.tree_util.tree_map_with_path(pin, state)
+
+
+def put_replicated(x, mesh: Mesh) -> jax.Array:
+    """A host array, the same on every process -> a global jax.Array replicated on every device of the mesh."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()), lambda idx: x[idx])
+
+
 # ---- memory per device, from shapes alone (no devices needed) ------------------------------------------------------
 
 def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:

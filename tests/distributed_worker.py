@@ -11,7 +11,7 @@ from neox_jax import distributed
 
 
 def main() -> None:
-    p = distributed.add_arguments(argparse.ArgumentParser(description=__doc__))
+    p = distributed.add_arguments(argparse.ArgumentParser(description=__doc__), mesh=False)
     p.add_argument("ckpt")
     p.add_argument("--mesh", action="append", required=True, help="e.g. data=2,model=4; repeat for several")
     p.add_argument("--ids", required=True, help=".npy file with int ids [B, T]")

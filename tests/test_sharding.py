@@ -1,7 +1,9 @@
-"""Sharded inference on 8 (fake CPU) devices: restore straight onto a mesh, logits equal to one device, shardings as the
-rules say, clear errors for sizes that cannot split, two processes forming one mesh, and 20B's per-device bytes."""
+"""Sharded inference on 8 (fake CPU) devices: restore straight onto a mesh, logits and greedy generation equal to one
+device, shardings as the rules say (params and KV cache), clear errors for sizes that cannot split, two processes
+forming one mesh (logits, and scripts/generate.py with the multi-host flags), and 20B's per-device bytes."""
 from __future__ import annotations
 
+import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,17 +23,39 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason=(
     f"needs 8 devices, found {jax.device_count()}: run with XLA_FLAGS=--xla_force_host_platform_device_count=8"))
 
 MESHES = ["data=1,model=8", "data=2,model=4", "data=4,model=2", "data=8,model=1"]
-# heads, mlp and vocab all divide by 8; head_dim 8, rotary_dims 2
-CFG = preset("tiny").replace(num_attention_heads=8, vocab_size=128, max_position_embeddings=64)
+# heads, mlp and vocab all divide by 8; head_dim 8, rotary_dims 2; vocab 320 > the tokenizer's 300 ids
+CFG = preset("tiny").replace(num_attention_heads=8, vocab_size=320, max_position_embeddings=128)
+PROMPTS = [[5, 17, 99, 200, 42, 7, 8], [61, 3], [250, 251, 252, 9, 10, 11, 12, 13, 14, 15, 16, 18]]
+
+
+def _train_tokenizer(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Hello, world! 1 2 3"] * 20,
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                               show_progress=False))
+    tk.save(str(path))
+    return path
 
 
 @pytest.fixture(scope="session")
 def mesh_ckpt(tmp_path_factory):
-    """A float32 checkpoint of random weights, every tensor (biases and layernorms too) perturbed so each matters."""
+    """A float32 checkpoint of random weights, every tensor (biases and layernorms too) perturbed so each matters,
+    with a byte-level tokenizer."""
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
                           init_params(CFG, seed=1))
-    return checkpoint.save_params(tmp_path_factory.mktemp("mesh") / "ckpt", CFG, params)
+    d = tmp_path_factory.mktemp("mesh")
+    return checkpoint.save_params(d / "ckpt", CFG, params, tokenizer_file=_train_tokenizer(d / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def one_device(mesh_ckpt):
+    return neox_jax.load(mesh_ckpt)
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +69,8 @@ def batch():
 
 
 @pytest.fixture(scope="session")
-def ref_logits(mesh_ckpt, batch):
-    return neox_jax.load(mesh_ckpt).logits(*batch)
+def ref_logits(one_device, batch):
+    return one_device.logits(*batch)
 
 
 @pytest.mark.parametrize("spec", MESHES)
@@ -84,6 +108,36 @@ def test_restored_shardings_follow_rules(mesh_ckpt):
         np.testing.assert_array_equal(np.asarray(s.data), full[s.index])
 
 
+@pytest.mark.parametrize("spec", ["data=2,model=4", "data=1,model=8", "data=8,model=1"])
+def test_greedy_generation_on_mesh_equals_one_device(mesh_ckpt, one_device, spec):
+    model = neox_jax.load(mesh_ckpt, mesh=sharding.make_mesh(spec))
+    want = one_device.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
+    got = model.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])  # 3 prompts: batch bucket 4, or 8 for data=8
+    assert got.token_ids == want.token_ids
+    # the KV cache the compiled programs return is split over batch (data) and heads (model)
+    sizes = sharding.parse_mesh_spec(spec, 8)
+    expect = P("data" if sizes["data"] > 1 else None, None, "model" if sizes["model"] > 1 else None, None)
+    programs = list(model.generator()._compiled.values())
+    prefill_state, (decode_state, *_) = programs[0].output_shardings, programs[1].output_shardings
+    for state in (prefill_state, decode_state):
+        for buf in state["cache"]["k"] + state["cache"]["v"]:
+            assert _norm(buf.spec) == _norm(expect), (buf.spec, expect)
+
+
+def _norm(spec) -> tuple:
+    """A PartitionSpec as a tuple without trailing Nones (P('data', None) and P('data') mean the same)."""
+    t = tuple(spec)
+    while t and t[-1] is None:
+        t = t[:-1]
+    return t
+
+
+def test_sampled_generation_on_mesh_equals_one_device(mesh_ckpt, one_device):
+    model = neox_jax.load(mesh_ckpt, mesh=sharding.make_mesh("data=2,model=4"))
+    kw = dict(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=5, stop_token_ids=[])
+    assert model.generate(PROMPTS[:1], **kw).token_ids == one_device.generate(PROMPTS[:1], **kw).token_ids
+
+
 def test_restore_with_dtype_on_mesh(mesh_ckpt):
     model = neox_jax.load(mesh_ckpt, dtype="bfloat16", mesh=sharding.make_mesh("data=2,model=4"))
     assert {x.dtype.name for x in jax.tree.leaves(model.params)} == {"bfloat16"}
@@ -97,8 +151,8 @@ def test_model_that_cannot_split_names_the_sizes_that_work():
 
 
 def test_vocab_that_cannot_split_names_the_sizes_that_work():
-    cfg_bad_vocab = CFG.replace(vocab_size=100)  # 100 % 8 != 0
-    with pytest.raises(ValueError, match=r"vocab_size=100 not divisible by 8.*\[1, 2, 4\]"):
+    cfg_bad_vocab = CFG.replace(vocab_size=300)  # 300 % 8 != 0
+    with pytest.raises(ValueError, match=r"vocab_size=300 not divisible by 8.*\[1, 2, 4\]"):
         sharding.check_divisible(cfg_bad_vocab, sharding.make_mesh("model=8"))
 
 
@@ -134,6 +188,11 @@ def test_kv_cache_bytes_split_over_batch_and_heads():
     assert got == full / 8
 
 
+def _own_lines(stdout: str) -> list[str]:
+    """stdout without the connection lines gloo (JAX's CPU collectives) prints there itself."""
+    return [line for line in stdout.splitlines() if not line.startswith("[Gloo]")]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,3 +224,27 @@ def test_two_processes_form_one_mesh(mesh_ckpt, tmp_path):
     got = np.load(out)
     for m in meshes:
         np.testing.assert_allclose(got[m], ref, atol=1e-5, rtol=0, err_msg=m)
+
+
+def test_two_processes_generate_cli(mesh_ckpt, one_device):
+    """scripts/generate.py with --mesh and the multi-host flags on two processes: process 0 prints the JSON (the same
+    greedy tokens as one device), process 1 prints nothing."""
+    port = _free_port()
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    prompts = ["Hello", "The quick"]
+
+    def one(i):
+        return run_cli("scripts/generate.py", "--checkpoint", mesh_ckpt, "--prompt", prompts[0], "--prompt", prompts[1],
+                       "--max-new-tokens", 6, "--ignore-eos", "--json", "--no-compile-cache",
+                       "--mesh", "data=2,model=4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
+                       "--process-id", i, "--init-timeout", 60, env=env, timeout=240, check=False)
+
+    with ThreadPoolExecutor(2) as ex:
+        results = list(ex.map(one, [0, 1]))
+    for i, r in enumerate(results):
+        assert r.returncode == 0, f"process {i} failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-3000:]}"
+    assert _own_lines(results[1].stdout) == []
+    out = json.loads("\n".join(_own_lines(results[0].stdout)))
+    want = one_device.generate(prompts, max_new_tokens=6, stop_token_ids=[])
+    assert [c["token_ids"] for c in out["completions"]] == want.token_ids
+    assert [c["text"] for c in out["completions"]] == want.texts
