@@ -9,7 +9,8 @@ process order, so `sharding.make_mesh` puts each host's devices next to each oth
       --process-id 0                                          --process-id 1
 
 On SLURM, Open MPI, Kubernetes (JobSet) or Cloud TPU pods, pass `--distributed` instead and JAX reads the same three
-values from the environment; `JAX_COORDINATOR_ADDRESS` (+ `--num-processes` / `--process-id`) also works. A loopback
+values from the environment; the variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID stand in
+for the three flags. A loopback
 coordinator (127.0.0.1 / localhost) binds to loopback only. On CPU, the processes talk through gloo (JAX's default
 `jax_cpu_collectives_implementation` since 0.4.3x; set here explicitly).
 """
@@ -45,9 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser, mesh: bool = True) -> argpars
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
                auto: bool = False, timeout: int = 300) -> bool:
-    """Calls jax.distributed.initialize when asked to (arguments, `auto`, or JAX_COORDINATOR_ADDRESS set); must run
-    before anything touches a device. Returns whether this is a multi-process run."""
+    """Calls jax.distributed.initialize when asked to (a coordinator from the arguments or JAX_COORDINATOR_ADDRESS, or
+    `auto`: JAX's cluster detection); must run before anything touches a device. Checks the values first (nothing
+    started when they are wrong). Returns whether this is a multi-process run."""
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    for name, value in (("JAX_NUM_PROCESSES", num_processes), ("JAX_PROCESS_ID", process_id)):
+        if value is None and os.environ.get(name, "").strip():
+            if not os.environ[name].strip().isdigit():
+                raise ValueError(f"{name}={os.environ[name]!r} is not a non-negative int")
+            if name == "JAX_NUM_PROCESSES":
+                num_processes = int(os.environ[name])
+            else:
+                process_id = int(os.environ[name])
     if coordinator is None and not auto:
         if num_processes not in (None, 1) or process_id not in (None, 0):
             raise ValueError("--num-processes / --process-id need --coordinator HOST:PORT (or --distributed)")

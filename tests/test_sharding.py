@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import neox_jax
-from neox_jax import checkpoint, sharding
+from neox_jax import checkpoint, distributed, sharding
 from neox_jax.config import preset
 from neox_jax.model import init_params
 
@@ -186,6 +186,20 @@ def test_kv_cache_bytes_split_over_batch_and_heads():
     full = 2 * cfg.num_hidden_layers * 4 * 2048 * cfg.hidden_size * 2
     got = sharding.kv_cache_bytes_per_device(cfg, sharding.abstract_mesh({"data": 2, "model": 4}), 4, 2048)
     assert got == full / 8
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_processes=2, process_id=0), "need --coordinator"),
+    (dict(coordinator="localhost", num_processes=2, process_id=0), "expected HOST:PORT"),
+    (dict(coordinator="127.0.0.1:1234", num_processes=2), "both --num-processes and --process-id"),
+    (dict(coordinator="127.0.0.1:1234", num_processes=2, process_id=2), r"must be in \[0, 2\)"),
+])
+def test_distributed_flags_checked_before_starting(kwargs, match, monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=match):
+        distributed.initialize(**kwargs)
+    assert distributed.initialize() is False  # no flags, no environment: a plain single-process run
 
 
 def _own_lines(stdout: str) -> list[str]:
