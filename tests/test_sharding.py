@@ -85,9 +85,10 @@ def test_restored_shardings_follow_rules(mesh_ckpt):
     p = model.params
     d, n, h, f, v = CFG.hidden_size, CFG.num_attention_heads, CFG.head_dim, CFG.intermediate_size, CFG.vocab_size
     layer = p["layers"][1]
+    qkv = layer["attention"]["query_key_value"]
     expected = {  # array: (spec, shape of one device's shard)
-        "qkv kernel": (layer["attention"]["query_key_value"]["kernel"], P(None, "model", None, None), (d, n // 4, 3, h)),
-        "qkv bias": (layer["attention"]["query_key_value"]["bias"], P("model", None, None), (n // 4, 3, h)),
+        "qkv kernel": (qkv["kernel"], P(None, "model", None, None), (d, n // 4, 3, h)),
+        "qkv bias": (qkv["bias"], P("model", None, None), (n // 4, 3, h)),
         "dense kernel": (layer["attention"]["dense"]["kernel"], P("model", None, None), (n // 4, h, d)),
         "dense bias": (layer["attention"]["dense"]["bias"], P(None), (d,)),
         "h_to_4h kernel": (layer["mlp"]["dense_h_to_4h"]["kernel"], P(None, "model"), (d, f // 4)),
@@ -103,8 +104,8 @@ def test_restored_shardings_follow_rules(mesh_ckpt):
         assert {s.data.shape for s in x.addressable_shards} == {shard}, name
         assert len(x.addressable_shards) == 8, name
     # each device holds exactly the slice the spec names, restored from the checkpoint (not zeros, not the whole)
-    full = np.asarray(p["layers"][1]["attention"]["query_key_value"]["kernel"])
-    for s in layer["attention"]["query_key_value"]["kernel"].addressable_shards:
+    full = np.asarray(qkv["kernel"])
+    for s in qkv["kernel"].addressable_shards:
         np.testing.assert_array_equal(np.asarray(s.data), full[s.index])
 
 

@@ -114,18 +114,20 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a ~6 MB model: checks the benchmark runs")
     p.add_argument("--out-dir", default="bench_out", help="where restore.json goes (default bench_out)")
     p.add_argument("--workdir", default=None, help="where the synthetic checkpoints go (default: a temporary dir)")
-    p.add_argument("--measure", nargs=3, metavar=("MODE", "CKPT", "WARMUP"), help=argparse.SUPPRESS)  # the child process
+    # the child process that measures one load
+    p.add_argument("--measure", nargs=3, metavar=("MODE", "CKPT", "WARMUP"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
         print(json.dumps(measure(*args.measure)))
         return
 
+    import jax
     import jax.numpy as jnp
 
     from neox_jax.model import abstract_params
 
     cfg = bench_config(args.quick)
-    sizes = [x.size * 4 for x in __import__("jax").tree.leaves(abstract_params(cfg, jnp.float32))]
+    sizes = [x.size * 4 for x in jax.tree.leaves(abstract_params(cfg, jnp.float32))]
     model_mb, largest_mb = sum(sizes) / MB, max(sizes) / MB
     layer_mb = (sum(sizes) - 2 * cfg.vocab_size * cfg.hidden_size * 4) / cfg.num_hidden_layers / MB
     work = Path(args.workdir or tempfile.mkdtemp(prefix="neox-restore-"))
