@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neox_jax import checkpoint
+from neox_jax import checkpoint, sharding
 from neox_jax.config import NeoXConfig
 from neox_jax.generate import GenerateResult, Generator, Stream
 from neox_jax.model import Params, forward, positions_from_mask
@@ -22,10 +22,12 @@ def _logits(cfg: NeoXConfig, params: Params, ids, mask):
 
 
 class NeoX:
-    """A loaded GPT-NeoX: config, params (a plain nested dict of jax arrays) and the tokenizer (or None)."""
+    """A loaded GPT-NeoX: config, params (a plain nested dict of jax arrays) and the tokenizer (or None).
+    mesh: the jax.sharding.Mesh the params are sharded over (None: one device)."""
 
-    def __init__(self, config: NeoXConfig, params: Params, tokenizer: Tokenizer | None = None, path: str | None = None):
-        self.config, self.params, self.tokenizer, self.path = config, params, tokenizer, path
+    def __init__(self, config: NeoXConfig, params: Params, tokenizer: Tokenizer | None = None, path: str | None = None,
+                 mesh=None):
+        self.config, self.params, self.tokenizer, self.path, self.mesh = config, params, tokenizer, path, mesh
 
     @property
     def dtype(self):
@@ -33,7 +35,8 @@ class NeoX:
 
     def logits(self, ids, mask=None) -> np.ndarray:
         """ids: int array [B, T] (or a list of lists of equal length); mask [B, T], 1 for real tokens (left padding
-        allowed). Returns float32 numpy logits [B, T, vocab_size]."""
+        allowed). Returns float32 numpy logits [B, T, vocab_size]. On a mesh the batch is split over `data` (B must be
+        a multiple of its size); on several processes every process passes the same ids and gets all the logits."""
         ids = np.asarray(ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"ids must be an int array [batch, length], got {ids.dtype} shape {ids.shape}")
@@ -45,12 +48,16 @@ class NeoX:
         mask = np.ones(ids.shape, np.int32) if mask is None else np.asarray(mask, np.int32)
         if mask.shape != ids.shape:
             raise ValueError(f"mask shape {mask.shape} differs from ids shape {ids.shape}")
-        return np.asarray(_logits(self.config, self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
+        if self.mesh is None:
+            return np.asarray(_logits(self.config, self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
+        sharding.check_divisible(self.config, self.mesh, batch=ids.shape[0])
+        ids, mask = sharding.put_batch(ids.astype(np.int32), self.mesh), sharding.put_batch(mask, self.mesh)
+        return sharding.to_host(_logits(self.config, self.params, ids, mask))
 
     def generator(self) -> Generator:
         """The Generator (compiled programs kept between calls) over the current params."""
         if getattr(self, "_generator", None) is None:
-            self._generator = Generator(self.config, self.params, self.tokenizer)
+            self._generator = Generator(self.config, self.params, self.tokenizer, mesh=self.mesh)
         self._generator.params, self._generator.tokenizer = self.params, self.tokenizer
         return self._generator
 
@@ -70,15 +77,21 @@ class NeoX:
 
     def __repr__(self):
         c = self.config
+        mesh = "" if self.mesh is None else f", mesh {dict(self.mesh.shape)}"
         return (f"NeoX({c.num_params / 1e6:.1f}M params, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
-                f"dtype {jnp.dtype(self.dtype).name}, tokenizer={'yes' if self.tokenizer else 'no'})")
+                f"dtype {jnp.dtype(self.dtype).name}, tokenizer={'yes' if self.tokenizer else 'no'}{mesh})")
 
 
 def _restore(path: Path, cfg: NeoXConfig, dtype, mesh) -> Params:
-    """Reads the params; with a mesh, each device reads only its slice (sharding issue)."""
-    if mesh is not None:
-        raise NotImplementedError("loading onto a mesh is not implemented yet")
-    return checkpoint.restore_params(path, dtype)
+    """Reads the params one group at a time; with a mesh, straight into arrays sharded by sharding.RULES: each device
+    reads only its slice from the checkpoint (Orbax), so the host never holds the whole model."""
+    if mesh is None:
+        return checkpoint.restore_params(path, dtype)
+    from neox_jax import quantize
+
+    quant = quantize.spec_from_metadata(checkpoint.read_metadata(path).get("quantization"))  # int8 checkpoints
+    shardings = sharding.param_shardings(cfg, mesh, quant=quant)  # fails here, before reading, if it cannot split
+    return checkpoint.restore_params(path, dtype, lambda name: checkpoint.get_group(shardings, name))
 
 
 def _apply_finetuned(params: Params, cfg: NeoXConfig, run_dir) -> Params:
@@ -122,4 +135,4 @@ def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quan
     if quantize is not None:
         params = _quantize(params, cfg, quantize)
     tok = Tokenizer.from_file(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
-    return NeoX(cfg, params, tok, str(path))
+    return NeoX(cfg, params, tok, str(path), mesh=mesh)

@@ -35,6 +35,9 @@ from neox_jax.model import abstract_params
 FORMAT = "neox-jax-checkpoint"
 FORMAT_VERSION = 1
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+# Arrays are stored in chunks of at most this many bytes (Orbax `chunk_byte_size`), so restoring onto a mesh reads
+# each device's slice chunk by chunk instead of decoding the whole array once per device.
+CHUNK_BYTES = 32 * 2**20
 
 
 class CheckpointError(ValueError):
@@ -90,7 +93,8 @@ class CheckpointWriter:
     an exception (or KeyboardInterrupt) removes the temporary directory and leaves OUT untouched."""
 
     def __init__(self, out: str | os.PathLike, cfg: NeoXConfig, dtype, source: dict[str, Any] | None = None,
-                 overwrite: bool = False, quantization: dict[str, Any] | None = None):
+                 overwrite: bool = False, quantization: dict[str, Any] | None = None,
+                 chunk_bytes: int | None = CHUNK_BYTES):
         self.out = Path(out).absolute()
         if self.out.exists() and not overwrite:
             raise CheckpointError(f"{self.out} already exists; choose another output directory or remove it")
@@ -102,6 +106,7 @@ class CheckpointWriter:
         self.written: set[str] = set()
         self.bytes = 0
         self.overwrite = overwrite
+        self.chunk_bytes = chunk_bytes  # None: one chunk per array
         self._ckptr = _checkpointer()
 
     def __enter__(self):
@@ -118,7 +123,8 @@ class CheckpointWriter:
         if name not in group_names(self.cfg):
             raise CheckpointError(f"unknown parameter group {name!r}")
         compare_trees(get_group(self.expected, name), tree, f"group {name}")
-        self._ckptr.save(self.tmp / "params" / name, tree)
+        save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=self.chunk_bytes), tree)
+        self._ckptr.save(self.tmp / "params" / name, args=ocp.args.StandardSave(tree, save_args=save_args))
         self.written.add(name)
         self.bytes += sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
@@ -182,7 +188,7 @@ def read_config(path) -> NeoXConfig:
 def iter_groups(path, dtype=None, shardings: Callable[[str], Any] | None = None) -> Iterator[tuple[str, Any]]:
     """Yields (group name, nested dict of jax arrays) one group at a time, checked against the config.
     dtype: cast to this dtype (default: as stored). shardings(name) -> a tree of jax.sharding.Sharding for the group,
-    so each device reads only its slice."""
+    so each device reads only its slice (cast to dtype as it is read)."""
     path = Path(path)
     meta = read_metadata(path)
     cfg = NeoXConfig.from_dict(meta["config"])
@@ -201,11 +207,10 @@ def iter_groups(path, dtype=None, shardings: Callable[[str], Any] | None = None)
         if shard_tree is None:
             dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shard_tree = jax.tree.map(lambda _: dev, want)
+        # cast while reading (no second copy); int8 kernels and their float32 scales stay as stored
+        want = quantize.cast_floats(want, target) if target != stored else want
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), want, shard_tree)
-        tree = ckptr.restore(gdir, ocp.args.StandardRestore(abstract))
-        if target != stored:
-            tree = quantize.cast_floats(tree, target)  # int8 kernels and their scales stay as stored
-        yield name, tree
+        yield name, ckptr.restore(gdir, ocp.args.StandardRestore(abstract))
 
 
 def restore_params(path, dtype=None, shardings=None) -> dict:

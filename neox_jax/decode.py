@@ -1,5 +1,6 @@
 """The compiled core of generation: pure functions of (params, state), so they jit once per shape and take sharded
-params / caches unchanged (no mesh appears here; shardings propagate from the arguments).
+params / caches unchanged (shardings propagate from the arguments; with a `mesh`, the state is also pinned by
+sharding.constrain_state: the KV cache over batch and heads, the rest over batch).
 
     prefill(cfg, static, cache_len, params, ids, mask, values, stop_mask, key) -> state
         one program per (batch, prompt bucket P, cache length S): runs the left-padded prompt [B, P] through the model
@@ -18,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from neox_jax import sampling
+from neox_jax import sampling, sharding
 from neox_jax.cache import init_cache, pad_cache
 from neox_jax.config import NeoXConfig
 from neox_jax.model import Params, is_stacked, model_from_params, positions_from_mask
@@ -29,7 +30,7 @@ def compute_dtype(params: Params):
 
 
 def prefill(cfg: NeoXConfig, static: sampling.Static, cache_len: int, params: Params, ids, mask, values, stop_mask,
-            key) -> dict:
+            key, mesh=None) -> dict:
     """ids, mask [B, P] (left padding: mask 0) -> the decode state holding the first chosen token."""
     b, p = ids.shape
     model = model_from_params(cfg, params)
@@ -43,18 +44,18 @@ def prefill(cfg: NeoXConfig, static: sampling.Static, cache_len: int, params: Pa
     tokens = sampling.choose(static, values, logits, sub, seen)
     if seen is not None:
         seen = sampling.mark_seen(seen, tokens)
-    return {"cache": pad_cache(cache, cache_len),
-            "kv_valid": jnp.pad(valid, ((0, 0), (0, cache_len - p))),
-            "tokens": tokens,
-            "positions": positions[:, -1] + 1,
-            "index": jnp.asarray(p, jnp.int32),
-            "done": stop_mask[tokens],
-            "key": key,
-            "seen": seen}
+    return sharding.constrain_state({"cache": pad_cache(cache, cache_len),
+                                     "kv_valid": jnp.pad(valid, ((0, 0), (0, cache_len - p))),
+                                     "tokens": tokens,
+                                     "positions": positions[:, -1] + 1,
+                                     "index": jnp.asarray(p, jnp.int32),
+                                     "done": stop_mask[tokens],
+                                     "key": key,
+                                     "seen": seen}, mesh)
 
 
 def decode(cfg: NeoXConfig, static: sampling.Static, params: Params, state: dict, values, stop_mask, force_done,
-           n_steps):
+           n_steps, mesh=None):
     """Up to n_steps tokens per row. out[:, i] is the token chosen at step i (rows already done repeat their last
     token); steps is how many steps ran. The caller keeps index + n_steps <= S."""
     model = model_from_params(cfg, params)
@@ -79,13 +80,13 @@ def decode(cfg: NeoXConfig, static: sampling.Static, params: Params, state: dict
         out = jax.lax.dynamic_update_slice(out, tokens[:, None], (0, i))
         new = {"cache": cache, "kv_valid": kv_valid, "tokens": tokens, "positions": st["positions"] + 1,
                "index": idx + 1, "done": st["done"] | stop_mask[tokens], "key": key, "seen": seen}
-        return i + 1, new, out
+        return i + 1, sharding.constrain_state(new, mesh), out
 
-    state = {**state, "done": state["done"] | force_done}
+    state = sharding.constrain_state({**state, "done": state["done"] | force_done}, mesh)
     steps, state, out = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), state, jnp.zeros((b, s), jnp.int32)))
     return state, out, steps
 
 
 # jit with the config and sampling statics as static arguments; decode donates its state (the cache) in place
-prefill_jit = jax.jit(prefill, static_argnums=(0, 1, 2))
-decode_jit = jax.jit(decode, static_argnums=(0, 1), donate_argnums=(3,))
+prefill_jit = jax.jit(prefill, static_argnums=(0, 1, 2), static_argnames=("mesh",))
+decode_jit = jax.jit(decode, static_argnums=(0, 1), static_argnames=("mesh",), donate_argnums=(3,))

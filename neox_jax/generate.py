@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neox_jax import decode as core
+from neox_jax import decode as core, sharding
 from neox_jax.config import NeoXConfig
 from neox_jax.model import Params
 from neox_jax.sampling import SamplingParams
@@ -97,8 +97,13 @@ def batch_bucket(n: int) -> int:
 
 
 class Generator:
-    def __init__(self, cfg: NeoXConfig, params: Params, tokenizer: Tokenizer | None = None, *, chunk_size: int = 16):
-        self.cfg, self.params, self.tokenizer, self.chunk_size = cfg, params, tokenizer, chunk_size
+    """mesh: the jax.sharding.Mesh the params are sharded over (None: one device). On a mesh the batch bucket is also
+    a multiple of the mesh's `data` size (the extra rows are dropped), the KV cache is split over batch and heads,
+    and on several processes every process passes the same prompts and gets every completion."""
+
+    def __init__(self, cfg: NeoXConfig, params: Params, tokenizer: Tokenizer | None = None, *, chunk_size: int = 16,
+                 mesh=None):
+        self.cfg, self.params, self.tokenizer, self.chunk_size, self.mesh = cfg, params, tokenizer, chunk_size, mesh
         self._compiled: dict[tuple, object] = {}  # (kind, shapes, statics) -> jax Compiled
         self.compiles = 0  # programs compiled by this generator (tests check it stays put)
 
@@ -132,9 +137,9 @@ class Generator:
 
     def _program(self, kind: str, key: tuple, fn, *args):
         leaves, treedef = jax.tree.flatten(self.params)  # new params of another shape / dtype / sharding: recompile
-        k = (kind, key, treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+        k = (kind, key, treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves), self.mesh)
         if k not in self._compiled:
-            self._compiled[k] = fn.lower(*args).compile()
+            self._compiled[k] = fn.lower(*args, mesh=self.mesh).compile()
             self.compiles += 1
         return self._compiled[k]
 
@@ -183,6 +188,8 @@ class Generator:
                              f"fewer tokens")
         static = sp.static(self.vocab_limit())
         n, b = len(ids), batch_bucket(len(ids))
+        if self.mesh is not None:  # the batch splits over `data`: a multiple of its size
+            b = -(-b // self.mesh.shape["data"]) * self.mesh.shape["data"]
         p = prompt_bucket(longest, cfg.max_position_embeddings)
         s = -(-(p + max_new_tokens) // SLOT_ROUND) * SLOT_ROUND
         pad = tok.pad_id if tok else cfg.eos_token_id
@@ -198,13 +205,18 @@ class Generator:
         rows = [RowTracker(tok, stop_token_ids, stop, max_new_tokens) for _ in range(n)]
         timing = Timing()
 
+        if self.mesh is not None:  # global arrays: [B, ...] split over data, the rest replicated (works multi-host)
+            grid, mask = sharding.put_batch(grid, self.mesh), sharding.put_batch(mask, self.mesh)
+            values = jax.tree.map(lambda v: sharding.put_replicated(v, self.mesh), values)
+            stop_mask = sharding.put_replicated(stop_mask, self.mesh)
+            key = jax.random.wrap_key_data(sharding.put_replicated(jax.random.key_data(key), self.mesh))
         t = time.perf_counter()
         pre = self._program("prefill", (b, p, s, static), core.prefill_jit, cfg, static, s, self.params, grid, mask,
                             values, stop_mask, key)
         timing.compile_s += time.perf_counter() - t
         t = time.perf_counter()
         state = pre(self.params, grid, mask, values, stop_mask, key)
-        first = np.asarray(state["tokens"])
+        first = sharding.to_host(state["tokens"])
         now = time.perf_counter()
         timing.prefill_s, timing.first_token_s = now - t, now - t_start
         event = self._advance(rows, first[:n, None])
@@ -217,14 +229,16 @@ class Generator:
             if dec is None:
                 t = time.perf_counter()
                 dec = self._program("decode", (b, s, static), core.decode_jit, cfg, static, self.params, state,
-                                    values, stop_mask, force_done, np.int32(1))
+                                    values, stop_mask, force_done if self.mesh is None else
+                                    sharding.put_batch(force_done, self.mesh), np.int32(1))
                 timing.compile_s += time.perf_counter() - t
             t = time.perf_counter()
             steps = min(chunk, max_new_tokens - made)
             force_done[:n] = [r.finished for r in rows]
-            state, out, ran = dec(self.params, state, values, stop_mask, force_done, np.int32(steps))
-            ran = int(ran)
-            event = self._advance(rows, np.asarray(out)[:n, :ran])
+            done_in = force_done if self.mesh is None else sharding.put_batch(force_done, self.mesh)
+            state, out, ran = dec(self.params, state, values, stop_mask, done_in, np.int32(steps))
+            ran = int(sharding.to_host(ran))
+            event = self._advance(rows, sharding.to_host(out)[:n, :ran])
             made += ran
             if ran == 0:  # every row is done on the device (cannot happen unless host and device disagree)
                 break

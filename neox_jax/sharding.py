@@ -6,14 +6,16 @@ dense_4h_to_h over their input dim (row parallel), embed_in and embed_out over t
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from neox_jax.config import NeoXConfig
-from neox_jax.model import logical_axes
+from neox_jax.model import abstract_params, logical_axes
 from neox_jax.quantize import spec_of
 
 MESH_AXES = ("data", "model")
@@ -65,6 +67,7 @@ def make_mesh(spec: str | None = None, devices=None) -> Mesh:
 
 
 def spec_for(axes: tuple[str, ...], mesh: Mesh | None = None) -> P:
+    """Logical axes -> PartitionSpec by RULES; mesh axes of size 1 are left out (replicated)."""
     names = []
     for a in axes:
         mesh_axis = RULES[a]
@@ -74,21 +77,29 @@ def spec_for(axes: tuple[str, ...], mesh: Mesh | None = None) -> P:
     return P(*names)
 
 
-def check_divisible(cfg: NeoXConfig, mesh: Mesh, batch: int | None = None) -> None:
-    """A clear error, with the sizes that would work, when the model or batch cannot be split over the mesh."""
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def check_divisible(cfg: NeoXConfig, mesh, batch: int | None = None) -> None:
+    """A clear error, with the sizes that would work, when the model or batch cannot be split over the mesh
+    (a Mesh or AbstractMesh)."""
     m, d = mesh.shape["model"], mesh.shape["data"]
+    n_dev = m * d
     sizes = {"num_attention_heads": cfg.num_attention_heads, "intermediate_size": cfg.intermediate_size,
              "vocab_size": cfg.vocab_size}
     bad = {k: v for k, v in sizes.items() if v % m}
     if bad:
-        ok = [k for k in range(1, max(sizes.values()) + 1) if all(v % k == 0 for v in sizes.values())]
-        ok = [k for k in ok if k <= len(jax.devices())] or ok[:8]
+        ok = [k for k in _divisors(n_dev) if all(v % k == 0 for v in sizes.values())]
         raise ValueError(f"cannot split the model over model={m}: {', '.join(f'{k}={v}' for k, v in bad.items())} "
-                         f"not divisible by {m}; model axis sizes that work: {ok}")
+                         f"not divisible by {m}; model axis sizes that work on {n_dev} devices: {ok} "
+                         f"(e.g. --mesh data={n_dev // ok[-1]},model={ok[-1]})")
     if batch is not None and batch % d:
-        ok = [k for k in range(d, batch * d + 1, d) if k % d == 0][:4]
-        raise ValueError(f"batch size {batch} is not divisible by the mesh's data={d}; use a multiple of {d}, "
-                         f"e.g. {ok}")
+        up = -(-batch // d) * d
+        multiples = sorted({k for k in (up - d, up, up + d) if k > 0})
+        data_ok = [k for k in _divisors(n_dev) if batch % k == 0]
+        raise ValueError(f"batch size {batch} is not divisible by the mesh's data={d}: use a batch that is a "
+                         f"multiple of {d} (e.g. {multiples}) or a mesh with data in {data_ok}")
 
 
 def param_specs(cfg: NeoXConfig, mesh: Mesh | None = None, stacked: bool = False, quant=None):
@@ -98,7 +109,8 @@ def param_specs(cfg: NeoXConfig, mesh: Mesh | None = None, stacked: bool = False
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
-def param_shardings(cfg: NeoXConfig, mesh: Mesh, stacked: bool = False, quant=None):
+def param_shardings(cfg: NeoXConfig, mesh, stacked: bool = False, quant=None):
+    """Tree of NamedSharding matching the params tree; a clear error when the model cannot be split over `mesh`."""
     check_divisible(cfg, mesh)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh, stacked, quant),
                         is_leaf=lambda x: isinstance(x, P))
@@ -112,3 +124,84 @@ def shard_params(params, cfg: NeoXConfig, mesh: Mesh):
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """[B, ...] arrays split over `data`."""
     return NamedSharding(mesh, P("data" if mesh.shape["data"] > 1 else None, *([None] * (ndim - 1))))
+
+
+def put_batch(x, mesh: Mesh) -> jax.Array:
+    """A host array [B, ...], the same on every process, -> a global jax.Array split over `data` (works multi-host)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda idx: x[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-host) jax.Array -> the whole array as numpy on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ---- the KV cache: [B, S, N, H] per layer, split over batch (data) and heads (model) -------------------------------
+
+CACHE_AXES = ("batch", "length", "heads", "head_dim")
+
+
+def cache_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+    """Sharding of one KV-cache buffer [B, S, N, H] (stacked: [L, B, S, N, H])."""
+    axes = (("layers",) if stacked else ()) + CACHE_AXES
+    return NamedSharding(mesh, spec_for(axes, mesh))
+
+
+def constrain_state(state: dict, mesh: Mesh | None) -> dict:
+    """Inside jit: pins a generation state on the mesh. The KV cache {"k", "v"} over batch (data) and heads (model),
+    every other [B, ...] array over batch; scalars and PRNG keys stay as they are. No-op without a mesh."""
+    if mesh is None:
+        return state
+
+    def pin(path, x):
+        if x.ndim == 0 or jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return x
+        if getattr(path[0], "key", None) == "cache":
+            return jax.lax.with_sharding_constraint(x, cache_sharding(mesh, stacked=x.ndim == 5))
+        return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim))
+
+    return jax.tree_util.tree_map_with_path(pin, state)
+
+
+def put_replicated(x, mesh: Mesh) -> jax.Array:
+    """A host array, the same on every process -> a global jax.Array replicated on every device of the mesh."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()), lambda idx: x[idx])
+
+
+# ---- memory per device, from shapes alone (no devices needed) ------------------------------------------------------
+
+def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
+    """A device-free mesh of the given sizes ({'data': d, 'model': m}) for planning."""
+    return AbstractMesh((sizes.get("data", 1), sizes.get("model", 1)), MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+
+
+@functools.lru_cache(maxsize=8)
+def _shapes_and_axes(cfg: NeoXConfig) -> tuple[tuple[tuple[int, ...], tuple[str, ...]], ...]:
+    """(shape, logical axes) of every parameter, in tree order (two eval_shapes, cached: 20B takes seconds)."""
+    shapes = [x.shape for x in jax.tree.leaves(abstract_params(cfg))]
+    axes = jax.tree.leaves(logical_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    return tuple(zip(shapes, axes))
+
+
+def param_bytes_per_device(cfg: NeoXConfig, mesh, dtype=jnp.float16, weight_bytes: float | None = None) -> float:
+    """Bytes of parameters each device holds when the params are placed by the rules on `mesh` (a Mesh or
+    AbstractMesh), from jax.eval_shape (nothing allocated). weight_bytes overrides the bytes per element of the
+    matrices (>= 2-D: kernels, embeddings; e.g. 1 for int8 weights); vectors keep `dtype`."""
+    check_divisible(cfg, mesh)
+    total = 0.0
+    for shape, axes in _shapes_and_axes(cfg):
+        size = weight_bytes if weight_bytes is not None and len(shape) >= 2 else jnp.dtype(dtype).itemsize
+        total += math.prod(NamedSharding(mesh, spec_for(axes, mesh)).shard_shape(shape)) * size
+    return total
+
+
+def kv_cache_bytes_per_device(cfg: NeoXConfig, mesh, batch: int, length: int, dtype=jnp.float16) -> float:
+    """Bytes of the K and V caches of every layer each device holds (batch split over data, heads over model)."""
+    check_divisible(cfg, mesh, batch)
+    shard = cache_sharding(mesh).shard_shape((batch, length, cfg.num_attention_heads, cfg.head_dim))
+    return 2 * cfg.num_hidden_layers * math.prod(shard) * jnp.dtype(dtype).itemsize

@@ -4,7 +4,13 @@
     python scripts/generate.py --checkpoint ckpt/pythia-160m --prompt "Hello" --temperature 0.8 --top-p 0.95 --stream
     python scripts/generate.py --checkpoint ckpt/pythia-160m --prompt-file prompts.txt --json > out.json
 
-Prompts run as one batch (left-padded); with --stream each prompt streams in turn. --json prints one JSON object
+    python scripts/generate.py --checkpoint ckpt/neox-20b --dtype float16 --mesh model=8  # tensor parallel, 8 GPUs
+    # two hosts, 8 GPUs each: run on both, --process-id 0 on the first (whose address is the coordinator)
+    python scripts/generate.py --checkpoint ckpt/neox-20b --mesh data=2,model=8 \
+        --coordinator host0:1234 --num-processes 2 --process-id 0
+
+Prompts run as one batch (left-padded); with --stream each prompt streams in turn. On several processes every process
+runs the same prompts and only process 0 prints. --json prints one JSON object
 (prompts, completions, token ids, finish reasons, timing) on stdout; streamed text then goes to stderr.
 JAX's persistent compilation cache is on (see neox_jax/compile_cache.py), so a second run skips the compiles.
 """
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import io
 import sys
 from pathlib import Path
 
@@ -19,7 +26,7 @@ DEFAULT_PROMPT = "Einstein was born in the German Empire, but moved to Switzerla
 
 
 def parse_args(argv=None):
-    from neox_jax import compile_cache
+    from neox_jax import compile_cache, distributed
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="neox-jax checkpoint directory (python -m convert ...)")
@@ -41,21 +48,30 @@ def parse_args(argv=None):
     p.add_argument("--stream", action="store_true", help="print tokens as they are made")
     p.add_argument("--json", action="store_true", help="print one JSON object with everything")
     compile_cache.add_argument(p)
+    distributed.add_arguments(p)  # --mesh, --coordinator, --num-processes, --process-id, --distributed
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from neox_jax import compile_cache
+    from neox_jax import compile_cache, distributed
 
+    try:
+        mesh = distributed.setup(args)  # first: jax.distributed.initialize must run before any device is touched
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     compile_cache.enable(args.compile_cache)
     import neox_jax
 
+    talk = distributed.is_main()  # only process 0 prints
     prompts = list(args.prompt or [])
     if args.prompt_file:
         prompts += [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
     prompts = prompts or [DEFAULT_PROMPT]
-    model = neox_jax.load(args.checkpoint, dtype=args.dtype)
+    try:
+        model = neox_jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
+    except ValueError as e:  # e.g. a model that cannot split over the mesh: the message says which sizes work
+        sys.exit(f"error: {e}")
     if model.tokenizer is None:
         sys.exit(f"{args.checkpoint}: no tokenizer.json; text prompts need one (convert from a directory that has it)")
     gen = model.generator()
@@ -67,7 +83,7 @@ def main(argv=None) -> None:
               repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, stop_token_ids=stop_ids)
     try:
         if args.stream:
-            out = sys.stderr if args.json else sys.stdout
+            out = (sys.stderr if args.json else sys.stdout) if talk else io.StringIO()
             results = []
             for prompt in prompts:
                 print(prompt, end="", file=out, flush=True)
@@ -91,6 +107,8 @@ def main(argv=None) -> None:
         timings.append(r.timing.to_dict())
     timing = {k: sum(t[k] for t in timings) for k in timings[0]}
     timing["decode_tokens_per_s"] = timing["decode_tokens"] / timing["decode_s"] if timing["decode_s"] else 0.0
+    if not talk:
+        return
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "dtype": str(model.dtype), "sampling": {
             k: v for k, v in kw.items() if k != "max_new_tokens"}, "max_new_tokens": args.max_new_tokens,
