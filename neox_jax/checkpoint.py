@@ -208,8 +208,9 @@ def iter_groups(path, dtype=None, shardings: Callable[[str], Any] | None = None)
             dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shard_tree = jax.tree.map(lambda _: dev, want)
         # cast while reading (no second copy); int8 kernels and their float32 scales stay as stored
-        want = quantize.cast_floats(want, target) if target != stored else want
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), want, shard_tree)
+        dtypes = quantize.cast_floats(jax.tree.map(lambda x: np.zeros((), x.dtype), want), target)
+        abstract = jax.tree.map(lambda x, t, s: jax.ShapeDtypeStruct(x.shape, t.dtype, sharding=s),
+                                want, dtypes, shard_tree)
         yield name, ckptr.restore(gdir, ocp.args.StandardRestore(abstract))
 
 
