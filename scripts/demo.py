@@ -4,7 +4,10 @@
    byte-level BPE tokenizer trained here on a few paragraphs;
 2. converts it with the real converter (`python -m convert hf`, the same code path as for Pythia / GPT-NeoX-20B);
 3. loads it with `neox_jax.load` and compares its logits with transformers';
-4. and shows what the model does.
+4. shows what the model does: next-token probabilities, then streamed generation from the KV-cache decoder;
+5. fine-tunes its biases (BitFit) for a few steps with scripts/finetune.py and generates with the result;
+6. quantizes it to int8 (LLM.int8) and generates again;
+7. evaluates it with lm-evaluation-harness on LAMBADA / PIQA (only when ../shared/data is present).
 
 THE WEIGHTS ARE RANDOM: the text it makes is noise. Everything else is the real thing.
 """
@@ -61,6 +64,16 @@ def build_hf_model(out: Path, vocab_size: int):
     return model
 
 
+def run(*cmd: str) -> None:
+    """Runs a project script the way a user would, from the repo root, echoing the command."""
+    import os
+    import subprocess
+
+    print("$ python " + " ".join(cmd))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, check=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=str(ROOT / "demo_out"), help="where the demo writes (default: demo_out/)")
@@ -112,6 +125,43 @@ def main() -> None:
     print(f"prompt: {prompt!r}")
     for i in top:
         print(f"  next token {tok.decode([int(i)])!r:>14}  p={probs[i]:.3f}")
+
+    print("\nstreamed generation (greedy, KV cache, one compiled decode loop):")
+    print(f"  {prompt}", end="", flush=True)
+    stream = model.generate_stream([prompt], max_new_tokens=24)
+    for event in stream:
+        print(event.texts[0], end="", flush=True)
+    r = stream.result
+    print(f"\n  finish: {r.finish_reasons[0]}; {r.timing.to_dict()}")
+
+    banner("5. fine-tune the biases (BitFit) for 30 steps: scripts/finetune.py")
+    (work / "text.txt").write_text(CORPUS * 20)
+    run_dir = work / "finetune-run"
+    run("scripts/finetune.py", "--checkpoint", str(ckpt), "--data", str(work / "text.txt"), "--out", str(run_dir),
+        "--steps", "30", "--seq-len", "32", "--batch-size", "8", "--lr", "3e-2", "--save-every", "15",
+        "--eval-every", "15", "--no-progress")
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    print(f"training loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} logged steps (biases only)")
+    tuned = neox_jax.load(ckpt, finetuned=run_dir)
+    r = tuned.generate([prompt], max_new_tokens=24)
+    print(f"fine-tuned completion: {prompt}{r.texts[0]!r}")
+
+    banner("6. int8 (LLM.int8: int8 weights, outlier features in float) and generate again")
+    q = neox_jax.load(ckpt, quantize="llm.int8")
+    r = q.generate([prompt], max_new_tokens=12)
+    print(f"int8 completion: {prompt}{r.texts[0]!r}")
+
+    banner("7. evaluate with lm-evaluation-harness (neox-jax backend)")
+    shared = ROOT.parent / "shared" / "data"
+    if (shared / "lambada_openai").is_dir() and (shared / "piqa").is_dir():
+        run("scripts/evaluate.py", "--checkpoint", str(ckpt), "--tasks", "lambada_openai,piqa", "--limit", "16",
+            "--batch-size", "8", "--output", str(work / "eval.json"))
+    else:
+        print(f"skipped: the local task data ({shared}) is absent; see README 'Evaluation' for real use")
+
     print(f"\ndone: everything the demo wrote is in {work}")
 
 
