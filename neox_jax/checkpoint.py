@@ -68,6 +68,17 @@ def set_group(params: dict, name: str, value) -> None:
         params[name] = value
 
 
+def release_freed_memory() -> None:
+    """Hands memory freed by the last group back to the OS (glibc keeps freed blocks in per-thread arenas, which made
+    a streaming conversion's peak RSS grow with the number of layers: x1.16 for 4 -> 16 layers, x1.05 with this)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.StandardCheckpointHandler())
 
@@ -125,6 +136,7 @@ class CheckpointWriter:
         compare_trees(get_group(self.expected, name), tree, f"group {name}")
         save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=self.chunk_bytes), tree)
         self._ckptr.save(self.tmp / "params" / name, args=ocp.args.StandardSave(tree, save_args=save_args))
+        release_freed_memory()
         self.written.add(name)
         self.bytes += sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
