@@ -3,7 +3,7 @@ params / caches unchanged (no mesh appears here; shardings propagate from the ar
 
     prefill(cfg, static, cache_len, params, ids, mask, values, stop_mask, key) -> state
         one program per (batch, prompt bucket P, cache length S): runs the left-padded prompt [B, P] through the model
-        with a cache exactly P slots long (so attention looks at the prompt only), grows the cache to S slots, and
+        into slots 0..P-1 of a fresh cache of S slots (at the static index 0 attention looks at the prompt only), and
         chooses the first new token from the last position's logits.
     decode(cfg, static, params, state, values, stop_mask, force_done, n_steps) -> (state, out [B, S], steps)
         one program per (batch, S): a lax.while_loop of up to n_steps (a traced int) single-token steps, stopping early
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from neox_jax import sampling
-from neox_jax.cache import init_cache, pad_cache
+from neox_jax.cache import init_cache
 from neox_jax.config import NeoXConfig
 from neox_jax.model import Params, is_stacked, model_from_params, positions_from_mask
 
@@ -35,16 +35,17 @@ def prefill(cfg: NeoXConfig, static: sampling.Static, cache_len: int, params: Pa
     model = model_from_params(cfg, params)
     valid = mask.astype(bool)
     positions = positions_from_mask(mask)  # [B, P] rotary positions of the real tokens
-    cache = init_cache(cfg, b, p, compute_dtype(params), is_stacked(params))
-    hidden, cache = model.hidden_states(ids, positions, valid, cache, 0)  # [B, P, D]
+    cache = init_cache(cfg, b, cache_len, compute_dtype(params), is_stacked(params))
+    kv_valid = jnp.pad(valid, ((0, 0), (0, cache_len - p)))  # [B, S]
+    hidden, cache = model.hidden_states(ids, positions, kv_valid, cache, 0)  # [B, P, D]
     logits = model.logits(hidden[:, -1:])[:, 0]  # [B, V] float32: the last slot is real in every row
     seen = sampling.prompt_seen(ids, mask, cfg.vocab_size) if static.repetition_penalty else None
     key, sub = jax.random.split(key)
     tokens = sampling.choose(static, values, logits, sub, seen)
     if seen is not None:
         seen = sampling.mark_seen(seen, tokens)
-    return {"cache": pad_cache(cache, cache_len),
-            "kv_valid": jnp.pad(valid, ((0, 0), (0, cache_len - p))),
+    return {"cache": cache,
+            "kv_valid": kv_valid,
             "tokens": tokens,
             "positions": positions[:, -1] + 1,
             "index": jnp.asarray(p, jnp.int32),

@@ -31,6 +31,9 @@ from neox_jax.textstops import RowTracker
 from neox_jax.tokenizer import Tokenizer
 
 SLOT_ROUND = 64
+# XLA CPU: with region analysis, copy insertion sees that each layer's cache update in the decode loop is the buffer's
+# last use and updates it in place; without it XLA copied every cache buffer twice per step (measured in the HLO).
+CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 @dataclasses.dataclass
@@ -127,6 +130,12 @@ class Generator:
             out.append(ids)
         return out
 
+    def min_batch(self) -> int:
+        """XLA CPU multiplies a bf16 / f16 matrix by a single vector 2-3x slower than by two (another kernel), so on
+        CPU a half-precision batch of one runs as two (the copy is dropped)."""
+        half = core.compute_dtype(self.params) in (jnp.bfloat16, jnp.float16)
+        return 2 if half and jax.default_backend() == "cpu" else 1
+
     def vocab_limit(self) -> int:
         return min(self.cfg.vocab_size, self.tokenizer.vocab_size) if self.tokenizer else self.cfg.vocab_size
 
@@ -134,7 +143,8 @@ class Generator:
         leaves, treedef = jax.tree.flatten(self.params)  # new params of another shape / dtype / sharding: recompile
         k = (kind, key, treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
         if k not in self._compiled:
-            self._compiled[k] = fn.lower(*args).compile()
+            opts = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else {}
+            self._compiled[k] = fn.lower(*args).compile(compiler_options=opts)
             self.compiles += 1
         return self._compiled[k]
 
@@ -182,7 +192,7 @@ class Generator:
                              f"max_position_embeddings {cfg.max_position_embeddings}; shorten the prompt or ask for "
                              f"fewer tokens")
         static = sp.static(self.vocab_limit())
-        n, b = len(ids), batch_bucket(len(ids))
+        n, b = len(ids), max(batch_bucket(len(ids)), self.min_batch())
         p = prompt_bucket(longest, cfg.max_position_embeddings)
         s = -(-(p + max_new_tokens) // SLOT_ROUND) * SLOT_ROUND
         pad = tok.pad_id if tok else cfg.eos_token_id

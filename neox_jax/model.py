@@ -65,11 +65,13 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros(bias_shape, param_dtype), axes=bias_axes) if use_bias else None
 
     def __call__(self, x, out_dtype=None):
+        """Accumulates in float32 whatever the parameter dtype (also what makes XLA CPU pick its fast bf16 matmul:
+        with a bf16 result it took a path 2-5x slower), then returns out_dtype (default: the kernel's dtype)."""
         kernel = self.kernel[...]
-        y = jnp.einsum(self.spec, x.astype(kernel.dtype), kernel, preferred_element_type=out_dtype)
+        y = jnp.einsum(self.spec, x.astype(kernel.dtype), kernel, preferred_element_type=F32)
         if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        return y
+            y = y + self.bias[...].astype(F32)
+        return y.astype(out_dtype or kernel.dtype)
 
 
 class Embed(nnx.Module):
@@ -108,22 +110,42 @@ class Attention(nnx.Module):
                             use_bias=cfg.attention_bias, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, kv, cache_index):
-        """x [B, T, D]; mask [B, T, S] bool; kv None (S == T) or (k, v) caches [B, S, N, H] written at cache_index.
-        Returns [B, T, D] and the updated (k, v) (or None)."""
+        """x [B, T, D]; kv None or (k, v) caches [B, N, S, H]; mask [B, T, T] bool for the T new tokens, and with a
+        cache also [B, T, S] for the slots already written (None when cache_index is the static 0: no old slots).
+        The new keys / values are written at slots cache_index.. and returned as the updated (k, v) (or None).
+
+        Written for XLA CPU decode speed: heads before slots in the cache, so both attention einsums are plain
+        batched matmuls over (B, N); the old cache is read before the new tokens are written (attention over the old
+        slots and over the new tokens, one softmax), so the update is the cache's last use and XLA makes it in place
+        without copying the cache; the attention output is flattened to [B, T, N*H] before `dense`, so XLA never
+        transposes the dense kernel to match it."""
+        b, t = x.shape[:2]
         qkv = self.query_key_value(x)  # [B, T, N, 3, H]
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # [B, T, N, H]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, H]
+        new_mask, old_mask = mask
         if kv is not None:
-            k_cache, v_cache = kv
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-            k, v, kv = k_cache, v_cache, (k_cache, v_cache)
+            k, v = k.astype(kv[0].dtype), v.astype(kv[1].dtype)
         scale = q.shape[-1] ** -0.5
-        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k.astype(q.dtype), preferred_element_type=F32) * scale
-        scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(F32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, N, T, S]
-        out = jnp.einsum("BNTS,BSNH->BTNH", probs, v)  # [B, T, N, H]
-        return self.dense(out.astype(x.dtype)), kv
+        scores = jnp.einsum("BNTH,BNUH->BNTU", q, k.astype(q.dtype), preferred_element_type=F32)  # U: new tokens
+        scores = jnp.where(new_mask[:, None], scores, jnp.finfo(F32).min)
+        if old_mask is not None:  # and the slots already in the cache
+            old = jnp.einsum("BNTH,BNSH->BNTS", q, kv[0].astype(q.dtype), preferred_element_type=F32)
+            scores = jnp.concatenate([jnp.where(old_mask[:, None], old, jnp.finfo(F32).min), scores], axis=-1)
+        probs = jax.nn.softmax(scores * scale, axis=-1).astype(v.dtype)  # [B, N, T, (S +) T]
+        out = jnp.einsum("BNTU,BNUH->BTNH", probs[..., -t:], v, preferred_element_type=F32)  # [B, T, N, H]
+        if old_mask is not None:
+            out = out + jnp.einsum("BNTS,BNSH->BTNH", probs[..., :-t], kv[1], preferred_element_type=F32)
+        if kv is not None:
+            kv = tuple(jax.lax.dynamic_update_slice(c, a, (0, 0, cache_index, 0)) for c, a in zip(kv, (k, v)))
+        out = out.reshape(b, t, -1)  # [B, T, N*H]
+        kernel = self.dense.kernel[...]
+        y = jnp.einsum("BTE,ED->BTD", out.astype(kernel.dtype), kernel.reshape(-1, kernel.shape[-1]),
+                       preferred_element_type=F32)
+        if self.dense.bias is not None:
+            y = y + self.dense.bias[...].astype(F32)
+        return y.astype(kernel.dtype), kv
 
 
 class MLP(nnx.Module):
@@ -180,12 +202,20 @@ class GPTNeoX(nnx.Module):
 
     def hidden_states(self, input_ids, positions, kv_valid, cache=None, cache_index=0):
         """input_ids, positions [B, T] int; kv_valid [B, S] bool (which key slots hold real tokens, S == T without a
-        cache); cache None or {"k", "v"}: a list of L [B, S, N, H] buffers
-        (unrolled layers) or one [L, B, S, N, H] buffer (stacked layers), written at slots cache_index..cache_index+T-1.
+        cache); cache None or {"k", "v"}: a list of L [B, N, S, H] buffers
+        (unrolled layers) or one [L, B, N, S, H] buffer (stacked layers), written at slots cache_index..cache_index+T-1.
         Returns the final-layernormed hidden states [B, T, D] and the updated cache (or None)."""
-        t, s = input_ids.shape[1], kv_valid.shape[1]
-        causal = jnp.arange(s)[None, :] <= (cache_index + jnp.arange(t))[:, None]  # [T, S]
-        mask = kv_valid[:, None, :] & causal[None]  # [B, T, S]
+        b, t, s = *input_ids.shape, kv_valid.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), bool))  # [T, T]
+        if cache is None:
+            mask = (kv_valid[:, None, :] & causal, None)
+        else:  # the new tokens' own slots, and the real slots written before them
+            new_valid = jax.lax.dynamic_slice(kv_valid, (0, cache_index), (b, t))  # [B, T]
+            old = None
+            if not (isinstance(cache_index, int) and cache_index == 0):
+                old = kv_valid[:, None, :] & (jnp.arange(s) < cache_index)[None, None, :]  # [B, 1, S]
+                old = jnp.broadcast_to(old, (b, t, s))
+            mask = (new_valid[:, None, :] & causal, old)
         cos, sin = rotary_cos_sin(positions, self.rotary_dims, self.rotary_base)
         x = self.embed_in(input_ids)  # [B, T, D]
         if isinstance(self.layers, nnx.List):  # unrolled: one buffer per layer

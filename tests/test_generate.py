@@ -10,7 +10,7 @@ import pytest
 
 import neox_jax
 from conftest import make_hf_model, run_cli
-from neox_jax.cache import init_cache, pad_cache
+from neox_jax.cache import init_cache
 from neox_jax.model import forward, model_from_params, positions_from_mask
 from neox_jax.sampling import SamplingParams, choose
 from neox_jax.textstops import RowTracker
@@ -74,18 +74,20 @@ def test_prefill_then_decode_equals_full_forward(lm):
     ref = np.asarray(forward(cfg, params, jnp.asarray(full_ids), positions_from_mask(jnp.asarray(full_mask)),
                              jnp.asarray(full_mask, bool))[0])
 
-    @jax.jit
     def run(params, ids, positions, valid, cache, index):
         model = model_from_params(cfg, params)
         hidden, cache = model.hidden_states(ids, positions, valid, cache, index)
         return model.logits(hidden), cache
 
+    prefill = jax.jit(lambda *a: run(*a, 0))  # the static index 0, as decode.prefill has it
+    run = jax.jit(run)  # a traced index, as in the decode loop
+
     s = 16  # cache longer than needed: the empty slots must not matter
     pos = positions_from_mask(jnp.asarray(pmask))
-    logits, cache = run(params, jnp.asarray(prompt), pos, jnp.asarray(pmask, bool), init_cache(cfg, 2, 6), 0)
-    got = [np.asarray(logits)]
-    cache, valid = pad_cache(cache, s), np.zeros((2, s), bool)
+    valid = np.zeros((2, s), bool)
     valid[:, :6] = pmask
+    logits, cache = prefill(params, jnp.asarray(prompt), pos, jnp.asarray(valid), init_cache(cfg, 2, s))
+    got = [np.asarray(logits)]
     nxt = np.asarray(pos[:, -1]) + 1
     for t in range(cont.shape[1]):
         valid[:, 6 + t] = True
