@@ -25,7 +25,7 @@ import numpy as np
 
 from neox_jax import decode as core
 from neox_jax.config import NeoXConfig
-from neox_jax.model import Params
+from neox_jax.model import Params, transpose_kernels
 from neox_jax.sampling import SamplingParams
 from neox_jax.textstops import RowTracker
 from neox_jax.tokenizer import Tokenizer
@@ -39,6 +39,7 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 @dataclasses.dataclass
 class Timing:
     compile_s: float = 0.0  # tracing + XLA compile (0 when every program was already compiled)
+    prepare_s: float = 0.0  # laying the weights out for the backend (once per params; see decode.layout_for)
     prefill_s: float = 0.0  # the prompt forward and the first token, compile excluded
     first_token_s: float = 0.0  # call start -> first tokens on the host (compile included when cold)
     decode_s: float = 0.0  # every decode chunk, host-side text handling included
@@ -100,9 +101,14 @@ def batch_bucket(n: int) -> int:
 
 
 class Generator:
-    def __init__(self, cfg: NeoXConfig, params: Params, tokenizer: Tokenizer | None = None, *, chunk_size: int = 16):
+    def __init__(self, cfg: NeoXConfig, params: Params, tokenizer: Tokenizer | None = None, *, chunk_size: int = 16,
+                 layout: core.Layout | None = None):
+        """layout: None picks the fastest for the backend (decode.layout_for; on CPU a second, transposed copy of the
+        matmul weights is made once and kept while these params are in use)."""
         self.cfg, self.params, self.tokenizer, self.chunk_size = cfg, params, tokenizer, chunk_size
+        self.layout = layout
         self._compiled: dict[tuple, object] = {}  # (kind, shapes, statics) -> jax Compiled
+        self._prepared = (None, None)  # (the params they were made from, the params in the run layout)
         self.compiles = 0  # programs compiled by this generator (tests check it stays put)
 
     # ---- inputs ------------------------------------------------------------------------------------------------------
@@ -130,17 +136,21 @@ class Generator:
             out.append(ids)
         return out
 
-    def min_batch(self) -> int:
-        """XLA CPU multiplies a bf16 / f16 matrix by a single vector 2-3x slower than by two (another kernel), so on
-        CPU a half-precision batch of one runs as two (the copy is dropped)."""
-        half = core.compute_dtype(self.params) in (jnp.bfloat16, jnp.float16)
-        return 2 if half and jax.default_backend() == "cpu" else 1
-
     def vocab_limit(self) -> int:
         return min(self.cfg.vocab_size, self.tokenizer.vocab_size) if self.tokenizer else self.cfg.vocab_size
 
-    def _program(self, kind: str, key: tuple, fn, *args):
-        leaves, treedef = jax.tree.flatten(self.params)  # new params of another shape / dtype / sharding: recompile
+    def run_params(self) -> tuple[core.Layout, Params]:
+        """The layout and the params in it (transposed once per params object, when the layout asks)."""
+        layout = self.layout or core.layout_for(self.params, jax.default_backend())
+        if not layout.transposed:
+            return layout, self.params
+        if self._prepared[0] is not self.params:
+            self._prepared = (None, None)  # free the old copy first
+            self._prepared = (self.params, jax.block_until_ready(transpose_kernels(self.params)))
+        return layout, self._prepared[1]
+
+    def _program(self, kind: str, key: tuple, params: Params, fn, *args):
+        leaves, treedef = jax.tree.flatten(params)  # new params of another shape / dtype / sharding: recompile
         k = (kind, key, treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
         if k not in self._compiled:
             opts = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else {}
@@ -192,13 +202,18 @@ class Generator:
                              f"max_position_embeddings {cfg.max_position_embeddings}; shorten the prompt or ask for "
                              f"fewer tokens")
         static = sp.static(self.vocab_limit())
-        n, b = len(ids), max(batch_bucket(len(ids)), self.min_batch())
+        n, b_pre = len(ids), batch_bucket(len(ids))
+        timing = Timing()
+        t = time.perf_counter()
+        layout, params = self.run_params()
+        timing.prepare_s = time.perf_counter() - t
+        b = max(b_pre, layout.min_rows)  # decode rows (extra ones are copies, forced done)
         p = prompt_bucket(longest, cfg.max_position_embeddings)
         s = -(-(p + max_new_tokens) // SLOT_ROUND) * SLOT_ROUND
         pad = tok.pad_id if tok else cfg.eos_token_id
-        grid = np.full((b, p), pad, np.int32)
-        mask = np.zeros((b, p), np.int32)
-        for i in range(b):
+        grid = np.full((b_pre, p), pad, np.int32)
+        mask = np.zeros((b_pre, p), np.int32)
+        for i in range(b_pre):
             row = ids[min(i, n - 1)]  # rows past n repeat the last prompt and are forced done
             grid[i, p - len(row):], mask[i, p - len(row):] = row, 1
         stop_mask = np.zeros(cfg.vocab_size, bool)
@@ -206,14 +221,13 @@ class Generator:
         force_done = np.arange(b) >= n
         values, key = sp.values(), jax.random.key(sp.seed)
         rows = [RowTracker(tok, stop_token_ids, stop, max_new_tokens) for _ in range(n)]
-        timing = Timing()
 
         t = time.perf_counter()
-        pre = self._program("prefill", (b, p, s, static), core.prefill_jit, cfg, static, s, self.params, grid, mask,
-                            values, stop_mask, key)
+        pre = self._program("prefill", (b_pre, b, p, s, static, layout), params, core.prefill_jit, cfg, static,
+                            layout, s, b, params, grid, mask, values, stop_mask, key)
         timing.compile_s += time.perf_counter() - t
         t = time.perf_counter()
-        state = pre(self.params, grid, mask, values, stop_mask, key)
+        state = pre(params, grid, mask, values, stop_mask, key)
         first = np.asarray(state["tokens"])
         now = time.perf_counter()
         timing.prefill_s, timing.first_token_s = now - t, now - t_start
@@ -226,13 +240,13 @@ class Generator:
         while made < max_new_tokens and not all(r.finished for r in rows):
             if dec is None:
                 t = time.perf_counter()
-                dec = self._program("decode", (b, s, static), core.decode_jit, cfg, static, self.params, state,
-                                    values, stop_mask, force_done, np.int32(1))
+                dec = self._program("decode", (b, s, static, layout), params, core.decode_jit, cfg, static, layout,
+                                    params, state, values, stop_mask, force_done, np.int32(1))
                 timing.compile_s += time.perf_counter() - t
             t = time.perf_counter()
             steps = min(chunk, max_new_tokens - made)
             force_done[:n] = [r.finished for r in rows]
-            state, out, ran = dec(self.params, state, values, stop_mask, force_done, np.int32(steps))
+            state, out, ran = dec(params, state, values, stop_mask, force_done, np.int32(steps))
             ran = int(ran)
             event = self._advance(rows, np.asarray(out)[:n, :ran])
             made += ran

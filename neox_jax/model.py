@@ -25,6 +25,7 @@ float32.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -56,11 +57,18 @@ class LayerNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-    """y = einsum(spec, x, kernel) + bias, with the kernel laid out one axis per meaning."""
+    """y = einsum(spec, x, kernel) + bias, with the kernel laid out one axis per meaning: [in dims..., out dims...].
+
+    `transposed` (set by model_from_params(..., transposed=True), for params from `transpose_kernels`): the kernel is
+    one [out, in] matrix (PyTorch's layout) and the product is computed as kernel @ x^T, weights on the left. XLA CPU
+    runs that form 1.5-3x faster for a few rows (decode): its small-batch matmul kernels pack the right-hand operand,
+    here the few activations instead of the weights."""
+    transposed = False
 
     def __init__(self, spec: str, kernel_shape, kernel_axes, bias_shape, bias_axes, *, use_bias: bool, param_dtype,
                  rngs: nnx.Rngs):
         self.spec = spec
+        self.n_in = len(set(spec.split(",")[0]) & set(spec.split(",")[1].split("->")[0]))  # contracted kernel dims
         self.kernel = nnx.Param(_init(rngs, kernel_shape, param_dtype), axes=kernel_axes)
         self.bias = nnx.Param(jnp.zeros(bias_shape, param_dtype), axes=bias_axes) if use_bias else None
 
@@ -68,7 +76,14 @@ class Linear(nnx.Module):
         """Accumulates in float32 whatever the parameter dtype (also what makes XLA CPU pick its fast bf16 matmul:
         with a bf16 result it took a path 2-5x slower), then returns out_dtype (default: the kernel's dtype)."""
         kernel = self.kernel[...]
-        y = jnp.einsum(self.spec, x.astype(kernel.dtype), kernel, preferred_element_type=F32)
+        if self.transposed:  # kernel [O, I]; x [..., in dims] -> [..., out dims]
+            lead = x.shape[:x.ndim - self.n_in]
+            rows = x.reshape(-1, kernel.shape[1]).astype(kernel.dtype)  # [M, I]
+            y = jnp.einsum("OI,MI->OM", kernel, rows, preferred_element_type=F32).T  # [M, O]
+            out_shape = self.bias.shape if self.bias is not None else (kernel.shape[0],)
+            y = y.reshape(*lead, *out_shape)
+        else:
+            y = jnp.einsum(self.spec, x.astype(kernel.dtype), kernel, preferred_element_type=F32)
         if self.bias is not None:
             y = y + self.bias[...].astype(F32)
         return y.astype(out_dtype or kernel.dtype)
@@ -118,27 +133,35 @@ class Attention(nnx.Module):
         batched matmuls over (B, N); the old cache is read before the new tokens are written (attention over the old
         slots and over the new tokens, one softmax), so the update is the cache's last use and XLA makes it in place
         without copying the cache; the attention output is flattened to [B, T, N*H] before `dense`, so XLA never
-        transposes the dense kernel to match it."""
+        transposes the dense kernel to match it. A cache wider than the activations (a float32 cache for bf16 params)
+        is read as it is, with q widened instead: XLA CPU converted the whole cache every step otherwise."""
         b, t = x.shape[:2]
         qkv = self.query_key_value(x)  # [B, T, N, 3, H]
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # [B, T, N, H]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, H]
         new_mask, old_mask = mask
-        if kv is not None:
-            k, v = k.astype(kv[0].dtype), v.astype(kv[1].dtype)
+        if kv is not None:  # what the cache holds (the new part below uses exactly these values)
+            k, v = k.astype(kv[0].dtype).astype(k.dtype), v.astype(kv[1].dtype).astype(v.dtype)
         scale = q.shape[-1] ** -0.5
-        scores = jnp.einsum("BNTH,BNUH->BNTU", q, k.astype(q.dtype), preferred_element_type=F32)  # U: new tokens
+        scores = jnp.einsum("BNTH,BNUH->BNTU", q, k, preferred_element_type=F32)  # U: the new tokens
         scores = jnp.where(new_mask[:, None], scores, jnp.finfo(F32).min)
         if old_mask is not None:  # and the slots already in the cache
-            old = jnp.einsum("BNTH,BNSH->BNTS", q, kv[0].astype(q.dtype), preferred_element_type=F32)
+            q_old = q.astype(jnp.promote_types(q.dtype, kv[0].dtype))
+            old = jnp.einsum("BNTH,BNSH->BNTS", q_old, kv[0], preferred_element_type=F32)
             scores = jnp.concatenate([jnp.where(old_mask[:, None], old, jnp.finfo(F32).min), scores], axis=-1)
-        probs = jax.nn.softmax(scores * scale, axis=-1).astype(v.dtype)  # [B, N, T, (S +) T]
-        out = jnp.einsum("BNTU,BNUH->BTNH", probs[..., -t:], v, preferred_element_type=F32)  # [B, T, N, H]
+        probs = jax.nn.softmax(scores * scale, axis=-1)  # [B, N, T, (S +) T] float32
+        # [B, N, T, H]: a plain batched matmul (with the transpose folded in, XLA CPU fell back to a slow kernel)
+        out = jnp.einsum("BNTU,BNUH->BNTH", probs[..., -t:].astype(v.dtype), v, preferred_element_type=F32)
         if old_mask is not None:
-            out = out + jnp.einsum("BNTS,BNSH->BTNH", probs[..., :-t], kv[1], preferred_element_type=F32)
+            out = out + jnp.einsum("BNTS,BNSH->BNTH", probs[..., :-t].astype(kv[1].dtype), kv[1],
+                                   preferred_element_type=F32)
+        out = out.transpose(0, 2, 1, 3)  # [B, T, N, H]
         if kv is not None:
-            kv = tuple(jax.lax.dynamic_update_slice(c, a, (0, 0, cache_index, 0)) for c, a in zip(kv, (k, v)))
+            kv = tuple(jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, cache_index, 0))
+                       for c, a in zip(kv, (k, v)))
+        if self.dense.transposed:
+            return self.dense(out.astype(x.dtype)), kv
         out = out.reshape(b, t, -1)  # [B, T, N*H]
         kernel = self.dense.kernel[...]
         y = jnp.einsum("BTE,ED->BTD", out.astype(kernel.dtype), kernel.reshape(-1, kernel.shape[-1]),
@@ -301,8 +324,40 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": {i: jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n)}}
 
 
-def model_from_params(cfg: NeoXConfig, params: Params) -> GPTNeoX:
-    return nnx.merge(graphdef(cfg, is_stacked(params)), params)
+def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False) -> GPTNeoX:
+    """The module tree over `params`; transposed=True for params made by `transpose_kernels`."""
+    model = nnx.merge(graphdef(cfg, is_stacked(params)), params)
+    if transposed:
+        for _, module in model.iter_modules():
+            if isinstance(module, Linear):
+                module.transposed = True
+    return model
+
+
+# Linear kernels by module name: (contracted dims, kernel ndim without a stacked layer axis)
+_KERNELS = {"query_key_value": (1, 4), "dense": (2, 3), "dense_h_to_4h": (1, 2), "dense_4h_to_h": (1, 2),
+            "embed_out": (1, 2)}
+
+
+def transpose_kernels(params: Params) -> Params:
+    """Every Linear kernel [in dims..., out dims...] as one [out, in] matrix (see Linear; stacked: [L, out, in]);
+    the other leaves are shared. embed_out [D, V] -> [V, D]; query_key_value [D, N, 3, H] -> [N*3*H, D];
+    dense [N, H, D] -> [D, N*H]. A copy of every matrix: the caller holds both layouts."""
+    def fix(tree, name=None):
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                out[k] = fix(v, k)
+            elif k == "kernel" and name in _KERNELS:
+                n_in, ndim = _KERNELS[name]
+                stack, inner = v.shape[:v.ndim - ndim], v.shape[v.ndim - ndim:]
+                flat = v.reshape(*stack, math.prod(inner[:n_in]), math.prod(inner[n_in:]))  # [..., I, O]
+                out[k] = jnp.swapaxes(flat, -1, -2)  # [..., O, I]
+            else:
+                out[k] = v
+        return out
+
+    return fix(params)
 
 
 def forward(cfg: NeoXConfig, params: Params, input_ids, positions=None, kv_valid=None, cache=None, cache_index=0):

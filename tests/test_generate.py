@@ -11,7 +11,9 @@ import pytest
 import neox_jax
 from conftest import make_hf_model, run_cli
 from neox_jax.cache import init_cache
-from neox_jax.model import forward, model_from_params, positions_from_mask
+from neox_jax.decode import Layout
+from neox_jax.generate import Generator
+from neox_jax.model import forward, model_from_params, positions_from_mask, stack_layers
 from neox_jax.sampling import SamplingParams, choose
 from neox_jax.textstops import RowTracker
 
@@ -49,7 +51,8 @@ def lm(tok_ckpt):
 PROMPTS = [[5, 17, 99, 200, 42, 7, 8], [61, 3], [250, 251, 252, 9, 10, 11, 12, 13, 14, 15, 16, 18]]
 
 
-def test_greedy_matches_transformers(tok_ckpt, lm):
+@pytest.fixture(scope="module")
+def hf_greedy(tok_ckpt):
     import torch
 
     model, _ = tok_ckpt
@@ -57,12 +60,27 @@ def test_greedy_matches_transformers(tok_ckpt, lm):
     ids = torch.tensor([[1] * (width - len(p)) + p for p in PROMPTS])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
     with torch.no_grad():
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
-                             pad_token_id=1)[:, width:].tolist()
-    # no tokenizer: the model's whole vocabulary, as for HF
-    ours = neox_jax.NeoX(lm.config, lm.params).generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
-    assert ours.token_ids == ref
+        return model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=1)[:, width:].tolist()
+
+
+@pytest.mark.parametrize("variant", ["backend-layout", "stored-layout", "stacked-layers"])
+def test_greedy_matches_transformers(lm, hf_greedy, variant):
+    params = stack_layers(lm.params) if variant == "stacked-layers" else lm.params
+    layout = Layout(False, "float32") if variant == "stored-layout" else None  # None: decode.layout_for the backend
+    gen = Generator(lm.config, params, layout=layout)  # no tokenizer: the model's whole vocabulary, as for HF
+    ours = gen.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
+    assert ours.token_ids == hf_greedy
     assert ours.finish_reasons == ["length"] * 3
+
+
+def test_bfloat16_decode_agrees_with_bfloat16_forward(tok_ckpt):
+    half = neox_jax.load(tok_ckpt[1], dtype="bfloat16")
+    r = half.generate(["The quick"], max_new_tokens=8, stop_token_ids=[])  # on CPU one prompt decodes as two rows
+    gen, prompt = r.token_ids[0], r.prompt_ids[0]
+    assert len(gen) == 8 and max(gen) < TOK_VOCAB
+    want = half.logits([prompt + gen])[0, len(prompt) - 1:-1, :TOK_VOCAB].argmax(-1).tolist()
+    assert sum(a == b for a, b in zip(gen, want)) >= 6  # bf16 rounding may flip a near tie
 
 
 def test_prefill_then_decode_equals_full_forward(lm):
