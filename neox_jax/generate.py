@@ -139,15 +139,19 @@ class Generator:
     def vocab_limit(self) -> int:
         return min(self.cfg.vocab_size, self.tokenizer.vocab_size) if self.tokenizer else self.cfg.vocab_size
 
-    def run_params(self) -> tuple[core.Layout, Params]:
-        """The layout and the params in it (transposed once per params object, when the layout asks)."""
-        layout = self.layout or core.layout_for(self.params, jax.default_backend())
+    def run_layout(self) -> core.Layout:
+        return self.layout or core.layout_for(self.params, jax.default_backend())
+
+    def decode_params(self, layout: core.Layout) -> Params:
+        """The params in the decode layout (transposed once per params object when the layout asks). The prefill
+        always takes the params as stored: its large matmuls run as fast either way, and the first token then never
+        waits for the copy."""
         if not layout.transposed:
-            return layout, self.params
+            return self.params
         if self._prepared[0] is not self.params:
             self._prepared = (None, None)  # free the old copy first
-            self._prepared = (self.params, jax.block_until_ready(transpose_kernels(self.params)))
-        return layout, self._prepared[1]
+            self._prepared = (self.params, transpose_kernels(self.params))
+        return self._prepared[1]
 
     def _program(self, kind: str, key: tuple, params: Params, fn, *args):
         leaves, treedef = jax.tree.flatten(params)  # new params of another shape / dtype / sharding: recompile
@@ -204,9 +208,7 @@ class Generator:
         static = sp.static(self.vocab_limit())
         n, b_pre = len(ids), batch_bucket(len(ids))
         timing = Timing()
-        t = time.perf_counter()
-        layout, params = self.run_params()
-        timing.prepare_s = time.perf_counter() - t
+        layout = self.run_layout()
         b = max(b_pre, layout.min_rows)  # decode rows (extra ones are copies, forced done)
         p = prompt_bucket(longest, cfg.max_position_embeddings)
         s = -(-(p + max_new_tokens) // SLOT_ROUND) * SLOT_ROUND
@@ -223,11 +225,12 @@ class Generator:
         rows = [RowTracker(tok, stop_token_ids, stop, max_new_tokens) for _ in range(n)]
 
         t = time.perf_counter()
-        pre = self._program("prefill", (b_pre, b, p, s, static, layout), params, core.prefill_jit, cfg, static,
-                            layout, s, b, params, grid, mask, values, stop_mask, key)
+        pre_layout = layout._replace(transposed=False)
+        pre = self._program("prefill", (b_pre, b, p, s, static, pre_layout), self.params, core.prefill_jit, cfg,
+                            static, pre_layout, s, b, self.params, grid, mask, values, stop_mask, key)
         timing.compile_s += time.perf_counter() - t
         t = time.perf_counter()
-        state = pre(params, grid, mask, values, stop_mask, key)
+        state = pre(self.params, grid, mask, values, stop_mask, key)
         first = np.asarray(state["tokens"])
         now = time.perf_counter()
         timing.prefill_s, timing.first_token_s = now - t, now - t_start
@@ -239,6 +242,9 @@ class Generator:
         made, chunk = 1, self.chunk_size if (streaming or stop) else max_new_tokens
         while made < max_new_tokens and not all(r.finished for r in rows):
             if dec is None:
+                t = time.perf_counter()
+                params = self.decode_params(layout)  # (dispatched asynchronously: it overlaps the compile)
+                timing.prepare_s = time.perf_counter() - t
                 t = time.perf_counter()
                 dec = self._program("decode", (b, s, static, layout), params, core.decode_jit, cfg, static, layout,
                                     params, state, values, stop_mask, force_done, np.int32(1))

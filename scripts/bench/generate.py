@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import markdown_table, peak_rss_mb, write_json  # noqa: E402
+from _common import markdown_table, write_json  # noqa: E402
 
 METRICS = ("prefill", "decode1", "decode8", "ttft")
 
@@ -100,8 +101,23 @@ class TorchEngine:
         return t1 - t0, max(0.0, (t2 - t1) - (t1 - t0)), t1 - t0
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: unlike getrusage's ru_maxrss it does not inherit the parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(args) -> dict:
     from neox_jax.config import preset
+
+    if args.engine == "neox-jax":
+        from neox_jax import compile_cache
+
+        compile_cache.enable()  # NEOX_JAX_COMPILE_CACHE from the parent: a fresh directory per run, or 0
 
     threads = args.threads
     if args.engine == "torch":
@@ -120,6 +136,8 @@ def worker(args) -> dict:
     only = set(args.only)
     if "ttft" in only:
         p = ids(1, 32)
+        if args.cached:  # only this: the rest of the row comes from the first worker
+            return {"ttft_cold_cached_ms": engine.run(p, 1)[2] * 1e3}
         out["ttft_cold_ms"] = engine.run(p, 1)[2] * 1e3
         out["ttft_warm_ms"] = med([engine.run(p, 1)[2] for _ in range(reps)]) * 1e3
     new = 32 if q else 128
@@ -157,6 +175,34 @@ def weight_bytes_per_token(cfg, dtype: str) -> int:
     return (cfg.num_params - cfg.vocab_size * cfg.hidden_size) * (4 if dtype == "float32" else 2)
 
 
+LOWER_IS_BETTER = ("_ms", "_mb", "_per_token")
+
+
+def long_rows(rows: list[dict]) -> list[dict]:
+    """One row per (model, dtype, metric): torch, neox-jax and the speedup (>1: neox-jax better)."""
+    out = []
+    for r in rows:
+        if r["engine"] != "neox-jax":
+            continue
+        ref = next((x for x in rows if x["engine"] == "torch" and x["model"] == r["model"]
+                    and x["dtype"] == r["dtype"]), {})
+        for k, v in r.items():
+            if k in ("model", "dtype", "engine", "setup_s") or not isinstance(v, (int, float)):
+                continue
+            row = {"model": r["model"], "dtype": r["dtype"], "metric": k, "torch": ref.get(k, ""), "neox-jax": v}
+            if isinstance(ref.get(k), (int, float)) and ref[k] and v and not k.startswith("roofline"):
+                row["speedup"] = ref[k] / v if k.endswith(LOWER_IS_BETTER) else v / ref[k]
+            out.append(row)
+    return out
+
+
+def run_worker(cmd, env) -> dict:
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+        sys.exit(f"{' '.join(cmd[2:6])} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="pythia-70m,pythia-160m")
@@ -168,6 +214,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="pythia-70m float32, short runs, 1 repeat")
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--worker", nargs=3, metavar=("ENGINE", "MODEL", "DTYPE"), help=argparse.SUPPRESS)
+    ap.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.only = args.only.split(",")
     if args.quick:
@@ -178,7 +225,7 @@ def main() -> None:
         return
     from neox_jax.config import preset
 
-    bw = bandwidth_gbs(256 if args.quick else 1024)
+    bw = bandwidth_gbs(256 if args.quick else 1024)  # (the arrays are freed before the workers start)
     print(f"memory bandwidth (numpy copy): {bw:.1f} GB/s; threads {args.threads}", file=sys.stderr)
     rows = []
     for model in args.models.split(","):
@@ -187,30 +234,19 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--worker", engine, model, dtype, "--repeats", str(args.repeats),
                        "--threads", str(args.threads), "--only", ",".join(args.only)] + (["--quick"] if args.quick
                                                                                           else [])
-                env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
-                r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if r.returncode:
-                    sys.exit(f"{engine} {model} {dtype} failed:\n{r.stderr[-3000:]}")
-                row = {"model": model, "dtype": dtype, "engine": engine, **json.loads(r.stdout.splitlines()[-1])}
+                with tempfile.TemporaryDirectory() as cache:  # JAX's persistent compilation cache, empty at first
+                    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads),
+                           "NEOX_JAX_COMPILE_CACHE": cache}
+                    row = {"model": model, "dtype": dtype, "engine": engine, **run_worker(cmd, env)}
+                    if engine == "neox-jax" and "ttft" in args.only:  # a second process, the cache now filled
+                        row.update(run_worker(cmd[:cmd.index("--only")] + ["--only", "ttft", "--cached"], env))
                 if "decode1_ms_per_token" in row:
                     roof = weight_bytes_per_token(preset(model), dtype) / (bw * 1e9) * 1e3
                     row["roofline_ms"] = roof
                     row["roofline_pct"] = 100 * roof / row["decode1_ms_per_token"]
                 rows.append(row)
                 print(f"  {engine} {model} {dtype}: {row}", file=sys.stderr)
-    for r in rows:  # neox-jax / reference ratios (higher is better for neox-jax)
-        if r["engine"] != "neox-jax":
-            continue
-        ref = next((x for x in rows if x["engine"] == "torch" and x["model"] == r["model"] and
-                    x["dtype"] == r["dtype"]), None)
-        if ref:
-            for k, v in list(r.items()):
-                if isinstance(v, float) and k in ref and (k.endswith("per_s") or k.endswith("per_token")
-                                                          or k.startswith("ttft")):
-                    r[f"x_{k}"] = v / ref[k] if k.endswith("per_s") else ref[k] / v
-    cols = ["model", "dtype", "engine"] + [c for c in dict.fromkeys(k for r in rows for k in r)
-                                           if c not in ("model", "dtype", "engine", "setup_s")]
-    table = markdown_table(rows, cols)
+    table = markdown_table(long_rows(rows), ["model", "dtype", "metric", "torch", "neox-jax", "speedup"])
     print(table)
     path = write_json("generate", {"bandwidth_gbs": bw, "threads": args.threads, "quick": args.quick,
                                    "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "table": table}, args.out)
