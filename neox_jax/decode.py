@@ -18,6 +18,7 @@ slot), "done": [B] bool, "key": PRNG key, "seen": [B, V] bool or None (repetitio
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -33,6 +34,32 @@ class Layout(NamedTuple):
     transposed: bool  # params from model.transpose_kernels: matmuls as kernel @ x^T
     cache_dtype: str
     min_rows: int = 1  # matmuls get at least this many rows (batch rows in decode, positions for the prefill logits)
+
+
+# Linear kernels by module name: (contracted dims, kernel ndim without a stacked layer axis)
+_KERNELS = {"query_key_value": (1, 4), "dense": (2, 3), "dense_h_to_4h": (1, 2), "dense_4h_to_h": (1, 2),
+            "embed_out": (1, 2)}
+
+
+def transpose_kernels(params: Params) -> Params:
+    """Every Linear kernel [in dims..., out dims...] as one [out, in] matrix (see Linear; stacked: [L, out, in]);
+    the other leaves are shared. embed_out [D, V] -> [V, D]; query_key_value [D, N, 3, H] -> [N*3*H, D];
+    dense [N, H, D] -> [D, N*H]. A copy of every matrix: the caller holds both layouts."""
+    def fix(tree, name=None):
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                out[k] = fix(v, k)
+            elif k == "kernel" and name in _KERNELS:
+                n_in, ndim = _KERNELS[name]
+                stack, inner = v.shape[:v.ndim - ndim], v.shape[v.ndim - ndim:]
+                flat = v.reshape(*stack, math.prod(inner[:n_in]), math.prod(inner[n_in:]))  # [..., I, O]
+                out[k] = jnp.swapaxes(flat, -1, -2)  # [..., O, I]
+            else:
+                out[k] = v
+        return out
+
+    return fix(params)
 
 
 def compute_dtype(params: Params):

@@ -25,7 +25,7 @@ import numpy as np
 
 from neox_jax import decode as core
 from neox_jax.config import NeoXConfig
-from neox_jax.model import Params, transpose_kernels
+from neox_jax.model import Params
 from neox_jax.sampling import SamplingParams
 from neox_jax.textstops import RowTracker
 from neox_jax.tokenizer import Tokenizer
@@ -150,7 +150,7 @@ class Generator:
             return self.params
         if self._prepared[0] is not self.params:
             self._prepared = (None, None)  # free the old copy first
-            self._prepared = (self.params, transpose_kernels(self.params))
+            self._prepared = (self.params, core.transpose_kernels(self.params))
         return self._prepared[1]
 
     def _program(self, kind: str, key: tuple, params: Params, fn, *args):

@@ -25,7 +25,6 @@ float32.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -59,16 +58,17 @@ class LayerNorm(nnx.Module):
 class Linear(nnx.Module):
     """y = einsum(spec, x, kernel) + bias, with the kernel laid out one axis per meaning: [in dims..., out dims...].
 
-    `transposed` (set by model_from_params(..., transposed=True), for params from `transpose_kernels`): the kernel is
-    one [out, in] matrix (PyTorch's layout) and the product is computed as kernel @ x^T, weights on the left. XLA CPU
-    runs that form 1.5-3x faster for a few rows (decode): its small-batch matmul kernels pack the right-hand operand,
-    here the few activations instead of the weights."""
+    `transposed` (set by model_from_params(..., transposed=True), for params from decode.transpose_kernels): the
+    kernel is one [out, in] matrix (PyTorch's layout) and the product is computed as kernel @ x^T, weights on the
+    left. XLA CPU runs that form 1.5-3x faster for a few rows (decode): its small-batch matmul kernels pack the
+    right-hand operand, here the few activations instead of the weights."""
     transposed = False
 
     def __init__(self, spec: str, kernel_shape, kernel_axes, bias_shape, bias_axes, *, use_bias: bool, param_dtype,
                  rngs: nnx.Rngs):
         self.spec = spec
         self.n_in = len(set(spec.split(",")[0]) & set(spec.split(",")[1].split("->")[0]))  # contracted kernel dims
+        self.out_shape = tuple(kernel_shape[self.n_in:])
         self.kernel = nnx.Param(_init(rngs, kernel_shape, param_dtype), axes=kernel_axes)
         self.bias = nnx.Param(jnp.zeros(bias_shape, param_dtype), axes=bias_axes) if use_bias else None
 
@@ -80,8 +80,7 @@ class Linear(nnx.Module):
             lead = x.shape[:x.ndim - self.n_in]
             rows = x.reshape(-1, kernel.shape[1]).astype(kernel.dtype)  # [M, I]
             y = jnp.einsum("OI,MI->OM", kernel, rows, preferred_element_type=F32).T  # [M, O]
-            out_shape = self.bias.shape if self.bias is not None else (kernel.shape[0],)
-            y = y.reshape(*lead, *out_shape)
+            y = y.reshape(*lead, *self.out_shape)
         else:
             y = jnp.einsum(self.spec, x.astype(kernel.dtype), kernel, preferred_element_type=F32)
         if self.bias is not None:
@@ -115,6 +114,28 @@ def apply_rotary(x, cos, sin):
     return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
 
 
+CAUSAL_BLOCK = 128  # queries per block in a long prefill: a block never multiplies keys after its last query
+
+
+def _attend(q, k, v, new_mask, old_mask=None, kv=None):
+    """q [B, N, T, H] over the new keys / values k, v [B, N, U, H] (mask [B, T, U]) and, with old_mask [B, T, S],
+    the slots of the cache kv. One float32 softmax over both. Returns [B, N, T, H] float32."""
+    scores = jnp.einsum("BNTH,BNUH->BNTU", q, k, preferred_element_type=F32)  # U: the new tokens
+    scores = jnp.where(new_mask[:, None], scores, jnp.finfo(F32).min)
+    if old_mask is not None:  # and the slots already in the cache
+        q_old = q.astype(jnp.promote_types(q.dtype, kv[0].dtype))
+        old = jnp.einsum("BNTH,BNSH->BNTS", q_old, kv[0], preferred_element_type=F32)
+        scores = jnp.concatenate([jnp.where(old_mask[:, None], old, jnp.finfo(F32).min), scores], axis=-1)
+    probs = jax.nn.softmax(scores * q.shape[-1] ** -0.5, axis=-1)  # [B, N, T, (S +) U] float32
+    # a plain batched matmul to [B, N, T, H] (with the transpose folded in, XLA CPU fell back to a slow kernel)
+    u = k.shape[2]
+    out = jnp.einsum("BNTU,BNUH->BNTH", probs[..., -u:].astype(v.dtype), v, preferred_element_type=F32)
+    if old_mask is not None:
+        out = out + jnp.einsum("BNTS,BNSH->BNTH", probs[..., :-u].astype(kv[1].dtype), kv[1],
+                               preferred_element_type=F32)
+    return out
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: NeoXConfig, *, param_dtype, rngs: nnx.Rngs):
         d, n, h = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
@@ -143,19 +164,12 @@ class Attention(nnx.Module):
         new_mask, old_mask = mask
         if kv is not None:  # what the cache holds (the new part below uses exactly these values)
             k, v = k.astype(kv[0].dtype).astype(k.dtype), v.astype(kv[1].dtype).astype(v.dtype)
-        scale = q.shape[-1] ** -0.5
-        scores = jnp.einsum("BNTH,BNUH->BNTU", q, k, preferred_element_type=F32)  # U: the new tokens
-        scores = jnp.where(new_mask[:, None], scores, jnp.finfo(F32).min)
-        if old_mask is not None:  # and the slots already in the cache
-            q_old = q.astype(jnp.promote_types(q.dtype, kv[0].dtype))
-            old = jnp.einsum("BNTH,BNSH->BNTS", q_old, kv[0], preferred_element_type=F32)
-            scores = jnp.concatenate([jnp.where(old_mask[:, None], old, jnp.finfo(F32).min), scores], axis=-1)
-        probs = jax.nn.softmax(scores * scale, axis=-1)  # [B, N, T, (S +) T] float32
-        # [B, N, T, H]: a plain batched matmul (with the transpose folded in, XLA CPU fell back to a slow kernel)
-        out = jnp.einsum("BNTU,BNUH->BNTH", probs[..., -t:].astype(v.dtype), v, preferred_element_type=F32)
-        if old_mask is not None:
-            out = out + jnp.einsum("BNTS,BNSH->BNTH", probs[..., :-t].astype(kv[1].dtype), kv[1],
-                                   preferred_element_type=F32)
+        if old_mask is None and t >= 2 * CAUSAL_BLOCK and t % CAUSAL_BLOCK == 0:  # a long prompt from slot 0
+            ends = range(CAUSAL_BLOCK, t + 1, CAUSAL_BLOCK)
+            out = jnp.concatenate([_attend(q[:, :, e - CAUSAL_BLOCK:e], k[:, :, :e], v[:, :, :e],
+                                           new_mask[:, e - CAUSAL_BLOCK:e, :e]) for e in ends], axis=2)
+        else:
+            out = _attend(q, k, v, new_mask, old_mask, kv)
         out = out.transpose(0, 2, 1, 3)  # [B, T, N, H]
         if kv is not None:
             kv = tuple(jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, cache_index, 0))
@@ -325,7 +339,7 @@ def unstack_layers(params: Params) -> Params:
 
 
 def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False) -> GPTNeoX:
-    """The module tree over `params`; transposed=True for params made by `transpose_kernels`."""
+    """The module tree over `params`; transposed=True for params from `decode.transpose_kernels`."""
     model = nnx.merge(graphdef(cfg, is_stacked(params)), params)
     if transposed:
         for _, module in model.iter_modules():
@@ -334,30 +348,6 @@ def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False)
     return model
 
 
-# Linear kernels by module name: (contracted dims, kernel ndim without a stacked layer axis)
-_KERNELS = {"query_key_value": (1, 4), "dense": (2, 3), "dense_h_to_4h": (1, 2), "dense_4h_to_h": (1, 2),
-            "embed_out": (1, 2)}
-
-
-def transpose_kernels(params: Params) -> Params:
-    """Every Linear kernel [in dims..., out dims...] as one [out, in] matrix (see Linear; stacked: [L, out, in]);
-    the other leaves are shared. embed_out [D, V] -> [V, D]; query_key_value [D, N, 3, H] -> [N*3*H, D];
-    dense [N, H, D] -> [D, N*H]. A copy of every matrix: the caller holds both layouts."""
-    def fix(tree, name=None):
-        out = {}
-        for k, v in tree.items():
-            if isinstance(v, dict):
-                out[k] = fix(v, k)
-            elif k == "kernel" and name in _KERNELS:
-                n_in, ndim = _KERNELS[name]
-                stack, inner = v.shape[:v.ndim - ndim], v.shape[v.ndim - ndim:]
-                flat = v.reshape(*stack, math.prod(inner[:n_in]), math.prod(inner[n_in:]))  # [..., I, O]
-                out[k] = jnp.swapaxes(flat, -1, -2)  # [..., O, I]
-            else:
-                out[k] = v
-        return out
-
-    return fix(params)
 
 
 def forward(cfg: NeoXConfig, params: Params, input_ids, positions=None, kv_valid=None, cache=None, cache_index=0):

@@ -117,6 +117,22 @@ def test_prefill_then_decode_equals_full_forward(lm):
     assert np.abs(got[real] - ref[real]).max() <= 1e-4
 
 
+def test_blocked_causal_attention_equals_full(monkeypatch):
+    from neox_jax import model as model_lib
+    from neox_jax.config import preset
+
+    cfg = preset("tiny")
+    params = model_lib.init_params(cfg, seed=3)
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 256)))
+    mask = np.ones((2, 256), bool)
+    mask[1, :37] = False  # left padding in row 1
+    args = (ids, positions_from_mask(jnp.asarray(mask)), jnp.asarray(mask))
+    blocked = np.asarray(forward(cfg, params, *args)[0])  # 256 >= 2 * CAUSAL_BLOCK: query blocks of 128
+    monkeypatch.setattr(model_lib, "CAUSAL_BLOCK", 10**6)
+    full = np.asarray(forward(cfg, params, *args)[0])
+    assert np.abs(blocked - full)[mask].max() <= 1e-5
+
+
 def test_decode_loop_agrees_with_forward(lm):
     """Each greedy token is the argmax of the full forward over the prompt plus the tokens before it."""
     r = lm.generate([[3, 4, 5], [6]], max_new_tokens=10, stop_token_ids=[])
