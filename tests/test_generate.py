@@ -297,3 +297,15 @@ def test_cli_json_and_stream(tok_ckpt, lm, tmp_path):
         assert c["token_ids"] == want.token_ids[i] and c["text"] == want.texts[i]
         assert prompt + c["text"] in r.stderr
     assert any((tmp_path / "jaxcache").iterdir())  # the persistent compilation cache was written
+
+
+def test_sharded_params_generate_the_same(lm):
+    from neox_jax import sharding
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    mesh = sharding.make_mesh("data=2,model=4")
+    sharded = sharding.shard_params(lm.params, lm.config, mesh)  # NamedSharding params go in unchanged
+    got = Generator(lm.config, sharded).generate(PROMPTS, max_new_tokens=6, stop_token_ids=[])
+    want = Generator(lm.config, lm.params).generate(PROMPTS, max_new_tokens=6, stop_token_ids=[])
+    assert got.token_ids == want.token_ids
