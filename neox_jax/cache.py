@@ -1,8 +1,8 @@
 """The KV cache: a plain, preallocated pytree passed into and returned from the model (never a global, never grown).
 
-    {"k": [L x [B, S, N, H]], "v": [L x [B, S, N, H]]}   unrolled layers (params["layers"][i]; the default, fastest
+    {"k": [L x [B, N, S, H]], "v": [L x [B, N, S, H]]}   unrolled layers (params["layers"][i]; the default, fastest
                                                           to decode on CPU: one buffer per layer, updated in place)
-    {"k": [L, B, S, N, H], "v": [L, B, S, N, H]}          stacked layers (under lax.scan)
+    {"k": [L, B, N, S, H], "v": [L, B, N, S, H]}          stacked layers (under lax.scan)
 
 S is the cache length in slots; slot s of every row holds the key / value of the token written there (prompts are
 left-padded, so which slots are real is tracked separately by a [B, S] bool `kv_valid`). The model writes the T new
@@ -20,8 +20,8 @@ Cache = dict
 
 
 def cache_shape(cfg: NeoXConfig, batch: int, length: int) -> tuple[int, int, int, int]:
-    """[B, S, N, H] of one layer's key (or value) buffer."""
-    return batch, length, cfg.num_attention_heads, cfg.head_dim
+    """[B, N, S, H] of one layer's key (or value) buffer (heads before slots: see model.Attention)."""
+    return batch, cfg.num_attention_heads, length, cfg.head_dim
 
 
 def init_cache(cfg: NeoXConfig, batch: int, length: int, dtype=jnp.float32, stacked: bool = False) -> Cache:
@@ -43,23 +43,13 @@ def abstract_cache(cfg: NeoXConfig, batch: int, length: int, dtype=jnp.float32, 
 def cache_logical_axes(cfg: NeoXConfig, stacked: bool = False) -> Cache:
     """The cache tree with each leaf a tuple of logical axis names, for sharding rules (heads shard like the
     attention weights, batch like the data)."""
-    names = ("batch", "length", "heads", "head_dim")
+    names = ("batch", "heads", "length", "head_dim")
     if stacked:
         return {"k": ("layers", *names), "v": ("layers", *names)}
     return {"k": [names] * cfg.num_hidden_layers, "v": [names] * cfg.num_hidden_layers}
 
 
 def cache_bytes(cfg: NeoXConfig, batch: int, length: int, dtype=jnp.float32) -> int:
-    b, s, n, h = cache_shape(cfg, batch, length)
+    b, n, s, h = cache_shape(cfg, batch, length)
     return 2 * cfg.num_hidden_layers * b * s * n * h * jnp.dtype(dtype).itemsize
 
-
-def pad_cache(cache: Cache, length: int) -> Cache:
-    """Grows every buffer's slot axis (the one before the last two) to `length` with zeros; used once after a
-    prefill that wrote a cache exactly as long as the prompt (so its attention looked at the prompt only)."""
-    def pad(x):
-        widths = [(0, 0)] * x.ndim
-        widths[-3] = (0, length - x.shape[-3])
-        return jnp.pad(x, widths)
-
-    return jax.tree.map(pad, cache)

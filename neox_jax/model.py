@@ -57,23 +57,39 @@ class LayerNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-    """y = einsum(spec, x, kernel) + bias, with the kernel laid out one axis per meaning."""
+    """y = einsum(spec, x, kernel) + bias, with the kernel laid out one axis per meaning: [in dims..., out dims...].
+
+    `transposed` (set by model_from_params(..., transposed=True), for params from decode.transpose_kernels): the
+    kernel is one [out, in] matrix (PyTorch's layout) and the product is computed as kernel @ x^T, weights on the
+    left. XLA CPU runs that form 1.5-3x faster for a few rows (decode): its small-batch matmul kernels pack the
+    right-hand operand, here the few activations instead of the weights."""
+    transposed = False
 
     def __init__(self, spec: str, kernel_shape, kernel_axes, bias_shape, bias_axes, *, use_bias: bool, param_dtype,
                  rngs: nnx.Rngs):
         self.spec = spec
+        self.n_in = len(set(spec.split(",")[0]) & set(spec.split(",")[1].split("->")[0]))  # contracted kernel dims
+        self.out_shape = tuple(kernel_shape[self.n_in:])
         self.kernel = nnx.Param(_init(rngs, kernel_shape, param_dtype), axes=kernel_axes)
         self.bias = nnx.Param(jnp.zeros(bias_shape, param_dtype), axes=bias_axes) if use_bias else None
         self.scale = self.threshold = None  # int8 kernels: set by neox_jax.quantize.quantize_module
 
     def __call__(self, x, out_dtype=None):
+        """Accumulates in float32 whatever the parameter dtype (also what makes XLA CPU pick its fast bf16 matmul:
+        with a bf16 result it took a path 2-5x slower), then returns out_dtype (default: the kernel's dtype)."""
         if self.scale is not None:
             return quantize.linear(self, x, out_dtype)
         kernel = self.kernel[...]
-        y = jnp.einsum(self.spec, x.astype(kernel.dtype), kernel, preferred_element_type=out_dtype)
+        if self.transposed:  # kernel [O, I]; x [..., in dims] -> [..., out dims]
+            lead = x.shape[:x.ndim - self.n_in]
+            rows = x.reshape(-1, kernel.shape[1]).astype(kernel.dtype)  # [M, I]
+            y = jnp.einsum("OI,MI->OM", kernel, rows, preferred_element_type=F32).T  # [M, O]
+            y = y.reshape(*lead, *self.out_shape)
+        else:
+            y = jnp.einsum(self.spec, x.astype(kernel.dtype), kernel, preferred_element_type=F32)
         if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        return y
+            y = y + self.bias[...].astype(F32)
+        return y.astype(out_dtype or kernel.dtype)
 
 
 class Embed(nnx.Module):
@@ -102,6 +118,28 @@ def apply_rotary(x, cos, sin):
     return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
 
 
+CAUSAL_BLOCK = 128  # queries per block in a long prefill: a block never multiplies keys after its last query
+
+
+def _attend(q, k, v, new_mask, old_mask=None, kv=None):
+    """q [B, N, T, H] over the new keys / values k, v [B, N, U, H] (mask [B, T, U]) and, with old_mask [B, T, S],
+    the slots of the cache kv. One float32 softmax over both. Returns [B, N, T, H] float32."""
+    scores = jnp.einsum("BNTH,BNUH->BNTU", q, k, preferred_element_type=F32)  # U: the new tokens
+    scores = jnp.where(new_mask[:, None], scores, jnp.finfo(F32).min)
+    if old_mask is not None:  # and the slots already in the cache
+        q_old = q.astype(jnp.promote_types(q.dtype, kv[0].dtype))
+        old = jnp.einsum("BNTH,BNSH->BNTS", q_old, kv[0], preferred_element_type=F32)
+        scores = jnp.concatenate([jnp.where(old_mask[:, None], old, jnp.finfo(F32).min), scores], axis=-1)
+    probs = jax.nn.softmax(scores * q.shape[-1] ** -0.5, axis=-1)  # [B, N, T, (S +) U] float32
+    # a plain batched matmul to [B, N, T, H] (with the transpose folded in, XLA CPU fell back to a slow kernel)
+    u = k.shape[2]
+    out = jnp.einsum("BNTU,BNUH->BNTH", probs[..., -u:].astype(v.dtype), v, preferred_element_type=F32)
+    if old_mask is not None:
+        out = out + jnp.einsum("BNTS,BNSH->BNTH", probs[..., :-u].astype(kv[1].dtype), kv[1],
+                               preferred_element_type=F32)
+    return out
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: NeoXConfig, *, param_dtype, rngs: nnx.Rngs):
         d, n, h = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
@@ -112,22 +150,43 @@ class Attention(nnx.Module):
                             use_bias=cfg.attention_bias, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, kv, cache_index):
-        """x [B, T, D]; mask [B, T, S] bool; kv None (S == T) or (k, v) caches [B, S, N, H] written at cache_index.
-        Returns [B, T, D] and the updated (k, v) (or None)."""
+        """x [B, T, D]; kv None or (k, v) caches [B, N, S, H]; mask [B, T, T] bool for the T new tokens, and with a
+        cache also [B, T, S] for the slots already written (None when cache_index is the static 0: no old slots).
+        The new keys / values are written at slots cache_index.. and returned as the updated (k, v) (or None).
+
+        Written for XLA CPU decode speed: heads before slots in the cache, so both attention einsums are plain
+        batched matmuls over (B, N); the old cache is read before the new tokens are written (attention over the old
+        slots and over the new tokens, one softmax), so the update is the cache's last use and XLA makes it in place
+        without copying the cache; the attention output is flattened to [B, T, N*H] before `dense`, so XLA never
+        transposes the dense kernel to match it. A cache wider than the activations (a float32 cache for bf16 params)
+        is read as it is, with q widened instead: XLA CPU converted the whole cache every step otherwise."""
+        b, t = x.shape[:2]
         qkv = self.query_key_value(x)  # [B, T, N, 3, H]
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # [B, T, N, H]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, H]
+        new_mask, old_mask = mask
+        if kv is not None:  # what the cache holds (the new part below uses exactly these values)
+            k, v = k.astype(kv[0].dtype).astype(k.dtype), v.astype(kv[1].dtype).astype(v.dtype)
+        if old_mask is None and t >= 2 * CAUSAL_BLOCK and t % CAUSAL_BLOCK == 0:  # a long prompt from slot 0
+            ends = range(CAUSAL_BLOCK, t + 1, CAUSAL_BLOCK)
+            out = jnp.concatenate([_attend(q[:, :, e - CAUSAL_BLOCK:e], k[:, :, :e], v[:, :, :e],
+                                           new_mask[:, e - CAUSAL_BLOCK:e, :e]) for e in ends], axis=2)
+        else:
+            out = _attend(q, k, v, new_mask, old_mask, kv)
+        out = out.transpose(0, 2, 1, 3)  # [B, T, N, H]
         if kv is not None:
-            k_cache, v_cache = kv
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-            k, v, kv = k_cache, v_cache, (k_cache, v_cache)
-        scale = q.shape[-1] ** -0.5
-        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k.astype(q.dtype), preferred_element_type=F32) * scale
-        scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(F32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, N, T, S]
-        out = jnp.einsum("BNTS,BSNH->BTNH", probs, v)  # [B, T, N, H]
-        return self.dense(out.astype(x.dtype)), kv
+            kv = tuple(jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, cache_index, 0))
+                       for c, a in zip(kv, (k, v)))
+        if self.dense.transposed or self.dense.scale is not None:  # [out, in] kernels, int8 kernels: their own path
+            return self.dense(out.astype(x.dtype)), kv
+        out = out.reshape(b, t, -1)  # [B, T, N*H]
+        kernel = self.dense.kernel[...]
+        y = jnp.einsum("BTE,ED->BTD", out.astype(kernel.dtype), kernel.reshape(-1, kernel.shape[-1]),
+                       preferred_element_type=F32)
+        if self.dense.bias is not None:
+            y = y + self.dense.bias[...].astype(F32)
+        return y.astype(kernel.dtype), kv
 
 
 class MLP(nnx.Module):
@@ -182,14 +241,27 @@ class GPTNeoX(nnx.Module):
         self.rotary_dims = cfg.rotary_dims
         self.rotary_base = cfg.rotary_emb_base
 
-    def hidden_states(self, input_ids, positions, kv_valid, cache=None, cache_index=0):
+    def hidden_states(self, input_ids, positions, kv_valid, cache=None, cache_index=0, attn_mask=None):
         """input_ids, positions [B, T] int; kv_valid [B, S] bool (which key slots hold real tokens, S == T without a
-        cache); cache None or {"k", "v"}: a list of L [B, S, N, H] buffers
-        (unrolled layers) or one [L, B, S, N, H] buffer (stacked layers), written at slots cache_index..cache_index+T-1.
+        cache); cache None or {"k", "v"}: a list of L [B, N, S, H] buffers
+        (unrolled layers) or one [L, B, N, S, H] buffer (stacked layers), written at slots cache_index..cache_index+T-1.
+        attn_mask: without a cache, an explicit [B, T, T] mask replacing causal & kv_valid (packed sequences).
         Returns the final-layernormed hidden states [B, T, D] and the updated cache (or None)."""
-        t, s = input_ids.shape[1], kv_valid.shape[1]
-        causal = jnp.arange(s)[None, :] <= (cache_index + jnp.arange(t))[:, None]  # [T, S]
-        mask = kv_valid[:, None, :] & causal[None]  # [B, T, S]
+        b, t, s = *input_ids.shape, kv_valid.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), bool))  # [T, T]
+        if attn_mask is not None:
+            if cache is not None:
+                raise ValueError("attn_mask is only for a forward pass without a KV cache")
+            mask = (attn_mask, None)
+        elif cache is None:
+            mask = (kv_valid[:, None, :] & causal, None)
+        else:  # the new tokens' own slots, and the real slots written before them
+            new_valid = jax.lax.dynamic_slice(kv_valid, (0, cache_index), (b, t))  # [B, T]
+            old = None
+            if not (isinstance(cache_index, int) and cache_index == 0):
+                old = kv_valid[:, None, :] & (jnp.arange(s) < cache_index)[None, None, :]  # [B, 1, S]
+                old = jnp.broadcast_to(old, (b, t, s))
+            mask = (new_valid[:, None, :] & causal, old)
         cos, sin = rotary_cos_sin(positions, self.rotary_dims, self.rotary_base)
         x = self.embed_in(input_ids)  # [B, T, D]
         if isinstance(self.layers, nnx.List):  # unrolled: one buffer per layer
@@ -278,8 +350,16 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": {i: jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n)}}
 
 
-def model_from_params(cfg: NeoXConfig, params: Params) -> GPTNeoX:
-    return nnx.merge(graphdef(cfg, is_stacked(params), quantize.spec_of(params)), params)
+def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False) -> GPTNeoX:
+    """The module tree over `params`; transposed=True for params from `decode.transpose_kernels`."""
+    model = nnx.merge(graphdef(cfg, is_stacked(params), quantize.spec_of(params)), params)
+    if transposed:
+        for _, module in model.iter_modules():
+            if isinstance(module, Linear):
+                module.transposed = True
+    return model
+
+
 
 
 def forward(cfg: NeoXConfig, params: Params, input_ids, positions=None, kv_valid=None, cache=None, cache_index=0):

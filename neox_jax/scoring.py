@@ -21,10 +21,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from neox_jax.config import NeoXConfig
-from neox_jax.model import Params, is_stacked, model_from_params, rotary_cos_sin
+from neox_jax.model import Params, model_from_params
 
 MIN_BUCKET = 16
 HEAD_CHUNK = 32  # scored positions per output-layer chunk: [B, HEAD_CHUNK, V] float32 at a time
@@ -152,21 +151,10 @@ def tree_mask(doc, branch):
 
 
 def hidden_states(cfg: NeoXConfig, params: Params, ids, positions, mask):
-    """The model's final-layernormed hidden states [B, T, D] under an arbitrary [B, T, S] attention mask."""
+    """The model's final-layernormed hidden states [B, T, D] under an arbitrary [B, T, T] attention mask."""
     model = model_from_params(cfg, params)
-    cos, sin = rotary_cos_sin(positions, cfg.rotary_dims, cfg.rotary_emb_base)
-    x = model.embed_in(ids)  # [B, T, D]
-    if is_stacked(params):
-        graphdef, state = nnx.split(model.layers)
-
-        def body(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, cos, sin, mask, None, 0)[0], None
-
-        x, _ = jax.lax.scan(body, x, state)
-    else:
-        for block in model.layers:
-            x, _ = block(x, cos, sin, mask, None, 0)
-    return model.final_layer_norm(x), model
+    valid = jnp.ones(ids.shape, bool)  # unused under an explicit mask
+    return model.hidden_states(ids, positions, valid, attn_mask=mask)[0], model
 
 
 @functools.partial(jax.jit, static_argnums=0)

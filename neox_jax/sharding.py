@@ -140,13 +140,13 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-# ---- the KV cache: [B, S, N, H] per layer, split over batch (data) and heads (model) -------------------------------
+# ---- the KV cache: [B, N, S, H] per layer, split over batch (data) and heads (model) -------------------------------
 
-CACHE_AXES = ("batch", "length", "heads", "head_dim")
+CACHE_AXES = ("batch", "heads", "length", "head_dim")  # [B, N, S, H] (heads before slots: see model.Attention)
 
 
 def cache_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
-    """Sharding of one KV-cache buffer [B, S, N, H] (stacked: [L, B, S, N, H])."""
+    """Sharding of one KV-cache buffer [B, N, S, H] (stacked: [L, B, N, S, H])."""
     axes = (("layers",) if stacked else ()) + CACHE_AXES
     return NamedSharding(mesh, spec_for(axes, mesh))
 

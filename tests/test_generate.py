@@ -10,8 +10,10 @@ import pytest
 
 import neox_jax
 from conftest import make_hf_model, run_cli
-from neox_jax.cache import init_cache, pad_cache
-from neox_jax.model import forward, model_from_params, positions_from_mask
+from neox_jax.cache import init_cache
+from neox_jax.decode import Layout
+from neox_jax.generate import Generator
+from neox_jax.model import forward, model_from_params, positions_from_mask, stack_layers
 from neox_jax.sampling import SamplingParams, choose
 from neox_jax.textstops import RowTracker
 
@@ -49,7 +51,8 @@ def lm(tok_ckpt):
 PROMPTS = [[5, 17, 99, 200, 42, 7, 8], [61, 3], [250, 251, 252, 9, 10, 11, 12, 13, 14, 15, 16, 18]]
 
 
-def test_greedy_matches_transformers(tok_ckpt, lm):
+@pytest.fixture(scope="module")
+def hf_greedy(tok_ckpt):
     import torch
 
     model, _ = tok_ckpt
@@ -57,12 +60,27 @@ def test_greedy_matches_transformers(tok_ckpt, lm):
     ids = torch.tensor([[1] * (width - len(p)) + p for p in PROMPTS])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
     with torch.no_grad():
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
-                             pad_token_id=1)[:, width:].tolist()
-    # no tokenizer: the model's whole vocabulary, as for HF
-    ours = neox_jax.NeoX(lm.config, lm.params).generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
-    assert ours.token_ids == ref
+        return model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=1)[:, width:].tolist()
+
+
+@pytest.mark.parametrize("variant", ["backend-layout", "stored-layout", "stacked-layers"])
+def test_greedy_matches_transformers(lm, hf_greedy, variant):
+    params = stack_layers(lm.params) if variant == "stacked-layers" else lm.params
+    layout = Layout(False, "float32") if variant == "stored-layout" else None  # None: decode.layout_for the backend
+    gen = Generator(lm.config, params, layout=layout)  # no tokenizer: the model's whole vocabulary, as for HF
+    ours = gen.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
+    assert ours.token_ids == hf_greedy
     assert ours.finish_reasons == ["length"] * 3
+
+
+def test_bfloat16_decode_agrees_with_bfloat16_forward(tok_ckpt):
+    half = neox_jax.load(tok_ckpt[1], dtype="bfloat16")
+    r = half.generate(["The quick"], max_new_tokens=8, stop_token_ids=[])  # on CPU one prompt decodes as two rows
+    gen, prompt = r.token_ids[0], r.prompt_ids[0]
+    assert len(gen) == 8 and max(gen) < TOK_VOCAB
+    want = half.logits([prompt + gen])[0, len(prompt) - 1:-1, :TOK_VOCAB].argmax(-1).tolist()
+    assert sum(a == b for a, b in zip(gen, want)) >= 6  # bf16 rounding may flip a near tie
 
 
 def test_prefill_then_decode_equals_full_forward(lm):
@@ -74,18 +92,20 @@ def test_prefill_then_decode_equals_full_forward(lm):
     ref = np.asarray(forward(cfg, params, jnp.asarray(full_ids), positions_from_mask(jnp.asarray(full_mask)),
                              jnp.asarray(full_mask, bool))[0])
 
-    @jax.jit
     def run(params, ids, positions, valid, cache, index):
         model = model_from_params(cfg, params)
         hidden, cache = model.hidden_states(ids, positions, valid, cache, index)
         return model.logits(hidden), cache
 
+    prefill = jax.jit(lambda *a: run(*a, 0))  # the static index 0, as decode.prefill has it
+    run = jax.jit(run)  # a traced index, as in the decode loop
+
     s = 16  # cache longer than needed: the empty slots must not matter
     pos = positions_from_mask(jnp.asarray(pmask))
-    logits, cache = run(params, jnp.asarray(prompt), pos, jnp.asarray(pmask, bool), init_cache(cfg, 2, 6), 0)
-    got = [np.asarray(logits)]
-    cache, valid = pad_cache(cache, s), np.zeros((2, s), bool)
+    valid = np.zeros((2, s), bool)
     valid[:, :6] = pmask
+    logits, cache = prefill(params, jnp.asarray(prompt), pos, jnp.asarray(valid), init_cache(cfg, 2, s))
+    got = [np.asarray(logits)]
     nxt = np.asarray(pos[:, -1]) + 1
     for t in range(cont.shape[1]):
         valid[:, 6 + t] = True
@@ -95,6 +115,22 @@ def test_prefill_then_decode_equals_full_forward(lm):
     got = np.concatenate(got, 1)
     real = full_mask == 1
     assert np.abs(got[real] - ref[real]).max() <= 1e-4
+
+
+def test_blocked_causal_attention_equals_full(monkeypatch):
+    from neox_jax import model as model_lib
+    from neox_jax.config import preset
+
+    cfg = preset("tiny")
+    params = model_lib.init_params(cfg, seed=3)
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 256)))
+    mask = np.ones((2, 256), bool)
+    mask[1, :37] = False  # left padding in row 1
+    args = (ids, positions_from_mask(jnp.asarray(mask)), jnp.asarray(mask))
+    blocked = np.asarray(forward(cfg, params, *args)[0])  # 256 >= 2 * CAUSAL_BLOCK: query blocks of 128
+    monkeypatch.setattr(model_lib, "CAUSAL_BLOCK", 10**6)
+    full = np.asarray(forward(cfg, params, *args)[0])
+    assert np.abs(blocked - full)[mask].max() <= 1e-5
 
 
 def test_decode_loop_agrees_with_forward(lm):
@@ -261,3 +297,15 @@ def test_cli_json_and_stream(tok_ckpt, lm, tmp_path):
         assert c["token_ids"] == want.token_ids[i] and c["text"] == want.texts[i]
         assert prompt + c["text"] in r.stderr
     assert any((tmp_path / "jaxcache").iterdir())  # the persistent compilation cache was written
+
+
+def test_sharded_params_generate_the_same(lm):
+    from neox_jax import sharding
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    mesh = sharding.make_mesh("data=2,model=4")
+    sharded = sharding.shard_params(lm.params, lm.config, mesh)  # NamedSharding params go in unchanged
+    got = Generator(lm.config, sharded).generate(PROMPTS, max_new_tokens=6, stop_token_ids=[])
+    want = Generator(lm.config, lm.params).generate(PROMPTS, max_new_tokens=6, stop_token_ids=[])
+    assert got.token_ids == want.token_ids

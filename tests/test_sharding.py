@@ -117,7 +117,7 @@ def test_greedy_generation_on_mesh_equals_one_device(mesh_ckpt, one_device, spec
     assert got.token_ids == want.token_ids
     # the KV cache the compiled programs return is split over batch (data) and heads (model)
     sizes = sharding.parse_mesh_spec(spec, 8)
-    expect = P("data" if sizes["data"] > 1 else None, None, "model" if sizes["model"] > 1 else None, None)
+    expect = P("data" if sizes["data"] > 1 else None, "model" if sizes["model"] > 1 else None, None, None)  # [B, N, S, H]
     programs = list(model.generator()._compiled.values())
     prefill_state, (decode_state, *_) = programs[0].output_shardings, programs[1].output_shardings
     for state in (prefill_state, decode_state):
