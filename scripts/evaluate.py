@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter dtype (default: as stored)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. 'data=2,model=4' (default: no mesh)")
     p.add_argument("--finetuned", default=None, help="fine-tuning run directory whose trained parameters to use")
+    p.add_argument("--quantize", choices=("int8", "llm.int8"), default=None,
+                   help="int8 weights: weight-only, or LLM.int8 with outlier features in float (neox_jax/quantize.py)")
     p.add_argument("--max-length", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--include-path", default=None, help="a folder of extra lm-eval task YAMLs")
     p.add_argument("--data-dir", default=None,
@@ -110,12 +112,12 @@ def main(argv=None) -> dict:
 
     t0 = time.time()
     lm = NeoXLM(pretrained=a.checkpoint, dtype=a.dtype, batch_size=a.batch_size, mesh=a.mesh, finetuned=a.finetuned,
-                max_length=a.max_length)
+                quantize=a.quantize, max_length=a.max_length)
     print(f"loaded {lm.model} in {time.time() - t0:.1f}s")
     results = simple_evaluate(model=lm, tasks=[specs[n] for n in names], num_fewshot=a.num_fewshot, limit=a.limit,
                               task_manager=tm, bootstrap_iters=a.bootstrap_iters, log_samples=False)
     results["config"]["neox_jax"] = {"checkpoint": str(a.checkpoint), "dtype": a.dtype, "mesh": a.mesh,
-                                     "finetuned": a.finetuned, "batch_size": a.batch_size,
+                                     "finetuned": a.finetuned, "quantize": a.quantize, "batch_size": a.batch_size,
                                      "local_tasks": {n: str(data.find(n, a.data_dir)) for n in local}}
     print(make_table(results))
     print(reference_table(results))

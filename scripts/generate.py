@@ -44,6 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text (only --stop-token-id ids)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="cast the parameters (default: as stored)")
+    p.add_argument("--finetuned", default=None, metavar="RUN_DIR",
+                   help="apply the trained parameters of a fine-tuning run (scripts/finetune.py --out)")
+    p.add_argument("--quantize", choices=["int8", "llm.int8"], default=None,
+                   help="int8 weights: weight-only, or LLM.int8 with outlier features in float (neox_jax/quantize.py)")
     p.add_argument("--chunk-size", type=int, default=8, help="decode steps per streamed chunk")
     p.add_argument("--stream", action="store_true", help="print tokens as they are made")
     p.add_argument("--json", action="store_true", help="print one JSON object with everything")
@@ -69,7 +73,8 @@ def main(argv=None) -> None:
         prompts += [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
     prompts = prompts or [DEFAULT_PROMPT]
     try:
-        model = neox_jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
+        model = neox_jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh, finetuned=args.finetuned,
+                              quantize=args.quantize)
     except ValueError as e:  # e.g. a model that cannot split over the mesh: the message says which sizes work
         sys.exit(f"error: {e}")
     if model.tokenizer is None:

@@ -309,3 +309,16 @@ def test_sharded_params_generate_the_same(lm):
     got = Generator(lm.config, sharded).generate(PROMPTS, max_new_tokens=6, stop_token_ids=[])
     want = Generator(lm.config, lm.params).generate(PROMPTS, max_new_tokens=6, stop_token_ids=[])
     assert got.token_ids == want.token_ids
+
+
+def test_cli_quantize_flag(tok_ckpt, tmp_path):
+    """--quantize int8 on scripts/generate.py gives what neox_jax.load(quantize="int8") generates."""
+    import neox_jax
+
+    _, ckpt = tok_ckpt
+    env = {"NEOX_JAX_COMPILE_CACHE": str(tmp_path / "jaxcache")}
+    r = run_cli("scripts/generate.py", "--checkpoint", ckpt, "--prompt", "Hello", "--max-new-tokens", "5",
+                "--ignore-eos", "--quantize", "int8", "--json", env=env)
+    got = json.loads(r.stdout)["completions"][0]["token_ids"]
+    want = neox_jax.load(ckpt, quantize="int8").generate(["Hello"], max_new_tokens=5, stop_token_ids=[])
+    assert got == want.token_ids[0]
