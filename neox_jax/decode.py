@@ -6,7 +6,7 @@ sharding.constrain_state: the KV cache over batch and heads, the rest over batch
         one program per (batch, prompt bucket P, cache length S): runs the left-padded prompt [B, P] through the model
         into slots 0..P-1 of a fresh cache of S slots (at the static index 0 attention looks at the prompt only), and
         chooses the first new token from the last position's logits. The state has out_batch >= B rows (the extra
-        ones copies of row 0, for the caller to force done).
+        ones repeat row 0 with an empty cache, for the caller to force done).
     decode(cfg, static, layout, params, state, values, stop_mask, force_done, n_steps) -> (state, out [B, S], steps)
         one program per (batch, S): a lax.while_loop of up to n_steps (a traced int) single-token steps, stopping early
         once every row is done; the state (cache included) is donated, so the cache is updated in place.
@@ -32,7 +32,7 @@ from neox_jax.model import Params, is_stacked, model_from_params, positions_from
 
 
 class Layout(NamedTuple):
-    transposed: bool  # params from model.transpose_kernels: matmuls as kernel @ x^T
+    transposed: bool  # params from transpose_kernels (below): matmuls as kernel @ x^T
     cache_dtype: str
     min_rows: int = 1  # matmuls get at least this many rows (batch rows in decode, positions for the prefill logits)
 

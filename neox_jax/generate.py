@@ -1,5 +1,5 @@
-"""Generation on the host side: prompts -> left-padded buckets -> compiled prefill + decode chunks -> tokens, text, finish
-reasons, timing; streamed chunk by chunk.
+"""Generation on the host side: prompts -> left-padded buckets -> compiled prefill + decode chunks -> tokens, text,
+finish reasons, timing; streamed chunk by chunk.
 
     gen = Generator(cfg, params, tokenizer)
     result = gen.generate(["Hello"], max_new_tokens=32, temperature=0.8, top_p=0.95, stop=["\n\n"])
