@@ -5,6 +5,8 @@ import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -40,3 +42,12 @@ def write_json(name: str, payload, out_dir: str | os.PathLike = "bench_out") -> 
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def run_json(cmd: list[str], what: str, env: dict | None = None, cwd=None) -> dict:
+    """Runs a measurement in its own process (so its peak RSS and cold start are its own) and returns the JSON object
+    it prints on its last stdout line; exits with its stderr if it failed."""
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd)
+    if r.returncode:
+        sys.exit(f"{what} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])

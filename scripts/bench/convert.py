@@ -10,10 +10,7 @@ shard file whole (no mmap) and keep it; its peak grows with the model. --quick: 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +22,7 @@ ROOT, BENCH = Path(__file__).resolve().parents[2], Path(__file__).resolve().pare
 # this file is named like the `convert` package: keep its folder behind the repo root on the path
 sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != BENCH] + [str(BENCH)]
 
-from _common import markdown_table, write_json  # noqa: E402
+from _common import markdown_table, run_json, write_json  # noqa: E402
 
 # Peak RSS of the child's own address space: /proc/self/status VmHWM starts afresh at exec, while getrusage's
 # ru_maxrss keeps the parent's high-water mark across fork + exec (this script's own RSS would leak into it).
@@ -81,12 +78,8 @@ def make_source(path: Path, hidden: int, layers: int, tp: int, vocab: int, seed:
 
 
 def run_child(code: str, *args) -> dict:
-    env_path = f"{ROOT}:{BENCH}"
-    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": env_path, "JAX_PLATFORMS": "cpu"})
-    if r.returncode:
-        raise SystemExit(f"child failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_json([sys.executable, "-c", code, *map(str, args)], "child",
+                    env={"PYTHONPATH": f"{ROOT}:{BENCH}", "JAX_PLATFORMS": "cpu"})
 
 
 def main() -> None:

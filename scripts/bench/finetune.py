@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.bench._common import markdown_table, peak_rss_mb, write_json  # noqa: E402
+from scripts.bench._common import markdown_table, peak_rss_mb, run_json, write_json  # noqa: E402
 
 BIAS_SUFFIXES = ("attention.query_key_value.bias", "attention.dense.bias", "mlp.dense_h_to_4h.bias")
 
@@ -106,11 +105,7 @@ def run_worker(impl, shape, mode, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, shape, mode, "--batch-size", str(args.batch_size),
            "--seq-len", str(args.seq_len), "--dtype", args.dtype, "--steps", str(args.steps),
            "--warmup", str(args.warmup)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if r.returncode:
-        raise SystemExit(f"{impl} {shape} {mode} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_json(cmd, f"{impl} {shape} {mode}", env={"PYTHONPATH": str(ROOT)}, cwd=ROOT)
 
 
 def main() -> None:

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the repo root first, and not this folder (its convert.py would shadow the `convert` package)
+sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != Path(__file__).resolve().parent]
 
-from _common import markdown_table, write_json  # noqa: E402
+from scripts.bench._common import markdown_table, write_json  # noqa: E402
 
 METRICS = ("prefill", "decode1", "decode8", "ttft")
 

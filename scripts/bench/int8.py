@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+# the repo root first, and not this folder (its convert.py would shadow the `convert` package)
+sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != Path(__file__).resolve().parent]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _common import markdown_table, peak_rss_mb, write_json  # noqa: E402
+from scripts.bench._common import markdown_table, peak_rss_mb, write_json  # noqa: E402
 from neox_jax import quantize as Q  # noqa: E402
 from neox_jax.config import preset  # noqa: E402
 from neox_jax.generate import Generator  # noqa: E402

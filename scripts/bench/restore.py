@@ -29,9 +29,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path[:0] = [str(HERE), str(ROOT)]
+# the repo root first, and not this folder (its convert.py would shadow the `convert` package)
+sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != Path(__file__).resolve().parent]
 
-from _common import markdown_table, write_json  # noqa: E402
+from scripts.bench._common import markdown_table, write_json  # noqa: E402
 
 MB = 2**20
 MALLOC_TRIM = {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "1048576"}
