@@ -20,7 +20,6 @@ import time
 from typing import Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from neox_jax import decode as core, sharding
