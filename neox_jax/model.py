@@ -189,6 +189,15 @@ class Attention(nnx.Module):
         return y.astype(kernel.dtype), kv
 
 
+def gelu(x, approximate: bool):
+    """GELU in x's dtype. The exact form as PyTorch writes it, 0.5 x (1 + erf(x / sqrt 2)): jax.nn.gelu's erfc form
+    evaluates both of erfc's branches and ran 8x slower on XLA CPU (about 9% of a float32 prefill), for a difference
+    from torch's float32 GELU no larger than its own (1.4e-6 at |x| < 10)."""
+    if approximate:
+        return jax.nn.gelu(x, approximate=True)
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
+
+
 class MLP(nnx.Module):
     def __init__(self, cfg: NeoXConfig, *, param_dtype, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -201,7 +210,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x):  # [B, T, D] -> [B, T, D]
         h = self.dense_h_to_4h(x)
-        h = jax.nn.relu(h) if self.relu else jax.nn.gelu(h.astype(F32), approximate=self.approximate).astype(x.dtype)
+        h = jax.nn.relu(h) if self.relu else gelu(h.astype(F32), self.approximate).astype(x.dtype)
         return self.dense_4h_to_h(h)
 
 

@@ -159,6 +159,20 @@ def test_packed_scores_equal_one_request_at_a_time():
         assert [g[1] for g in got] == [w[1] for w in want]
 
 
+def test_greedy_test_breaks_ties_like_argmax():
+    """The scorer's greedy flag is argmax(logits) == target, the first maximum winning a tie, as in the hf backend;
+    and its log-probabilities are log_softmax's."""
+    from neox_jax.scoring import logprob_and_greedy
+
+    logits = np.array([[0.0, 3.0, 3.0, 1.0], [0.0, 3.0, 3.0, 1.0], [5.0, 1.0, 2.0, 5.0], [0.0, 1.0, 2.0, 7.0]],
+                      np.float32)
+    targets = np.array([1, 2, 0, 2])
+    lp, greedy = logprob_and_greedy(logits, targets)
+    assert np.asarray(greedy).tolist() == (logits.argmax(-1) == targets).tolist() == [True, False, True, False]
+    want = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(lp), want[np.arange(4), targets], rtol=1e-6)
+
+
 def test_cli_on_a_mesh_matches_hf(both, eval_models, tmp_path):
     """scripts/evaluate.py with the params split over data=2,model=4 (8 simulated devices): hf's metrics, the
     reference README's table layout, and the results JSON."""

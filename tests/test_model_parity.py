@@ -73,3 +73,16 @@ def test_half_precision_close_to_float32(tiny_ckpt, dtype):
     tol = 0.02 if dtype == "float16" else 0.1
     assert np.abs(out - ref).max() <= tol * max(1.0, np.abs(ref).max())
     assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_gelu_equals_torch_over_a_wide_range():
+    """The MLP's GELU against torch's, on activations far larger than a random tiny model produces (a trained model's
+    reach |x| of 10 and more): the exact erf form and the tanh form."""
+    import torch
+
+    from neox_jax.model import gelu
+
+    x = np.linspace(-12, 12, 20001, dtype=np.float32)
+    for approximate, torch_form in ((False, "none"), (True, "tanh")):
+        want = torch.nn.functional.gelu(torch.from_numpy(x), approximate=torch_form).numpy()
+        np.testing.assert_allclose(np.asarray(gelu(x, approximate)), want, rtol=1e-5, atol=2e-6)
