@@ -24,6 +24,7 @@ import numpy as np
 
 from neox_jax.config import NeoXConfig
 from neox_jax.model import Params, model_from_params
+from neox_jax.reductions import sum_exp
 
 MIN_BUCKET = 16
 HEAD_ROWS = 128  # scored positions per output-layer chunk, all rows together: [HEAD_ROWS, V] float32 logits at a time.
@@ -166,7 +167,7 @@ def logprob_and_greedy(logits, targets):
     reduction, which XLA CPU ran slower than the max and the sum here together: the target holds the maximum and no
     earlier token does."""
     top = logits.max(-1)
-    lse = top + jnp.log(jnp.exp(logits - top[..., None]).sum(-1))
+    lse = top + jnp.log(sum_exp(logits, top[..., None]))  # in chunks: see reductions.py
     target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     tie_before = jnp.any((jnp.arange(logits.shape[-1]) < targets[..., None]) & (logits == top[..., None]), axis=-1)
     return target - lse, (target == top) & ~tie_before

@@ -173,6 +173,26 @@ def test_greedy_test_breaks_ties_like_argmax():
     np.testing.assert_allclose(np.asarray(lp), want[np.arange(4), targets], rtol=1e-6)
 
 
+@pytest.mark.parametrize("vocab", [50304, 50281, 3000])  # chunked (4192), no divisor <= 8192 but 1, short
+def test_chunked_sum_exp_matches_one_pass(vocab):
+    """reductions.sum_exp (vocabulary rows cut into chunks for XLA CPU) equals the one-pass sum, and the scorer's
+    log-probabilities built on it equal log_softmax's at the pythia vocabulary size."""
+    import jax.numpy as jnp
+
+    from neox_jax.reductions import sum_exp
+    from neox_jax.scoring import logprob_and_greedy
+
+    x = np.random.default_rng(0).standard_normal((3, 5, vocab)).astype(np.float32) * 4
+    m = x.max(-1, keepdims=True)
+    got = np.asarray(sum_exp(jnp.asarray(x), jnp.asarray(m)))
+    np.testing.assert_allclose(got, np.exp(x.astype(np.float64) - m).sum(-1), rtol=1e-5)
+    targets = np.arange(15).reshape(3, 5) * 7
+    lp, _ = logprob_and_greedy(jnp.asarray(x), jnp.asarray(targets))
+    want = x - np.logaddexp.reduce(x.astype(np.float64), axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(lp), np.take_along_axis(want, targets[..., None], -1)[..., 0], rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_cli_on_a_mesh_matches_hf(both, eval_models, tmp_path):
     """scripts/evaluate.py with the params split over data=2,model=4 (8 simulated devices): hf's metrics, the
     reference README's table layout, and the results JSON."""
