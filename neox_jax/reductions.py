@@ -1,10 +1,10 @@
 """Reductions over the vocabulary axis, written around an XLA CPU slow path.
 
-XLA CPU reduces a fused exp(x - m) over rows as long as a vocabulary (50,304) about 8x slower per element than over
-rows of a few thousand: a pythia-160m sized [512, 50304] exp-sum took 58 ms against 7.4 ms for the same elements
-summed as [6144, 4192] rows (2-core Xeon, jax 0.10). So the rows are cut into chunks and the chunks' sums added; the
-optimization barrier keeps XLA from folding the reshape back into one long-row reduction. The sum differs from the
-one-pass sum only by float32 summation order."""
+XLA CPU sums a fused exp(x - m) over rows as long as a vocabulary (50,304) at a fraction of its speed over rows of a
+few thousand: `scripts/benchmark.py kernels` measures [512, 50304] at 1.4-1.7 G elements/s in one pass and 3.0-3.5
+as 4192-wide chunks (2-core Xeon, jax 0.10; with a constant in place of the per-row m the one pass ran 8x slower).
+So the rows are cut into chunks and the chunks' sums added; the optimization barrier keeps XLA from folding the
+reshape back into one long-row reduction. The sum differs from the one-pass sum only by float32 summation order."""
 from __future__ import annotations
 
 import jax

@@ -173,7 +173,7 @@ def test_greedy_test_breaks_ties_like_argmax():
     np.testing.assert_allclose(np.asarray(lp), want[np.arange(4), targets], rtol=1e-6)
 
 
-@pytest.mark.parametrize("vocab", [50304, 50281, 3000])  # chunked (4192), no divisor <= 8192 but 1, short
+@pytest.mark.parametrize("vocab", [50304, 50287, 3000])  # chunked (4192 wide), prime (one pass), short (one pass)
 def test_chunked_sum_exp_matches_one_pass(vocab):
     """reductions.sum_exp (vocabulary rows cut into chunks for XLA CPU) equals the one-pass sum, and the scorer's
     log-probabilities built on it equal log_softmax's at the pythia vocabulary size."""
