@@ -25,6 +25,7 @@ float32.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -94,8 +95,12 @@ class Linear(nnx.Module):
                 y = jax.lax.optimization_barrier(y)  # layout and takes its slower [M, O] kernel
             y = y.T  # [M, O]
             y = y.reshape(*lead, *self.out_shape)
-        else:
-            y = jnp.einsum(self.spec, x.astype(kernel.dtype), kernel, preferred_element_type=F32)
+        else:  # one 2-D matmul [M, I] @ [I, O]: with several contracted or output axes (query_key_value's
+            # [D, N, 3, H]) XLA CPU copied the kernel into a transposed [O, I] buffer for every backward product
+            lead = x.shape[:x.ndim - self.n_in]
+            rows = x.reshape(-1, math.prod(kernel.shape[:self.n_in])).astype(kernel.dtype)  # [M, I]
+            y = jnp.dot(rows, kernel.reshape(rows.shape[1], -1), preferred_element_type=F32)  # [M, O]
+            y = y.reshape(*lead, *self.out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(F32)
         return y.astype(out_dtype or kernel.dtype)
@@ -187,15 +192,7 @@ class Attention(nnx.Module):
         if kv is not None:
             kv = tuple(jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, cache_index, 0))
                        for c, a in zip(kv, (k, v)))
-        if self.dense.transposed or self.dense.scale is not None:  # [out, in] kernels, int8 kernels: their own path
-            return self.dense(out.astype(x.dtype)), kv
-        out = out.reshape(b, t, -1)  # [B, T, N*H]
-        kernel = self.dense.kernel[...]
-        y = jnp.einsum("BTE,ED->BTD", out.astype(kernel.dtype), kernel.reshape(-1, kernel.shape[-1]),
-                       preferred_element_type=F32)
-        if self.dense.bias is not None:
-            y = y + self.dense.bias[...].astype(F32)
-        return y.astype(kernel.dtype), kv
+        return self.dense(out.astype(x.dtype)), kv
 
 
 def gelu(x, approximate: bool):
