@@ -205,18 +205,22 @@ def make_train_step(cfg: NeoXConfig, tx, dtype, mesh, mode: str, *, dynamic: boo
 
     def step(state, frozen, windows):
         loss, grads = loss_and_grads(cfg, state["params"], frozen, windows, dtype, state["loss_scale"]["scale"])
-        finite = jnp.all(jnp.asarray([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.global_norm(grads)
+        # an inf or NaN anywhere makes the norm non-finite (so does a norm beyond float32's range, ~1.8e19): one
+        # pass over the gradients instead of an is-finite pass per tensor
+        finite = jnp.isfinite(grad_norm)
 
-        def keep(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def update(_):
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            return optax.apply_updates(state["params"], updates), opt_state
 
+        # only the taken branch runs: a skipped step reads nothing, and an applied one does not select between
+        # old and new copies of every parameter and moment (that doubled the optimizer's memory traffic)
+        params, opt_state = jax.lax.cond(finite, update, lambda _: (state["params"], state["opt_state"]), None)
         ls = adjust_loss_scale(state["loss_scale"], finite, scale_period) if dynamic else state["loss_scale"]
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
-        new = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
-               "loss_scale": ls, "rng": rng, "step": state["step"] + 1}
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": current_lr(opt_state),
+        new = {"params": params, "opt_state": opt_state, "loss_scale": ls, "rng": rng, "step": state["step"] + 1}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": current_lr(opt_state),
                    "loss_scale": state["loss_scale"]["scale"], "skipped": ~finite}
         return new, metrics
 
