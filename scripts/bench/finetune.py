@@ -9,6 +9,13 @@ Each measurement runs in its own subprocess so that its peak RSS is its own: `pe
 `train_mb` the peak minus the RSS once the model was built (what training adds: gradients, optimizer state,
 activations; for JAX also the compiler's own memory). tokens/s = batch * seq_len / median step time, after
 untimed warm-up steps (the first compiles).
+
+The matmul floor: `gflop` counts the step's linear-layer matmuls (forward; the input gradients, which layer 0's
+query_key_value and dense_h_to_4h do not need; with `all` the weight gradients too; attention scores left out, ~1% at
+128 tokens), and each worker times its own framework's [batch*seq, hidden] x [hidden, 4*hidden] float32/bf16 matmul
+in the same process: `floor_ms` = gflop / that rate, the step time if everything but the matmuls were free.
+`of_floor` = floor_ms / step_ms says how much of the step the matmuls are. (XLA's cost analysis of the
+JAX step, which also counts attention and elementwise work, comes to 3% more than `gflop` for pythia-70m and -160m.)
 """
 from __future__ import annotations
 
@@ -38,6 +45,28 @@ def _windows(vocab, batch, seq, seed=0):
     return np.random.RandomState(seed).randint(0, vocab, (batch, seq + 1)).astype(np.int32)
 
 
+def step_gflop(cfg, mode: str, tokens: int) -> float:
+    """Matmul GFLOP of one training step (see the module docstring)."""
+    d, f, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    per_layer = 4 * d * d + 2 * d * f  # query_key_value (3 d^2), dense (d^2), dense_h_to_4h and dense_4h_to_h
+    forward = layers * per_layer + d * v  # multiply-adds per token
+    input_grads = forward - (3 * d * d + d * f)  # layer 0's inputs come from the frozen embedding
+    weight_grads = forward if mode == "all" else 0
+    return 2 * tokens * (forward + input_grads + weight_grads) / 1e9
+
+
+def matmul_gflops(mm, repeats: int = 7) -> float:
+    """mm() runs one product of the shape returned by mm.shape; its median rate in GFLOP/s."""
+    mm()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mm()
+        times.append(time.perf_counter() - t)
+    m, k, n = mm.shape
+    return 2 * m * k * n / 1e9 / sorted(times)[repeats // 2]
+
+
 def worker_jax(shape, mode, batch, seq, dtype_name, steps, warmup) -> dict:
     import jax
     import jax.numpy as jnp
@@ -64,7 +93,14 @@ def worker_jax(shape, mode, batch, seq, dtype_name, steps, warmup) -> dict:
         float(m["loss"])
         times.append(time.perf_counter() - t)
     stats = jax.devices()[0].memory_stats() or {}
+    x, w = jnp.ones((batch * seq, cfg.hidden_size), dtype), jnp.ones((cfg.hidden_size, cfg.intermediate_size), dtype)
+    product = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+
+    def mm():
+        product(x, w).block_until_ready()
+    mm.shape = (*x.shape, w.shape[1])
     return {"times": times[warmup:], "compile_s": times[0], "base_mb": base, "loss": float(m["loss"]),
+            "matmul_gflops": matmul_gflops(mm),
             "device_peak_mb": stats.get("peak_bytes_in_use", 0) / 2**20 or None,
             "trainable": sum(x.size for x in jax.tree.leaves(state["params"]))}
 
@@ -97,7 +133,15 @@ def worker_torch(shape, mode, batch, seq, dtype_name, steps, warmup) -> dict:
         opt.zero_grad(set_to_none=True)
         float(loss)
         times.append(time.perf_counter() - t)
+    dt = getattr(torch, dtype_name)
+    x, w = torch.ones(batch * seq, cfg.hidden_size, dtype=dt), torch.ones(cfg.hidden_size, cfg.intermediate_size, dtype=dt)
+
+    def mm():
+        with torch.no_grad():
+            torch.mm(x, w)
+    mm.shape = (*x.shape, w.shape[1])
     return {"times": times[warmup:], "compile_s": times[0], "base_mb": base, "loss": float(loss),
+            "matmul_gflops": matmul_gflops(mm),
             "device_peak_mb": None, "trainable": sum(p.numel() for p in params)}
 
 
@@ -128,6 +172,8 @@ def main() -> None:
         res["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(res))
         return
+    from neox_jax.config import preset
+
     if args.quick:
         args.shapes, args.batch_size, args.seq_len, args.steps, args.warmup = ["tiny"], 2, 32, 1, 1
     rows = []
@@ -136,11 +182,14 @@ def main() -> None:
             for impl in ("jax", "torch"):
                 r = run_worker(impl, shape, mode, args)
                 med = sorted(r["times"])[len(r["times"]) // 2]
+                gflop = step_gflop(preset(shape), mode, args.batch_size * args.seq_len)
                 rows.append({"shape": shape, "trainable": mode, "impl": impl, "trainable_params": r["trainable"],
                              "tokens_per_s": args.batch_size * args.seq_len / med, "step_ms": med * 1e3,
                              "first_step_s": r["compile_s"], "peak_rss_mb": r["peak_rss_mb"],
                              "train_mb": r["peak_rss_mb"] - r["base_mb"], "device_peak_mb": r["device_peak_mb"],
-                             "loss": r["loss"]})
+                             "loss": r["loss"], "gflop": gflop, "matmul_gflops": r["matmul_gflops"],
+                             "floor_ms": gflop / r["matmul_gflops"] * 1e3,
+                             "of_floor": gflop / r["matmul_gflops"] / med})
                 print(f"{shape} {mode} {impl}: {rows[-1]['tokens_per_s']:.0f} tokens/s, "
                       f"peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
     for r in rows:
@@ -148,7 +197,7 @@ def main() -> None:
                      and o["impl"] != r["impl"])
         r["speed_vs_other"] = r["tokens_per_s"] / other["tokens_per_s"]
     cols = ["shape", "trainable", "impl", "trainable_params", "tokens_per_s", "speed_vs_other", "step_ms",
-            "first_step_s", "peak_rss_mb", "train_mb"]
+            "first_step_s", "peak_rss_mb", "train_mb", "gflop", "matmul_gflops", "floor_ms", "of_floor"]
     table = markdown_table(rows, cols)
     setup = {"batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": args.dtype, "steps": args.steps,
              "warmup": args.warmup, "quick": args.quick, "cpu_count": os.cpu_count()}
