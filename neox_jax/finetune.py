@@ -16,9 +16,9 @@ The loss is next-token cross entropy on float32 logits.
 
 Dynamic loss scaling (float16 only; a fixed scale of 1 otherwise), the scheme of jmp.DynamicLossScale and
 torch.cuda.amp.GradScaler in a few lines (jmp is unmaintained since 2023; optax has no loss scaler): the loss is
-multiplied by `scale` before differentiation and the gradients divided by it after; if any gradient is not finite (the
-step sees it as a non-finite global gradient norm) the update is skipped (params and optimizer state kept) and the scale halved (never below 1); after `period` finite steps in
-a row it doubles.
+multiplied by `scale` before differentiation and the gradients divided by it after; if any gradient is not finite
+(the step sees it as a non-finite global gradient norm) the update is skipped (params and optimizer state kept) and
+the scale halved (never below 1); after `period` finite steps in a row it doubles.
 """
 from __future__ import annotations
 
