@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from neox_jax import checkpoint
 from neox_jax.config import NeoXConfig
-from neox_jax.model import abstract_params, forward
+from neox_jax.model import abstract_params, backward_kernels, forward, linear_in_dims
 from neox_jax.sharding import batch_sharding, param_shardings
 
 F32 = jnp.float32
@@ -92,9 +92,38 @@ def abstract_trainable(cfg: NeoXConfig, mode: str) -> dict:
     return split_params(abstract_params(cfg, F32), mode)[0]
 
 
+def wants_backward_kernels(dtype, mesh) -> bool:
+    """Half-precision training on CPU keeps a transposed copy of each frozen kernel for the backward pass: XLA CPU
+    multiplies bfloat16 at full speed only in the untransposed orientation (model.matmul_f32)."""
+    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and mesh.devices.flat[0].platform == "cpu"
+
+
+def frozen_shardings(cfg: NeoXConfig, mesh, mode: str, dtype=None) -> dict:
+    """Shardings of the frozen params, with their kernel_t copies when wants_backward_kernels(dtype, mesh): an
+    [O, I] copy is split like its kernel's leading output dim and leading input dim (the only ones the rules split)."""
+    frozen = split_params(param_shardings(cfg, mesh), mode)[1]
+    if dtype is None or not wants_backward_kernels(dtype, mesh):
+        return frozen
+    for path, n_in in linear_in_dims(cfg).items():
+        node = frozen
+        for k in path:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and "kernel" in node:
+            spec = tuple(node["kernel"].spec) + (None,) * 8
+            node["kernel_t"] = NamedSharding(mesh, P(spec[n_in], spec[0]))
+    return frozen
+
+
+def prepare_frozen(cfg: NeoXConfig, frozen: dict, dtype, mesh, mode: str) -> dict:
+    """The frozen params as the train and eval steps take them (with kernel_t copies where wanted)."""
+    if not wants_backward_kernels(dtype, mesh):
+        return frozen
+    return backward_kernels(cfg, frozen, frozen_shardings(cfg, mesh, mode, dtype))
+
+
 def load_for_training(path, mode: str, dtype, mesh):
     """Reads a checkpoint group by group onto the mesh (each device reads its slice): (cfg, trainable float32 masters,
-    frozen params in dtype)."""
+    frozen params in dtype, prepared for the steps by prepare_frozen)."""
     cfg = checkpoint.read_config(path)
     shardings = param_shardings(cfg, mesh)
     trainable, frozen = {}, {}
@@ -104,7 +133,7 @@ def load_for_training(path, mode: str, dtype, mesh):
         t, f = split_params(group, mode)
         trainable = merge_params(cast(t, F32), trainable)
         frozen = merge_params(cast(f, dtype), frozen)
-    return cfg, trainable, frozen
+    return cfg, trainable, prepare_frozen(cfg, frozen, dtype, mesh, mode)
 
 
 # ---- optimizer and loss scale -------------------------------------------------------------------------------------
@@ -180,10 +209,6 @@ def state_shardings(cfg: NeoXConfig, mesh, mode: str, tx) -> dict:
             "step": rep}
 
 
-def frozen_shardings(cfg: NeoXConfig, mesh, mode: str) -> dict:
-    return split_params(param_shardings(cfg, mesh), mode)[1]
-
-
 def init_state(trainable: dict, tx, shardings: dict, *, dynamic: bool, initial_scale: float = 2.0 ** 15,
                seed: int = 0) -> dict:
     """The train state: float32 masters, optimizer state, loss scale, RNG key data (reserved for stochastic
@@ -224,14 +249,15 @@ def make_train_step(cfg: NeoXConfig, tx, dtype, mesh, mode: str, *, dynamic: boo
                    "loss_scale": state["loss_scale"]["scale"], "skipped": ~finite}
         return new, metrics
 
-    return jax.jit(step, in_shardings=(st_sh, frozen_shardings(cfg, mesh, mode), batch_sharding(mesh)),
+    return jax.jit(step, in_shardings=(st_sh, frozen_shardings(cfg, mesh, mode, dtype), batch_sharding(mesh)),
                    out_shardings=(st_sh, rep), donate_argnums=(0,) if donate else ())
 
 
 def make_eval_step(cfg: NeoXConfig, dtype, mesh, mode: str):
     """jit(ev)(masters, frozen, windows [B, T + 1], weights [B]) -> (sum of weighted per-window mean losses,
     sum of weights)."""
-    trainable_sh, frozen_sh = split_params(param_shardings(cfg, mesh), mode)
+    trainable_sh = split_params(param_shardings(cfg, mesh), mode)[0]
+    frozen_sh = frozen_shardings(cfg, mesh, mode, dtype)
 
     def ev(trainable, frozen, windows, weights):
         per_window = token_losses(cfg, merge_params(cast(trainable, dtype), frozen), windows).mean(-1)  # [B]

@@ -63,6 +63,37 @@ class LayerNorm(nnx.Module):
 FEW_ROWS = 64
 
 
+@jax.custom_vjp
+def matmul_f32(x, w, w_t=None):
+    """[M, I] @ [I, O] with float32 accumulation and a float32 result, for operands in any one dtype; w_t: None or
+    the same weights as an [O, I] array, for the input-gradient product.
+
+    Differentiated as mixed-precision training does it (and torch's bf16 / fp16 autograd): the result's cotangent is
+    cast to the operands' dtype, so the gradient products run in that dtype too, again accumulating in float32.
+    Autodiff of a plain dot would multiply the float32 cotangent by the weights converted to float32: a float32
+    matmul plus a conversion of every weight matrix per step. In float32 this is exactly the plain dot's gradient.
+
+    XLA CPU runs a bfloat16 product at its bfloat16 speed only when neither operand is transposed: for any other
+    orientation it converts both to float32 (4x slower). So the input gradient g @ w^T is computed as g @ w_t when a
+    physically transposed copy is given (`Linear.kernel_t`: frozen weights in half-precision training on CPU)."""
+    return jnp.dot(x, w, preferred_element_type=F32)
+
+
+def _matmul_f32_fwd(x, w, w_t):
+    return matmul_f32(x, w, w_t), (x, w, w_t)
+
+
+def _matmul_f32_bwd(res, g):  # g [M, O] float32
+    x, w, w_t = res
+    g = g.astype(x.dtype)
+    dx = jnp.dot(g, w.T if w_t is None else w_t, preferred_element_type=F32).astype(x.dtype)
+    dw = jnp.dot(x.T, g, preferred_element_type=F32).astype(w.dtype)
+    return dx, dw, None
+
+
+matmul_f32.defvjp(_matmul_f32_fwd, _matmul_f32_bwd)
+
+
 class Linear(nnx.Module):
     """y = einsum(spec, x, kernel) + bias, with the kernel laid out one axis per meaning: [in dims..., out dims...].
 
@@ -71,6 +102,7 @@ class Linear(nnx.Module):
     left. XLA CPU runs that form 1.5-3x faster for a few rows (decode): its small-batch matmul kernels pack the
     right-hand operand, here the few activations instead of the weights."""
     transposed = False
+    kernel_t = None  # an [O, I] copy of a frozen kernel for the backward pass (see matmul_f32), or None
 
     def __init__(self, spec: str, kernel_shape, kernel_axes, bias_shape, bias_axes, *, use_bias: bool, param_dtype,
                  rngs: nnx.Rngs):
@@ -99,7 +131,7 @@ class Linear(nnx.Module):
             # [D, N, 3, H]) XLA CPU copied the kernel into a transposed [O, I] buffer for every backward product
             lead = x.shape[:x.ndim - self.n_in]
             rows = x.reshape(-1, math.prod(kernel.shape[:self.n_in])).astype(kernel.dtype)  # [M, I]
-            y = jnp.dot(rows, kernel.reshape(rows.shape[1], -1), preferred_element_type=F32)  # [M, O]
+            y = matmul_f32(rows, kernel.reshape(rows.shape[1], -1), self.kernel_t)  # [M, O]
             y = y.reshape(*lead, *self.out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(F32)
@@ -154,6 +186,17 @@ def _attend(q, k, v, new_mask, old_mask=None, kv=None):
     return out
 
 
+@jax.custom_vjp
+def split_qkv(qkv):
+    """[B, T, N, 3, H] -> q, k, v [B, T, N, H]. Its gradient stacks the three back into one [B, T, N, 3, H] array:
+    autodiff of the three slices padded each gradient to full size and added them (pythia-160m bfloat16 BitFit: 4 ms
+    a layer)."""
+    return qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+
+
+split_qkv.defvjp(lambda qkv: (split_qkv(qkv), None), lambda _, g: (jnp.stack(g, axis=-2),))
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: NeoXConfig, *, param_dtype, rngs: nnx.Rngs):
         d, n, h = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
@@ -176,7 +219,7 @@ class Attention(nnx.Module):
         is read as it is, with q widened instead: XLA CPU converted the whole cache every step otherwise."""
         b, t = x.shape[:2]
         qkv = self.query_key_value(x)  # [B, T, N, 3, H]
-        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # [B, T, N, H]
+        q, k, v = split_qkv(qkv)  # [B, T, N, H]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, H]
         new_mask, old_mask = mask
@@ -366,15 +409,62 @@ def unstack_layers(params: Params) -> Params:
 
 
 def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False) -> GPTNeoX:
-    """The module tree over `params`; transposed=True for params from `decode.transpose_kernels`."""
+    """The module tree over `params`; transposed=True for params from `decode.transpose_kernels`. A Linear's
+    "kernel_t" entry (from `backward_kernels`) becomes its `kernel_t`, not a parameter."""
+    params, kernels_t = _pop_kernels_t(params)
     model = nnx.merge(graphdef(cfg, is_stacked(params), quantize.spec_of(params)), params)
-    if transposed:
-        for _, module in model.iter_modules():
+    if transposed or kernels_t:
+        for path, module in nnx.iter_modules(model):
             if isinstance(module, Linear):
-                module.transposed = True
+                module.transposed = transposed
+                module.kernel_t = kernels_t.get(tuple(path))
     return model
 
 
+def _pop_kernels_t(params: Params, path: tuple = ()) -> tuple[Params, dict]:
+    """params without their "kernel_t" entries, and {path of the Linear: its kernel_t}."""
+    if not any(isinstance(v, dict) or k == "kernel_t" for k, v in params.items()):
+        return params, {}
+    out, found = {}, {}
+    for k, v in params.items():
+        if k == "kernel_t":
+            found[path] = v
+        elif isinstance(v, dict):
+            out[k], sub = _pop_kernels_t(v, path + (k,))
+            found.update(sub)
+        else:
+            out[k] = v
+    return out, found
+
+
+def linear_in_dims(cfg: NeoXConfig) -> dict[tuple, int]:
+    """{path of each Linear: how many leading kernel dims it contracts} (unrolled layers)."""
+    abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0)))
+    return {tuple(p): m.n_in for p, m in nnx.iter_modules(abstract) if isinstance(m, Linear)}
+
+
+def backward_kernels(cfg: NeoXConfig, params: Params, shardings: Params | None = None) -> Params:
+    """params with a "kernel_t" entry, the kernel as one physically transposed [O, I] array, beside every Linear
+    kernel it holds (e.g. the frozen part of a training split; unrolled layers). For half-precision training on
+    CPU (see matmul_f32); it costs one more copy of those weights. shardings: the same tree of NamedShardings for
+    the result, kernel_t leaves included (None: default placement)."""
+    out = jax.tree.map(lambda x: x, params)  # a fresh dict tree, the same arrays
+    for path, n_in in linear_in_dims(cfg).items():
+        node = out
+        for k in path:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or "kernel" not in node:
+            continue
+        kernel = node["kernel"]
+        i = math.prod(kernel.shape[:n_in])
+        sh = None
+        if shardings is not None:
+            sh = shardings
+            for k in path:
+                sh = sh[k]
+            sh = sh["kernel_t"]
+        node["kernel_t"] = jax.jit(lambda k, i=i: k.reshape(i, -1).T, out_shardings=sh)(kernel)  # [O, I]
+    return out
 
 
 def forward(cfg: NeoXConfig, params: Params, input_ids, positions=None, kv_valid=None, cache=None, cache_index=0):

@@ -128,6 +128,59 @@ def test_sharded_step_equals_single_device(tiny_ckpt):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * scale), d1, d8)
 
 
+def test_half_precision_backward_uses_transposed_kernels():
+    """matmul_f32's gradient runs in the operands' dtype: the float32 cotangent rounded to it, float32 accumulation;
+    with a transposed copy of the weights (how half-precision training on CPU runs) and without one alike."""
+    from neox_jax.model import matmul_f32
+
+    rng = np.random.RandomState(0)
+    x, w = (jnp.asarray(rng.randn(*s), jnp.bfloat16) for s in ((6, 5), (5, 7)))
+    g = jnp.asarray(rng.randn(6, 7), jnp.float32)
+    g16 = np.asarray(g.astype(jnp.bfloat16), np.float64)  # what the products see
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    for w_t in (jnp.asarray(np.asarray(w).T.copy()), None):
+        y, vjp = jax.vjp(lambda x, w: matmul_f32(x, w, w_t), x, w)
+        assert y.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(y), x64 @ w64, rtol=1e-6)
+        dx, dw = vjp(g)
+        assert dx.dtype == dw.dtype == jnp.bfloat16
+        ref_dx, ref_dw = (g16 @ w64.T), (x64.T @ g16)
+        # the products are exact in float32; the only error is the final rounding to bfloat16 (and, without w_t,
+        # XLA may skip rounding g: allow bfloat16's own precision)
+        np.testing.assert_allclose(np.asarray(dx, np.float64), ref_dx, rtol=2 ** -7, atol=1e-2)
+        np.testing.assert_allclose(np.asarray(dw, np.float64), ref_dw, rtol=2 ** -7, atol=1e-2)
+    # float32: exactly the plain dot's gradient
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    ours = jax.vjp(matmul_f32, x32, w32)[1](g)
+    plain = jax.vjp(lambda x, w: x @ w, x32, w32)[1](g)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours[:2], plain)
+
+
+def test_bfloat16_training_keeps_transposed_frozen_kernels(tiny_ckpt):
+    """bfloat16 on CPU: every frozen kernel gets a kernel_t copy, [O, I], sharded like it; float32 gets none; the
+    bfloat16 step with them agrees with the float32 step to bfloat16 precision, on one device and on data=2 x model=4."""
+    _, ckpt = tiny_ckpt
+    one = make_mesh("data=1,model=1", jax.devices()[:1])
+    cfg, _, frozen32 = ft.load_for_training(ckpt, "biases", jnp.float32, one)
+    assert "kernel_t" not in str(jax.tree_util.tree_flatten_with_path(frozen32)[0])
+    meshes = [one] + ([make_mesh("data=2,model=4")] if len(jax.devices()) >= 8 else [])
+    w = _windows(cfg.vocab_size)
+    _, s32, f32_, step32 = _setup(ckpt, one)
+    ref = _host(step32(s32, f32_, w)[1])
+    for mesh in meshes:
+        cfg, state, frozen, step = _setup(ckpt, mesh, jnp.bfloat16)
+        qkv = frozen["layers"][0]["attention"]["query_key_value"]
+        n, h, d = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+        assert qkv["kernel_t"].shape == (n * 3 * h, d) and qkv["kernel_t"].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(qkv["kernel_t"]), np.asarray(qkv["kernel"]).reshape(d, -1).T)
+        if mesh.shape["model"] > 1:
+            assert qkv["kernel_t"].sharding.spec[0] == "model"  # split over heads, like the kernel
+            assert frozen["layers"][0]["attention"]["dense"]["kernel_t"].sharding.spec[1] == "model"
+        m = _host(step(state, frozen, jax.device_put(w, batch_sharding(mesh)))[1])
+        np.testing.assert_allclose(m["loss"], ref["loss"], rtol=2e-2)
+        np.testing.assert_allclose(m["grad_norm"], ref["grad_norm"], rtol=5e-2)
+
+
 def test_fp16_overflow_is_skipped_and_scale_lowered(tiny_ckpt):
     _, ckpt = tiny_ckpt
     mesh = make_mesh("data=1,model=1", jax.devices()[:1])

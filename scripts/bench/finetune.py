@@ -79,6 +79,7 @@ def worker_jax(shape, mode, batch, seq, dtype_name, steps, warmup) -> dict:
     cfg, dtype = preset(shape), jnp.dtype(dtype_name)
     mesh = make_mesh("data=1,model=1", jax.devices()[:1])
     trainable, frozen = ft.split_params(init_params(cfg, dtype), mode)
+    frozen = ft.prepare_frozen(cfg, frozen, dtype, mesh, mode)
     trainable = ft.cast(trainable, jnp.float32)
     base = _rss_mb()
     tx = ft.make_optimizer(ft.make_schedule(3e-4, 100), 1.0)
