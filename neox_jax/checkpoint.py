@@ -198,11 +198,20 @@ def read_config(path) -> NeoXConfig:
     return NeoXConfig.from_dict(read_metadata(path)["config"])
 
 
+def stored_tree(ckptr, directory: Path):
+    """The tree of array metadata an Orbax item directory holds (CheckpointError if it has none readable)."""
+    meta = ckptr.metadata(Path(directory).absolute()).item_metadata
+    if meta is None:
+        raise CheckpointError(f"{directory}: no readable Orbax metadata (an incomplete write, or not an Orbax "
+                              f"checkpoint directory)")
+    return meta.tree
+
+
 def iter_groups(path, dtype=None, shardings: Callable[[str], Any] | None = None) -> Iterator[tuple[str, Any]]:
     """Yields (group name, nested dict of jax arrays) one group at a time, checked against the config.
     dtype: cast to this dtype (default: as stored). shardings(name) -> a tree of jax.sharding.Sharding for the group,
     so each device reads only its slice (cast to dtype as it is read)."""
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax reads no metadata from a relative path
     meta = read_metadata(path)
     cfg = NeoXConfig.from_dict(meta["config"])
     stored = DTYPES[meta["dtype"]]
@@ -214,7 +223,7 @@ def iter_groups(path, dtype=None, shardings: Callable[[str], Any] | None = None)
         if not gdir.is_dir():
             raise CheckpointError(f"{gdir}: missing parameter group (incomplete checkpoint)")
         want = get_group(expected, name)
-        found = ckptr.metadata(gdir).item_metadata.tree
+        found = stored_tree(ckptr, gdir)
         compare_trees(want, found, str(gdir))
         shard_tree = shardings(name) if shardings is not None else None
         if shard_tree is None:

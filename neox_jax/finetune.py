@@ -92,17 +92,19 @@ def abstract_trainable(cfg: NeoXConfig, mode: str) -> dict:
     return split_params(abstract_params(cfg, F32), mode)[0]
 
 
-def wants_backward_kernels(dtype, mesh) -> bool:
+def wants_backward_kernels(dtype, mesh, transposed_copies: bool = True) -> bool:
     """Half-precision training on CPU keeps a transposed copy of each frozen kernel for the backward pass: XLA CPU
-    multiplies bfloat16 at full speed only in the untransposed orientation (model.matmul_f32)."""
-    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and mesh.devices.flat[0].platform == "cpu"
+    multiplies bfloat16 at full speed only in the untransposed orientation (model.matmul_f32). It costs one more
+    copy of the frozen weights; transposed_copies=False turns it off (pythia-160m BitFit bfloat16: ~1.6x slower)."""
+    return (transposed_copies and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and mesh.devices.flat[0].platform == "cpu")
 
 
-def frozen_shardings(cfg: NeoXConfig, mesh, mode: str, dtype=None) -> dict:
-    """Shardings of the frozen params, with their kernel_t copies when wants_backward_kernels(dtype, mesh): an
+def frozen_shardings(cfg: NeoXConfig, mesh, mode: str, dtype=None, transposed_copies: bool = True) -> dict:
+    """Shardings of the frozen params, with their kernel_t copies when wants_backward_kernels(...): an
     [O, I] copy is split like its kernel's leading output dim and leading input dim (the only ones the rules split)."""
     frozen = split_params(param_shardings(cfg, mesh), mode)[1]
-    if dtype is None or not wants_backward_kernels(dtype, mesh):
+    if dtype is None or not wants_backward_kernels(dtype, mesh, transposed_copies):
         return frozen
     for path, n_in in linear_in_dims(cfg).items():
         node = frozen
@@ -114,14 +116,14 @@ def frozen_shardings(cfg: NeoXConfig, mesh, mode: str, dtype=None) -> dict:
     return frozen
 
 
-def prepare_frozen(cfg: NeoXConfig, frozen: dict, dtype, mesh, mode: str) -> dict:
+def prepare_frozen(cfg: NeoXConfig, frozen: dict, dtype, mesh, mode: str, transposed_copies: bool = True) -> dict:
     """The frozen params as the train and eval steps take them (with kernel_t copies where wanted)."""
-    if not wants_backward_kernels(dtype, mesh):
+    if not wants_backward_kernels(dtype, mesh, transposed_copies):
         return frozen
     return backward_kernels(cfg, frozen, frozen_shardings(cfg, mesh, mode, dtype))
 
 
-def load_for_training(path, mode: str, dtype, mesh):
+def load_for_training(path, mode: str, dtype, mesh, transposed_copies: bool = True):
     """Reads a checkpoint group by group onto the mesh (each device reads its slice): (cfg, trainable float32 masters,
     frozen params in dtype, prepared for the steps by prepare_frozen)."""
     cfg = checkpoint.read_config(path)
@@ -133,7 +135,7 @@ def load_for_training(path, mode: str, dtype, mesh):
         t, f = split_params(group, mode)
         trainable = merge_params(cast(t, F32), trainable)
         frozen = merge_params(cast(f, dtype), frozen)
-    return cfg, trainable, prepare_frozen(cfg, frozen, dtype, mesh, mode)
+    return cfg, trainable, prepare_frozen(cfg, frozen, dtype, mesh, mode, transposed_copies)
 
 
 # ---- optimizer and loss scale -------------------------------------------------------------------------------------
@@ -221,7 +223,7 @@ def init_state(trainable: dict, tx, shardings: dict, *, dynamic: bool, initial_s
 
 
 def make_train_step(cfg: NeoXConfig, tx, dtype, mesh, mode: str, *, dynamic: bool, scale_period: int = 2000,
-                    donate: bool = True):
+                    donate: bool = True, transposed_copies: bool = True):
     """jit(step)(state, frozen, windows [B, T + 1]) -> (state, metrics): batch split over `data`, params and
     optimizer state per the sharding rules. A step with non-finite gradients changes nothing but the loss scale and
     the step count (metrics["skipped"])."""
@@ -249,15 +251,16 @@ def make_train_step(cfg: NeoXConfig, tx, dtype, mesh, mode: str, *, dynamic: boo
                    "loss_scale": state["loss_scale"]["scale"], "skipped": ~finite}
         return new, metrics
 
-    return jax.jit(step, in_shardings=(st_sh, frozen_shardings(cfg, mesh, mode, dtype), batch_sharding(mesh)),
+    return jax.jit(step, in_shardings=(st_sh, frozen_shardings(cfg, mesh, mode, dtype, transposed_copies),
+                                          batch_sharding(mesh)),
                    out_shardings=(st_sh, rep), donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(cfg: NeoXConfig, dtype, mesh, mode: str):
+def make_eval_step(cfg: NeoXConfig, dtype, mesh, mode: str, transposed_copies: bool = True):
     """jit(ev)(masters, frozen, windows [B, T + 1], weights [B]) -> (sum of weighted per-window mean losses,
     sum of weights)."""
     trainable_sh = split_params(param_shardings(cfg, mesh), mode)[0]
-    frozen_sh = frozen_shardings(cfg, mesh, mode, dtype)
+    frozen_sh = frozen_shardings(cfg, mesh, mode, dtype, transposed_copies)
 
     def ev(trainable, frozen, windows, weights):
         per_window = token_losses(cfg, merge_params(cast(trainable, dtype), frozen), windows).mean(-1)  # [B]
@@ -307,7 +310,7 @@ def save_finetuned(run_dir, cfg: NeoXConfig, mode: str, trainable: dict, info: d
 
 def load_finetuned(run_dir) -> tuple[dict, dict]:
     """(metadata, float32 trainable params on the default device) of RUN_DIR/finetuned."""
-    d = Path(run_dir) / FINETUNED
+    d = Path(run_dir).absolute() / FINETUNED  # Orbax reads no metadata from a relative path
     meta_file = d / "metadata.json"
     if not meta_file.is_file():
         raise checkpoint.CheckpointError(f"{run_dir}: no {FINETUNED}/metadata.json (not a fine-tuning run directory, "
@@ -318,7 +321,7 @@ def load_finetuned(run_dir) -> tuple[dict, dict]:
     cfg = NeoXConfig.from_dict(meta["config"])
     want = abstract_trainable(cfg, meta["trainable"])
     ckptr = _checkpointer()
-    found = ckptr.metadata(d / "params").item_metadata.tree  # Orbax metadata spells the layer keys as strings
+    found = checkpoint.stored_tree(ckptr, d / "params")  # Orbax metadata spells the layer keys as strings
     checkpoint.compare_trees(_str_keys(want), _str_keys(found), str(d / "params"))
     return meta, ckptr.restore(d / "params", args=ocp.args.StandardRestore(_shapes(want)))
 

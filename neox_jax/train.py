@@ -70,6 +70,7 @@ class RunConfig:
     resume: bool = False
     initial_loss_scale: float = 2.0 ** 15
     loss_scale_period: int = 2000
+    transposed_copies: bool = True  # half precision on CPU: transposed copies of the frozen kernels (finetune.py)
     progress: bool = True
     stop_after: int | None = None  # test hook: SIGTERM ourselves after this step
 
@@ -175,13 +176,17 @@ def run(cfg: RunConfig) -> int:
     total = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * batches.batches_per_epoch)
     mesh = make_mesh(cfg.mesh)
     check_divisible(model_cfg, mesh, cfg.batch_size)
-    model_cfg, trainable, frozen = finetune.load_for_training(cfg.checkpoint, cfg.trainable, dtype, mesh)
+    model_cfg, trainable, frozen = finetune.load_for_training(cfg.checkpoint, cfg.trainable, dtype, mesh,
+                                                                  cfg.transposed_copies)
     n_train = sum(x.size for x in jax.tree.leaves(trainable))
     print(f"data: {packed.num_tokens:,} tokens -> {len(packed.train)} windows of {cfg.seq_len + 1} "
           f"(+{len(packed.heldout)} held out; {packed.dropped_tokens} tail tokens dropped), "
           f"{batches.batches_per_epoch} batches of {cfg.batch_size} per epoch; {total} steps on mesh "
           f"{dict(mesh.shape)}; training {n_train:,} of {model_cfg.num_params:,} parameters ({cfg.trainable}, "
-          f"{settings['dtype']})", flush=True)
+          f"{settings['dtype']}"
+          + ("; transposed copies of the frozen weights for the backward pass (--no-transposed-copies to save "
+             "their memory)" if finetune.wants_backward_kernels(dtype, mesh, cfg.transposed_copies) else "")
+          + ")", flush=True)
 
     tx = finetune.make_optimizer(finetune.make_schedule(cfg.lr, total, cfg.warmup_steps, cfg.schedule,
                                                         cfg.min_lr_ratio), cfg.grad_clip, cfg.weight_decay)
@@ -200,8 +205,10 @@ def run(cfg: RunConfig) -> int:
         state, pos = restored["state"], data.Position.from_dict(restored["meta"]["position"])
         print(f"resumed from {out / 'checkpoints' / str(latest)} (epoch {pos.epoch}, batch {pos.index})", flush=True)
     train_step = finetune.make_train_step(model_cfg, tx, dtype, mesh, cfg.trainable, dynamic=dynamic,
-                                          scale_period=cfg.loss_scale_period)
-    eval_step = finetune.make_eval_step(model_cfg, dtype, mesh, cfg.trainable) if cfg.eval_every else None
+                                          scale_period=cfg.loss_scale_period,
+                                          transposed_copies=cfg.transposed_copies)
+    eval_step = (finetune.make_eval_step(model_cfg, dtype, mesh, cfg.trainable, cfg.transposed_copies)
+                 if cfg.eval_every else None)
 
     def evaluate(params) -> float:
         total_loss, count = 0.0, 0.0

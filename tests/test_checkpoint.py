@@ -27,6 +27,13 @@ def test_round_trip_exact(saved):
     jax.tree.map(np.testing.assert_array_equal, restored, params)
 
 
+def test_relative_path(saved, monkeypatch):
+    """Orbax reads no item metadata from a relative directory: the loader must not depend on the working directory."""
+    _, params, out = saved
+    monkeypatch.chdir(out.parent)
+    jax.tree.map(np.testing.assert_array_equal, checkpoint.restore_params(out.name), params)
+
+
 def test_restore_casts_dtype(saved):
     _, _, out = saved
     restored = checkpoint.restore_params(out, dtype="bfloat16")

@@ -158,7 +158,8 @@ def test_half_precision_backward_uses_transposed_kernels():
 
 def test_bfloat16_training_keeps_transposed_frozen_kernels(tiny_ckpt):
     """bfloat16 on CPU: every frozen kernel gets a kernel_t copy, [O, I], sharded like it; float32 gets none; the
-    bfloat16 step with them agrees with the float32 step to bfloat16 precision, on one device and on data=2 x model=4."""
+    bfloat16 step with them agrees with the float32 step to bfloat16 precision, on one device and on data=2 x model=4;
+    transposed_copies=False leaves them out."""
     _, ckpt = tiny_ckpt
     one = make_mesh("data=1,model=1", jax.devices()[:1])
     cfg, _, frozen32 = ft.load_for_training(ckpt, "biases", jnp.float32, one)
@@ -179,6 +180,14 @@ def test_bfloat16_training_keeps_transposed_frozen_kernels(tiny_ckpt):
         m = _host(step(state, frozen, jax.device_put(w, batch_sharding(mesh)))[1])
         np.testing.assert_allclose(m["loss"], ref["loss"], rtol=2e-2)
         np.testing.assert_allclose(m["grad_norm"], ref["grad_norm"], rtol=5e-2)
+    # and without the copies (--no-transposed-copies): none in the frozen tree, the same step to bfloat16 precision
+    cfg, trainable, frozen = ft.load_for_training(ckpt, "biases", jnp.bfloat16, one, transposed_copies=False)
+    assert "kernel_t" not in str(jax.tree_util.tree_flatten_with_path(frozen)[0])
+    tx = ft.make_optimizer(ft.make_schedule(1e-3, 10, 0, "constant"))
+    state = ft.init_state(trainable, tx, ft.state_shardings(cfg, one, "biases", tx), dynamic=False)
+    step = ft.make_train_step(cfg, tx, jnp.bfloat16, one, "biases", dynamic=False, transposed_copies=False)
+    m = _host(step(state, frozen, w)[1])
+    np.testing.assert_allclose(m["grad_norm"], ref["grad_norm"], rtol=5e-2)
 
 
 def test_fp16_overflow_is_skipped_and_scale_lowered(tiny_ckpt):
@@ -277,6 +286,11 @@ def test_resume_reproduces_uninterrupted_run(runs):
     pa, pb = ft.load_finetuned(runs["A"])[1], ft.load_finetuned(runs["B"])[1]
     jax.tree.map(np.testing.assert_array_equal, pa, pb)
     assert sorted(int(p.name) for p in (runs["B"] / "checkpoints").iterdir() if p.name.isdigit()) == [20, 24]
+
+
+def test_finetuned_from_relative_path(runs, monkeypatch):
+    monkeypatch.chdir(runs["A"].parent)
+    jax.tree.map(np.testing.assert_array_equal, ft.load_finetuned(runs["A"].name)[1], ft.load_finetuned(runs["A"])[1])
 
 
 def test_frozen_tensors_bit_identical_after_training(runs):
