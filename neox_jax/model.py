@@ -75,7 +75,7 @@ def matmul_f32(x, w, w_t=None):
 
     XLA CPU runs a bfloat16 product at its bfloat16 speed only when neither operand is transposed: for any other
     orientation it converts both to float32 (4x slower). So the input gradient g @ w^T is computed as g @ w_t when a
-    physically transposed copy is given (`Linear.kernel_t`: frozen weights in half-precision training on CPU)."""
+    physically transposed copy is given (`Linear.kernel_t`: frozen weights in bfloat16 training on CPU)."""
     return jnp.dot(x, w, preferred_element_type=F32)
 
 
@@ -445,7 +445,7 @@ def linear_in_dims(cfg: NeoXConfig) -> dict[tuple, int]:
 
 def backward_kernels(cfg: NeoXConfig, params: Params, shardings: Params | None = None) -> Params:
     """params with a "kernel_t" entry, the kernel as one physically transposed [O, I] array, beside every Linear
-    kernel it holds (e.g. the frozen part of a training split; unrolled layers). For half-precision training on
+    kernel it holds (e.g. the frozen part of a training split; unrolled layers). For bfloat16 training on
     CPU (see matmul_f32); it costs one more copy of those weights. shardings: the same tree of NamedShardings for
     the result, kernel_t leaves included (None: default placement)."""
     out = jax.tree.map(lambda x: x, params)  # a fresh dict tree, the same arrays

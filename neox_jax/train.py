@@ -70,7 +70,7 @@ class RunConfig:
     resume: bool = False
     initial_loss_scale: float = 2.0 ** 15
     loss_scale_period: int = 2000
-    transposed_copies: bool = True  # half precision on CPU: transposed copies of the frozen kernels (finetune.py)
+    transposed_copies: bool = True  # bfloat16 on CPU: transposed copies of the frozen kernels (finetune.py)
     progress: bool = True
     stop_after: int | None = None  # test hook: SIGTERM ourselves after this step
 

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-scale-period", type=int, default=d.loss_scale_period,
                    help="float16 only: double the loss scale after this many finite steps (default %(default)s)")
     p.add_argument("--no-transposed-copies", dest="transposed_copies", action="store_false",
-                   help="bfloat16 / float16 on CPU: do not keep a transposed copy of the frozen weights for the backward "
+                   help="bfloat16 on CPU: do not keep a transposed copy of the frozen weights for the backward "
                         "pass; saves one copy of the frozen weights, but the backward matmuls then run in float32 "
                         "(pythia-160m BitFit: ~1.6x slower steps)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
