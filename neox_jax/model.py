@@ -214,9 +214,10 @@ class Attention(nnx.Module):
         Written for XLA CPU decode speed: heads before slots in the cache, so both attention einsums are plain
         batched matmuls over (B, N); the old cache is read before the new tokens are written (attention over the old
         slots and over the new tokens, one softmax), so the update is the cache's last use and XLA makes it in place
-        without copying the cache; `dense`, like every Linear, multiplies the attention output as one [B*T, N*H] matrix,
-        so XLA never transposes the dense kernel to match it. A cache wider than the activations (a float32 cache for bf16 params)
-        is read as it is, with q widened instead: XLA CPU converted the whole cache every step otherwise."""
+        without copying the cache; `dense`, like every Linear, multiplies the attention output as one [B*T, N*H]
+        matrix, so XLA never transposes the dense kernel to match it. A cache wider than the activations (a float32
+        cache for bf16 params) is read as it is, with q widened instead: XLA CPU converted the whole cache every step
+        otherwise."""
         b, t = x.shape[:2]
         qkv = self.query_key_value(x)  # [B, T, N, 3, H]
         q, k, v = split_qkv(qkv)  # [B, T, N, H]

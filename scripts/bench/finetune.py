@@ -135,7 +135,8 @@ def worker_torch(shape, mode, batch, seq, dtype_name, steps, warmup) -> dict:
         float(loss)
         times.append(time.perf_counter() - t)
     dt = getattr(torch, dtype_name)
-    x, w = torch.ones(batch * seq, cfg.hidden_size, dtype=dt), torch.ones(cfg.hidden_size, cfg.intermediate_size, dtype=dt)
+    x = torch.ones(batch * seq, cfg.hidden_size, dtype=dt)
+    w = torch.ones(cfg.hidden_size, cfg.intermediate_size, dtype=dt)
 
     def mm():
         with torch.no_grad():
