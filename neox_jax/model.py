@@ -206,10 +206,12 @@ class Attention(nnx.Module):
         self.dense = Linear("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), (d,), ("norm",),
                             use_bias=cfg.attention_bias, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv, cache_index):
+    def __call__(self, x, cos, sin, mask, kv, cache_index, rows=None):
         """x [B, T, D]; kv None or (k, v) caches [B, N, S, H]; mask [B, T, T] bool for the T new tokens, and with a
         cache also [B, T, S] for the slots already written (None when cache_index is the static 0: no old slots).
         The new keys / values are written at slots cache_index.. and returned as the updated (k, v) (or None).
+        rows [B, K] int (no cache): only these tokens query, and the output is theirs, [B, K, D] (keys and values
+        come from all T).
 
         Written for XLA CPU decode speed: heads before slots in the cache, so both attention einsums are plain
         batched matmuls over (B, N); the old cache is read before the new tokens are written (attention over the old
@@ -224,9 +226,12 @@ class Attention(nnx.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, H]
         new_mask, old_mask = mask
+        if rows is not None:  # [B, N, K, H] queries, [B, K, T] mask
+            q = jnp.take_along_axis(q, rows[:, None, :, None], axis=2)
+            new_mask = jnp.take_along_axis(new_mask, rows[:, :, None], axis=1)
         if kv is not None:  # what the cache holds (the new part below uses exactly these values)
             k, v = k.astype(kv[0].dtype).astype(k.dtype), v.astype(kv[1].dtype).astype(v.dtype)
-        if old_mask is None and t >= 2 * CAUSAL_BLOCK and t % CAUSAL_BLOCK == 0:  # a long prompt from slot 0
+        if rows is None and old_mask is None and t >= 2 * CAUSAL_BLOCK and t % CAUSAL_BLOCK == 0:  # a long prompt
             ends = range(CAUSAL_BLOCK, t + 1, CAUSAL_BLOCK)
             out = jnp.concatenate([_attend(q[:, :, e - CAUSAL_BLOCK:e], k[:, :, :e], v[:, :, :e],
                                            new_mask[:, e - CAUSAL_BLOCK:e, :e]) for e in ends], axis=2)
@@ -272,8 +277,11 @@ class Block(nnx.Module):
         self.attention = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv, cache_index):
-        attn, kv = self.attention(self.input_layernorm(x), cos, sin, mask, kv, cache_index)
+    def __call__(self, x, cos, sin, mask, kv, cache_index, rows=None):
+        """rows [B, K] (see Attention): the block's output at those tokens only, [B, K, D]."""
+        attn, kv = self.attention(self.input_layernorm(x), cos, sin, mask, kv, cache_index, rows)
+        if rows is not None:
+            x = jnp.take_along_axis(x, rows[..., None], axis=1)  # [B, K, D]
         if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
             x = x + attn + self.mlp(self.post_attention_layernorm(x))
         else:  # x + attn(ln1(x)), then + mlp(ln2(.))
@@ -300,12 +308,16 @@ class GPTNeoX(nnx.Module):
         self.rotary_dims = cfg.rotary_dims
         self.rotary_base = cfg.rotary_emb_base
 
-    def hidden_states(self, input_ids, positions, kv_valid, cache=None, cache_index=0, attn_mask=None):
+    def hidden_states(self, input_ids, positions, kv_valid, cache=None, cache_index=0, attn_mask=None, rows=None):
         """input_ids, positions [B, T] int; kv_valid [B, S] bool (which key slots hold real tokens, S == T without a
         cache); cache None or {"k", "v"}: a list of L [B, N, S, H] buffers
         (unrolled layers) or one [L, B, N, S, H] buffer (stacked layers), written at slots cache_index..cache_index+T-1.
         attn_mask: without a cache, an explicit [B, T, T] mask replacing causal & kv_valid (packed sequences).
-        Returns the final-layernormed hidden states [B, T, D] and the updated cache (or None)."""
+        rows [B, K] int, without a cache: only these tokens' states are wanted, and the last layer computes its
+        queries, attention output and MLP for them alone (a scorer's few scored positions).
+        Returns the final-layernormed hidden states [B, T, D] ([B, K, D] with rows) and the updated cache (or None)."""
+        if rows is not None and cache is not None:
+            raise ValueError("rows is only for a forward pass without a KV cache")
         b, t, s = *input_ids.shape, kv_valid.shape[1]
         causal = jnp.tril(jnp.ones((t, t), bool))  # [T, T]
         if attn_mask is not None:
@@ -325,9 +337,10 @@ class GPTNeoX(nnx.Module):
         x = self.embed_in(input_ids)  # [B, T, D]
         if isinstance(self.layers, nnx.List):  # unrolled: one buffer per layer
             ks, vs = [], []
+            last = len(self.layers) - 1
             for i, block in enumerate(self.layers):
                 kv = None if cache is None else (cache["k"][i], cache["v"][i])
-                x, kv = block(x, cos, sin, mask, kv, cache_index)
+                x, kv = block(x, cos, sin, mask, kv, cache_index, rows if i == last else None)
                 if kv is not None:
                     ks.append(kv[0])
                     vs.append(kv[1])
@@ -345,6 +358,8 @@ class GPTNeoX(nnx.Module):
             x, kvs = jax.lax.scan(body, x, (state, kvs))
             if cache is not None:
                 cache = {"k": kvs[0], "v": kvs[1]}
+            if rows is not None:  # every layer ran in full: pick the rows after
+                x = jnp.take_along_axis(x, rows[..., None], axis=1)
         return self.final_layer_norm(x), cache
 
     def logits(self, hidden):  # [B, T, D] -> [B, T, V] float32

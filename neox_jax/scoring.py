@@ -153,11 +153,12 @@ def tree_mask(doc, branch):
     return same_doc & visible & causal[None]
 
 
-def hidden_states(cfg: NeoXConfig, params: Params, ids, positions, mask):
-    """The model's final-layernormed hidden states [B, T, D] under an arbitrary [B, T, T] attention mask."""
+def hidden_states(cfg: NeoXConfig, params: Params, ids, positions, mask, rows=None):
+    """The model's final-layernormed hidden states [B, T, D] under an arbitrary [B, T, T] attention mask; with rows
+    [B, K], those tokens' only, [B, K, D] (the last layer then runs for them alone)."""
     model = model_from_params(cfg, params)
     valid = jnp.ones(ids.shape, bool)  # unused under an explicit mask
-    return model.hidden_states(ids, positions, valid, attn_mask=mask)[0], model
+    return model.hidden_states(ids, positions, valid, attn_mask=mask, rows=rows)[0], model
 
 
 def logprob_and_greedy(logits, targets):
@@ -177,8 +178,7 @@ def logprob_and_greedy(logits, targets):
 def score_rows(cfg: NeoXConfig, params: Params, ids, positions, doc, branch, idx, targets):
     """-> log p(target) [B, K] float32 and whether target is the argmax [B, K] (over the full, padded vocabulary,
     as lm-eval's hf backend does)."""
-    hidden, model = hidden_states(cfg, params, ids, positions, tree_mask(doc, branch))
-    picked = jnp.take_along_axis(hidden, idx[..., None], axis=1)  # [B, K, D]
+    picked, model = hidden_states(cfg, params, ids, positions, tree_mask(doc, branch), rows=idx)  # [B, K, D]
     b, k, d = picked.shape
     chunk = min(k, 1 << max(0, (HEAD_ROWS // b).bit_length() - 1))  # a power of two, as k is: it divides k
     chunks = picked.reshape(b, k // chunk, chunk, d).swapaxes(0, 1)  # [K/c, B, c, D]

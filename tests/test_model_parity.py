@@ -86,3 +86,29 @@ def test_gelu_equals_torch_over_a_wide_range():
     for approximate, torch_form in ((False, "none"), (True, "tanh")):
         want = torch.nn.functional.gelu(torch.from_numpy(x), approximate=torch_form).numpy()
         np.testing.assert_allclose(np.asarray(gelu(x, approximate)), want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_selected_rows_equal_full_forward(parallel, stacked):
+    """hidden_states(rows=...), as the scorer calls it (the last layer runs only the selected queries, MLP and
+    residual), equals the full forward's states at those rows; a repeated row and the long-prompt length included."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from neox_jax import model as M
+
+    cfg = dataclasses.replace(neox_jax.preset("tiny"), use_parallel_residual=parallel)
+    model = M.model_from_params(cfg, M.init_params(cfg, seed=1, stacked=stacked))
+    rng = np.random.RandomState(0)
+    ids = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 256)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(256), (2, 256))
+    valid = jnp.ones((2, 256), bool)
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((256, 256), bool)), (2, 256, 256))
+    rows = jnp.asarray([[0, 5, 200, 255], [3, 3, 100, 254]])
+    full = model.hidden_states(ids, pos, valid, attn_mask=mask)[0]
+    picked = model.hidden_states(ids, pos, valid, attn_mask=mask, rows=rows)[0]
+    assert picked.shape == (2, 4, cfg.hidden_size)
+    np.testing.assert_allclose(np.asarray(picked), np.take_along_axis(np.asarray(full), np.asarray(rows)[..., None], 1),
+                               atol=1e-5)
