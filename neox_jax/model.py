@@ -189,8 +189,8 @@ def _attend(q, k, v, new_mask, old_mask=None, kv=None):
 @jax.custom_vjp
 def split_qkv(qkv):
     """[B, T, N, 3, H] -> q, k, v [B, T, N, H]. Its gradient stacks the three back into one [B, T, N, 3, H] array:
-    autodiff of the three slices padded each gradient to full size and added them (pythia-160m bfloat16 BitFit: 4 ms
-    a layer)."""
+    autodiff of the three slices padded each gradient to full size and added them (pythia-160m bfloat16 BitFit step,
+    A/B in one process: 638 -> 608 ms; float32 unchanged)."""
     return qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
 
 
