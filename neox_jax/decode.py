@@ -42,6 +42,19 @@ _KERNELS = {"query_key_value": (1, 4), "dense": (2, 3), "dense_h_to_4h": (1, 2),
             "embed_out": (1, 2)}
 
 
+def kernel_in_dims(name: str) -> int:
+    """How many leading kernel dims the Linear `name` contracts (query_key_value 1, dense 2, ...)."""
+    return _KERNELS[name][0]
+
+
+def transpose_kernel(name: str, kernel):
+    """One Linear kernel [(L,) in dims..., out dims...] as an [(L,) out, in] matrix."""
+    n_in, ndim = _KERNELS[name]
+    stack, inner = kernel.shape[:kernel.ndim - ndim], kernel.shape[kernel.ndim - ndim:]
+    flat = kernel.reshape(*stack, math.prod(inner[:n_in]), math.prod(inner[n_in:]))  # [..., I, O]
+    return jnp.swapaxes(flat, -1, -2)  # [..., O, I]
+
+
 def transpose_kernels(params: Params) -> Params:
     """Every Linear kernel [in dims..., out dims...] as one [out, in] matrix (see Linear; stacked: [L, out, in]);
     the other leaves are shared. embed_out [D, V] -> [V, D]; query_key_value [D, N, 3, H] -> [N*3*H, D];
@@ -52,10 +65,7 @@ def transpose_kernels(params: Params) -> Params:
             if isinstance(v, dict):
                 out[k] = fix(v, k)
             elif k == "kernel" and name in _KERNELS:
-                n_in, ndim = _KERNELS[name]
-                stack, inner = v.shape[:v.ndim - ndim], v.shape[v.ndim - ndim:]
-                flat = v.reshape(*stack, math.prod(inner[:n_in]), math.prod(inner[n_in:]))  # [..., I, O]
-                out[k] = jnp.swapaxes(flat, -1, -2)  # [..., O, I]
+                out[k] = transpose_kernel(name, v)
             else:
                 out[k] = v
         return out

@@ -34,9 +34,9 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from neox_jax import checkpoint
+from neox_jax import checkpoint, decode
 from neox_jax.config import NeoXConfig
-from neox_jax.model import abstract_params, backward_kernels, forward, linear_in_dims
+from neox_jax.model import abstract_params, forward
 from neox_jax.sharding import batch_sharding, param_shardings
 
 F32 = jnp.float32
@@ -100,27 +100,35 @@ def wants_backward_kernels(dtype, mesh, transposed_copies: bool = True) -> bool:
     return transposed_copies and jnp.dtype(dtype) == jnp.bfloat16 and mesh.devices.flat[0].platform == "cpu"
 
 
+def _add_kernels_t(tree: dict, value, name=None) -> dict:
+    """tree with a "kernel_t" entry beside every Linear's "kernel": value(Linear name, kernel)."""
+    out = {k: _add_kernels_t(v, value, k) if isinstance(v, dict) else v for k, v in tree.items()}
+    if "kernel" in tree:
+        out["kernel_t"] = value(name, tree["kernel"])
+    return out
+
+
 def frozen_shardings(cfg: NeoXConfig, mesh, mode: str, dtype=None, transposed_copies: bool = True) -> dict:
-    """Shardings of the frozen params, with their kernel_t copies when wants_backward_kernels(...): an
-    [O, I] copy is split like its kernel's leading output dim and leading input dim (the only ones the rules split)."""
+    """Shardings of the frozen params, with their kernel_t copies when wants_backward_kernels(...): an [O, I] copy
+    is split like its kernel's leading output dim and leading input dim (the only ones the rules split)."""
     frozen = split_params(param_shardings(cfg, mesh), mode)[1]
     if dtype is None or not wants_backward_kernels(dtype, mesh, transposed_copies):
         return frozen
-    for path, n_in in linear_in_dims(cfg).items():
-        node = frozen
-        for k in path:
-            node = node.get(k) if isinstance(node, dict) else None
-        if isinstance(node, dict) and "kernel" in node:
-            spec = tuple(node["kernel"].spec) + (None,) * 8
-            node["kernel_t"] = NamedSharding(mesh, P(spec[n_in], spec[0]))
-    return frozen
+
+    def transposed(name, sharding):
+        spec = tuple(sharding.spec) + (None,) * 8
+        return NamedSharding(mesh, P(spec[decode.kernel_in_dims(name)], spec[0]))
+
+    return _add_kernels_t(frozen, transposed)
 
 
 def prepare_frozen(cfg: NeoXConfig, frozen: dict, dtype, mesh, mode: str, transposed_copies: bool = True) -> dict:
-    """The frozen params as the train and eval steps take them (with kernel_t copies where wanted)."""
+    """The frozen params as the train and eval steps take them: where wants_backward_kernels(...), with a
+    physically transposed [O, I] copy of each kernel beside it as "kernel_t" (model.matmul_f32; unrolled layers)."""
     if not wants_backward_kernels(dtype, mesh, transposed_copies):
         return frozen
-    return backward_kernels(cfg, frozen, frozen_shardings(cfg, mesh, mode, dtype))
+    return jax.device_put(_add_kernels_t(frozen, decode.transpose_kernel),
+                          frozen_shardings(cfg, mesh, mode, dtype, transposed_copies))
 
 
 def load_for_training(path, mode: str, dtype, mesh, transposed_copies: bool = True):

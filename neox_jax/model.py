@@ -119,8 +119,8 @@ class Linear(nnx.Module):
         if self.scale is not None:
             return quantize.linear(self, x, out_dtype)
         kernel = self.kernel[...]
+        lead = x.shape[:x.ndim - self.n_in]
         if self.transposed:  # kernel [O, I]; x [..., in dims] -> [..., out dims]
-            lead = x.shape[:x.ndim - self.n_in]
             rows = x.reshape(-1, kernel.shape[1]).astype(kernel.dtype)  # [M, I]
             y = jnp.einsum("OI,MI->OM", kernel, rows, preferred_element_type=F32)  # [O, M]
             if rows.shape[0] <= FEW_ROWS:  # keep [O, M] in memory: else XLA folds the .T into the matmul's output
@@ -129,7 +129,6 @@ class Linear(nnx.Module):
             y = y.reshape(*lead, *self.out_shape)
         else:  # one 2-D matmul [M, I] @ [I, O]: with several contracted or output axes (query_key_value's
             # [D, N, 3, H]) XLA CPU copied the kernel into a transposed [O, I] buffer for every backward product
-            lead = x.shape[:x.ndim - self.n_in]
             rows = x.reshape(-1, math.prod(kernel.shape[:self.n_in])).astype(kernel.dtype)  # [M, I]
             y = matmul_f32(rows, kernel.reshape(rows.shape[1], -1), self.kernel_t)  # [M, O]
             y = y.reshape(*lead, *self.out_shape)
@@ -220,7 +219,7 @@ class Attention(nnx.Module):
         matrix, so XLA never transposes the dense kernel to match it. A cache wider than the activations (a float32
         cache for bf16 params) is read as it is, with q widened instead: XLA CPU converted the whole cache every step
         otherwise."""
-        b, t = x.shape[:2]
+        t = x.shape[1]
         qkv = self.query_key_value(x)  # [B, T, N, 3, H]
         q, k, v = split_qkv(qkv)  # [B, T, N, H]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -426,7 +425,7 @@ def unstack_layers(params: Params) -> Params:
 
 def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False) -> GPTNeoX:
     """The module tree over `params`; transposed=True for params from `decode.transpose_kernels`. A Linear's
-    "kernel_t" entry (from `backward_kernels`) becomes its `kernel_t`, not a parameter."""
+    "kernel_t" entry (from `finetune.prepare_frozen`) becomes its `kernel_t`, not a parameter."""
     params, kernels_t = _pop_kernels_t(params)
     model = nnx.merge(graphdef(cfg, is_stacked(params), quantize.spec_of(params)), params)
     if transposed or kernels_t:
@@ -438,9 +437,7 @@ def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False)
 
 
 def _pop_kernels_t(params: Params, path: tuple = ()) -> tuple[Params, dict]:
-    """params without their "kernel_t" entries, and {path of the Linear: its kernel_t}."""
-    if not any(isinstance(v, dict) or k == "kernel_t" for k, v in params.items()):
-        return params, {}
+    """params without their "kernel_t" entries (see finetune.prepare_frozen), and {path of the Linear: its kernel_t}."""
     out, found = {}, {}
     for k, v in params.items():
         if k == "kernel_t":
@@ -451,36 +448,6 @@ def _pop_kernels_t(params: Params, path: tuple = ()) -> tuple[Params, dict]:
         else:
             out[k] = v
     return out, found
-
-
-def linear_in_dims(cfg: NeoXConfig) -> dict[tuple, int]:
-    """{path of each Linear: how many leading kernel dims it contracts} (unrolled layers)."""
-    abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0)))
-    return {tuple(p): m.n_in for p, m in nnx.iter_modules(abstract) if isinstance(m, Linear)}
-
-
-def backward_kernels(cfg: NeoXConfig, params: Params, shardings: Params | None = None) -> Params:
-    """params with a "kernel_t" entry, the kernel as one physically transposed [O, I] array, beside every Linear
-    kernel it holds (e.g. the frozen part of a training split; unrolled layers). For bfloat16 training on
-    CPU (see matmul_f32); it costs one more copy of those weights. shardings: the same tree of NamedShardings for
-    the result, kernel_t leaves included (None: default placement)."""
-    out = jax.tree.map(lambda x: x, params)  # a fresh dict tree, the same arrays
-    for path, n_in in linear_in_dims(cfg).items():
-        node = out
-        for k in path:
-            node = node.get(k) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or "kernel" not in node:
-            continue
-        kernel = node["kernel"]
-        i = math.prod(kernel.shape[:n_in])
-        sh = None
-        if shardings is not None:
-            sh = shardings
-            for k in path:
-                sh = sh[k]
-            sh = sh["kernel_t"]
-        node["kernel_t"] = jax.jit(lambda k, i=i: k.reshape(i, -1).T, out_shardings=sh)(kernel)  # [O, I]
-    return out
 
 
 def forward(cfg: NeoXConfig, params: Params, input_ids, positions=None, kv_valid=None, cache=None, cache_index=0):

@@ -128,7 +128,7 @@ def test_sharded_step_equals_single_device(tiny_ckpt):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * scale), d1, d8)
 
 
-def test_half_precision_backward_uses_transposed_kernels():
+def test_matmul_f32_gradient_runs_in_operand_dtype():
     """matmul_f32's gradient runs in the operands' dtype: the float32 cotangent rounded to it, float32 accumulation;
     with a transposed copy of the weights (how half-precision training on CPU runs) and without one alike."""
     from neox_jax.model import matmul_f32

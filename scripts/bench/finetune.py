@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.bench._common import markdown_table, peak_rss_mb, run_json, write_json  # noqa: E402
+from scripts.bench._common import markdown_table, median_time, peak_rss_mb, run_json, write_json  # noqa: E402
 
 BIAS_SUFFIXES = ("attention.query_key_value.bias", "attention.dense.bias", "mlp.dense_h_to_4h.bias")
 
@@ -55,16 +55,10 @@ def step_gflop(cfg, mode: str, tokens: int) -> float:
     return 2 * tokens * (forward + input_grads + weight_grads) / 1e9
 
 
-def matmul_gflops(mm, repeats: int = 7) -> float:
-    """mm() runs one product of the shape returned by mm.shape; its median rate in GFLOP/s."""
+def matmul_gflops(mm, m: int, k: int, n: int) -> float:
+    """mm() runs one [m, k] x [k, n] product; its median rate in GFLOP/s after a warm-up call (the compile)."""
     mm()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        mm()
-        times.append(time.perf_counter() - t)
-    m, k, n = mm.shape
-    return 2 * m * k * n / 1e9 / sorted(times)[repeats // 2]
+    return 2 * m * k * n / 1e9 / median_time(mm, repeats=7)
 
 
 def worker_jax(shape, mode, batch, seq, dtype_name, steps, warmup) -> dict:
@@ -99,9 +93,8 @@ def worker_jax(shape, mode, batch, seq, dtype_name, steps, warmup) -> dict:
 
     def mm():
         product(x, w).block_until_ready()
-    mm.shape = (*x.shape, w.shape[1])
     return {"times": times[warmup:], "compile_s": times[0], "base_mb": base, "loss": float(m["loss"]),
-            "matmul_gflops": matmul_gflops(mm),
+            "matmul_gflops": matmul_gflops(mm, *x.shape, w.shape[1]),
             "device_peak_mb": stats.get("peak_bytes_in_use", 0) / 2**20 or None,
             "trainable": sum(x.size for x in jax.tree.leaves(state["params"]))}
 
@@ -141,9 +134,8 @@ def worker_torch(shape, mode, batch, seq, dtype_name, steps, warmup) -> dict:
     def mm():
         with torch.no_grad():
             torch.mm(x, w)
-    mm.shape = (*x.shape, w.shape[1])
     return {"times": times[warmup:], "compile_s": times[0], "base_mb": base, "loss": float(loss),
-            "matmul_gflops": matmul_gflops(mm),
+            "matmul_gflops": matmul_gflops(mm, *x.shape, w.shape[1]),
             "device_peak_mb": None, "trainable": sum(p.numel() for p in params)}
 
 
