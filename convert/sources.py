@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from neox_jax.errors import NeoXError
 
-class ConvertError(ValueError):
+
+class ConvertError(NeoXError):
     """Bad input to a converter: the message names the file and the tensor."""
 
 

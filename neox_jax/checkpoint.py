@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 
 from neox_jax import quantize
 from neox_jax.config import NeoXConfig
+from neox_jax.errors import NeoXError
 from neox_jax.model import abstract_params
 
 FORMAT = "neox-jax-checkpoint"
@@ -40,7 +41,7 @@ DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat
 CHUNK_BYTES = 32 * 2**20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NeoXError):
     """A checkpoint is missing, incomplete or does not match what was expected."""
 
 

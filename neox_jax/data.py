@@ -22,9 +22,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from neox_jax.tokenizer import Tokenizer
+from neox_jax.errors import NeoXError
 
 
-class DataError(ValueError):
+class DataError(NeoXError):
     """A data file cannot be read, or holds too little text for the requested windows / batches."""
 
 

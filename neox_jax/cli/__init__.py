@@ -1,0 +1,57 @@
+"""The `neox-jax` command: one subcommand per module in this package.
+
+Each subcommand module defines
+    HELP: str                                   one line for `neox-jax --help`
+    add_arguments(parser) -> None               its flags (the parser's description is the module docstring)
+    run(args) -> int                            the body: library calls, returns the exit code
+and is named in COMMANDS below. `scripts/NAME.py` and `python -m neox_jax NAME` reach the same code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+# subcommand -> module; imported only when that subcommand runs (or for --help), so `neox-jax --help` is fast
+COMMANDS: dict[str, str] = {}
+
+
+def _module(name: str):
+    return importlib.import_module(COMMANDS[name])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from neox_jax import __version__
+
+    p = argparse.ArgumentParser(prog="neox-jax", description="GPT-NeoX (20B and the Pythia suite) in pure JAX.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"neox-jax {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of any error")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        mod = _module(name)
+        sp = sub.add_parser(name, help=mod.HELP, description=mod.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of any error")
+        mod.add_arguments(sp)
+        sp.set_defaults(_run=mod.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one subcommand; user errors (NeoXError) end as one line on stderr and exit 1, Ctrl-C as 130."""
+    from neox_jax.errors import NeoXError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except NeoXError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
