@@ -15,7 +15,8 @@ from tqdm import tqdm
 from neox_jax.checkpoint import (DTYPES, CheckpointError, CheckpointWriter, dtype_name, get_group, group_names,
                                  iter_groups, read_metadata, set_group)
 from neox_jax.config import NeoXConfig
-from neox_jax.finetune import load_finetuned, merge_params, split_params
+from neox_jax import lora
+from neox_jax.finetune import load_finetuned, merge_params, mode_from_meta, split_params
 
 
 def merge(ckpt, run_dir, out, dtype=None, progress=True) -> dict:
@@ -26,12 +27,18 @@ def merge(ckpt, run_dir, out, dtype=None, progress=True) -> dict:
     ft_meta, trained = load_finetuned(run_dir)
     if NeoXConfig.from_dict(ft_meta["config"]) != cfg:
         raise CheckpointError(f"{run_dir} was fine-tuned for a different model config than {ckpt}")
-    mode, t0, replaced = ft_meta["trainable"], time.time(), 0
+    mode, t0, replaced = mode_from_meta(ft_meta), time.time(), 0
     source = {"kind": "merge", "base": str(ckpt.absolute()), "finetuned": str(Path(run_dir).absolute()),
-              "trainable": mode, "step": ft_meta.get("step")}
+              "trainable": ft_meta["trainable"], "step": ft_meta.get("step")}
     with CheckpointWriter(out, cfg, dtype, source) as writer:
         for name, tree in tqdm(iter_groups(ckpt), total=len(group_names(cfg)), desc="merge", unit="group",
                                disable=not progress):
+            if lora.is_lora(mode):  # LoRA: W + scale * A @ B in float32 for each adapted kernel
+                adapters = trained["layers"].get(int(name.split(".")[1]), {}) if name.startswith("layers.") else {}
+                replaced += sum(np.size(tree[p][n]["kernel"]) for p, linears in adapters.items() for n in linears)
+                writer.write_group(name, _to_numpy(lora.merge_layer(tree, _to_numpy(adapters, np.float32),
+                                                                    mode.scale) if adapters else tree, DTYPES[dtype]))
+                continue
             whole: dict = {}
             set_group(whole, name, tree)
             frozen = split_params(whole, mode)[1]

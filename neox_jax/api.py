@@ -118,12 +118,15 @@ def _quantize(params: Params, cfg: NeoXConfig, mode: str) -> Params:
     return params
 
 
-def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quantize=None) -> NeoX:
+def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, adapter=None, quantize=None) -> NeoX:
     """Loads a neox-jax checkpoint directory (made by `python -m convert ...`).
 
     dtype: float32 / float16 / bfloat16 to cast the parameters to (default: as stored).
     mesh: a jax.sharding.Mesh (see neox_jax.sharding.make_mesh) to restore the params onto, sharded.
-    finetuned: a fine-tuning run directory whose trained parameters replace the checkpoint's.
+    finetuned: a fine-tuning run directory whose trained parameters replace the checkpoint's (a LoRA run's adapters
+    are folded into the weights).
+    adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), folded into the weights
+    as W + scale * A @ B in float32, then cast to the weights' dtype (see neox_jax/lora_peft.py).
     quantize: None, "int8" (weight-only) or "llm.int8" (see neox_jax/quantize.py). An int8 checkpoint (made by
     `python -m convert quantize`) loads quantized without it; passing the other mode switches modes."""
     path = Path(path)
@@ -132,6 +135,11 @@ def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quan
     params = _restore(path, cfg, dtype, mesh)
     if finetuned is not None:
         params = _apply_finetuned(params, cfg, finetuned)
+    if adapter is not None:
+        from neox_jax import lora, lora_peft
+
+        spec, adapters = lora_peft.read_adapter(adapter, cfg)
+        params = lora.merge_adapters(params, adapters, spec.scale)
     if quantize is not None:
         params = _quantize(params, cfg, quantize)
     tok = Tokenizer.from_file(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None

@@ -8,6 +8,8 @@ Trainable subsets (`--trainable`):
           receive identical gradients; training attention.dense's bias already moves that sum. (With the sequential
           residual b_dense also feeds post_attention_layernorm, so there they differ; we keep the reference's set.)
   all     every parameter.
+  lora    a lora.LoraSpec instead of a name: new float32 adapters on the block linears (neox_jax/lora.py); every base
+          parameter frozen.
 
 Precision: the frozen weights stay in the run's dtype; the trainable ones keep float32 master copies, are cast to the
 run's dtype for the forward pass, and get float32 gradients and optimizer state. Only the trainable subset has
@@ -34,7 +36,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from neox_jax import checkpoint, decode
+from neox_jax import checkpoint, decode, lora
 from neox_jax.config import NeoXConfig
 from neox_jax.model import abstract_params, forward
 from neox_jax.sharding import batch_sharding, param_shardings
@@ -53,6 +55,8 @@ def is_trainable(path: tuple, mode: str) -> bool:
     """path: keys from the params root, e.g. ("layers", 3, "attention", "dense", "bias")."""
     if mode == "all":
         return True
+    if lora.is_lora(mode):  # the adapters are new parameters; the whole base is frozen
+        return False
     if mode == "biases":
         return path[0] == "layers" and tuple(path[-3:]) in BIAS_PATHS
     raise ValueError(f"unknown trainable subset {mode!r}; expected one of {MODES}")
@@ -89,7 +93,16 @@ def cast(tree, dtype):
 
 def abstract_trainable(cfg: NeoXConfig, mode: str) -> dict:
     """The float32 master copies' shapes (nothing allocated)."""
+    if lora.is_lora(mode):
+        return lora.abstract_adapters(cfg, mode)
     return split_params(abstract_params(cfg, F32), mode)[0]
+
+
+def trainable_shardings(cfg: NeoXConfig, mesh, mode) -> dict:
+    """The masters' shardings: the parameter rules (LoRA: each adapter like the matrix it adapts)."""
+    if lora.is_lora(mode):
+        return lora.adapter_shardings(cfg, mode, mesh)
+    return split_params(param_shardings(cfg, mesh), mode)[0]
 
 
 def wants_backward_kernels(dtype, mesh, transposed_copies: bool = True) -> bool:
@@ -131,9 +144,9 @@ def prepare_frozen(cfg: NeoXConfig, frozen: dict, dtype, mesh, mode: str, transp
                           frozen_shardings(cfg, mesh, mode, dtype, transposed_copies))
 
 
-def load_for_training(path, mode: str, dtype, mesh, transposed_copies: bool = True):
+def load_for_training(path, mode: str, dtype, mesh, transposed_copies: bool = True, seed: int = 0):
     """Reads a checkpoint group by group onto the mesh (each device reads its slice): (cfg, trainable float32 masters,
-    frozen params in dtype, prepared for the steps by prepare_frozen)."""
+    frozen params in dtype, prepared for the steps by prepare_frozen). LoRA: fresh adapters from `seed`."""
     cfg = checkpoint.read_config(path)
     shardings = param_shardings(cfg, mesh)
     trainable, frozen = {}, {}
@@ -143,6 +156,8 @@ def load_for_training(path, mode: str, dtype, mesh, transposed_copies: bool = Tr
         t, f = split_params(group, mode)
         trainable = merge_params(cast(t, F32), trainable)
         frozen = merge_params(cast(f, dtype), frozen)
+    if lora.is_lora(mode):
+        trainable = lora.init_adapters(cfg, mode, seed, lora.adapter_shardings(cfg, mode, mesh))
     return cfg, trainable, prepare_frozen(cfg, frozen, dtype, mesh, mode, transposed_copies)
 
 
@@ -191,17 +206,20 @@ def adjust_loss_scale(ls: dict, finite, period: int = 2000, factor: float = 2.0,
 
 # ---- the train step --------------------------------------------------------------------------------------------------
 
-def token_losses(cfg: NeoXConfig, params: dict, windows):
+def token_losses(cfg: NeoXConfig, params: dict, windows, lora_spec=None, lora_key=None):
     """windows [B, T + 1] int -> per-token cross entropy [B, T] float32 (inputs w[:, :-1], targets w[:, 1:])."""
-    logits = forward(cfg, params, windows[:, :-1])[0]  # [B, T, V] float32
+    logits = forward(cfg, params, windows[:, :-1], lora=lora_spec, lora_key=lora_key)[0]  # [B, T, V] float32
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])
 
 
-def loss_and_grads(cfg: NeoXConfig, trainable: dict, frozen: dict, windows, dtype, scale=1.0):
+def loss_and_grads(cfg: NeoXConfig, trainable: dict, frozen: dict, windows, dtype, scale=1.0, lora_spec=None,
+                   lora_key=None):
     """(mean loss, float32 gradients of the trainable masters); the loss is scaled by `scale` for differentiation
-    and the gradients unscaled."""
+    and the gradients unscaled. lora_spec: the masters are LoRA adapters (they run in float32, uncast); lora_key: the
+    step's dropout key."""
     def scaled(p):
-        loss = token_losses(cfg, merge_params(cast(p, dtype), frozen), windows).mean()
+        p = p if lora_spec is not None else cast(p, dtype)
+        loss = token_losses(cfg, merge_params(p, frozen), windows, lora_spec, lora_key).mean()
         return loss * scale, loss
 
     grads, loss = jax.grad(scaled, has_aux=True)(trainable)
@@ -212,7 +230,7 @@ def state_shardings(cfg: NeoXConfig, mesh, mode: str, tx) -> dict:
     """Shardings of the train state: masters and their optimizer moments follow the parameter rules; scalars
     are replicated."""
     rep = NamedSharding(mesh, P())
-    p_sh = split_params(param_shardings(cfg, mesh), mode)[0]
+    p_sh = trainable_shardings(cfg, mesh, mode)
     opt_abstract = jax.eval_shape(tx.init, abstract_trainable(cfg, mode))
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, p_sh, transform_non_params=lambda _: rep)
     return {"params": p_sh, "opt_state": opt_sh, "loss_scale": {"scale": rep, "counter": rep}, "rng": rep,
@@ -237,9 +255,13 @@ def make_train_step(cfg: NeoXConfig, tx, dtype, mesh, mode: str, *, dynamic: boo
     the step count (metrics["skipped"])."""
     st_sh = state_shardings(cfg, mesh, mode, tx)
     rep = NamedSharding(mesh, P())
+    spec = mode if lora.is_lora(mode) else None
 
     def step(state, frozen, windows):
-        loss, grads = loss_and_grads(cfg, state["params"], frozen, windows, dtype, state["loss_scale"]["scale"])
+        rng, key = jax.random.split(jax.random.wrap_key_data(state["rng"]))  # key: this step's LoRA dropout
+        key = key if spec is not None and spec.dropout else None
+        loss, grads = loss_and_grads(cfg, state["params"], frozen, windows, dtype, state["loss_scale"]["scale"],
+                                     spec, key)
         grad_norm = optax.global_norm(grads)
         # an inf or NaN anywhere makes the norm non-finite (so does a norm beyond float32's range, ~1.8e19): one
         # pass over the gradients instead of an is-finite pass per tensor
@@ -253,8 +275,7 @@ def make_train_step(cfg: NeoXConfig, tx, dtype, mesh, mode: str, *, dynamic: boo
         # old and new copies of every parameter and moment (that doubled the optimizer's memory traffic)
         params, opt_state = jax.lax.cond(finite, update, lambda _: (state["params"], state["opt_state"]), None)
         ls = adjust_loss_scale(state["loss_scale"], finite, scale_period) if dynamic else state["loss_scale"]
-        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
-        new = {"params": params, "opt_state": opt_state, "loss_scale": ls, "rng": rng, "step": state["step"] + 1}
+        new = {"params": params, "opt_state": opt_state, "loss_scale": ls, "rng": jax.random.key_data(rng), "step": state["step"] + 1}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": current_lr(opt_state),
                    "loss_scale": state["loss_scale"]["scale"], "skipped": ~finite}
         return new, metrics
@@ -267,11 +288,13 @@ def make_train_step(cfg: NeoXConfig, tx, dtype, mesh, mode: str, *, dynamic: boo
 def make_eval_step(cfg: NeoXConfig, dtype, mesh, mode: str, transposed_copies: bool = True):
     """jit(ev)(masters, frozen, windows [B, T + 1], weights [B]) -> (sum of weighted per-window mean losses,
     sum of weights)."""
-    trainable_sh = split_params(param_shardings(cfg, mesh), mode)[0]
+    trainable_sh = trainable_shardings(cfg, mesh, mode)
     frozen_sh = frozen_shardings(cfg, mesh, mode, dtype, transposed_copies)
+    spec = mode if lora.is_lora(mode) else None
 
     def ev(trainable, frozen, windows, weights):
-        per_window = token_losses(cfg, merge_params(cast(trainable, dtype), frozen), windows).mean(-1)  # [B]
+        trainable = trainable if spec is not None else cast(trainable, dtype)
+        per_window = token_losses(cfg, merge_params(trainable, frozen), windows, spec).mean(-1)  # [B]
         return jnp.sum(per_window * weights), jnp.sum(weights)
 
     return jax.jit(ev, in_shardings=(trainable_sh, frozen_sh, batch_sharding(mesh), batch_sharding(mesh, 1)),
@@ -292,6 +315,15 @@ def _shapes(tree, dtype=None):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), tree)
 
 
+def mode_to_meta(mode) -> dict:
+    return {"trainable": "lora", "lora": mode.to_dict()} if lora.is_lora(mode) else {"trainable": mode}
+
+
+def mode_from_meta(meta: dict):
+    """The `mode` a finetuned/metadata.json describes: "biases", "all" or a LoraSpec."""
+    return lora.LoraSpec.from_dict(meta["lora"]) if meta["trainable"] == "lora" else meta["trainable"]
+
+
 def save_finetuned(run_dir, cfg: NeoXConfig, mode: str, trainable: dict, info: dict | None = None) -> Path:
     """Writes RUN_DIR/finetuned (metadata.json + params/, the float32 trainable subset) under a temporary name,
     then swaps it in: a crash leaves the previous one readable."""
@@ -300,7 +332,7 @@ def save_finetuned(run_dir, cfg: NeoXConfig, mode: str, trainable: dict, info: d
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), trainable)
     try:
         _checkpointer().save(tmp / "params", args=ocp.args.StandardSave(host))
-        meta = {"format": FORMAT, "format_version": 1, "config": cfg.to_dict(), "trainable": mode,
+        meta = {"format": FORMAT, "format_version": 1, "config": cfg.to_dict(), **mode_to_meta(mode),
                 "num_trainable": int(sum(x.size for x in jax.tree.leaves(host))), **(info or {})}
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():
@@ -327,7 +359,7 @@ def load_finetuned(run_dir) -> tuple[dict, dict]:
     if meta.get("format") != FORMAT:
         raise checkpoint.CheckpointError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
     cfg = NeoXConfig.from_dict(meta["config"])
-    want = abstract_trainable(cfg, meta["trainable"])
+    want = abstract_trainable(cfg, mode_from_meta(meta))
     ckptr = _checkpointer()
     found = checkpoint.stored_tree(ckptr, d / "params")  # Orbax metadata spells the layer keys as strings
     checkpoint.compare_trees(_str_keys(want), _str_keys(found), str(d / "params"))
@@ -341,7 +373,10 @@ def apply_finetuned(params: dict, cfg: NeoXConfig, run_dir) -> dict:
     if NeoXConfig.from_dict(meta["config"]) != cfg:
         raise checkpoint.CheckpointError(f"{run_dir}: fine-tuned for a different model config than this checkpoint's "
                                          f"({meta['config']} vs {cfg.to_dict()})")
-    old = split_params(params, meta["trainable"])[0]
+    mode = mode_from_meta(meta)
+    if lora.is_lora(mode):  # folded into the kernels (W + scale * A @ B): inference runs at the base model's cost
+        return lora.merge_adapters(params, trained, mode.scale)
+    old = split_params(params, mode)[0]
     checkpoint.compare_trees(_shapes(trained, F32), _shapes(old, F32), f"{run_dir} vs the loaded checkpoint")
     new = jax.tree.map(lambda t, o: jax.device_put(jnp.asarray(t).astype(o.dtype), o.sharding), trained, old)
     return merge_params(new, params)

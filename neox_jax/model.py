@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neox_jax import quantize
+from neox_jax import lora as lora_lib, quantize
 from neox_jax.config import NeoXConfig
 
 Params = dict[str, Any]
@@ -103,6 +103,7 @@ class Linear(nnx.Module):
     right-hand operand, here the few activations instead of the weights."""
     transposed = False
     kernel_t = None  # an [O, I] copy of a frozen kernel for the backward pass (see matmul_f32), or None
+    lora = None  # a lora.Adapter (set by model_from_params from "lora_A" / "lora_B" entries), or None
 
     def __init__(self, spec: str, kernel_shape, kernel_axes, bias_shape, bias_axes, *, use_bias: bool, param_dtype,
                  rngs: nnx.Rngs):
@@ -132,6 +133,8 @@ class Linear(nnx.Module):
             rows = x.reshape(-1, math.prod(kernel.shape[:self.n_in])).astype(kernel.dtype)  # [M, I]
             y = matmul_f32(rows, kernel.reshape(rows.shape[1], -1), self.kernel_t)  # [M, O]
             y = y.reshape(*lead, *self.out_shape)
+        if self.lora is not None:  # + scale * (dropout(x) @ A) @ B, unmerged, in float32 (neox_jax/lora.py)
+            y = y + self.lora(x, self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(F32)
         return y.astype(out_dtype or kernel.dtype)
@@ -423,42 +426,56 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": {i: jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n)}}
 
 
-def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False) -> GPTNeoX:
+def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False, lora=None, lora_key=None) -> GPTNeoX:
     """The module tree over `params`; transposed=True for params from `decode.transpose_kernels`. A Linear's
-    "kernel_t" entry (from `finetune.prepare_frozen`) becomes its `kernel_t`, not a parameter."""
-    params, kernels_t = _pop_kernels_t(params)
+    "kernel_t" entry (from `finetune.prepare_frozen`) becomes its `kernel_t`, not a parameter; its "lora_A" /
+    "lora_B" entries (unmerged LoRA adapters) its `lora`, with lora (a lora.LoraSpec) giving the scale and dropout
+    and lora_key (None: no dropout) the dropout's PRNG key, folded with each Linear's index."""
+    params, extras = _pop_extras(params)
     model = nnx.merge(graphdef(cfg, is_stacked(params), quantize.spec_of(params)), params)
-    if transposed or kernels_t:
-        for path, module in nnx.iter_modules(model):
-            if isinstance(module, Linear):
-                module.transposed = transposed
-                module.kernel_t = kernels_t.get(tuple(path))
+    if transposed or extras:
+        linears = [(tuple(path), m) for path, m in nnx.iter_modules(model) if isinstance(m, Linear)]
+        for i, (path, module) in enumerate(linears):
+            extra = extras.get(path, {})
+            module.transposed = transposed
+            module.kernel_t = extra.get("kernel_t")
+            if "lora_A" in extra:
+                if lora is None:
+                    raise ValueError("params hold LoRA adapters: pass lora=LoraSpec, or fold them in with "
+                                     "lora.merge_adapters")
+                key = None if lora_key is None else jax.random.fold_in(lora_key, i)
+                module.lora = lora_lib.Adapter(extra["lora_A"], extra["lora_B"], lora, key)
     return model
 
 
-def _pop_kernels_t(params: Params, path: tuple = ()) -> tuple[Params, dict]:
-    """params without their "kernel_t" entries (see finetune.prepare_frozen), and {path of the Linear: its kernel_t}."""
+EXTRAS = ("kernel_t", "lora_A", "lora_B")  # Linear entries that are inputs of the step, not nnx parameters
+
+
+def _pop_extras(params: Params, path: tuple = ()) -> tuple[Params, dict]:
+    """params without their EXTRAS entries, and {path of the Linear: {name: array}}."""
     out, found = {}, {}
     for k, v in params.items():
-        if k == "kernel_t":
-            found[path] = v
+        if k in EXTRAS:
+            found.setdefault(path, {})[k] = v
         elif isinstance(v, dict):
-            out[k], sub = _pop_kernels_t(v, path + (k,))
+            out[k], sub = _pop_extras(v, path + (k,))
             found.update(sub)
         else:
             out[k] = v
     return out, found
 
 
-def forward(cfg: NeoXConfig, params: Params, input_ids, positions=None, kv_valid=None, cache=None, cache_index=0):
+def forward(cfg: NeoXConfig, params: Params, input_ids, positions=None, kv_valid=None, cache=None, cache_index=0,
+            lora=None, lora_key=None):
     """Pure function: logits [B, T, V] float32 and the updated cache. Without positions / kv_valid every token is real
-    and positions count from 0."""
+    and positions count from 0. lora, lora_key: for params with unmerged LoRA adapters (model_from_params)."""
     b, t = input_ids.shape
     if kv_valid is None:
         kv_valid = jnp.ones((b, t), bool)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    return model_from_params(cfg, params)(input_ids, positions, kv_valid, cache, cache_index)
+    return model_from_params(cfg, params, lora=lora, lora_key=lora_key)(input_ids, positions, kv_valid, cache,
+                                                                         cache_index)
 
 
 def positions_from_mask(mask):

@@ -29,13 +29,15 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from neox_jax import checkpoint, data, finetune
+from neox_jax import checkpoint, data, finetune, lora
 from neox_jax.sharding import batch_sharding, check_divisible, make_mesh
 from neox_jax.tokenizer import Tokenizer
 
 # settings a resumed run must share with the run it continues (the rest may change: steps, saving, mesh, ...)
 EXACT = ("data", "tokenizer", "seq_len", "batch_size", "lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay",
-         "grad_clip", "dtype", "trainable", "heldout_fraction", "seed", "initial_loss_scale", "loss_scale_period")
+         "grad_clip", "dtype", "trainable", "heldout_fraction", "seed", "initial_loss_scale", "loss_scale_period",
+         "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora")
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -60,7 +62,12 @@ class RunConfig:
     grad_clip: float = 1.0
     dtype: str | None = None  # default: as stored in the checkpoint
     mesh: str = "data=-1"
-    trainable: str = "biases"
+    trainable: str = "biases"  # or "all", "lora"
+    lora_rank: int = 8  # --trainable lora: neox_jax/lora.py (PEFT's defaults)
+    lora_alpha: float = 8.0
+    lora_targets: str = ",".join(lora.DEFAULT_TARGETS)  # comma-separated
+    lora_dropout: float = 0.0
+    rslora: bool = False
     save_every: int = 100
     keep: int = 3
     eval_every: int = 0
@@ -75,12 +82,22 @@ class RunConfig:
     stop_after: int | None = None  # test hook: SIGTERM ourselves after this step
 
 
+def train_mode(cfg: RunConfig):
+    """finetune's mode: "biases", "all", or the LoraSpec of --trainable lora."""
+    if cfg.trainable != "lora":
+        return cfg.trainable
+    targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+    return lora.LoraSpec(cfg.lora_rank, cfg.lora_alpha, targets, cfg.lora_dropout, cfg.rslora)
+
+
 def _resolved(cfg: RunConfig, ckpt_dtype: str) -> dict:
     d = dataclasses.asdict(cfg)
     d["data"] = [str(Path(p).absolute()) for p in cfg.data]
     d["tokenizer"] = str(Path(cfg.tokenizer).absolute()) if cfg.tokenizer else None
     d["dtype"] = cfg.dtype or ckpt_dtype
     d["heldout_fraction"] = cfg.eval_fraction if cfg.eval_every else 0.0  # decides which windows train
+    if cfg.trainable != "lora":  # not part of other runs (and absent from their run.json)
+        d.update(dict.fromkeys(LORA_FIELDS))
     return d
 
 
@@ -176,8 +193,9 @@ def run(cfg: RunConfig) -> int:
     total = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * batches.batches_per_epoch)
     mesh = make_mesh(cfg.mesh)
     check_divisible(model_cfg, mesh, cfg.batch_size)
-    model_cfg, trainable, frozen = finetune.load_for_training(cfg.checkpoint, cfg.trainable, dtype, mesh,
-                                                                  cfg.transposed_copies)
+    mode = train_mode(cfg)
+    model_cfg, trainable, frozen = finetune.load_for_training(cfg.checkpoint, mode, dtype, mesh,
+                                                                  cfg.transposed_copies, cfg.seed)
     n_train = sum(x.size for x in jax.tree.leaves(trainable))
     print(f"data: {packed.num_tokens:,} tokens -> {len(packed.train)} windows of {cfg.seq_len + 1} "
           f"(+{len(packed.heldout)} held out; {packed.dropped_tokens} tail tokens dropped), "
@@ -191,7 +209,7 @@ def run(cfg: RunConfig) -> int:
     tx = finetune.make_optimizer(finetune.make_schedule(cfg.lr, total, cfg.warmup_steps, cfg.schedule,
                                                         cfg.min_lr_ratio), cfg.grad_clip, cfg.weight_decay)
     dynamic = dtype == jnp.float16
-    shardings = finetune.state_shardings(model_cfg, mesh, cfg.trainable, tx)
+    shardings = finetune.state_shardings(model_cfg, mesh, mode, tx)
     state = finetune.init_state(trainable, tx, shardings, dynamic=dynamic, initial_scale=cfg.initial_loss_scale,
                                 seed=cfg.seed)
     del trainable  # donated to the state
@@ -204,10 +222,10 @@ def run(cfg: RunConfig) -> int:
                                                                meta=ocp.args.JsonRestore()))
         state, pos = restored["state"], data.Position.from_dict(restored["meta"]["position"])
         print(f"resumed from {out / 'checkpoints' / str(latest)} (epoch {pos.epoch}, batch {pos.index})", flush=True)
-    train_step = finetune.make_train_step(model_cfg, tx, dtype, mesh, cfg.trainable, dynamic=dynamic,
+    train_step = finetune.make_train_step(model_cfg, tx, dtype, mesh, mode, dynamic=dynamic,
                                           scale_period=cfg.loss_scale_period,
                                           transposed_copies=cfg.transposed_copies)
-    eval_step = (finetune.make_eval_step(model_cfg, dtype, mesh, cfg.trainable, cfg.transposed_copies)
+    eval_step = (finetune.make_eval_step(model_cfg, dtype, mesh, mode, cfg.transposed_copies)
                  if cfg.eval_every else None)
 
     def evaluate(params) -> float:
@@ -265,7 +283,7 @@ def run(cfg: RunConfig) -> int:
     bar.close()
     save(step, last)
     mgr.close()
-    ft = finetune.save_finetuned(out, model_cfg, cfg.trainable, state["params"], {
+    ft = finetune.save_finetuned(out, model_cfg, mode, state["params"], {
         "base_checkpoint": str(Path(cfg.checkpoint).absolute()), "step": step, "dtype": settings["dtype"]})
     plot = plot_losses(metrics_file, out / "loss.png") if metrics_file.stat().st_size else None
     what = f"stopped by {signal.Signals(stopped).name} at step {step}/{total}" if stopped else f"finished {step} steps"
