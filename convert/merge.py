@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from neox_jax import lora
 from neox_jax.checkpoint import (DTYPES, CheckpointError, CheckpointWriter, dtype_name, get_group, group_names,
                                  iter_groups, read_metadata, set_group)
 from neox_jax.config import NeoXConfig
-from neox_jax import lora
 from neox_jax.finetune import load_finetuned, merge_params, mode_from_meta, split_params
 
 

@@ -7,7 +7,6 @@ Writes OUT/adapter_config.json and OUT/adapter_model.safetensors (float32, PEFT'
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from convert.sources import ConvertError
 from neox_jax import lora, lora_peft

@@ -4,8 +4,8 @@
     (through `neox-jax-lm-eval`, which registers the model first), or `python scripts/evaluate.py ...`.
 
 Model args: pretrained (or checkpoint): a neox-jax checkpoint directory; dtype (float32 / float16 / bfloat16);
-batch_size (rows per forward call); mesh ('data=2,model=4'); finetuned (a fine-tuning run directory); quantize
-(int8 | llm.int8); max_length
+batch_size (rows per forward call); mesh ('data=2,model=4'); finetuned (a fine-tuning run directory); adapter (a PEFT
+LoRA adapter directory); quantize (int8 | llm.int8); max_length
 (default: the model's max_position_embeddings, as lm-eval's hf backend); max_gen_toks (default 256, as hf);
 pack_length (shortest packed row, default 512); tokenizer (a tokenizer.json when the checkpoint has none).
 
@@ -49,28 +49,30 @@ def _batch_size(value) -> int:
     return n
 
 
-def load_model(path, dtype=None, mesh=None, finetuned=None, quantize=None):
+def load_model(path, dtype=None, mesh=None, finetuned=None, quantize=None, adapter=None):
     """neox_jax.load, onto a mesh given as a Mesh or a spec string ('data=2,model=4')."""
     if isinstance(mesh, str):
         mesh = sharding.make_mesh(mesh)
-    return neox_jax.load(path, dtype, mesh=mesh, finetuned=finetuned, quantize=quantize), mesh
+    return neox_jax.load(path, dtype, mesh=mesh, finetuned=finetuned, adapter=adapter, quantize=quantize), mesh
 
 
 @register_model("neox-jax", "neox_jax")
 class NeoXLM(TemplateLM):
     def __init__(self, pretrained=None, checkpoint=None, dtype=None, batch_size=None, mesh=None, finetuned=None,
-                 quantize=None, max_length=None, max_gen_toks=256, pack_length=512, tokenizer=None, model=None, **kwargs):
+                 quantize=None, max_length=None, max_gen_toks=256, pack_length=512, tokenizer=None, model=None,
+                 adapter=None, **kwargs):
         super().__init__()
         # lm-eval's command line passes device / max_batch_size to every backend: JAX places arrays itself
         unknown = {k for k in kwargs if k not in ("device", "max_batch_size", "trust_remote_code")}
         if unknown:
             raise ValueError(f"neox-jax: unknown model args {sorted(unknown)}; known: pretrained, dtype, batch_size, "
-                             f"mesh, finetuned, quantize, max_length, max_gen_toks, pack_length, tokenizer")
+                             f"mesh, finetuned, adapter, quantize, max_length, max_gen_toks, pack_length, tokenizer")
         if model is None:
             path = pretrained or checkpoint
             if path is None:
                 raise ValueError("neox-jax: pass pretrained=<neox-jax checkpoint directory>")
-            model, mesh = load_model(path, None if dtype in (None, "auto") else dtype, mesh, finetuned, quantize)
+            model, mesh = load_model(path, None if dtype in (None, "auto") else dtype, mesh, finetuned, quantize,
+                                     adapter)
         elif isinstance(mesh, str):
             mesh = sharding.make_mesh(mesh)
         self.model, self.mesh = model, mesh

@@ -63,7 +63,7 @@ class LoraSpec:
         return {**dataclasses.asdict(self), "targets": list(self.targets)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LoraSpec":
+    def from_dict(cls, d: dict) -> LoraSpec:
         return cls(**{**d, "targets": tuple(d["targets"])})
 
 

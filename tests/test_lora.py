@@ -97,7 +97,7 @@ def test_unsupported_adapter_refused_by_name(peft_adapter, tmp_path, key, value)
 
 
 def test_adapter_on_other_modules_refused(peft_adapter, tmp_path):
-    model, _, ckpt = peft_adapter
+    _, _, ckpt = peft_adapter
     from safetensors.numpy import save_file
 
     bad = tmp_path / "bad"
@@ -147,17 +147,17 @@ def lora_runs(tiny_ckpt, tmp_path_factory):
     _, ckpt = tiny_ckpt
     d = tmp_path_factory.mktemp("lora_runs")
     rng = np.random.RandomState(0)
-    words = "the king queen lord speak hear love death night day sword crown".split()
+    words = ["the", "king", "queen", "lord", "speak", "hear", "love", "death", "night", "day", "sword", "crown"]
     (d / "train.txt").write_text("\n".join(" ".join(rng.choice(words, 6)) + "." for _ in range(600)))
     tok = HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.train_from_iterator([string.printable, (d / "train.txt").read_text()], trainers.BpeTrainer(
         vocab_size=128, special_tokens=["<|endoftext|>"], initial_alphabet=list(string.printable)))
     tok.save(str(d / "tokenizer.json"))
-    common = dict(checkpoint=str(ckpt), data=[str(d / "train.txt")], tokenizer=str(d / "tokenizer.json"), seq_len=16,
-                  batch_size=4, steps=12, lr=1e-2, save_every=4, keep=2, trainable="lora", lora_rank=4, lora_alpha=8,
-                  lora_targets="query_key_value,dense_4h_to_h", lora_dropout=0.1, progress=False,
-                  mesh="data=2,model=4" if len(jax.devices()) >= 8 else "data=1")
+    common = {"checkpoint": str(ckpt), "data": [str(d / "train.txt")], "tokenizer": str(d / "tokenizer.json"),
+              "seq_len": 16, "batch_size": 4, "steps": 12, "lr": 1e-2, "save_every": 4, "keep": 2, "trainable": "lora",
+              "lora_rank": 4, "lora_alpha": 8, "lora_targets": "query_key_value,dense_4h_to_h", "lora_dropout": 0.1,
+              "progress": False, "mesh": "data=2,model=4" if len(jax.devices()) >= 8 else "data=1"}
     assert run(RunConfig(out=str(d / "A"), **common)) == 0
     assert run(RunConfig(out=str(d / "B"), stop_after=5, **common)) == 128 + 15
     assert run(RunConfig(out=str(d / "B"), resume=True, **common)) == 0

@@ -1,9 +1,11 @@
 """Fine-tuning speed and memory: neox-jax's jitted train step vs a PyTorch train step of transformers'
 GPTNeoXForCausalLM with the same shape, batch, sequence length, dtype and optimizer (AdamW, clip 1.0), training the
-biases (BitFit: query_key_value, attention.dense, dense_h_to_4h) or every parameter.
+biases (BitFit: query_key_value, attention.dense, dense_h_to_4h), every parameter, or LoRA adapters (torch side:
+peft.get_peft_model with the same r, alpha and target modules).
 
     python scripts/benchmark.py finetune                 # pythia-70m and pythia-160m shapes, random weights
     python scripts/benchmark.py finetune --quick         # the tiny test shape, 1 timed step: checks that it runs
+    python scripts/benchmark.py finetune --trainable lora --lora-rank 8 --lora-targets query_key_value
 
 Each measurement runs in its own subprocess so that its peak RSS is its own: `peak_rss_mb` is the process's peak,
 `train_mb` the peak minus the RSS once the model was built (what training adds: gradients, optimizer state,
@@ -11,7 +13,8 @@ activations; for JAX also the compiler's own memory). tokens/s = batch * seq_len
 untimed warm-up steps (the first compiles).
 
 The matmul floor: `gflop` counts the step's linear-layer matmuls (forward; the input gradients, which layer 0's
-query_key_value and dense_h_to_4h do not need; with `all` the weight gradients too; attention scores left out, ~1% at
+query_key_value and dense_h_to_4h do not need; with `all` the weight gradients too; LoRA's rank-r products left out;
+attention scores left out, ~1% at
 128 tokens), and each worker times its own framework's [batch*seq, hidden] x [hidden, 4*hidden] float32/bf16 matmul
 in the same process: `floor_ms` = gflop / that rate, the step time if everything but the matmuls were free.
 `of_floor` = floor_ms / step_ms says how much of the step the matmuls are. (XLA's cost analysis of the
@@ -61,20 +64,26 @@ def matmul_gflops(mm, m: int, k: int, n: int) -> float:
     return 2 * m * k * n / 1e9 / median_time(mm, repeats=7)
 
 
-def worker_jax(shape, mode, batch, seq, dtype_name, steps, warmup) -> dict:
+def lora_spec(args):
+    from neox_jax.lora import LoraSpec
+    return LoraSpec(args.lora_rank, args.lora_alpha, tuple(args.lora_targets.split(",")))
+
+
+def worker_jax(shape, mode, batch, seq, dtype_name, steps, warmup, args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from neox_jax import finetune as ft
+    from neox_jax import finetune as ft, lora
     from neox_jax.config import preset
     from neox_jax.model import init_params
     from neox_jax.sharding import make_mesh
 
     cfg, dtype = preset(shape), jnp.dtype(dtype_name)
+    mode = lora_spec(args) if mode == "lora" else mode
     mesh = make_mesh("data=1,model=1", jax.devices()[:1])
     trainable, frozen = ft.split_params(init_params(cfg, dtype), mode)
     frozen = ft.prepare_frozen(cfg, frozen, dtype, mesh, mode)
-    trainable = ft.cast(trainable, jnp.float32)
+    trainable = lora.init_adapters(cfg, mode) if lora.is_lora(mode) else ft.cast(trainable, jnp.float32)
     base = _rss_mb()
     tx = ft.make_optimizer(ft.make_schedule(3e-4, 100), 1.0)
     state = ft.init_state(trainable, tx, ft.state_shardings(cfg, mesh, mode, tx), dynamic=dtype == jnp.float16)
@@ -99,7 +108,7 @@ def worker_jax(shape, mode, batch, seq, dtype_name, steps, warmup) -> dict:
             "trainable": sum(x.size for x in jax.tree.leaves(state["params"]))}
 
 
-def worker_torch(shape, mode, batch, seq, dtype_name, steps, warmup) -> dict:
+def worker_torch(shape, mode, batch, seq, dtype_name, steps, warmup, args) -> dict:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -108,11 +117,18 @@ def worker_torch(shape, mode, batch, seq, dtype_name, steps, warmup) -> dict:
     cfg = preset(shape)
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(GPTNeoXConfig(**cfg.to_hf_config())).to(getattr(torch, dtype_name)).train()
-    params = []
-    for name, p in model.named_parameters():
-        p.requires_grad_(mode == "all" or name.endswith(BIAS_SUFFIXES))
-        if p.requires_grad:
-            params.append(p)
+    if mode == "lora":  # float32 adapters on the frozen base (PEFT's default autocast_adapter_dtype)
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha,
+                                                           target_modules=args.lora_targets.split(",")))
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        params = []
+        for name, p in model.named_parameters():
+            p.requires_grad_(mode == "all" or name.endswith(BIAS_SUFFIXES))
+            if p.requires_grad:
+                params.append(p)
     base = _rss_mb()
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
     times = []
@@ -142,7 +158,8 @@ def worker_torch(shape, mode, batch, seq, dtype_name, steps, warmup) -> dict:
 def run_worker(impl, shape, mode, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, shape, mode, "--batch-size", str(args.batch_size),
            "--seq-len", str(args.seq_len), "--dtype", args.dtype, "--steps", str(args.steps),
-           "--warmup", str(args.warmup)]
+           "--warmup", str(args.warmup), "--lora-rank", str(args.lora_rank), "--lora-alpha", str(args.lora_alpha),
+           "--lora-targets", args.lora_targets]
     return run_json(cmd, f"{impl} {shape} {mode}", env={"PYTHONPATH": str(ROOT)}, cwd=ROOT)
 
 
@@ -155,14 +172,17 @@ def main() -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
-    p.add_argument("--modes", nargs="+", default=["biases", "all"], choices=("biases", "all"))
+    p.add_argument("--modes", "--trainable", nargs="+", default=["biases", "all"], choices=("biases", "all", "lora"))
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", default="query_key_value", help="comma-separated (default PEFT's for GPT-NeoX)")
     p.add_argument("--out-dir", default="bench_out")
     p.add_argument("--worker", nargs=3, metavar=("IMPL", "SHAPE", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         impl, shape, mode = args.worker
         fn = worker_jax if impl == "jax" else worker_torch
-        res = fn(shape, mode, args.batch_size, args.seq_len, args.dtype, args.steps, args.warmup)
+        res = fn(shape, mode, args.batch_size, args.seq_len, args.dtype, args.steps, args.warmup, args)
         res["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(res))
         return
@@ -195,6 +215,8 @@ def main() -> None:
     table = markdown_table(rows, cols)
     setup = {"batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": args.dtype, "steps": args.steps,
              "warmup": args.warmup, "quick": args.quick, "cpu_count": os.cpu_count()}
+    if "lora" in args.modes:
+        setup.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
     print(f"fine-tuning, batch {args.batch_size} x seq {args.seq_len}, {args.dtype}, AdamW + clip 1.0, "
           f"median of {args.steps} steps:\n\n{table}")
     path = write_json("finetune", {"setup": setup, "rows": rows, "markdown": table}, args.out_dir)
