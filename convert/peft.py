@@ -1,4 +1,4 @@
-"""python -m convert to-peft CKPT RUN_DIR OUT: a LoRA fine-tuning run as a PEFT adapter directory.
+"""neox-jax convert to-peft CKPT RUN_DIR OUT: a LoRA fine-tuning run as a PEFT adapter directory.
 
 Writes OUT/adapter_config.json and OUT/adapter_model.safetensors (float32, PEFT's tensor names) so that
 `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(HF_DIR), OUT)` gives the logits of
@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import time
 
-from convert.sources import ConvertError
 from neox_jax import lora, lora_peft
 from neox_jax.checkpoint import read_metadata
 from neox_jax.config import NeoXConfig
 from neox_jax.finetune import load_finetuned, mode_from_meta
+
+from .sources import ConvertError
 
 
 def to_peft(ckpt, run_dir, out) -> dict:
@@ -23,7 +24,7 @@ def to_peft(ckpt, run_dir, out) -> dict:
     spec = mode_from_meta(ft_meta)
     if not lora.is_lora(spec):
         raise ConvertError(f"{run_dir}: trained {ft_meta['trainable']!r}, not LoRA; for a BitFit / full run use "
-                           f"`convert merge` then `convert to-hf`")
+                           f"`neox-jax convert merge` then `convert to-hf`")
     if NeoXConfig.from_dict(ft_meta["config"]) != cfg:
         raise ConvertError(f"{run_dir} was fine-tuned for a different model config than {ckpt}")
     source = meta.get("source", {})
@@ -43,4 +44,4 @@ def register(subparsers) -> None:
     p.add_argument("ckpt", help="the base neox-jax checkpoint the run fine-tuned")
     p.add_argument("run_dir", help="the LoRA fine-tuning run directory (finetune --trainable lora --out)")
     p.add_argument("out", help="output adapter directory (must not exist; appears only when complete)")
-    p.set_defaults(run=_run)
+    p.set_defaults(convert=_run)
