@@ -12,6 +12,7 @@ import pytest
 
 import neox_jax
 from neox_jax import finetune as ft, lora, lora_peft
+from neox_jax.cli import main as cli
 from neox_jax.errors import NeoXError
 from neox_jax.model import forward
 from neox_jax.sharding import batch_sharding, make_mesh
@@ -53,8 +54,8 @@ def test_peft_adapter_logits_equal_peft(peft_adapter):
     spec, adapters = lora_peft.read_adapter(d, merged.config)
     assert spec.targets == lora.TARGETS and spec.rslora and spec.scale == 16 / 2
     base = neox_jax.load(ckpt)
-    unmerged = forward(base.config, ft.merge_params(jax.tree.map(jnp.asarray, adapters), base.params), ids,
-                       lora=spec)[0]
+    unmerged = jax.jit(lambda p, i: forward(base.config, p, i, lora=spec)[0])(
+        ft.merge_params(jax.tree.map(jnp.asarray, adapters), base.params), ids)
     np.testing.assert_allclose(np.asarray(unmerged), ref, rtol=1e-4, atol=1e-4)
     assert not np.allclose(base.logits(ids), ref, atol=1e-2)  # the adapter matters
 
@@ -158,7 +159,11 @@ def lora_runs(tiny_ckpt, tmp_path_factory):
               "seq_len": 16, "batch_size": 4, "steps": 12, "lr": 1e-2, "save_every": 4, "keep": 2, "trainable": "lora",
               "lora_rank": 4, "lora_alpha": 8, "lora_targets": "query_key_value,dense_4h_to_h", "lora_dropout": 0.1,
               "progress": False, "mesh": "data=2,model=4" if len(jax.devices()) >= 8 else "data=1"}
-    assert run(RunConfig(out=str(d / "A"), **common)) == 0
+    flags = ["--checkpoint", ckpt, "--data", d / "train.txt", "--tokenizer", d / "tokenizer.json", "--out", d / "A",
+             "--seq-len", 16, "--batch-size", 4, "--steps", 12, "--lr", 1e-2, "--save-every", 4, "--keep", 2,
+             "--trainable", "lora", "--lora-rank", 4, "--lora-alpha", 8, "--lora-targets",
+             "query_key_value,dense_4h_to_h", "--lora-dropout", 0.1, "--no-progress", "--mesh", common["mesh"]]
+    assert cli(["finetune", *map(str, flags)]) == 0  # run A through the command line
     assert run(RunConfig(out=str(d / "B"), stop_after=5, **common)) == 128 + 15
     assert run(RunConfig(out=str(d / "B"), resume=True, **common)) == 0
     return {"ckpt": ckpt, "A": d / "A", "B": d / "B", "dir": d}
@@ -177,11 +182,9 @@ def test_lora_resume_exact(lora_runs):
 
 
 def test_exported_adapter_loads_in_peft(lora_runs, tiny_ckpt, tmp_path):
-    from convert.peft import to_peft
-
     hf, _ = tiny_ckpt
     out = tmp_path / "adapter"
-    to_peft(lora_runs["ckpt"], lora_runs["A"], out)
+    assert cli(["convert", "to-peft", str(lora_runs["ckpt"]), str(lora_runs["A"]), str(out)]) == 0
     model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), out).eval()
     ids = _ids(128, (2, 21), 5)
     with torch.no_grad():
@@ -192,13 +195,12 @@ def test_exported_adapter_loads_in_peft(lora_runs, tiny_ckpt, tmp_path):
 
 
 def test_merge_equals_unmerged(lora_runs, tmp_path):
-    from convert.merge import merge
-
-    merge(lora_runs["ckpt"], lora_runs["A"], tmp_path / "merged", progress=False)
+    assert cli(["convert", "merge", str(lora_runs["ckpt"]), str(lora_runs["A"]), str(tmp_path / "merged"), "--quiet"]) == 0
     ids = _ids(128, (2, 20), 3)
     meta, adapters = ft.load_finetuned(lora_runs["A"])
     base = neox_jax.load(lora_runs["ckpt"])
-    unmerged = forward(base.config, ft.merge_params(adapters, base.params), ids, lora=ft.mode_from_meta(meta))[0]
+    unmerged = jax.jit(lambda p, i: forward(base.config, p, i, lora=ft.mode_from_meta(meta))[0])(
+        ft.merge_params(adapters, base.params), ids)
     merged = neox_jax.load(tmp_path / "merged").logits(ids)
     np.testing.assert_allclose(merged, np.asarray(unmerged), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(merged, neox_jax.load(lora_runs["ckpt"], finetuned=lora_runs["A"]).logits(ids))

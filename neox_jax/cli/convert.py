@@ -37,12 +37,15 @@ def converters():
     checkout, loaded under that same name by its path (never by `import convert`, which the cwd could shadow)."""
     if PACKAGE in sys.modules:
         return sys.modules[PACKAGE]
+    folder = Path(__file__).resolve().parents[2] / "convert"
+    # in a checkout its own converters, even where an installed neox_jax_convert is another checkout's (a worktree)
+    checkout = (folder.parent / "pyproject.toml").is_file() and (folder / "__init__.py").is_file()
     try:
-        return importlib.import_module(PACKAGE)
+        if not checkout:
+            return importlib.import_module(PACKAGE)
     except ModuleNotFoundError as e:
         if e.name != PACKAGE:
             raise
-    folder = Path(__file__).resolve().parents[2] / "convert"
     if not (folder / "__init__.py").is_file():
         raise NeoXError(f"the converters are not installed (no {PACKAGE} package, no {folder}); reinstall neox-jax")
     spec = importlib.util.spec_from_file_location(PACKAGE, folder / "__init__.py",
