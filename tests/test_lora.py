@@ -82,6 +82,15 @@ def test_lora_grads_equal_peft(peft_adapter):
     for k, g in ours.items():
         rel = np.linalg.norm(g - theirs[k]) / np.linalg.norm(theirs[k])
         assert rel <= 1e-4, (k, rel)
+    # a bfloat16 base (with the transposed kernel copies CPU training keeps) and float32 adapters: the same
+    # gradients to bfloat16 precision
+    _, _, frozen16 = ft.load_for_training(ckpt, spec, jnp.bfloat16, mesh)
+    assert "kernel_t" in frozen16["layers"][0]["attention"]["dense"]
+    _, grads16 = jax.jit(lambda t, f, w: ft.loss_and_grads(cfg, t, f, w, jnp.bfloat16, lora_spec=spec))(
+        jax.tree.map(jnp.asarray, adapters), frozen16, ids)
+    for k, g in lora_peft.to_peft_tensors(jax.tree.map(np.asarray, grads16)).items():
+        assert g.dtype == np.float32
+        assert np.linalg.norm(g - ours[k]) / np.linalg.norm(ours[k]) <= 3e-2, k
 
 
 @pytest.mark.parametrize("key,value", [("use_dora", True), ("bias", "all"), ("modules_to_save", ["embed_out"]),
