@@ -44,37 +44,73 @@ def _is_array(x) -> bool:
 
 
 def _static(x):
+    """A hashable stand-in for x: (its type, x) when hashable (so 1 and 1.0 stay different programs), else _ById."""
     try:
         hash(x)
-        return x
+        return _Typed(x)
     except TypeError:
         return _ById(x)
 
 
-def _split_values(values) -> tuple[tuple, list]:
-    """A pytree of closure values -> (hashable (treedef, leaves with arrays as None), [arrays])."""
-    leaves, treedef = jax.tree.flatten(values)
-    arrays = [x for x in leaves if _is_array(x)]
-    statics = tuple(None if _is_array(x) else _static(x) for x in leaves)
-    return (treedef, statics, tuple(_is_array(x) for x in leaves)), arrays
+class _Typed(tuple):
+    """(type, value): equal only to the same value of the same type."""
+
+    def __new__(cls, value):
+        return super().__new__(cls, (type(value), value))
+
+    @property
+    def value(self):
+        return self[1]
 
 
-def _join_values(static, arrays: list):
-    treedef, statics, is_array = static
+def _split_value(x) -> tuple[tuple, list]:
+    """One closure / default / partial value -> (hashable spec, [arrays]). A container is rebuilt (a copy) only when
+    it holds arrays; any other value is passed as itself, so a hook can append to a list it closes over."""
+    leaves, treedef = jax.tree.flatten(x)
+    if not any(_is_array(leaf) for leaf in leaves):
+        return ("static", _static(x)), []
+    arrays = [leaf for leaf in leaves if _is_array(leaf)]
+    statics = tuple(None if _is_array(leaf) else _static(leaf) for leaf in leaves)
+    return ("tree", treedef, statics, tuple(_is_array(leaf) for leaf in leaves)), arrays
+
+
+def _join_value(spec, arrays: list):
+    if spec[0] == "static":
+        return spec[1].value
+    _, treedef, statics, is_array = spec
     it = iter(arrays)
-    leaves = [next(it) if a else (s.value if isinstance(s, _ById) else s) for s, a in zip(statics, is_array)]
+    leaves = [next(it) if a else (s.value) for s, a in zip(statics, is_array)]
     return jax.tree.unflatten(treedef, leaves)
+
+
+def _split_values(values) -> tuple[tuple, list]:
+    """A tuple of values -> (tuple of (spec, number of arrays)), all their arrays)."""
+    specs, arrays = [], []
+    for x in values:
+        spec, arrs = _split_value(x)
+        specs.append((spec, len(arrs)))
+        arrays += arrs
+    return tuple(specs), arrays
+
+
+def _join_values(specs, arrays: list) -> tuple:
+    out, at = [], 0
+    for spec, n in specs:
+        out.append(_join_value(spec, arrays[at:at + n]))
+        at += n
+    return tuple(out)
 
 
 def split(fn: Callable) -> tuple[Any, list]:
     """fn -> (spec, arrays): spec is hashable and equal for functions of the same code and non-array values."""
     if isinstance(fn, functools.partial):
         func_spec, func_arrays = split(fn.func)
-        args_spec, args_arrays = _split_values((fn.args, fn.keywords))
-        return ("partial", func_spec, args_spec, len(func_arrays)), func_arrays + args_arrays
+        keys = tuple(sorted(fn.keywords))
+        args_spec, args_arrays = _split_values(fn.args + tuple(fn.keywords[k] for k in keys))
+        return ("partial", func_spec, args_spec, keys, len(func_arrays)), func_arrays + args_arrays
     if isinstance(fn, types.FunctionType):
         cells = tuple(c.cell_contents for c in fn.__closure__ or ())
-        values_spec, arrays = _split_values((cells, fn.__defaults__, fn.__kwdefaults__))
+        values_spec, arrays = _split_values((*cells, fn.__defaults__, fn.__kwdefaults__))
         return ("function", fn.__code__, _ById(fn.__globals__), fn.__name__, values_spec), arrays
     return ("callable", _static(fn)), []
 
@@ -83,14 +119,14 @@ def join(spec, arrays: list) -> Callable:
     """The function of `split`, with `arrays` (tracers inside jit) in place of the arrays it held."""
     kind = spec[0]
     if kind == "partial":
-        _, func_spec, args_spec, n_func = spec
-        args, keywords = _join_values(args_spec, arrays[n_func:])
+        _, func_spec, args_spec, keys, n_func = spec
+        values = _join_values(args_spec, arrays[n_func:])
+        args, keywords = values[:len(values) - len(keys)], dict(zip(keys, values[len(values) - len(keys):]))
         return functools.partial(join(func_spec, arrays[:n_func]), *args, **keywords)
     if kind == "function":
         _, code, globals_, name, values_spec = spec
-        cells, defaults, kwdefaults = _join_values(values_spec, arrays)
+        *cells, defaults, kwdefaults = _join_values(values_spec, arrays)
         fn = types.FunctionType(code, globals_.value, name, defaults, tuple(types.CellType(c) for c in cells))
         fn.__kwdefaults__ = kwdefaults
         return fn
-    value = spec[1]
-    return value.value if isinstance(value, _ById) else value
+    return spec[1].value
