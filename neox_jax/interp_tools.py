@@ -56,6 +56,16 @@ def _unembed_columns(params, targets):
     return cols * jnp.take(out["scale"], targets) if "scale" in out else cols
 
 
+def _per_head(dense, z, heads: int):
+    """attention.dense's output split by head: z [B, T, N, H] -> [N, B, T, D] (bias left out) and the bias broadcast
+    to [B, T, D]. Through the Linear itself, so int8 (and any other Linear form) is taken as the model runs it."""
+    dtype = dense.kernel[...].dtype if dense.scale is None else z.dtype
+    bias = dense(jnp.zeros_like(z[:1, :1]).astype(dtype), out_dtype=F32)  # [1, 1, D] (zeros without a bias)
+    one_head = jnp.eye(heads, dtype=F32)[:, None, None, :, None]  # [N, 1, 1, N, 1]
+    per_head = jax.vmap(lambda m: dense((z * m).astype(dtype), out_dtype=F32) - bias)(one_head)
+    return per_head, jnp.broadcast_to(bias, z.shape[:2] + bias.shape[-1:])
+
+
 @functools.partial(jax.jit, static_argnames="cfg")
 def _dla(params, cache, targets, *, cfg: NeoXConfig):
     """-> [C, B, T] float32: each component's share of logits[b, t, targets[b, t]], and the ln_final bias's [B, T]."""
@@ -65,14 +75,8 @@ def _dla(params, cache, targets, *, cfg: NeoXConfig):
     sigma = jnp.sqrt(jnp.var(final, axis=-1, keepdims=True) + cfg.layer_norm_eps)  # ln_final's scale, shared
     parts = [cache["hook_embed"][None]]
     for i in range(n):
-        dense = model.layers[i].attention.dense
-        z = cache[f"blocks.{i}.attn.hook_z"]  # [B, T, N, H]
-        dtype = dense.kernel[...].dtype if dense.scale is None else z.dtype
-        bias = dense(jnp.zeros_like(z[:1, :1]).astype(dtype), out_dtype=F32)  # [1, 1, D] (zeros if no bias)
-        one_head = jnp.eye(heads, dtype=F32)[:, None, None, :, None]  # [N, 1, 1, N, 1]
-        per_head = jax.vmap(lambda m: dense((z * m).astype(dtype), out_dtype=F32) - bias)(one_head)  # [N, B, T, D]
-        parts += [per_head, jnp.broadcast_to(bias, z.shape[:2] + bias.shape[-1:])[None],
-                  cache[f"blocks.{i}.hook_mlp_out"][None]]
+        per_head, bias = _per_head(model.layers[i].attention.dense, cache[f"blocks.{i}.attn.hook_z"], heads)
+        parts += [per_head, bias[None], cache[f"blocks.{i}.hook_mlp_out"][None]]
     comps = jnp.concatenate(parts)  # [C, B, T, D]
     ln = model.final_layer_norm
     normed = (comps - comps.mean(-1, keepdims=True)) / sigma * ln.weight[...].astype(F32)
