@@ -67,7 +67,7 @@ def hook_names(cfg: NeoXConfig) -> list[str]:
 
 def _unknown(name, valid: list[str]) -> NeoXError:
     close = difflib.get_close_matches(str(name), valid, n=5, cutoff=0.6)
-    hint = f"; close valid names: {', '.join(close)}" if close else f"; valid names look like {valid[1]}, {valid[-1]}"
+    hint = f"; close valid names: {', '.join(close)}" if close else f"; valid names look like {valid[0]}, {valid[-1]}"
     return NeoXError(f"unknown hook name {name!r}{hint}")
 
 

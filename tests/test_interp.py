@@ -116,7 +116,10 @@ def test_names_filter_forms_and_bad_names(pair):
     _, model = pair
     ids, _ = _batch()
     want = ["blocks.1.attn.hook_pattern", "hook_embed"]
-    assert list(model.run_with_cache(ids, want)[1]) == ["hook_embed", "blocks.1.attn.hook_pattern"]  # forward order
+    cache = model.run_with_cache(ids, want)[1]
+    assert list(cache) == ["hook_embed", "blocks.1.attn.hook_pattern"]  # forward order
+    with pytest.raises(NeoXError, match="close valid names: blocks.1.attn.hook_pattern"):
+        cache["blocks.1.attn.hook_patern"]
     cfg = model.config
     assert interp.select_names(cfg, r"blocks\.\d+\.hook_resid_pre") == ("blocks.0.hook_resid_pre",
                                                                        "blocks.1.hook_resid_pre")
