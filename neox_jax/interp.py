@@ -189,7 +189,9 @@ class ActivationCache(dict):
     """{hook name: float32 jax array}, in forward order; a missing name raises NeoXError listing close names."""
 
     def __missing__(self, name):
-        raise _unknown(name, list(self)) if self else NeoXError(f"{name!r}: the cache is empty")
+        close = difflib.get_close_matches(str(name), list(self), n=5, cutoff=0.6)
+        raise NeoXError(f"{name!r} is not in this cache (it holds what names_filter selected: {len(self)} names)"
+                        + (f"; close names in it: {', '.join(close)}" if close else ""))
 
 
 jax.tree_util.register_pytree_node(  # a pytree like dict, so a hook closing over a cache traces its arrays

@@ -118,7 +118,7 @@ def test_names_filter_forms_and_bad_names(pair):
     want = ["blocks.1.attn.hook_pattern", "hook_embed"]
     cache = model.run_with_cache(ids, want)[1]
     assert list(cache) == ["hook_embed", "blocks.1.attn.hook_pattern"]  # forward order
-    with pytest.raises(NeoXError, match="close valid names: blocks.1.attn.hook_pattern"):
+    with pytest.raises(NeoXError, match="close names in it: blocks.1.attn.hook_pattern"):
         cache["blocks.1.attn.hook_patern"]
     cfg = model.config
     assert interp.select_names(cfg, r"blocks\.\d+\.hook_resid_pre") == ("blocks.0.hook_resid_pre",
@@ -181,3 +181,31 @@ def test_tl_hook_signature_and_regex_hook_names(pair):
     _, cache = model.run_with_cache(ids, ["blocks.1.hook_mlp_out"], fwd_hooks=[("blocks.1.hook_mlp_out", zero_mlp)])
     assert not np.asarray(cache["blocks.1.hook_mlp_out"]).any()  # the cache holds the hooked value
     assert np.asarray(out).shape == (2, 11, 128)
+
+
+def test_hook_functions_split_into_static_code_and_traced_arrays():
+    import functools
+
+    from neox_jax import hookfns
+
+    def make(scale, offset):
+        return lambda x: x * scale + offset
+
+    a, b = np.ones(3, np.float32), np.zeros(3, np.float32)
+    spec1, arrays1 = hookfns.split(make(2.0, a))
+    assert arrays1[0] is a
+    spec2, arrays2 = hookfns.split(make(2.0, b))
+    assert spec1 == spec2 and hash(spec1) == hash(spec2) and arrays2[0] is b  # same code, other array: one program
+    assert hookfns.split(make(3.0, a))[0] != spec1 and hookfns.split(make(2, a))[0] != spec1  # 3.0, and int 2 vs 2.0
+    np.testing.assert_array_equal(hookfns.join(spec1, [b])(np.ones(3)), [2.0, 2.0, 2.0])
+
+    def patch(x, value=None, pos=0):
+        return x + value * pos
+
+    spec, arrays = hookfns.split(functools.partial(patch, value=a, pos=4))
+    assert len(arrays) == 1 and hookfns.split(functools.partial(patch, value=b, pos=4))[0] == spec
+    np.testing.assert_array_equal(hookfns.join(spec, [b])(np.ones(3)), np.ones(3))
+    seen = []
+    spec, arrays = hookfns.split(lambda x: seen.append(1) or x)  # no arrays: the list itself, not a copy
+    hookfns.join(spec, arrays)(0)
+    assert seen == [1] and arrays == []
