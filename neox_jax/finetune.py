@@ -12,9 +12,9 @@ Trainable subsets (`--trainable`):
           parameter frozen.
 
 Precision: the frozen weights stay in the run's dtype; the trainable ones keep float32 master copies, are cast to the
-run's dtype for the forward pass, and get float32 gradients and optimizer state. Only the trainable subset has
-gradients or optimizer state at all (it is what `jax.grad` differentiates; the frozen tree is a plain input).
-The loss is next-token cross entropy on float32 logits.
+run's dtype for the forward pass (LoRA adapters are not: their products run in float32), and get float32 gradients
+and optimizer state. Only the trainable subset has gradients or optimizer state at all (it is what `jax.grad`
+differentiates; the frozen tree is a plain input). The loss is next-token cross entropy on float32 logits.
 
 Dynamic loss scaling (float16 only; a fixed scale of 1 otherwise), the scheme of jmp.DynamicLossScale and
 torch.cuda.amp.GradScaler in a few lines (jmp is unmaintained since 2023; optax has no loss scaler): the loss is
@@ -275,7 +275,8 @@ def make_train_step(cfg: NeoXConfig, tx, dtype, mesh, mode: str, *, dynamic: boo
         # old and new copies of every parameter and moment (that doubled the optimizer's memory traffic)
         params, opt_state = jax.lax.cond(finite, update, lambda _: (state["params"], state["opt_state"]), None)
         ls = adjust_loss_scale(state["loss_scale"], finite, scale_period) if dynamic else state["loss_scale"]
-        new = {"params": params, "opt_state": opt_state, "loss_scale": ls, "rng": jax.random.key_data(rng), "step": state["step"] + 1}
+        new = {"params": params, "opt_state": opt_state, "loss_scale": ls, "rng": jax.random.key_data(rng),
+               "step": state["step"] + 1}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": current_lr(opt_state),
                    "loss_scale": state["loss_scale"]["scale"], "skipped": ~finite}
         return new, metrics

@@ -33,11 +33,11 @@ from neox_jax import checkpoint, data, finetune, lora
 from neox_jax.sharding import batch_sharding, check_divisible, make_mesh
 from neox_jax.tokenizer import Tokenizer
 
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora")
 # settings a resumed run must share with the run it continues (the rest may change: steps, saving, mesh, ...)
 EXACT = ("data", "tokenizer", "seq_len", "batch_size", "lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay",
          "grad_clip", "dtype", "trainable", "heldout_fraction", "seed", "initial_loss_scale", "loss_scale_period",
-         "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora")
-LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora")
+         *LORA_FIELDS)
 
 
 class NonFiniteLoss(RuntimeError):

@@ -204,12 +204,13 @@ def test_exported_adapter_loads_in_peft(lora_runs, tiny_ckpt, tmp_path):
 
 
 def test_merge_equals_unmerged(lora_runs, tmp_path):
-    assert cli(["convert", "merge", str(lora_runs["ckpt"]), str(lora_runs["A"]), str(tmp_path / "merged"), "--quiet"]) == 0
+    merged_dir = tmp_path / "merged"
+    assert cli(["convert", "merge", str(lora_runs["ckpt"]), str(lora_runs["A"]), str(merged_dir), "--quiet"]) == 0
     ids = _ids(128, (2, 20), 3)
     meta, adapters = ft.load_finetuned(lora_runs["A"])
     base = neox_jax.load(lora_runs["ckpt"])
     unmerged = jax.jit(lambda p, i: forward(base.config, p, i, lora=ft.mode_from_meta(meta))[0])(
         ft.merge_params(adapters, base.params), ids)
-    merged = neox_jax.load(tmp_path / "merged").logits(ids)
+    merged = neox_jax.load(merged_dir).logits(ids)
     np.testing.assert_allclose(merged, np.asarray(unmerged), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(merged, neox_jax.load(lora_runs["ckpt"], finetuned=lora_runs["A"]).logits(ids))

@@ -147,7 +147,8 @@ def run(a: argparse.Namespace) -> int:
                               task_manager=tm, bootstrap_iters=a.bootstrap_iters, log_samples=a.log_samples)
     samples = results.pop("samples", None) or {}
     results["config"]["neox_jax"] = {"checkpoint": str(a.checkpoint), "dtype": a.dtype, "mesh": a.mesh,
-                                     "finetuned": a.finetuned, "adapter": a.adapter, "quantize": a.quantize, "batch_size": lm.batch_rows,
+                                     "finetuned": a.finetuned, "adapter": a.adapter, "quantize": a.quantize,
+                                     "batch_size": lm.batch_rows,
                                      "local_tasks": {n: str(data.find(n, a.data_dir)) for n in local}}
     print(make_table(results))
     print(reference_table(results))
