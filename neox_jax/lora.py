@@ -146,7 +146,7 @@ def init_adapters(cfg, spec: LoraSpec, seed: int = 0, shardings=None) -> dict:
         leaves, treedef = jax.tree.flatten(abstract)
         keys = jax.random.split(jax.random.key(seed), len(leaves))
         out = []
-        for k, (path, x) in zip(keys, jax.tree_util.tree_flatten_with_path(abstract)[0]):
+        for k, (path, x) in zip(keys, jax.tree_util.tree_flatten_with_path(abstract)[0], strict=True):
             if path[-1].key == "lora_B":
                 out.append(jnp.zeros(x.shape, F32))
             else:

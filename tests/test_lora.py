@@ -82,15 +82,23 @@ def test_lora_grads_equal_peft(peft_adapter):
     for k, g in ours.items():
         rel = np.linalg.norm(g - theirs[k]) / np.linalg.norm(theirs[k])
         assert rel <= 1e-4, (k, rel)
-    # a bfloat16 base (with the transposed kernel copies CPU training keeps) and float32 adapters: the same
-    # gradients to bfloat16 precision
-    _, _, frozen16 = ft.load_for_training(ckpt, spec, jnp.bfloat16, mesh)
+    # a bfloat16 base (with the transposed kernel copies CPU training keeps) and float32 adapters: float32's
+    # gradients to bfloat16 precision (B scaled down 10x: PEFT's random B at scale 8 makes the loss sharp enough that
+    # bfloat16 activations alone move some gradients by 5%)
+    small = jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(x) * (0.1 if p[-1].key == "lora_B" else 1.0),
+                                             adapters)
+    _, grads32 = jax.jit(lambda t, f, w: ft.loss_and_grads(cfg, t, f, w, jnp.float32, lora_spec=spec))(
+        small, frozen, ids)
+    frozen16 = ft.load_for_training(ckpt, spec, jnp.bfloat16, mesh)[2]
     assert "kernel_t" in frozen16["layers"][0]["attention"]["dense"]
     _, grads16 = jax.jit(lambda t, f, w: ft.loss_and_grads(cfg, t, f, w, jnp.bfloat16, lora_spec=spec))(
-        jax.tree.map(jnp.asarray, adapters), frozen16, ids)
-    for k, g in lora_peft.to_peft_tensors(jax.tree.map(np.asarray, grads16)).items():
-        assert g.dtype == np.float32
-        assert np.linalg.norm(g - ours[k]) / np.linalg.norm(ours[k]) <= 3e-2, k
+        small, frozen16, ids)
+    ours32, ours16 = (lora_peft.to_peft_tensors(jax.tree.map(np.asarray, g)) for g in (grads32, grads16))
+    assert all(g.dtype == np.float32 for g in ours16.values())
+    rel = {k: float(np.linalg.norm(g - ours32[k]) / np.linalg.norm(ours32[k])) for k, g in ours16.items()}
+    total = np.sqrt(sum(np.sum((g - ours32[k]) ** 2) for k, g in ours16.items())
+                    / sum(np.sum(g ** 2) for g in ours32.values()))
+    assert total <= 2e-2 and max(rel.values()) <= 5e-2, (total, rel)
 
 
 @pytest.mark.parametrize("key,value", [("use_dora", True), ("bias", "all"), ("modules_to_save", ["embed_out"]),
