@@ -4,15 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from convert.sources import ConvertError
-from neox_jax.checkpoint import CheckpointError
+from neox_jax.errors import NeoXError
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
 
 def _hf(a):
-    from convert.hf import convert_hf
-    return convert_hf(a.src, a.out, a.dtype, allow_nonfinite=a.allow_nonfinite, progress=not a.quiet)
+    from convert.hub import convert_source
+    return convert_source(a.src, a.out, a.revision, a.dtype, allow_nonfinite=a.allow_nonfinite, progress=not a.quiet)
 
 
 def _to_hf(a):
@@ -29,7 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert a save_pretrained directory of GPTNeoXForCausalLM (safetensors, sharded "
                                    "safetensors, or pytorch_model*.bin; config.json of transformers 4 or 5) into a "
                                    "neox-jax checkpoint, one tensor at a time.")
-    h.add_argument("src", help="directory with config.json and the weights (e.g. a downloaded EleutherAI/pythia-1b)")
+    h.add_argument("src", help="directory with config.json and the weights, or a hub id (e.g. EleutherAI/pythia-1b: "
+                               "downloaded with huggingface_hub and verified against the Hub's sha256)")
+    h.add_argument("--revision", default=None, help="hub branch, tag or commit (Pythia: step0, step1, ... step143000; "
+                                                    "default main); only with a hub id")
     h.add_argument("out", help="output checkpoint directory (must not exist; appears only when complete)")
     h.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="stored parameter dtype (default float32)")
     h.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf weights instead of refusing them")
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = args.run(args)
-    except (ConvertError, CheckpointError) as e:
+    except NeoXError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

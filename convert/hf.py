@@ -46,7 +46,8 @@ def read_hf_config(src: Path) -> NeoXConfig:
         raise ConvertError(str(e)) from None
 
 
-def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True) -> dict:
+def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True, hub: dict | None = None) -> dict:
+    """hub: where SRC came from (neox_jax.hub.HubFiles.source_record()), recorded in metadata.json `source`."""
     src, out = Path(src), Path(out)
     cfg = read_hf_config(src)
     tensors = HFTensors(src)
@@ -62,7 +63,7 @@ def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True) 
                 ([f"unexpected tensors {unexpected}"] if unexpected else [])
         raise ConvertError(f"{src}: " + "; ".join(parts))
     t0 = time.time()
-    source = {"kind": "hf", "path": str(src.absolute()), "files": tensors.kind}
+    source = {"kind": "hf", "path": str(src.absolute()), "files": tensors.kind, **(hub or {})}
     with CheckpointWriter(out, cfg, dtype, source) as writer:
         bar = tqdm(group_names(cfg), desc="convert", unit="group", disable=not progress)
         for group in bar:

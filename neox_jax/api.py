@@ -118,14 +118,34 @@ def _quantize(params: Params, cfg: NeoXConfig, mode: str) -> Params:
     return params
 
 
-def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quantize=None) -> NeoX:
-    """Loads a neox-jax checkpoint directory (made by `python -m convert ...`).
+def load(path: str | os.PathLike, dtype=None, *, revision: str | None = None, mesh=None, finetuned=None,
+         quantize=None) -> NeoX:
+    """Loads a neox-jax checkpoint directory (made by `python -m convert ...`), or a hub id `org/name`.
+
+    A hub id (with `revision`: a branch, tag or commit, e.g. "step143000" for Pythia; default "main") is downloaded
+    and verified (neox_jax.hub), converted once into $NEOX_JAX_CACHE (default ~/.cache/neox-jax) keyed by commit and
+    dtype (default float32), and loaded from there afterwards. Conversion needs the `convert` extra (torch only for
+    pytorch_model.bin files).
 
     dtype: float32 / float16 / bfloat16 to cast the parameters to (default: as stored).
     mesh: a jax.sharding.Mesh (see neox_jax.sharding.make_mesh) to restore the params onto, sharded.
     finetuned: a fine-tuning run directory whose trained parameters replace the checkpoint's.
     quantize: None, "int8" (weight-only) or "llm.int8" (see neox_jax/quantize.py). An int8 checkpoint (made by
     `python -m convert quantize`) loads quantized without it; passing the other mode switches modes."""
+    from neox_jax import hub
+
+    if hub.is_hub_id(path):
+        from convert.hub import cached_checkpoint  # the converter: only imported for a hub id
+
+        dtype = dtype or "float32"
+        try:
+            path = cached_checkpoint(str(path), revision, dtype)
+        except hub.HubError as e:
+            if str(e).startswith("unknown repo"):  # maybe a mistyped local path
+                raise hub.HubError(f"{path}: no such checkpoint directory, and {e}") from None
+            raise
+    elif revision is not None:
+        raise checkpoint.CheckpointError(f"revision={revision!r}: {path} is a local checkpoint, not a hub id")
     path = Path(path)
     meta = checkpoint.read_metadata(path)
     cfg = NeoXConfig.from_dict(meta["config"])
