@@ -46,10 +46,15 @@ def cached_checkpoint(repo_id: str, revision: str | None = None, dtype="float32"
         if commit is not None and (cache_entry(repo_id, commit, dtype) / "metadata.json").is_file():
             return cache_entry(repo_id, commit, dtype)
         raise
-    out = cache_entry(repo_id, r.commit, dtype)
+    return checkpoint_for(r, dtype, progress, s)
+
+
+def checkpoint_for(r: hub.Resolved, dtype="float32", progress=True, settings: hub.Settings | None = None) -> Path:
+    """The cache entry of a resolved revision: downloaded, verified and converted on first use."""
+    out = cache_entry(r.repo_id, r.commit, dtype)
     if (out / "metadata.json").is_file():
         return out
-    files = hub.download(r, s)
+    files = hub.download(r, settings)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         convert_hf(files.path, out, dtype, progress=progress, hub=files.source_record())
