@@ -50,7 +50,7 @@ def plot_task(path: Path, model: str, task: str, rows: list[dict]) -> Path | Non
         if dups:
             ax.scatter([p[0] for p in dups], [p[1] for p in dups], marker="x", s=60, color="red", zorder=3,
                        label="weights identical to another revision")
-        if "perplexity" in key:
+        if "perplexity" in key and min(y) > 0 and all(b[1] > 0 for b in band):  # log only if all of it fits
             ax.set_yscale("log")
         ax.set_xscale("symlog", linthresh=1)
         ax.set_ylabel(key.split(",")[0])
