@@ -78,9 +78,26 @@ def standalone(hf_dir, tmp_path):
     return res["results"]["lambada_openai"]
 
 
-def test_sweep_rows_duplicates_plot_and_resume(stub, revision_dirs, tmp_path):
+def test_sweep_rows_duplicates_plot_and_resume(stub, revision_dirs, tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    import neox_jax
+
+    loaded, alive_at_load, real_load = [], [], neox_jax.load
+
+    def counting_load(*a, **k):  # how many revisions' weights are alive each time another is loaded
+        gc.collect()
+        m = real_load(*a, **k)
+        loaded.append(weakref.ref(m))
+        alive_at_load.append(sum(r() is not None for r in loaded))
+        return m
+
+    monkeypatch.setattr(neox_jax, "load", counting_load)
     out = tmp_path / "out"
     assert sweep(out, "--revisions", "step0,step1000,step2000") == 0
+    assert len(alive_at_load) == 3 and max(alive_at_load) <= 2, alive_at_load
+    monkeypatch.setattr(neox_jax, "load", real_load)
     rows = rows_of(out)
     assert [(r["revision"], r["step"], r["task"]) for r in rows] == [
         ("step0", 0, "lambada_openai"), ("step1000", 1000, "lambada_openai"), ("step2000", 2000, "lambada_openai")]
