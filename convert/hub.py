@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convert.hf import convert_hf
-from convert.sources import ConvertError
 from neox_jax import hub
 from neox_jax.checkpoint import CheckpointError, dtype_name
+
+from .hf import convert_hf
+from .sources import ConvertError
 
 
 def convert_source(source, out, revision: str | None = None, dtype="float32", allow_nonfinite=False,

@@ -50,9 +50,9 @@ def stub(revisions, hub_env, monkeypatch):
 
 
 def convert_cli(*args):
-    from convert.__main__ import main
+    from neox_jax.cli import main
 
-    return main(["hf", *map(str, args), "--quiet"])
+    return main(["convert", "hf", *map(str, args), "--quiet"])
 
 
 def test_pythia_steps_and_ids():
@@ -207,23 +207,23 @@ def test_load_by_hub_id_converts_once(stub, revisions, hub_env, monkeypatch):
 
 
 def test_killed_conversion_leaves_no_cache_entry(stub, hub_env, monkeypatch):
-    import convert.hf
     import neox_jax
-    from convert.hub import cache_entry
+    from neox_jax.api import hub_converter
+    from neox_jax.checkpoint import CheckpointWriter
 
-    def killed(group, tree):
+    def killed(self, group, tree):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert.hf.CheckpointWriter, "write_group", lambda self, g, t: killed(g, t))
+    monkeypatch.setattr(CheckpointWriter, "write_group", killed)
     with pytest.raises(KeyboardInterrupt):
         neox_jax.load(REPO, revision="step0")
-    entry = cache_entry(REPO, stub.commit(REPO, "step0"), "float32")
+    entry = hub_converter().cache_entry(REPO, stub.commit(REPO, "step0"), "float32")
     assert not entry.exists() and list(entry.parent.iterdir()) == []
 
 
 def test_revision_with_local_dir_refused(revisions, tmp_path):
-    from convert.hub import convert_source
-    from convert.sources import ConvertError
+    from neox_jax.api import hub_converter
+    from neox_jax.errors import NeoXError
 
-    with pytest.raises(ConvertError, match="is a local directory, not a hub id"):
-        convert_source(revisions["step0"][1], tmp_path / "x", revision="step0")
+    with pytest.raises(NeoXError, match="is a local directory, not a hub id"):
+        hub_converter().convert_source(revisions["step0"][1], tmp_path / "x", revision="step0")

@@ -66,12 +66,12 @@ def standalone(hf_dir, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from convert.hf import convert_hf
+    from neox_jax.api import hub_converter
     from neox_jax.evaluation import NeoXLM
     from neox_jax.tasks import task_specs
 
     ckpt = tmp_path / f"standalone-{hf_dir.name}"
-    convert_hf(hf_dir, ckpt, progress=False)
+    hub_converter().convert_source(hf_dir, ckpt, progress=False)
     res = simple_evaluate(model=NeoXLM(pretrained=str(ckpt), batch_size=4),
                           tasks=list(task_specs(["lambada_openai"]).values()), limit=6, bootstrap_iters=10,
                           task_manager=TaskManager(include_defaults=False), log_samples=False)
