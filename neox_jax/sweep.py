@@ -82,11 +82,34 @@ def revisions_from(revisions: str | None = None, steps: str | None = None, pythi
 
 def fingerprint(r: hub.Resolved) -> str | None:
     """Weights fingerprint: sha256 over (file name, sha256) of the weight files; bit-identical weights in the same
-    file layout give the same fingerprint, whatever the commit."""
+    file layout give the same fingerprint, whatever the commit (None when the Hub gave no sha256)."""
     shas = [(f, r.expected[f].get("sha256")) for f in r.weight_files()]
     if not shas or any(s is None for _, s in shas):
         return None
     return hashlib.sha256("\n".join(f"{f} {s}" for f, s in shas).encode()).hexdigest()
+
+
+def tensor_fingerprint(params) -> str:
+    """For revisions whose weight files differ in layout (safetensors vs .bin, other sharding): sha256 over every
+    converted parameter (path, dtype, shape, bytes)."""
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, x in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.asarray(x)
+        h.update(f"{jax.tree_util.keystr(path)} {a.dtype} {a.shape}\n".encode())
+        h.update(a.tobytes())
+    return "tensors:" + h.hexdigest()
+
+
+def _first(first_with: dict, fp: str | None, revision: str) -> str | None:
+    """The earlier revision with this fingerprint (None if this is the first); records this one if it is."""
+    if fp is None:
+        return None
+    first = first_with.setdefault(fp, revision)
+    return first if first != revision else None
 
 
 # ---------------------------------------------------------------------------------------------- results.jsonl
@@ -197,18 +220,18 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     todo = [r for r in resolved if any((r.revision, t) not in done for t in cfg.tasks)]
     log(f"sweep {cfg.model}: {len(cfg.revisions)} revisions x {len(cfg.tasks)} tasks; "
         f"{len(done & {(r, t) for r in cfg.revisions for t in cfg.tasks})} pairs already in {out / RESULTS}")
-    dup_of = {}
-    for r in resolved:
-        fp = fingerprint(r)
-        if fp is not None:
-            first = first_with.setdefault(fp, r.revision)
-            dup_of[r.revision] = first if first != r.revision else None
+    # duplicates from the weight files' hashes, known before any download; if the revisions' files differ in layout
+    # (or the Hub gave no sha256), from the converted tensors instead, once each is loaded
+    file_fp = {r.revision: fingerprint(r) for r in resolved}
+    by_tensors = len({tuple(r.weight_files()) for r in resolved}) > 1 or None in file_fp.values()
+    dup_of = {} if by_tensors else {r.revision: _first(first_with, file_fp[r.revision], r.revision) for r in resolved}
 
     def prepare(r: hub.Resolved) -> Prepared:
-        if cfg.skip_duplicates and dup_of.get(r.revision):
-            return Prepared(r.revision, r.commit, fingerprint(r), None)
-        path = checkpoint_for(r, cfg.dtype, progress=False, settings=s)
-        return Prepared(r.revision, r.commit, fingerprint(r), neox_jax.load(path, cfg.dtype))
+        if cfg.skip_duplicates and dup_of.get(r.revision):  # known from the files: not even downloaded
+            return Prepared(r.revision, r.commit, file_fp[r.revision], None)
+        model = neox_jax.load(checkpoint_for(r, cfg.dtype, progress=False, settings=s), cfg.dtype)
+        fp = tensor_fingerprint(model.params) if by_tensors else file_fp[r.revision]
+        return Prepared(r.revision, r.commit, fp, model)
 
     evaluated = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sweep-prefetch") as pool:
@@ -216,6 +239,10 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
         for i in range(len(todo)):
             cur = nxt.result()  # the previous revision's weights were released at the end of the last iteration
             nxt = pool.submit(prepare, todo[i + 1]) if i + 1 < len(todo) else None
+            if by_tensors:
+                dup_of[cur.revision] = _first(first_with, cur.fingerprint, cur.revision)
+                if dup_of[cur.revision] and cfg.skip_duplicates:
+                    cur.model = None
             if dup_of.get(cur.revision):
                 log(f"{cur.revision}: weights identical to {dup_of[cur.revision]} (fingerprint "
                     f"{cur.fingerprint[:12]})" + ("; skipped" if cur.model is None else ""))

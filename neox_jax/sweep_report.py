@@ -90,9 +90,9 @@ def summary_markdown(model: str, rows: list[dict]) -> str:
     dups = sorted({(r["revision"], r["duplicate_of"]) for r in rows if r.get("duplicate_of")})
     lines += ["## Integrity", ""]
     if dups:
-        lines += [f"- **{a}** serves weights bit-identical to **{b}** (same weight-file sha256s)" for a, b in dups]
+        lines += [f"- **{a}** serves weights bit-identical to **{b}** (same weights fingerprint)" for a, b in dups]
     else:
-        lines.append("- every revision's weights differ from every other's (weight-file sha256s)")
+        lines.append("- every revision's weights differ from every other's (weights fingerprints)")
     return "\n".join(lines) + "\n"
 
 

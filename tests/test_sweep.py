@@ -30,6 +30,11 @@ def revision_dirs(tmp_path_factory, tokenizer_file):
         model.save_pretrained(d)
         shutil.copyfile(tokenizer_file, d / "tokenizer.json")
         dirs[rev] = d
+    # step3000: step1000's weights again, but as pytorch_model.bin (another file layout: only tensor hashes match)
+    dirs["step3000"] = tmp_path_factory.mktemp("step3000")
+    torch.save(model.state_dict(), dirs["step3000"] / "pytorch_model.bin")
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copyfile(dirs["step1000"] / name, dirs["step3000"] / name)
     dirs["step2000"] = tmp_path_factory.mktemp("step2000")  # the bug of pythia #195: another step's weights
     for f in dirs["step1000"].iterdir():
         shutil.copyfile(f, dirs["step2000"] / f.name)
@@ -136,6 +141,13 @@ def test_skip_duplicates_and_named_errors(stub, tmp_path, capsys):
     assert sweep(out, "--revisions", "step1000,step2000", "--skip-duplicates") == 0
     rows = rows_of(out)
     assert rows[1]["duplicate_of"] == "step1000" and rows[1]["metrics"] is None
+    assert not any(f"/{stub.commit(REPO, 'step2000')}/model.safetensors" in r for r in stub.requests)  # not fetched
+    # the same weights in another file layout: found by the converted tensors' hashes
+    out2 = tmp_path / "layouts"
+    assert sweep(out2, "--revisions", "step0,step1000,step3000", "--skip-duplicates") == 0
+    rows = rows_of(out2)
+    assert [r["duplicate_of"] for r in rows] == [None, None, "step1000"] and rows[2]["metrics"] is None
+    assert rows[1]["fingerprint"] == rows[2]["fingerprint"] != rows[0]["fingerprint"]
     assert sweep(tmp_path / "o2", "--revisions", "step0,step1234") == 1
     assert "no revision 'step1234'; nearest published steps: step1000, step2000" in capsys.readouterr().err
     assert not (tmp_path / "o2" / "results.jsonl").exists()
