@@ -295,7 +295,8 @@ def _verify(r: Resolved, name: str, path: Path) -> str:
     elif not want.get("sha256") and want.get("git_sha1") and git != want["git_sha1"]:
         bad = f"git blob sha1 {git}, the Hub's is {want['git_sha1']}"
     elif name.endswith(WEIGHT_SUFFIXES) and not want.get("sha256") and not want.get("git_sha1"):
-        bad = f"sha256 {sha}, and no hash from the Hub to check it against"
+        raise HubError(f"{r.repo_id}@{r.revision} ({r.commit[:12]}): {name}: no hash recorded to verify it against "
+                       f"(sha256 {sha}); run once online so the Hub's hashes are recorded")  # not proven bad: kept
     if bad is None:
         return sha
     blob = Path(os.path.realpath(path))
