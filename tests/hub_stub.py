@@ -23,12 +23,13 @@ LFS_SUFFIXES = (".safetensors", ".bin")
 class HubStub:
     """repos: {repo_id: {revision: directory}}; each revision becomes a commit (sha1 of repo + revision + contents).
     corrupt: {(repo_id, filename)}: bodies served with one byte flipped (headers still announce the true hashes).
-    gated: repo ids answered 401 GatedRepo. model_type: overrides model_info's config.model_type (None: from file)."""
+    gated: repo ids answered 401 GatedRepo unless the request carries `Authorization: Bearer <token>`."""
 
     def __init__(self, repos: dict[str, dict[str, Path]]):
         self.repos: dict[str, dict] = {}
         self.corrupt: set[tuple[str, str]] = set()
         self.gated: set[str] = set()
+        self.token = "hf_stub_token"
         self.requests: list[str] = []
         for repo, revs in repos.items():
             self.add_repo(repo, revs)
@@ -63,11 +64,11 @@ class HubStub:
     def commit(self, repo: str, rev: str) -> str:
         return self.repos[repo]["refs"][rev]
 
-    def _lookup(self, repo: str, rev: str):
+    def _lookup(self, repo: str, rev: str, auth: str | None = None):
         """-> (status, error code, commit, files)"""
         if repo not in self.repos:
             return 404, "RepoNotFound", None, None
-        if repo in self.gated:
+        if repo in self.gated and auth != f"Bearer {self.token}":
             return 401, "GatedRepo", None, None
         entry = self.repos[repo]
         commit = entry["refs"].get(rev, rev if rev in entry["commits"] else None)
@@ -111,7 +112,7 @@ class HubStub:
                 self._error(404, "EntryNotFound", head)
 
             def _model_info(self, repo, rev, head):
-                status, code, commit, files = stub._lookup(repo, rev)
+                status, code, commit, files = stub._lookup(repo, rev, self.headers.get("Authorization"))
                 if status != 200:
                     return self._error(status, code, head)
                 siblings = []
@@ -126,7 +127,7 @@ class HubStub:
                 self._send(200, {"Content-Type": "application/json"}, json.dumps(body).encode(), head)
 
             def _resolve(self, repo, rev, name, head):
-                status, code, commit, files = stub._lookup(repo, rev)
+                status, code, commit, files = stub._lookup(repo, rev, self.headers.get("Authorization"))
                 if status != 200:
                     return self._error(status, code, head)
                 if name not in files:

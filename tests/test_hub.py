@@ -115,7 +115,7 @@ def test_corrupt_download_refused_and_removed(stub, hub_env, capsys):
     assert convert_cli(REPO, out, "--revision", "step0") == 0 and (out / "metadata.json").is_file()
 
 
-def test_errors_are_named(stub, hub_env):
+def test_errors_are_named(stub, hub_env, monkeypatch):
     from neox_jax import hub
 
     with pytest.raises(hub.HubError, match=r"no revision 'step1234'; nearest published steps: step1000, step2000"):
@@ -125,6 +125,8 @@ def test_errors_are_named(stub, hub_env):
     stub.gated.add(REPO)
     with pytest.raises(hub.HubError, match=r"gated.*set HF_TOKEN"):
         hub.fetch(REPO, "step0")
+    monkeypatch.setenv("HF_TOKEN", stub.token)  # read when called: the token reaches every request
+    assert hub.fetch(REPO, "step0").resolved.commit == stub.commit(REPO, "step0")
 
 
 def test_not_gpt_neox_refused_before_weights(stub, hub_env, tmp_path):
