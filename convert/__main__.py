@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from convert.sources import ConvertError
-from neox_jax.checkpoint import CheckpointError
+from neox_jax.errors import NeoXError
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
@@ -56,7 +55,7 @@ _EXTRA_COMMANDS: list = []  # later converters (neox slim shards, quantize, merg
 def _register_optional():
     import importlib
 
-    for mod in ("convert.neox", "convert.quantize", "convert.merge"):
+    for mod in ("convert.neox", "convert.quantize", "convert.merge", "convert.verify"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = args.run(args)
-    except (ConvertError, CheckpointError) as e:
+    except NeoXError as e:  # ConvertError, CheckpointError, disk full, ...
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

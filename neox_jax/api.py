@@ -118,16 +118,20 @@ def _quantize(params: Params, cfg: NeoXConfig, mode: str) -> Params:
     return params
 
 
-def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quantize=None) -> NeoX:
+def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quantize=None, verify=False) -> NeoX:
     """Loads a neox-jax checkpoint directory (made by `python -m convert ...`).
 
     dtype: float32 / float16 / bfloat16 to cast the parameters to (default: as stored).
     mesh: a jax.sharding.Mesh (see neox_jax.sharding.make_mesh) to restore the params onto, sharded.
     finetuned: a fine-tuning run directory whose trained parameters replace the checkpoint's.
     quantize: None, "int8" (weight-only) or "llm.int8" (see neox_jax/quantize.py). An int8 checkpoint (made by
-    `python -m convert quantize`) loads quantized without it; passing the other mode switches modes."""
+    `python -m convert quantize`) loads quantized without it; passing the other mode switches modes.
+    verify: re-hash every stored file against the checksums in metadata.json first (reads the whole checkpoint
+    once more; without it, load checks groups, layer count, file sizes, shapes and dtypes, which is cheap)."""
     path = Path(path)
     meta = checkpoint.read_metadata(path)
+    if verify:
+        checkpoint.verify(path)
     cfg = NeoXConfig.from_dict(meta["config"])
     params = _restore(path, cfg, dtype, mesh)
     if finetuned is not None:
