@@ -17,4 +17,4 @@ def register(subparsers) -> None:
     v = subparsers.add_parser("verify", help="re-hash a checkpoint's files against their recorded sha256",
                               description=__doc__)
     v.add_argument("ckpt", help="neox-jax checkpoint directory")
-    v.set_defaults(run=_run)
+    v.set_defaults(convert=_run)
