@@ -1,5 +1,7 @@
 """Generate / evaluate faults through the `neox-jax` command, in-process: each ends in one line on stderr and exit 1
 before any work starts; --debug shows the traceback (docs/reliability.md)."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -108,19 +110,14 @@ def test_evaluate_offline_task_needing_the_hub_is_named_at_once(ckpt, tmp_path, 
 def test_offline_check_accepts_cached_and_local_tasks(tmp_path, monkeypatch):
     from neox_jax.tasks import check_offline
 
-    class Entry:
-        cfg = {"dataset_path": "org/data"}
-
-    class TM:
-        task_index = {"piqa": Entry()}
-
+    tm = SimpleNamespace(task_index={"piqa": SimpleNamespace(cfg={"dataset_path": "org/data"})})
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     check_offline({"lambada_openai": "/some/local/lambada_openai.yaml"})  # local: fine
     with pytest.raises(NeoXError, match="piqa would download"):
-        check_offline({"piqa": "piqa"}, task_manager=TM())
+        check_offline({"piqa": "piqa"}, task_manager=tm)
     (tmp_path / "datasets--org--data").mkdir()
-    check_offline({"piqa": "piqa"}, task_manager=TM())  # in the Hugging Face cache: fine
+    check_offline({"piqa": "piqa"}, task_manager=tm)  # in the Hugging Face cache: fine
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     check_offline({"mmlu": "mmlu"})  # online: lm-eval downloads as usual
 

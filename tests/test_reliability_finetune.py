@@ -14,7 +14,7 @@ from neox_jax.model import init_params
 
 CFG = NeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=64)
-WORDS = "the king queen lord speak hear love death night day sword crown heart blood fair good".split()
+WORDS = ["the", "king", "queen", "lord", "speak", "hear", "love", "death", "night", "day", "sword", "crown"]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def setup(tmp_path_factory):
 
 
 def _cfg(d, run, **kw):
-    base = dict(checkpoint=str(d / "baseA"), data=[str(d / "train.txt")], out=str(d / run), seq_len=16, batch_size=8,
-                steps=2, lr=1e-3, mesh="data=-1", save_every=1, progress=False)
+    base = {"checkpoint": str(d / "baseA"), "data": [str(d / "train.txt")], "out": str(d / run), "seq_len": 16,
+            "batch_size": 8, "steps": 2, "lr": 1e-3, "mesh": "data=-1", "save_every": 1, "progress": False}
     return train.RunConfig(**{**base, **kw})
 
 
