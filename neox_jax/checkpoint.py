@@ -277,12 +277,21 @@ def verify(path: str | os.PathLike) -> int:
     """Re-hashes every stored file against metadata.json `checksums`; returns the bytes checked. ChecksumError names
     each group (parameter group, or top-level file) that differs."""
     path = Path(path).absolute()
-    meta = read_metadata(path)
+    meta = _finetuned_metadata(path) or read_metadata(path)
     if not meta.get("checksums"):
         raise CheckpointError(f"{path / 'metadata.json'}: no checksums recorded (written by an older neox-jax; "
                               f"convert it again to add them)")
     _raise_problems(path, checksums.problems(path, meta["checksums"], rehash=True))
     return checksums.total_bytes(meta["checksums"])
+
+
+def _finetuned_metadata(path: Path) -> dict | None:
+    """The metadata of a fine-tuning run's `finetuned/` folder (also verifiable), else None."""
+    try:
+        meta = json.loads((path / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == "neox-jax-finetuned" else None
 
 
 def identity(path: str | os.PathLike) -> str:

@@ -104,3 +104,12 @@ def test_bad_line_before_the_end_is_an_error_naming_it(setup, tmp_path):
     (run / "metrics.jsonl").write_text("\n".join(["{oops", *lines]) + "\n")
     with pytest.raises(NeoXError, match=r"metrics\.jsonl:1: not valid JSON"):
         train.run(_cfg(setup, run, resume=True))
+
+
+def test_finetuned_params_record_checksums(setup, tmp_path):
+    run = _run_copy(setup, tmp_path)
+    assert checkpoint.verify(run / "finetuned") > 0
+    f = max((p for p in (run / "finetuned" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    f.write_bytes(f.read_bytes()[:-1] + bytes([f.read_bytes()[-1] ^ 1]))
+    with pytest.raises(checkpoint.ChecksumError, match="sha256 differs"):
+        checkpoint.verify(run / "finetuned")
