@@ -145,7 +145,7 @@ def hub_converter():
 
 
 def load(path: str | os.PathLike, dtype=None, *, revision: str | None = None, mesh=None, finetuned=None,
-         quantize=None, tokenizer=None) -> NeoX:
+         quantize=None, tokenizer=None, verify=False) -> NeoX:
     """Loads a neox-jax checkpoint directory (made by `neox-jax convert ...`), or a hub id `org/name`.
 
     A hub id (with `revision`: a branch, tag or commit, e.g. "step143000" for Pythia; default "main") is downloaded
@@ -159,7 +159,9 @@ def load(path: str | os.PathLike, dtype=None, *, revision: str | None = None, me
     finetuned: a fine-tuning run directory whose trained parameters replace the checkpoint's.
     quantize: None, "int8" (weight-only) or "llm.int8" (see neox_jax/quantize.py). An int8 checkpoint (made by
     `neox-jax convert quantize`) loads quantized without it; passing the other mode switches modes.
-    tokenizer: a tokenizer.json to use instead of the checkpoint's own."""
+    tokenizer: a tokenizer.json to use instead of the checkpoint's own.
+    verify: re-hash every stored file against the checksums in metadata.json first (reads the whole checkpoint
+    once more; without it, load checks groups, layer count, file sizes, shapes and dtypes, which is cheap)."""
     from neox_jax import hub
 
     if hub.is_hub_id(path):
@@ -177,6 +179,8 @@ def load(path: str | os.PathLike, dtype=None, *, revision: str | None = None, me
     if isinstance(mesh, str):
         mesh = sharding.make_mesh(mesh)
     meta = checkpoint.read_metadata(path)
+    if verify:
+        checkpoint.verify(path)
     cfg = NeoXConfig.from_dict(meta["config"])
     params = _restore(path, cfg, dtype, mesh)
     if finetuned is not None:
