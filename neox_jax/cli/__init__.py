@@ -14,7 +14,9 @@ import sys
 import traceback
 
 # subcommand -> module; imported only when that subcommand runs (or for --help), so `neox-jax --help` is fast
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "serve": "neox_jax.cli.serve",
+}
 
 
 def _module(name: str):
