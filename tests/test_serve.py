@@ -29,7 +29,8 @@ from neox_jax.serve.scheduler import Request, Scheduler
 MODEL_VOCAB, TOK_VOCAB, MAX_LEN = 320, 300, 32
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Einstein was born in the German Empire.",
           "Über naïve café: déjà vu, 東京 and Zürich.", "Hello, world! 1 2 3 4 5 6 7 8 9 10"] * 20
-WORDS = ["The", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "Einstein", "was", "born", "German", "Empire", "Hello", "world"]
+WORDS = ["The", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "Einstein", "was", "born", "German", "Empire",
+         "Hello", "world"]
 PROMPTS = [" ".join(WORDS[i % 14:i % 14 + 1 + i % 4]) for i in range(16)]  # 16 different prompts of 1-4 words
 TIMEOUT = 60.0
 
@@ -129,9 +130,9 @@ def test_stop_strings_and_echo_logprobs(served, client, lm, ref):
     r = client.completions.create(model=name, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=2)
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
-    logits = lm.logits(np.array([ids]))[0, :, :TOK_VOCAB]
-    ref = jax.nn.log_softmax(logits, axis=-1)[np.arange(len(ids) - 1), ids[1:]]
-    np.testing.assert_allclose(lp.token_logprobs[1:len(ids)], ref, atol=1e-4)
+    logits = lm.logits(np.array([ids + ref[2][:1]]))[0, :, :TOK_VOCAB]
+    want = jax.nn.log_softmax(logits, axis=-1)[np.arange(len(ids)), ids[1:] + ref[2][:1]]
+    np.testing.assert_allclose(lp.token_logprobs[1:], want, atol=1e-4)  # the prompt's and the generated token's
     assert r.choices[0].text.startswith(PROMPTS[2])
 
 
@@ -215,7 +216,8 @@ def test_nothing_compiles_after_warm_up(served, client):
 
 
 BAD = [({"prompt": "x", "max_tokens": -1}, "max_tokens"), ({"prompt": "x", "max_tokens": 10_000}, "context length"),
-       ({"prompt": "x", "max_tokens": MAX_LEN}, "context length"), ({"prompt": "x", "temperature": -0.5}, "temperature"),
+       ({"prompt": "x", "max_tokens": MAX_LEN}, "context length"),
+       ({"prompt": "x", "temperature": -0.5}, "temperature"),
        ({"prompt": "x", "top_p": 0}, "top_p"), ({"prompt": "x", "top_p": 1.5}, "top_p"),
        ({"prompt": "x", "model": "gpt-4"}, "does not exist"), ({"prompt": "x", "n": 2}, "'n'"),
        ({"prompt": []}, "prompt"), ({"prompt": [[1, 99999]]}, "outside"), ({"prompt": "x", "logprobs": 9}, "logprobs"),

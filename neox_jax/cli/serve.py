@@ -11,8 +11,8 @@ examples:
        -d '{"model": "pythia-160m", "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with a chat template),
-GET /metrics. SIGTERM (or Ctrl-C) stops taking requests, lets running ones finish for --drain-timeout seconds,
-cancels the rest and exits 0. See docs/serving.md.
+GET /metrics. SIGTERM stops taking requests, lets running ones finish for --drain-timeout seconds, cancels the
+rest and exits 0 (Ctrl-C does the same and exits 130). See docs/serving.md.
 """
 from __future__ import annotations
 

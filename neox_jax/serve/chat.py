@@ -61,13 +61,13 @@ def render(template, messages, tok) -> str:
         raise P.ApiError(f"the chat template refused the messages: {e}", param="messages") from None
 
 
-def _chat_logprobs(tok, ids, entries):
+def _chat_logprobs(tok, ids, entries, k: int):
     out = []
     for t, (lp, top_ids, top_lps) in zip(ids, entries):
         s = tok.decode([t])
         out.append({"token": s, "logprob": lp, "bytes": list(s.encode()),
                     "top_logprobs": [{"token": tok.decode([i]), "logprob": v, "bytes": list(tok.decode([i]).encode())}
-                                     for i, v in zip(top_ids, top_lps)]})
+                                     for i, v in zip(top_ids[:k], top_lps[:k])]})
     return out
 
 
@@ -107,7 +107,7 @@ async def chat_completions(request: HttpRequest) -> Response:
                                      "logprobs": None, "finish_reason": None}]})
             async for _, d in run.deltas():
                 made += len(d.ids)
-                lp = {"content": _chat_logprobs(svc.tok, d.ids, d.logprobs)} if d.logprobs else None
+                lp = {"content": _chat_logprobs(svc.tok, d.ids, d.logprobs, st.logprobs)} if d.logprobs else None
                 delta = {"content": d.text} if d.text else {}
                 if delta or d.finish_reason or lp:
                     yield _sse({**head, "object": "chat.completion.chunk",
@@ -127,7 +127,7 @@ async def chat_completions(request: HttpRequest) -> Response:
         made += len(d.ids)
         reason = d.finish_reason or reason
         if d.logprobs:
-            lps += _chat_logprobs(svc.tok, d.ids, d.logprobs)
+            lps += _chat_logprobs(svc.tok, d.ids, d.logprobs, st.logprobs)
     return JSONResponse({**head, "object": "chat.completion",
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                       "logprobs": {"content": lps} if want_lp else None, "finish_reason": reason}],

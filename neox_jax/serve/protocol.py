@@ -133,11 +133,13 @@ def settings_of(body: dict, tok, vocab_size: int, max_tokens_key: str = "max_tok
     stop_ids = sorted(set(stop_ids) | (set() if ignore_eos else {tok.eos_id}))
     stream, echo = body.get("stream", False), body.get("echo", False)
     if not isinstance(stream, bool) or not isinstance(echo, bool):
-        raise ApiError("'stream' and 'echo' must be booleans", param="stream" if not isinstance(stream, bool) else "echo")
+        raise ApiError("'stream' and 'echo' must be booleans",
+                       param="stream" if not isinstance(stream, bool) else "echo")
     opts = body.get("stream_options") or {}
     row = {k: v[0] for k, v in R.empty_rows(1, vocab_size).items()}
     row.update(temperature=np.float32(temperature), top_p=np.float32(top_p), top_k=np.int32(max(top_k, 0)),
                repetition_penalty=np.float32(rep), min_tokens=np.int32(min_tokens),
+               logprobs=np.bool_(logprobs is not None),
                key=R.seed_key(secrets.randbits(63) if seed is None else seed))
     row["stop_mask"][stop_ids] = True
     return Settings(max_tokens, row, stops, stop_ids, logprobs, echo, stream,
