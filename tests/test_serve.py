@@ -357,3 +357,13 @@ def test_sigterm_finishes_in_flight_and_exits_0(ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_seeded_sampling_is_reproducible(served, client):
+    def ask(seed):
+        return client.completions.create(model=served.svc.name, prompt=PROMPTS[4], max_tokens=12, temperature=1.0,
+                                         top_p=0.95, seed=seed, extra_body={"ignore_eos": True}).choices[0].text
+
+    first = ask(3)
+    assert ask(3) == first
+    assert any(ask(s) != first for s in (4, 5, 6))

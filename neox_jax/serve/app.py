@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from neox_jax.serve import chat
 from neox_jax.serve import protocol as P
+from neox_jax.serve import rows as R
 from neox_jax.serve.scheduler import Delta, QueueFull, Request, ShuttingDown
 
 log = logging.getLogger("neox_jax.serve")
@@ -60,7 +61,7 @@ class Run:
 
         self.reqs = []
         for i, ids in enumerate(prompts):
-            row = {**st.row, "max_new": np.int32(st.max_tokens)}
+            row = {**st.row, "max_new": np.int32(st.max_tokens), "key": R.seed_key(st.seed + i)}
             self.reqs.append(Request(ids, st.max_tokens, row, st.stops, st.stop_ids, deliver_to(i),
                                      logprobs=st.logprobs, prompt_logprobs=st.echo and st.logprobs is not None))
 

@@ -174,16 +174,19 @@ class Engine:
         fn = jax.jit(functools.partial(_admit, self.cfg, self.layout, self.vocab_limit, self.mesh),
                      donate_argnums=(1,))
         row = jax.tree.map(lambda x: x[0], R.empty_rows(1, self.cfg.vocab_size))
-        args = (self.params, self._abstract_state(), jax.ShapeDtypeStruct((1, p), jnp.int32), np.int32(0),
+        args = (self.params, self._state_for_lowering(), jax.ShapeDtypeStruct((1, p), jnp.int32), np.int32(0),
                 np.int32(0), row, np.bool_(False))
         return self._compiled(("admit", p), fn, *args)
 
     def _decode_program(self):
         fn = jax.jit(functools.partial(_decode, self.cfg, self.layout, self.vocab_limit, self.chunk, self.mesh),
                      donate_argnums=(1,))
-        return self._compiled(("decode",), fn, self.params, self._abstract_state(), np.zeros(self.slots, bool))
+        return self._compiled(("decode",), fn, self.params, self._state_for_lowering(), np.zeros(self.slots, bool))
 
-    def _abstract_state(self):
+    def _state_for_lowering(self):
+        """The state itself once allocated (lowering reads its shardings, on a mesh), else its shapes."""
+        if self.state is not None:
+            return self.state
         return jax.eval_shape(lambda: _init_state(self.cfg, self.layout, self.slots, self.max_model_len,
                                                   self.cfg.vocab_size, is_stacked(self.params), None))
 

@@ -40,6 +40,7 @@ class Settings:
     echo: bool
     stream: bool
     include_usage: bool
+    seed: int  # prompt i of the request samples with seed + i
 
 
 def _number(body, name, default, lo=None, hi=None, lo_open=False, integer=False):
@@ -136,14 +137,15 @@ def settings_of(body: dict, tok, vocab_size: int, max_tokens_key: str = "max_tok
         raise ApiError("'stream' and 'echo' must be booleans",
                        param="stream" if not isinstance(stream, bool) else "echo")
     opts = body.get("stream_options") or {}
+    seed = secrets.randbits(62) if seed is None else seed
     row = {k: v[0] for k, v in R.empty_rows(1, vocab_size).items()}
     row.update(temperature=np.float32(temperature), top_p=np.float32(top_p), top_k=np.int32(max(top_k, 0)),
                repetition_penalty=np.float32(rep), min_tokens=np.int32(min_tokens),
                logprobs=np.bool_(logprobs is not None),
-               key=R.seed_key(secrets.randbits(63) if seed is None else seed))
+               key=R.seed_key(seed))
     row["stop_mask"][stop_ids] = True
     return Settings(max_tokens, row, stops, stop_ids, logprobs, echo, stream,
-                    bool(isinstance(opts, dict) and opts.get("include_usage")))
+                    bool(isinstance(opts, dict) and opts.get("include_usage")), seed)
 
 
 def check_length(n_prompt: int, max_tokens: int, max_model_len: int, i: int = 0) -> None:
