@@ -367,3 +367,29 @@ def test_seeded_sampling_is_reproducible(served, client):
     first = ask(3)
     assert ask(3) == first
     assert any(ask(s) != first for s in (4, 5, 6))
+
+
+def test_sharded_engine_gives_the_same_ids(ckpt, served):
+    """Params and KV cache over a data=2 x model=2 mesh: the same greedy ids as the unsharded server."""
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    from neox_jax import sharding
+    from neox_jax.serve.metrics import Metrics
+
+    mesh = sharding.make_mesh("data=2,model=2", jax.devices()[:4])
+    lm = neox_jax.load(ckpt, mesh=mesh)
+    sched = Scheduler(Engine(lm.config, lm.params, slots=2, max_model_len=16, vocab_limit=TOK_VOCAB, chunk=4,
+                             mesh=mesh), lm.tokenizer, Metrics(2, 8), max_queue=8)
+    sched.start()
+    try:
+        assert sched.ready.wait(600)
+        results = []
+        for s in (served.svc.scheduler, sched):
+            reqs = [_collect_ids(s, lm.tokenizer.encode(p), 6) for p in PROMPTS[:3]]
+            for r, *_ in reqs:
+                s.submit(r)
+            assert all(d.wait(TIMEOUT) for *_, d in reqs)
+            results.append([got for _, got, _ in reqs])
+        assert results[0] == results[1] and all(len(x) == 6 for x in results[0])
+    finally:
+        sched.shutdown(5)

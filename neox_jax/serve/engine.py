@@ -137,7 +137,7 @@ def _decode(cfg, layout, vocab_limit, chunk, mesh, params, state, force_done):
            "top_logprobs": jnp.zeros((b, chunk, R.TOP_LOGPROBS), jnp.float32)}
     state = {**state, "done": state["done"] | force_done}
     steps, state, out = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), state, out))
-    return state, out, steps
+    return sharding.constrain_state(state, mesh), out, steps
 
 
 class Engine:
@@ -152,6 +152,8 @@ class Engine:
         self.layout = core.layout_for(params, jax.default_backend())
         self.params = core.transpose_kernels(params) if self.layout.transposed else params
         self.slots = max(slots, self.layout.min_rows)
+        if mesh is not None:  # the slots split over `data`: a multiple of its size
+            self.slots = -(-self.slots // mesh.shape["data"]) * mesh.shape["data"]
         self.max_model_len, self.vocab_limit = max_model_len, vocab_limit
         self.buckets = buckets(max_model_len)
         self.compiles = 0  # programs compiled (tests check nothing compiles after warm_up)
