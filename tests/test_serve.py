@@ -393,3 +393,12 @@ def test_sharded_engine_gives_the_same_ids(ckpt, served):
         assert results[0] == results[1] and all(len(x) == 6 for x in results[0])
     finally:
         sched.shutdown(5)
+
+
+def test_cli_user_errors_are_one_line(tmp_path, capsys, ckpt):
+    from neox_jax.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing")]) == 1
+    assert "no such directory" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(ckpt), "--max-model-len", "100000", "--no-compile-cache"]) == 1
+    assert "--max-model-len 100000" in capsys.readouterr().err

@@ -53,12 +53,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import uvicorn
-
     import neox_jax
     from neox_jax import compile_cache, distributed
     from neox_jax.errors import NeoXError
-    from neox_jax.serve.app import build_app
+
+    try:
+        import uvicorn
+
+        from neox_jax.serve.app import build_app
+    except ImportError as e:
+        raise NeoXError(f"serving needs the `serve` extra ({e}): pip install 'neox-jax[serve]'") from None
     from neox_jax.serve.service import Service
     from neox_jax.tokenizer import Tokenizer
 

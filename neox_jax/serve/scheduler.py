@@ -84,6 +84,8 @@ class Scheduler:
     def submit(self, req: Request) -> None:
         if not self._accepting:
             raise ShuttingDown("the server is shutting down")
+        if self.failed is not None or (self._thread is not None and not self._thread.is_alive()):
+            raise ShuttingDown(f"the model loop has stopped ({self.failed!r}); see the server log")
         try:
             self.waiting.put_nowait(req)
         except queue.Full:
@@ -187,10 +189,9 @@ class Scheduler:
             lps = list(zip(out["logprobs"][row, :k].tolist(), out["top_ids"][row, :k].tolist(),
                            out["top_logprobs"][row, :k].tolist()))
         self.metrics.generation_tokens.inc(len(ids))
-        done = req.tracker.finished or (n == 0 and not req.tracker.finished)
         reason = None
-        if done:
-            tail = req.tracker.finish_length()  # the device stopped it at max_tokens: "length"
+        if req.tracker.finished or n == 0:  # n == 0: the device has stopped the row (it agrees with the tracker)
+            tail = req.tracker.finish_length()  # "" once finished; else it ends as "length"
             text += tail or ""
             reason = req.tracker.finish_reason
             self.slots[slot] = None
