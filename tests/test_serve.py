@@ -217,7 +217,8 @@ def test_nothing_compiles_after_warm_up(served, client):
 
 BAD = [({"prompt": "x", "max_tokens": -1}, "max_tokens"), ({"prompt": "x", "max_tokens": 10_000}, "context length"),
        ({"prompt": "x", "max_tokens": MAX_LEN}, "context length"),
-       ({"prompt": "x", "temperature": -0.5}, "temperature"),
+       ({"prompt": "x", "temperature": -0.5}, "temperature"), ({"prompt": "x", "temperature": 1e-9}, "too small"),
+       ({"prompt": "x", "seed": 2 ** 64}, "seed"),
        ({"prompt": "x", "top_p": 0}, "top_p"), ({"prompt": "x", "top_p": 1.5}, "top_p"),
        ({"prompt": "x", "model": "gpt-4"}, "does not exist"), ({"prompt": "x", "n": 2}, "'n'"),
        ({"prompt": []}, "prompt"), ({"prompt": [[1, 99999]]}, "outside"), ({"prompt": "x", "logprobs": 9}, "logprobs"),

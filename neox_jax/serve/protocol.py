@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from neox_jax.sampling import MIN_TEMPERATURE, SEED_LIMIT
 from neox_jax.serve import rows as R
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -108,6 +109,9 @@ def settings_of(body: dict, tok, vocab_size: int, max_tokens_key: str = "max_tok
         raise ApiError("'suffix' is not supported", param="suffix")
     max_tokens = _number(body, max_tokens_key, default_max, lo=1, integer=True)
     temperature = _number(body, "temperature", 1.0, lo=0)
+    if 0 < temperature < MIN_TEMPERATURE:  # logits / temperature overflows float32: NaN probabilities
+        raise ApiError(f"'temperature' {temperature} is too small to sample with in float32: use 0 (greedy, the same "
+                       f"choice) or >= {MIN_TEMPERATURE:g}", param="temperature")
     top_p = _number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True)
     top_k = _number(body, "top_k", -1, lo=-1, integer=True)
     if top_k > vocab_size:
@@ -116,7 +120,7 @@ def settings_of(body: dict, tok, vocab_size: int, max_tokens_key: str = "max_tok
     min_tokens = _number(body, "min_tokens", 0, lo=0, integer=True)
     if max_tokens is not None and min_tokens > max_tokens:
         raise ApiError(f"'min_tokens' {min_tokens} exceeds max_tokens {max_tokens}", param="min_tokens")
-    seed = _number(body, "seed", None, integer=True)
+    seed = _number(body, "seed", None, lo=-SEED_LIMIT, hi=SEED_LIMIT - 1, integer=True)  # int64, as OpenAI's
     logprobs = body.get("logprobs")
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                  or not 0 <= logprobs <= R.TOP_LOGPROBS):
