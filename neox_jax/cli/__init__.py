@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "memory-plan": "neox_jax.cli.memory_plan",
     "benchmark": "neox_jax.cli.benchmark",
     "serve": "neox_jax.cli.serve",
+    "sweep": "neox_jax.cli.sweep",
 }
 
 

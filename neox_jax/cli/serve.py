@@ -26,7 +26,8 @@ HELP = "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batchi
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from neox_jax import compile_cache, distributed
 
-    p.add_argument("--checkpoint", required=True, help="a neox-jax checkpoint directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="a neox-jax checkpoint directory, or a hub id org/name (converted once, cached)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="decode slots: requests generating at once (default 8)")
@@ -69,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.num_processes not in (None, 1) or args.distributed:
         raise NeoXError("--num-processes / --distributed: the server runs in one process (use --mesh for its devices)")
-    if not Path(args.checkpoint).is_dir():
-        raise NeoXError(f"--checkpoint {args.checkpoint}: no such directory")
+    from neox_jax import hub
+
+    if not Path(args.checkpoint).is_dir() and not hub.is_hub_id(args.checkpoint):
+        raise NeoXError(f"--checkpoint {args.checkpoint}: no such directory (nor a hub id org/name)")
     compile_cache.enable(args.compile_cache)
     mesh = distributed.setup(args)
     try:
