@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from convert.mapping import IGNORED_SUFFIXES, get_path, group_entries, set_path
-from convert.sources import ConvertError, HFTensors
 from neox_jax.checkpoint import DTYPES, CheckpointWriter, dtype_name, group_names, iter_groups, read_metadata
 from neox_jax.config import NeoXConfig
+
+from .mapping import IGNORED_SUFFIXES, get_path, group_entries, set_path
+from .sources import ConvertError, HFTensors
 
 OUTPUT_ALIASES = ("lm_head.weight",)  # transformers 5 names embed_out "lm_head" in memory; accept it in files too
 
@@ -149,3 +150,37 @@ def export_hf(ckpt, out, dtype=None, shard_bytes=2 * 2**30, progress=True) -> di
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"out": str(out), "params": cfg.num_params, "bytes": total, "seconds": time.time() - t0, "dtype": dtype}
+
+
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+
+
+def _run_hf(a):
+    return convert_hf(a.src, a.out, a.dtype, allow_nonfinite=a.allow_nonfinite, progress=not a.quiet)
+
+
+def _run_to_hf(a):
+    return export_hf(a.ckpt, a.out, a.dtype, progress=not a.quiet)
+
+
+def register(subparsers) -> None:
+    h = subparsers.add_parser("hf", help="Hugging Face GPTNeoXForCausalLM directory -> neox-jax checkpoint",
+                              description="Convert a save_pretrained directory of GPTNeoXForCausalLM (safetensors, "
+                                          "sharded safetensors, or pytorch_model*.bin; config.json of transformers 4 "
+                                          "or 5) into a neox-jax checkpoint, one tensor at a time.")
+    h.add_argument("src", help="directory with config.json and the weights (e.g. a downloaded EleutherAI/pythia-1b)")
+    h.add_argument("out", help="output checkpoint directory (must not exist; appears only when complete)")
+    h.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="stored parameter dtype (default float32)")
+    h.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf weights instead of refusing them")
+    h.add_argument("--quiet", action="store_true", help="no progress bar")
+    h.set_defaults(convert=_run_hf)
+
+    t = subparsers.add_parser("to-hf", help="neox-jax checkpoint -> Hugging Face directory (sharded safetensors)",
+                              description="Write a neox-jax checkpoint as a Hugging Face GPTNeoXForCausalLM directory "
+                                          "that transformers.AutoModelForCausalLM.from_pretrained loads.")
+    t.add_argument("ckpt", help="neox-jax checkpoint directory")
+    t.add_argument("out", help="output directory (must not exist)")
+    t.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                   help="dtype of the written weights (default: as stored)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(convert=_run_to_hf)

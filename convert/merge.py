@@ -12,8 +12,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from neox_jax.checkpoint import (DTYPES, CheckpointError, CheckpointWriter, dtype_name, get_group, group_names,
-                                 iter_groups, read_metadata, set_group)
+from neox_jax.checkpoint import (
+    DTYPES,
+    CheckpointError,
+    CheckpointWriter,
+    dtype_name,
+    get_group,
+    group_names,
+    iter_groups,
+    read_metadata,
+    set_group,
+)
 from neox_jax.config import NeoXConfig
 from neox_jax.finetune import load_finetuned, merge_params, split_params
 
@@ -79,4 +88,4 @@ def register(subparsers) -> None:
     m.add_argument("out", help="output checkpoint directory (must not exist; appears only when complete)")
     m.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="stored dtype (default: the base's)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
-    m.set_defaults(run=_run)
+    m.set_defaults(convert=_run)

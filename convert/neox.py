@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from convert.hf import cast_checked
-from convert.mapping import group_entries, set_path
-from convert.neox_layout import BUFFER, CAT0, CAT1, REPLICATED, SUM, SlimLayer, inv_freq, layer_file, plan
-from convert.neox_yaml import NeoxModelArgs, model_args, read_neox_args
-from convert.sources import ConvertError, torch_load, torch_to_numpy
 from neox_jax.checkpoint import CheckpointWriter, dtype_name
 from neox_jax.config import NeoXConfig
+
+from .hf import cast_checked
+from .mapping import group_entries, set_path
+from .neox_layout import BUFFER, CAT0, CAT1, REPLICATED, SUM, SlimLayer, inv_freq, layer_file, plan
+from .neox_yaml import NeoxModelArgs, model_args, read_neox_args
+from .sources import ConvertError, torch_load, torch_to_numpy
 
 LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 DEFAULT_REPLICATED_TOL = 0.05
@@ -247,4 +248,4 @@ def register(subparsers) -> None:
                    help="largest difference allowed between ranks' copies of a replicated tensor, times "
                         f"max(1, max|x|) (default {DEFAULT_REPLICATED_TOL}); within it the copies are averaged")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=_run)
+    p.set_defaults(convert=_run)

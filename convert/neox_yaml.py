@@ -21,8 +21,9 @@ import json
 import re
 from pathlib import Path
 
-from convert.sources import ConvertError
 from neox_jax.config import NeoXConfig
+
+from .sources import ConvertError
 
 _BOOLS = {**dict.fromkeys(("true", "yes", "on"), True), **dict.fromkeys(("false", "no", "off"), False)}
 _INT = re.compile(r"[-+]?(0|[1-9][0-9_]*)$")

@@ -15,10 +15,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from convert.sources import ConvertError
 from neox_jax import quantize
 from neox_jax.checkpoint import CheckpointWriter, group_names, iter_groups, read_metadata
 from neox_jax.config import NeoXConfig
+
+from .sources import ConvertError
 
 
 def quantize_checkpoint(ckpt, out, mode: str = "llm.int8", threshold: float = quantize.DEFAULT_THRESHOLD,
@@ -63,4 +64,4 @@ def register(subparsers) -> None:
                    help="llm.int8 outlier threshold on |activation| (default 6.0)")
     q.add_argument("--embed-out", action="store_true", help="quantize the output layer too (default: keep it float)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
-    q.set_defaults(run=_run)
+    q.set_defaults(convert=_run)

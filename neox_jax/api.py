@@ -118,15 +118,20 @@ def _quantize(params: Params, cfg: NeoXConfig, mode: str) -> Params:
     return params
 
 
-def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quantize=None) -> NeoX:
-    """Loads a neox-jax checkpoint directory (made by `python -m convert ...`).
+def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quantize=None, tokenizer=None) -> NeoX:
+    """Loads a neox-jax checkpoint directory (made by `neox-jax convert ...`).
 
-    dtype: float32 / float16 / bfloat16 to cast the parameters to (default: as stored).
-    mesh: a jax.sharding.Mesh (see neox_jax.sharding.make_mesh) to restore the params onto, sharded.
+    dtype: float32 / float16 / bfloat16 (or fp32 / fp16 / bf16) to cast the parameters to (default: as stored).
+    mesh: a jax.sharding.Mesh, or a string such as "data=2,model=4" or "model=-1" (see neox_jax.sharding.make_mesh),
+    to restore the params onto, sharded.
     finetuned: a fine-tuning run directory whose trained parameters replace the checkpoint's.
     quantize: None, "int8" (weight-only) or "llm.int8" (see neox_jax/quantize.py). An int8 checkpoint (made by
-    `python -m convert quantize`) loads quantized without it; passing the other mode switches modes."""
+    `neox-jax convert quantize`) loads quantized without it; passing the other mode switches modes.
+    tokenizer: a tokenizer.json to use instead of the checkpoint's own."""
     path = Path(path)
+    dtype = None if dtype is None else checkpoint.dtype_name(dtype)
+    if isinstance(mesh, str):
+        mesh = sharding.make_mesh(mesh)
     meta = checkpoint.read_metadata(path)
     cfg = NeoXConfig.from_dict(meta["config"])
     params = _restore(path, cfg, dtype, mesh)
@@ -134,5 +139,8 @@ def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quan
         params = _apply_finetuned(params, cfg, finetuned)
     if quantize is not None:
         params = _quantize(params, cfg, quantize)
-    tok = Tokenizer.from_file(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+    tok_file = Path(tokenizer) if tokenizer is not None else path / "tokenizer.json"
+    if tokenizer is not None and not tok_file.is_file():
+        raise checkpoint.CheckpointError(f"tokenizer {tok_file}: no such file")
+    tok = Tokenizer.from_file(tok_file) if tok_file.is_file() else None
     return NeoX(cfg, params, tok, str(path), mesh=mesh)

@@ -45,8 +45,17 @@ class CheckpointError(NeoXError):
     """A checkpoint is missing, incomplete or does not match what was expected."""
 
 
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # the short names users type
+
+
 def dtype_name(dtype) -> str:
-    name = jnp.dtype(dtype).name
+    """'bf16' / jnp.bfloat16 / 'bfloat16' -> 'bfloat16'; an unsupported dtype is a CheckpointError."""
+    if isinstance(dtype, str):
+        dtype = DTYPE_ALIASES.get(dtype.lower(), dtype)
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError as e:
+        raise CheckpointError(f"unsupported dtype {dtype!r}; expected one of {list(DTYPES)} or {list(DTYPE_ALIASES)}") from e
     if name not in DTYPES:
         raise CheckpointError(f"unsupported dtype {name!r}; expected one of {list(DTYPES)}")
     return name

@@ -13,15 +13,30 @@ import importlib
 import sys
 import traceback
 
-# subcommand -> module; imported only when that subcommand runs (or for --help), so `neox-jax --help` is fast
-COMMANDS: dict[str, str] = {}
+# subcommand -> module (one entry per line). A module is imported for its HELP line; its flags (and the heavy
+# imports they need) only when that subcommand runs
+COMMANDS: dict[str, str] = {
+    "convert": "neox_jax.cli.convert",
+    "generate": "neox_jax.cli.generate",
+    "finetune": "neox_jax.cli.finetune",
+    "evaluate": "neox_jax.cli.evaluate",
+    "memory-plan": "neox_jax.cli.memory_plan",
+    "benchmark": "neox_jax.cli.benchmark",
+}
 
 
 def _module(name: str):
     return importlib.import_module(COMMANDS[name])
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: list[str]) -> str | None:
+    """The subcommand named in argv (the first word that is one), or None: only its flags need building."""
+    return next((a for a in argv if a in COMMANDS), None)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with `only`, the other subcommands get their one-line help but not their flags (so a run does
+    not import every subcommand's dependencies)."""
     from neox_jax import __version__
 
     p = argparse.ArgumentParser(prog="neox-jax", description="GPT-NeoX (20B and the Pythia suite) in pure JAX.",
@@ -35,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of any error")
-        mod.add_arguments(sp)
+        if only is None or only == name:
+            mod.add_arguments(sp)
         sp.set_defaults(_run=mod.run)
     return p
 
@@ -44,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one subcommand; user errors (NeoXError) end as one line on stderr and exit 1, Ctrl-C as 130."""
     from neox_jax.errors import NeoXError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_chosen(argv) or "").parse_args(argv)  # `neox-jax --help` builds no flags
     try:
         return int(args._run(args) or 0)
     except NeoXError as e:

@@ -1,0 +1,84 @@
+"""Which GPU setups a model fits on, per dtype: parameters per device from jax.eval_shape and the sharding rules
+(tensor parallel over every GPU: --mesh model=N), plus the KV cache and a prefill activation estimate.
+
+    neox-jax memory-plan                       # neox-20b, batch 1, 2048 tokens, Markdown table
+    neox-jax memory-plan --preset pythia-12b --batch 8 --length 1024
+
+Nothing is allocated; no GPU needed. Per device:
+  params      eval_shape of the preset, each array's shard shape under the rules (replicated layernorms and row-parallel
+              biases counted on every device); int8 = 1 byte per matrix element (kernels, embeddings), vectors fp16
+  kv cache    2 (K, V) x layers x batch x length x hidden x 2 bytes (fp16 / bf16), split over heads
+  prefill     the largest live activations of one forward over the whole prompt: fp32 attention scores and
+              probabilities [B, N/m, T, T], the fp32 logits [B, T, V/m] and the MLP's [B, T, F/m] (a rough bound)
+  reserve     1 GiB for the CUDA context and XLA's workspace
+Fits when the sum is at most the card's memory (start JAX with XLA_PYTHON_CLIENT_MEM_FRACTION=.95: by default it
+takes 75% of the card).
+"""
+from __future__ import annotations
+
+import argparse
+
+HELP = "which GPU setups a model fits on, per dtype (params, KV cache, prefill); allocates nothing"
+
+GIB = 2**30
+# (setup, GPUs, GiB per GPU)
+SETUPS = [
+    ("1x 24 GB (RTX 3090 / 4090, A10G, L4)", 1, 24), ("1x 40 GB (A100-40G)", 1, 40),
+    ("1x 48 GB (A6000, L40S)", 1, 48), ("1x 80 GB (A100-80G, H100)", 1, 80), ("1x 141 GB (H200)", 1, 141),
+    ("2x 16 GB (V100-16G, T4)", 2, 16), ("2x 24 GB", 2, 24), ("2x 40 GB", 2, 40), ("2x 48 GB", 2, 48),
+    ("4x 16 GB", 4, 16), ("4x 24 GB", 4, 24), ("8x 16 GB", 8, 16), ("8x 24 GB", 8, 24),
+]
+DTYPES = {"fp16": ("float16", None), "bf16": ("bfloat16", None), "int8": ("float16", 1)}
+
+
+def plan(cfg, gpus: int, batch: int, length: int) -> dict[str, float]:
+    """GiB per device of each part, per dtype, for tensor parallel over `gpus` devices."""
+    from neox_jax import sharding
+
+    mesh = sharding.abstract_mesh({"data": 1, "model": gpus})
+    m = gpus
+    kv = sharding.kv_cache_bytes_per_device(cfg, mesh, batch, length, "float16")
+    prefill = (2 * batch * cfg.num_attention_heads // m * length * length * 4 + batch * length * cfg.vocab_size // m * 4
+               + 2 * batch * length * cfg.intermediate_size // m * 4)
+    out = {"kv": kv / GIB, "prefill": prefill / GIB}
+    for name, (dtype, weight_bytes) in DTYPES.items():
+        out[name] = sharding.param_bytes_per_device(cfg, mesh, dtype, weight_bytes) / GIB
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="neox-20b", help="a config preset (default neox-20b)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded at once (default 1)")
+    p.add_argument("--length", type=int, default=2048, help="prompt + generated tokens (default 2048)")
+    p.add_argument("--reserve", type=float, default=1.0, help="GiB per GPU kept for CUDA / XLA (default 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from neox_jax.config import preset
+    from neox_jax.errors import NeoXError
+
+    try:
+        cfg = preset(args.preset)
+    except ValueError as e:
+        raise NeoXError(str(e)) from e
+    print(f"{args.preset}: {cfg.num_params / 1e9:.2f}B params = {cfg.num_params * 2 / 1e9:.1f} GB in fp16; "
+          f"batch {args.batch} x {args.length} tokens; GiB per GPU (params + KV cache + prefill + "
+          f"{args.reserve:g} reserve), mesh model=<GPUs>\n")
+    print("| setup | fp16 | bf16 | int8 | KV cache | prefill |")
+    print("|---|---|---|---|---|---|")
+    for label, gpus, gib in SETUPS:
+        try:
+            r = plan(cfg, gpus, args.batch, args.length)
+        except ValueError as e:  # the model cannot split over this many GPUs
+            print(f"| {label} | {e} | | | | |")
+            continue
+        cells = []
+        for name in DTYPES:
+            need = r[name] + r["kv"] + r["prefill"] + args.reserve
+            cells.append(f"{'**yes**' if need <= gib else 'no'} ({need:.1f})")
+        print(f"| {label} | {' | '.join(cells)} | {r['kv']:.2f} | {r['prefill']:.2f} |")
+    one = plan(cfg, 1, args.batch, args.length)
+    eight = plan(cfg, 8, args.batch, args.length)
+    print(f"\nparams per device: fp16 {one['fp16']:.1f} GiB on one GPU, {eight['fp16']:.2f} GiB over model=8 "
+          f"({one['fp16'] / eight['fp16']:.2f}x less); int8 {one['int8']:.1f} GiB on one GPU")
+    return 0
