@@ -95,11 +95,15 @@ def bandwidth_gbs(device, mib: int) -> float:
     return 2 * nbytes / best / 1e9
 
 
-def free_bytes(device) -> int | None:
+def free_bytes(device) -> int:
+    """What the device can still allocate; on CPU (no memory_stats) the host's available memory."""
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
         return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    return None  # CPU: not reported
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def device_params(cfg, dtype, device):
@@ -198,12 +202,12 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on CPU in seconds (what the tests run)")
     ap.add_argument("--out", default="bench_out/gpu", help="directory for gpu.json and gpu.md")
     args = ap.parse_args()
-    if args.tiny:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    if args.tiny:  # (jax may be imported already, by the neox-jax command: its backend starts at the first use)
+        jax.config.update("jax_platforms", "cpu")
         args.models, args.prefill_len, args.new_tokens, args.repeats = "tiny", 128, 8, 1
     dtype = args.dtype or ("bfloat16" if args.tiny else "float16")
-
-    import jax
 
     from neox_jax.config import preset
 
@@ -235,7 +239,7 @@ def main() -> None:
         weights = cfg.num_params * (2 if dtype != "float32" else 4)
         free = free_bytes(device)
         print(f"{name}: {cfg.num_params / 1e9:.2f}B params, {weights / GIB:.1f} GiB", flush=True)
-        if free is not None and weights * 1.15 + 2 * GIB > free:
+        if weights * 1.15 + 2 * GIB > free:
             row["skipped"]["all"] = f"does not fit: {weights / GIB:.1f} GiB of weights, {free / GIB:.1f} GiB free"
             print(f"    {row['skipped']['all']}", flush=True)
             save()
