@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from neox_jax.checkpoint import DTYPES, CheckpointWriter, dtype_name, group_names, iter_groups, read_metadata
 from neox_jax.config import NeoXConfig
+from neox_jax.staging import Staging
 
 from .mapping import IGNORED_SUFFIXES, get_path, group_entries, set_path
 from .sources import ConvertError, HFTensors
@@ -47,7 +48,8 @@ def read_hf_config(src: Path) -> NeoXConfig:
         raise ConvertError(str(e)) from None
 
 
-def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True) -> dict:
+def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True, hub: dict | None = None) -> dict:
+    """hub: where SRC came from (neox_jax.hub.HubFiles.source_record()), recorded in metadata.json `source`."""
     src, out = Path(src), Path(out)
     cfg = read_hf_config(src)
     tensors = HFTensors(src)
@@ -63,7 +65,7 @@ def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True) 
                 ([f"unexpected tensors {unexpected}"] if unexpected else [])
         raise ConvertError(f"{src}: " + "; ".join(parts))
     t0 = time.time()
-    source = {"kind": "hf", "path": str(src.absolute()), "files": tensors.kind}
+    source = {"kind": "hf", "path": str(src.absolute()), "files": tensors.kind, **(hub or {})}
     with CheckpointWriter(out, cfg, dtype, source) as writer:
         bar = tqdm(group_names(cfg), desc="convert", unit="group", disable=not progress)
         for group in bar:
@@ -97,11 +99,8 @@ def export_hf(ckpt, out, dtype=None, shard_bytes=2 * 2**30, progress=True) -> di
     dtype = dtype_name(dtype or meta["dtype"])
     if out.exists():
         raise ConvertError(f"{out} already exists; choose another output directory or remove it")
-    tmp = out.with_name(out.name + ".tmp-export")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    staging = Staging(out, what="Hugging Face export")  # OUT.tmp-*: stale ones removed, disk full / SIGTERM clean up
+    tmp = staging.tmp
     t0, total, shard, shard_size, weight_map, shard_files = time.time(), 0, {}, 0, {}, []
 
     def flush():
@@ -113,7 +112,7 @@ def export_hf(ckpt, out, dtype=None, shard_bytes=2 * 2**30, progress=True) -> di
             weight_map.update({k: name for k in shard})
             shard, shard_size = {}, 0
 
-    try:
+    with staging:
         for group, tree in tqdm(iter_groups(ckpt, dtype), total=len(group_names(cfg)), desc="to-hf",
                                 unit="group", disable=not progress):
             for e in group_entries(cfg, group):
@@ -144,11 +143,7 @@ def export_hf(ckpt, out, dtype=None, shard_bytes=2 * 2**30, progress=True) -> di
                 "tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
                 "unk_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False,
                 "model_max_length": cfg.max_position_embeddings}, indent=2) + "\n")
-        tmp.rename(out)
-    except BaseException:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        staging.commit()
     return {"out": str(out), "params": cfg.num_params, "bytes": total, "seconds": time.time() - t0, "dtype": dtype}
 
 
@@ -156,7 +151,9 @@ DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
 
 def _run_hf(a):
-    return convert_hf(a.src, a.out, a.dtype, allow_nonfinite=a.allow_nonfinite, progress=not a.quiet)
+    from .hub import convert_source  # a hub id is resolved and verified first, then converted by convert_hf
+
+    return convert_source(a.src, a.out, a.revision, a.dtype, allow_nonfinite=a.allow_nonfinite, progress=not a.quiet)
 
 
 def _run_to_hf(a):
@@ -167,8 +164,14 @@ def register(subparsers) -> None:
     h = subparsers.add_parser("hf", help="Hugging Face GPTNeoXForCausalLM directory -> neox-jax checkpoint",
                               description="Convert a save_pretrained directory of GPTNeoXForCausalLM (safetensors, "
                                           "sharded safetensors, or pytorch_model*.bin; config.json of transformers 4 "
-                                          "or 5) into a neox-jax checkpoint, one tensor at a time.")
-    h.add_argument("src", help="directory with config.json and the weights (e.g. a downloaded EleutherAI/pythia-1b)")
+                                          "or 5) into a neox-jax checkpoint, one tensor at a time. SRC may be a hub "
+                                          "id (org/name, with --revision): only the files conversion needs are "
+                                          "downloaded, each verified against the Hub's sha256, and the commit is "
+                                          "recorded in metadata.json (see docs/hub.md).")
+    h.add_argument("src", help="directory with config.json and the weights, or a hub id such as EleutherAI/pythia-1b "
+                               "(downloaded with huggingface_hub, each file checked against the Hub's sha256)")
+    h.add_argument("--revision", default=None, help="with a hub id: branch, tag or commit (Pythia: step0, step1, "
+                                                    "step2, step4 ... step143000; default main)")
     h.add_argument("out", help="output checkpoint directory (must not exist; appears only when complete)")
     h.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="stored parameter dtype (default float32)")
     h.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf weights instead of refusing them")

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "neox_jax.cli.evaluate",
     "memory-plan": "neox_jax.cli.memory_plan",
     "benchmark": "neox_jax.cli.benchmark",
+    "sweep": "neox_jax.cli.sweep",
 }
 
 
@@ -57,14 +58,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one subcommand; user errors (NeoXError) end as one line on stderr and exit 1, Ctrl-C as 130."""
+    """Runs one subcommand; user errors (NeoXError) and environmental faults (OSError) end as one line on stderr and
+    exit 1, Ctrl-C as 130 (SIGTERM while an output is staged: 143, see neox_jax/staging.py)."""
     from neox_jax.errors import NeoXError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_chosen(argv) or "").parse_args(argv)  # `neox-jax --help` builds no flags
     try:
         return int(args._run(args) or 0)
-    except NeoXError as e:
+    except (NeoXError, OSError) as e:  # OSError: an environmental fault (permissions, a full disk, a vanished file)
         if args.debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)

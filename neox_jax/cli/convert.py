@@ -5,6 +5,7 @@
     neox-jax convert to-hf ckpt/pythia-160m hf/pythia-160m              # back to transformers' format
     neox-jax convert merge ckpt/pythia-160m runs/shakespeare ckpt/pythia-160m-shakespeare
     neox-jax convert quantize ckpt/neox-20b ckpt/neox-20b-int8          # int8 weights
+    neox-jax convert verify ckpt/neox-20b                               # re-hash every file against its sha256
 
 Needs the `convert` extra (torch, safetensors): pip install "neox-jax[convert]".
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from neox_jax.errors import NeoXError
 
-HELP = "convert checkpoints: hf, neox (slim shards), to-hf, merge (fine-tuned), quantize (int8)"
+HELP = "convert checkpoints: hf, neox (slim shards), to-hf, merge (fine-tuned), quantize (int8), verify (sha256)"
 
 # the converter modules of the `convert/` folder, each with register(subparsers); one per line, in --help order
 CONVERTERS = (
@@ -26,23 +27,26 @@ CONVERTERS = (
     "neox",
     "merge",
     "quantize",
+    "verify",
 )
 PACKAGE = "neox_jax_convert"  # the name `convert/` is installed under: a user's convert.py cannot shadow it
 
 
 def converters():
-    """The converter package: installed as `neox_jax_convert`, or the `convert/` folder beside neox_jax/ in a
-    checkout, loaded under that same name by its path (never by `import convert`, which the cwd could shadow)."""
+    """The converter package under the name `neox_jax_convert`: in a checkout, the `convert/` folder beside this
+    neox_jax/, loaded by its path (so a worktree or a second checkout runs its own converters, not those an editable
+    install points at; never by `import convert`, which the cwd could shadow); else the installed package."""
     if PACKAGE in sys.modules:
         return sys.modules[PACKAGE]
-    try:
-        return importlib.import_module(PACKAGE)
-    except ModuleNotFoundError as e:
-        if e.name != PACKAGE:
-            raise
     folder = Path(__file__).resolve().parents[2] / "convert"
-    if not (folder / "__init__.py").is_file():
-        raise NeoXError(f"the converters are not installed (no {PACKAGE} package, no {folder}); reinstall neox-jax")
+    if not (folder / "__init__.py").is_file() or not (folder / "neox_layout.py").is_file():
+        try:
+            return importlib.import_module(PACKAGE)
+        except ModuleNotFoundError as e:
+            if e.name != PACKAGE:
+                raise
+            raise NeoXError(f"the converters are not installed (no {PACKAGE} package, no {folder}); reinstall "
+                            f"neox-jax") from None
     spec = importlib.util.spec_from_file_location(PACKAGE, folder / "__init__.py",
                                                   submodule_search_locations=[str(folder)])
     pkg = importlib.util.module_from_spec(spec)
