@@ -35,6 +35,7 @@ class Layout(NamedTuple):
     transposed: bool  # params from transpose_kernels (below): matmuls as kernel @ x^T
     cache_dtype: str
     min_rows: int = 1  # matmuls get at least this many rows (batch rows in decode, positions for the prefill logits)
+    attention: str | None = None  # the prefill's attention: None per backend, or "plain" / "xla" / "cudnn"
 
 
 # Linear kernels by module name: (contracted dims, kernel ndim without a stacked layer axis)
@@ -94,7 +95,7 @@ def prefill(cfg: NeoXConfig, static: sampling.Static, layout: Layout, cache_len:
             ids, mask, values, stop_mask, key, mesh=None) -> dict:
     """ids, mask [B, P] (left padding: mask 0) -> the decode state holding the first chosen token."""
     b, p = ids.shape
-    model = model_from_params(cfg, params, layout.transposed)
+    model = model_from_params(cfg, params, layout.transposed, layout.attention)
     valid = mask.astype(bool)
     positions = positions_from_mask(mask)  # [B, P] rotary positions of the real tokens
     # out_batch rows from the start: the model writes rows 0..B-1 (at the static index 0 it reads no cache), so the

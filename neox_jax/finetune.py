@@ -191,17 +191,18 @@ def adjust_loss_scale(ls: dict, finite, period: int = 2000, factor: float = 2.0,
 
 # ---- the train step --------------------------------------------------------------------------------------------------
 
-def token_losses(cfg: NeoXConfig, params: dict, windows):
-    """windows [B, T + 1] int -> per-token cross entropy [B, T] float32 (inputs w[:, :-1], targets w[:, 1:])."""
-    logits = forward(cfg, params, windows[:, :-1])[0]  # [B, T, V] float32
+def token_losses(cfg: NeoXConfig, params: dict, windows, attention=None):
+    """windows [B, T + 1] int -> per-token cross entropy [B, T] float32 (inputs w[:, :-1], targets w[:, 1:]).
+    attention: None (per backend) or "plain" / "xla" / "cudnn" (neox_jax/attention.py)."""
+    logits = forward(cfg, params, windows[:, :-1], attention=attention)[0]  # [B, T, V] float32
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])
 
 
-def loss_and_grads(cfg: NeoXConfig, trainable: dict, frozen: dict, windows, dtype, scale=1.0):
+def loss_and_grads(cfg: NeoXConfig, trainable: dict, frozen: dict, windows, dtype, scale=1.0, attention=None):
     """(mean loss, float32 gradients of the trainable masters); the loss is scaled by `scale` for differentiation
     and the gradients unscaled."""
     def scaled(p):
-        loss = token_losses(cfg, merge_params(cast(p, dtype), frozen), windows).mean()
+        loss = token_losses(cfg, merge_params(cast(p, dtype), frozen), windows, attention).mean()
         return loss * scale, loss
 
     grads, loss = jax.grad(scaled, has_aux=True)(trainable)

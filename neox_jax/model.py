@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neox_jax import quantize
+from neox_jax import attention, quantize
 from neox_jax.config import NeoXConfig
 
 Params = dict[str, Any]
@@ -169,7 +169,7 @@ def apply_rotary(x, cos, sin):
     return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
 
 
-CAUSAL_BLOCK = 128  # queries per block in a long prefill: a block never multiplies keys after its last query
+CAUSAL_BLOCK = attention.CAUSAL_BLOCK  # queries per block in a long prefill: never a key after its last query
 
 
 def _attend(q, k, v, new_mask, old_mask=None, kv=None):
@@ -204,6 +204,7 @@ split_qkv.defvjp(lambda qkv: (split_qkv(qkv), None), lambda _, g: (jnp.stack(g, 
 
 class Attention(nnx.Module):
     hook = None  # set by neox_jax.interp: its hook points, and the attention computed with scores and pattern
+    implementation = None  # without cache slots to read: None (per backend) or one of attention.IMPLEMENTATIONS
 
     def __init__(self, cfg: NeoXConfig, *, param_dtype, rngs: nnx.Rngs):
         d, n, h = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
@@ -226,13 +227,18 @@ class Attention(nnx.Module):
         without copying the cache; `dense`, like every Linear, multiplies the attention output as one [B*T, N*H]
         matrix, so XLA never transposes the dense kernel to match it. A cache wider than the activations (a float32
         cache for bf16 params) is read as it is, with q widened instead: XLA CPU converted the whole cache every step
-        otherwise."""
+        otherwise. Without old cache slots (prefill, scoring, training) the attention is `self.implementation`
+        (see neox_jax/attention.py: jax.nn.dot_product_attention, fused by cuDNN on GPU); decode steps run the
+        plain path."""
         t = x.shape[1]
         qkv = self.query_key_value(x)  # [B, T, N, 3, H]
         q, k, v = (_hook(self, f"hook_{a}", b) for a, b in zip("qkv", split_qkv(qkv)))  # [B, T, N, H]
         q, k = (_hook(self, f"hook_rot_{a}", apply_rotary(b, cos, sin)) for a, b in (("q", q), ("k", k)))
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, H]
         new_mask, old_mask = mask
+        impl = attention.choose(self.implementation, q.dtype, q.shape[-1])
+        if old_mask is None and impl != "plain" and self.hook is None:  # (interp computes its own scores / pattern)
+            return self._fused(x, q, k, v, new_mask, kv, cache_index, rows, impl)
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, H]
         if rows is not None:  # [B, N, K, H] queries, [B, K, T] mask
             q = jnp.take_along_axis(q, rows[:, None, :, None], axis=2)
             new_mask = jnp.take_along_axis(new_mask, rows[:, :, None], axis=1)
@@ -250,6 +256,19 @@ class Attention(nnx.Module):
         if kv is not None:
             kv = tuple(jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, cache_index, 0))
                        for c, a in zip(kv, (k, v)))
+        return self.dense(out.astype(x.dtype)), kv
+
+    def _fused(self, x, q, k, v, mask, kv, cache_index, rows, impl):
+        """__call__ without old cache slots through jax.nn.dot_product_attention: q, k, v [B, T, N, H] as the
+        projection made them (no transposes but the cache write's), mask [B, T, T]."""
+        if rows is not None:  # [B, K, N, H] queries, [B, K, T] mask
+            q = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)
+            mask = jnp.take_along_axis(mask, rows[:, :, None], axis=1)
+        if kv is not None:  # what the cache holds (attention uses exactly these values), [B, N, S, H] slots
+            k, v = k.astype(kv[0].dtype).astype(k.dtype), v.astype(kv[1].dtype).astype(v.dtype)
+            kv = tuple(jax.lax.dynamic_update_slice(c, a.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0))
+                       for c, a in zip(kv, (k, v)))
+        out = attention.fused(q, k, v, mask, impl, causal=rows is None)  # [B, T, N, H]
         return self.dense(out.astype(x.dtype)), kv
 
 
@@ -446,11 +465,17 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": {i: jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n)}}
 
 
-def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False) -> GPTNeoX:
+def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False,
+                      attention: str | None = None) -> GPTNeoX:
     """The module tree over `params`; transposed=True for params from `decode.transpose_kernels`. A Linear's
-    "kernel_t" entry (from `finetune.prepare_frozen`) becomes its `kernel_t`, not a parameter."""
+    "kernel_t" entry (from `finetune.prepare_frozen`) becomes its `kernel_t`, not a parameter. attention: the
+    attention without cache slots (None: per backend; "plain", "xla", "cudnn": see neox_jax/attention.py)."""
     params, kernels_t = _pop_kernels_t(params)
     model = nnx.merge(graphdef(cfg, is_stacked(params), quantize.spec_of(params)), params)
+    if attention is not None:
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, Attention):
+                module.implementation = attention
     if transposed or kernels_t:
         for path, module in nnx.iter_modules(model):
             if isinstance(module, Linear):
@@ -473,15 +498,16 @@ def _pop_kernels_t(params: Params, path: tuple = ()) -> tuple[Params, dict]:
     return out, found
 
 
-def forward(cfg: NeoXConfig, params: Params, input_ids, positions=None, kv_valid=None, cache=None, cache_index=0):
+def forward(cfg: NeoXConfig, params: Params, input_ids, positions=None, kv_valid=None, cache=None, cache_index=0,
+            attention: str | None = None):
     """Pure function: logits [B, T, V] float32 and the updated cache. Without positions / kv_valid every token is real
-    and positions count from 0."""
+    and positions count from 0. attention: see model_from_params."""
     b, t = input_ids.shape
     if kv_valid is None:
         kv_valid = jnp.ones((b, t), bool)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    return model_from_params(cfg, params)(input_ids, positions, kv_valid, cache, cache_index)
+    return model_from_params(cfg, params, attention=attention)(input_ids, positions, kv_valid, cache, cache_index)
 
 
 def positions_from_mask(mask):
