@@ -31,24 +31,26 @@ PACKAGE = "neox_jax_convert"  # the name `convert/` is installed under: a user's
 
 
 def converters():
-    """The converter package: installed as `neox_jax_convert`, or the `convert/` folder beside neox_jax/ in a
-    checkout, loaded under that same name by its path (never by `import convert`, which the cwd could shadow)."""
+    """The converter package, always under the name `neox_jax_convert`: in a source checkout, the `convert/` folder
+    beside this neox_jax (loaded by its path, so an editable install elsewhere or a PYTHONPATH checkout gets its own
+    converters); otherwise the installed package. Never `import convert`, which a convert.py in the cwd could shadow."""
     if PACKAGE in sys.modules:
         return sys.modules[PACKAGE]
+    root = Path(__file__).resolve().parents[2]
+    folder = root / "convert"
+    if (root / "pyproject.toml").is_file() and (folder / "__init__.py").is_file():  # a checkout
+        spec = importlib.util.spec_from_file_location(PACKAGE, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = pkg
+        spec.loader.exec_module(pkg)
+        return pkg
     try:
         return importlib.import_module(PACKAGE)
     except ModuleNotFoundError as e:
         if e.name != PACKAGE:
             raise
-    folder = Path(__file__).resolve().parents[2] / "convert"
-    if not (folder / "__init__.py").is_file():
-        raise NeoXError(f"the converters are not installed (no {PACKAGE} package, no {folder}); reinstall neox-jax")
-    spec = importlib.util.spec_from_file_location(PACKAGE, folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = pkg
-    spec.loader.exec_module(pkg)
-    return pkg
+        raise NeoXError(f"the converters are not installed (no {PACKAGE} package); reinstall neox-jax") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
