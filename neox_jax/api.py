@@ -77,6 +77,21 @@ class NeoX:
         return self.generator().stream(prompts, max_new_tokens, temperature, top_k, top_p, seed=seed, stop=stop,
                                        chunk_size=chunk_size, **kwargs)
 
+    def run_with_cache(self, ids, names_filter=None, mask=None, fwd_hooks=()):
+        """(logits, cache {TransformerLens hook name: float32 activation}) of one compiled forward; names_filter: a
+        list of names, a regex or a predicate (default: every name). See neox_jax/interp.py and
+        docs/interpretability.md."""
+        from neox_jax import interp
+
+        return interp.run_with_cache(self, ids, names_filter, mask, fwd_hooks)
+
+    def run_with_hooks(self, ids, fwd_hooks, mask=None):
+        """logits [B, T, V] float32 of a forward with fwd_hooks [(name, fn), ...] applied inside it (ablation,
+        patching, steering): fn(float32 activation) -> float32 activation of the same shape."""
+        from neox_jax import interp
+
+        return interp.run_with_hooks(self, ids, fwd_hooks, mask)
+
     def __repr__(self):
         c = self.config
         mesh = "" if self.mesh is None else f", mesh {dict(self.mesh.shape)}"

@@ -73,6 +73,12 @@ def transpose_kernel(name: str, kernel):
     return jnp.swapaxes(flat, -1, -2)  # [..., O, I]
 
 
+def _hook(module, name: str, x):
+    """A hook point (neox_jax/interp.py, TransformerLens names): x itself unless interp set `module.hook`, so the
+    default forward traces exactly as without it."""
+    return x if module.hook is None else module.hook(name, x)
+
+
 def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return (std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype)
 
@@ -235,6 +241,8 @@ split_qkv.defvjp(lambda qkv: (split_qkv(qkv), None), lambda _, g: (jnp.stack(g, 
 
 
 class Attention(nnx.Module):
+    hook = None  # set by neox_jax.interp: its hook points, and the attention computed with scores and pattern
+
     def __init__(self, cfg: NeoXConfig, *, param_dtype, rngs: nnx.Rngs):
         d, n, h = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
         self.query_key_value = _linear("query_key_value", (d, n, 3, h), (n, 3, h), use_bias=cfg.attention_bias,
@@ -257,8 +265,8 @@ class Attention(nnx.Module):
         otherwise."""
         t = x.shape[1]
         qkv = self.query_key_value(x)  # [B, T, N, 3, H]
-        q, k, v = split_qkv(qkv)  # [B, T, N, H]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (_hook(self, f"hook_{a}", b) for a, b in zip("qkv", split_qkv(qkv)))  # [B, T, N, H]
+        q, k = (_hook(self, f"hook_rot_{a}", apply_rotary(b, cos, sin)) for a, b in (("q", q), ("k", k)))
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, H]
         new_mask, old_mask = mask
         if rows is not None:  # [B, N, K, H] queries, [B, K, T] mask
@@ -266,13 +274,15 @@ class Attention(nnx.Module):
             new_mask = jnp.take_along_axis(new_mask, rows[:, :, None], axis=1)
         if kv is not None:  # what the cache holds (the new part below uses exactly these values)
             k, v = k.astype(kv[0].dtype).astype(k.dtype), v.astype(kv[1].dtype).astype(v.dtype)
-        if rows is None and old_mask is None and t >= 2 * CAUSAL_BLOCK and t % CAUSAL_BLOCK == 0:  # a long prompt
+        if self.hook is not None:  # interpretability: the scores and pattern computed explicitly, with their hooks
+            out = self.hook.attend(q, k, v, new_mask, old_mask, rows)
+        elif rows is None and old_mask is None and t >= 2 * CAUSAL_BLOCK and t % CAUSAL_BLOCK == 0:  # a long prompt
             ends = range(CAUSAL_BLOCK, t + 1, CAUSAL_BLOCK)
             out = jnp.concatenate([_attend(q[:, :, e - CAUSAL_BLOCK:e], k[:, :, :e], v[:, :, :e],
                                            new_mask[:, e - CAUSAL_BLOCK:e, :e]) for e in ends], axis=2)
         else:
             out = _attend(q, k, v, new_mask, old_mask, kv)
-        out = out.transpose(0, 2, 1, 3)  # [B, T, N, H]
+        out = _hook(self, "hook_z", out.transpose(0, 2, 1, 3))  # [B, T, N, H]
         if kv is not None:
             kv = tuple(jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, cache_index, 0))
                        for c, a in zip(kv, (k, v)))
@@ -289,6 +299,8 @@ def gelu(x, approximate: bool):
 
 
 class MLP(nnx.Module):
+    hook = None  # see Attention.hook
+
     def __init__(self, cfg: NeoXConfig, *, param_dtype, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.approximate = cfg.hidden_act != "gelu"
@@ -297,12 +309,14 @@ class MLP(nnx.Module):
         self.dense_4h_to_h = _linear("dense_4h_to_h", (f, d), (d,), use_bias=True, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):  # [B, T, D] -> [B, T, D]
-        h = self.dense_h_to_4h(x)
+        h = _hook(self, "hook_pre", self.dense_h_to_4h(x))
         h = jax.nn.relu(h) if self.relu else gelu(h.astype(F32), self.approximate).astype(x.dtype)
-        return self.dense_4h_to_h(h)
+        return self.dense_4h_to_h(_hook(self, "hook_post", h))
 
 
 class Block(nnx.Module):
+    hook = None  # see Attention.hook
+
     def __init__(self, cfg: NeoXConfig, *, param_dtype, rngs: nnx.Rngs):
         self.parallel = cfg.use_parallel_residual
         self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype)
@@ -312,18 +326,27 @@ class Block(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, kv, cache_index, rows=None):
         """rows [B, K] (see Attention): the block's output at those tokens only, [B, K, D]."""
-        attn, kv = self.attention(self.input_layernorm(x), cos, sin, mask, kv, cache_index, rows)
+        x = _hook(self, "hook_resid_pre", x)
+        attn, kv = self.attention(_hook(self, "ln1.hook_normalized", self.input_layernorm(x)), cos, sin, mask, kv,
+                                  cache_index, rows)
+        attn = _hook(self, "hook_attn_out", attn)
         if rows is not None:
             x = jnp.take_along_axis(x, rows[..., None], axis=1)  # [B, K, D]
         if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
-            x = x + attn + self.mlp(self.post_attention_layernorm(x))
+            x = x + attn + self._mlp(x)
         else:  # x + attn(ln1(x)), then + mlp(ln2(.))
-            x = x + attn
-            x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, kv
+            x = _hook(self, "hook_resid_mid", x + attn)
+            x = x + self._mlp(x)
+        return _hook(self, "hook_resid_post", x), kv
+
+    def _mlp(self, x):  # [B, T, D] -> mlp(ln2(x)) [B, T, D]
+        normalized = _hook(self, "ln2.hook_normalized", self.post_attention_layernorm(x))
+        return _hook(self, "hook_mlp_out", self.mlp(normalized))
 
 
 class GPTNeoX(nnx.Module):
+    hook = None  # see Attention.hook
+
     def __init__(self, cfg: NeoXConfig, *, param_dtype=F32, rngs: nnx.Rngs, stacked: bool = False):
         self.embed_in = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
         if stacked:
@@ -367,7 +390,7 @@ class GPTNeoX(nnx.Module):
                 old = jnp.broadcast_to(old, (b, t, s))
             mask = (new_valid[:, None, :] & causal, old)
         cos, sin = rotary_cos_sin(positions, self.rotary_dims, self.rotary_base)
-        x = self.embed_in(input_ids)  # [B, T, D]
+        x = _hook(self, "hook_embed", self.embed_in(input_ids))  # [B, T, D]
         if isinstance(self.layers, nnx.List):  # unrolled: one buffer per layer
             ks, vs = [], []
             last = len(self.layers) - 1
@@ -393,7 +416,7 @@ class GPTNeoX(nnx.Module):
                 cache = {"k": kvs[0], "v": kvs[1]}
             if rows is not None:  # every layer ran in full: pick the rows after
                 x = jnp.take_along_axis(x, rows[..., None], axis=1)
-        return self.final_layer_norm(x), cache
+        return _hook(self, "ln_final.hook_normalized", self.final_layer_norm(x)), cache
 
     def logits(self, hidden):  # [B, T, D] -> [B, T, V] float32
         return self.embed_out(hidden, out_dtype=F32)
