@@ -26,6 +26,7 @@ from neox_jax.checkpoint import (
 )
 from neox_jax.config import NeoXConfig
 from neox_jax.errors import NeoXWarning
+from neox_jax.staging import Staging
 
 from .mapping import IGNORED_SUFFIXES, get_path, group_entries, set_path
 from .sources import ConvertError, HFTensors
@@ -114,10 +115,8 @@ def export_hf(ckpt, out, dtype=None, shard_bytes=2 * 2**30, progress=True) -> di
     dtype = dtype_name(dtype or meta["dtype"])
     if out.exists():
         raise ConvertError(f"{out} already exists; choose another output directory or remove it")
-    tmp = out.with_name(out.name + ".tmp-export")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    staging = Staging(out, what="Hugging Face export")  # OUT.tmp-*: stale ones removed, disk full / SIGTERM clean up
+    tmp = staging.tmp
     t0, total, shard, shard_size, weight_map, shard_files = time.time(), 0, {}, 0, {}, []
 
     def flush():
@@ -129,7 +128,7 @@ def export_hf(ckpt, out, dtype=None, shard_bytes=2 * 2**30, progress=True) -> di
             weight_map.update({k: name for k in shard})
             shard, shard_size = {}, 0
 
-    try:
+    with staging:
         for group, tree in tqdm(iter_groups(ckpt, dtype), total=len(group_names(cfg)), desc="to-hf",
                                 unit="group", disable=not progress):
             for e in group_entries(cfg, group):
@@ -161,10 +160,7 @@ def export_hf(ckpt, out, dtype=None, shard_bytes=2 * 2**30, progress=True) -> di
                 "tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
                 "unk_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False,
                 "model_max_length": cfg.max_position_embeddings}, indent=2) + "\n")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        staging.commit()
     return {"out": str(out), "params": cfg.num_params, "bytes": total, "seconds": time.time() - t0, "dtype": dtype}
 
 

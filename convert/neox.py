@@ -12,7 +12,6 @@ as `convert hf` (convert/mapping.py), so the name map lives in one place.
 from __future__ import annotations
 
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -198,9 +197,6 @@ def convert_neox(src, out, dtype=None, config=None, allow_nonfinite=False, repli
     args, cfg, tp, step_dir, layers, src_dtype = prepare(src, config)
     dtype = dtype_name(dtype or src_dtype)
     tokenizer = find_tokenizer(src, args.vocab_file)
-    for stale in sorted(out.parent.glob(f"{out.name}.tmp-*")):
-        print(f"note: {stale} is left from an interrupted conversion; it is not used and can be removed",
-              file=sys.stderr)
     t0, read, worst = time.time(), 0, {"diff": 0.0, "tensor": None}
     source = {"kind": "neox-slim", "path": str(src.absolute()), "step": step_dir.name, "tensor_parallel": tp,
               "source_dtype": src_dtype}

@@ -68,27 +68,43 @@ class HFTensors:
         self._bins: dict[Path, dict] = {}
         st_index, bin_index = self.src / "model.safetensors.index.json", self.src / "pytorch_model.bin.index.json"
         if st_index.is_file() or (self.src / "model.safetensors").is_file():
-            self.kind = "safetensors"
-            files = self._files_from_index(st_index) if st_index.is_file() else [self.src / "model.safetensors"]
+            self.kind, index, single = "safetensors", st_index, self.src / "model.safetensors"
         elif bin_index.is_file() or (self.src / "pytorch_model.bin").is_file():
-            self.kind = "bin"
-            files = self._files_from_index(bin_index) if bin_index.is_file() else [self.src / "pytorch_model.bin"]
+            self.kind, index, single = "bin", bin_index, self.src / "pytorch_model.bin"
         else:
             raise ConvertError(f"{self.src}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
-        for f in files:
+        if not index.is_file():
+            self.file_of = {name: single for name in self._names_in(single)}
+            return
+        weight_map = self._weight_map(index)
+        for f in sorted(set(weight_map.values())):
             for name in self._names_in(f):
+                if name in self.file_of:  # else the later file's values would silently win
+                    raise ConvertError(f"{index}: tensor {name} is stored in two shards, {self.file_of[name].name} "
+                                       f"and {f.name}")
+                if weight_map.get(name) != f:
+                    said = f"names {weight_map[name].name} for it" if name in weight_map else "does not list it"
+                    raise ConvertError(f"{f}: holds tensor {name}, but {index.name} {said}")
                 self.file_of[name] = f
+        unheld = sorted(set(weight_map) - set(self.file_of))
+        if unheld:
+            raise ConvertError(f"{index}: lists {len(unheld)} tensor(s) that no shard holds: {unheld[:5]}"
+                               + (" ..." if len(unheld) > 5 else "") + f" (e.g. {unheld[0]} in "
+                               f"{weight_map[unheld[0]].name})")
 
-    def _files_from_index(self, index: Path) -> list[Path]:
+    def _weight_map(self, index: Path) -> dict[str, Path]:
+        """The index's tensor -> shard file map (every shard it names must exist)."""
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map is not an object of tensor name -> file name")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise ConvertError(f"{index}: not a valid checkpoint index ({e})") from None
-        files = sorted({self.src / f for f in weight_map.values()})
-        for f in files:
+        out = {name: self.src / f for name, f in weight_map.items()}
+        for f in sorted(set(out.values())):
             if not f.is_file():
                 raise ConvertError(f"{index}: names shard {f.name}, which does not exist")
-        return files
+        return out
 
     def _names_in(self, f: Path) -> list[str]:
         if self.kind == "safetensors":

@@ -135,7 +135,8 @@ def _quantize(params: Params, cfg: NeoXConfig, mode: str) -> Params:
     return params
 
 
-def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quantize=None, tokenizer=None) -> NeoX:
+def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quantize=None, tokenizer=None,
+         verify=False) -> NeoX:
     """Loads a neox-jax checkpoint directory (made by `neox-jax convert ...`).
 
     dtype: float32 / float16 / bfloat16 (or fp32 / fp16 / bf16) to cast the parameters to (default: as stored).
@@ -144,12 +145,16 @@ def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quan
     finetuned: a fine-tuning run directory whose trained parameters replace the checkpoint's.
     quantize: None, "int8" (weight-only) or "llm.int8" (see neox_jax/quantize.py). An int8 checkpoint (made by
     `neox-jax convert quantize`) loads quantized without it; passing the other mode switches modes.
-    tokenizer: a tokenizer.json to use instead of the checkpoint's own."""
+    tokenizer: a tokenizer.json to use instead of the checkpoint's own.
+    verify: re-hash every stored file against the checksums in metadata.json first (reads the whole checkpoint
+    once more; without it, load checks groups, layer count, file sizes, shapes and dtypes, which is cheap)."""
     path = Path(path)
     dtype = None if dtype is None else checkpoint.dtype_name(dtype)
     if isinstance(mesh, str):
         mesh = sharding.make_mesh(mesh)
     meta = checkpoint.read_metadata(path)
+    if verify:
+        checkpoint.verify(path)
     cfg = NeoXConfig.from_dict(meta["config"])
     params = _restore(path, cfg, dtype, mesh)
     if finetuned is not None:

@@ -2,7 +2,8 @@
 
     CKPT/
       metadata.json        format version, NeoXConfig, dtype, where it was converted from, the group names,
-                           and for int8 checkpoints `quantization` (mode, threshold, targets; see quantize.py)
+                           `checksums` (size and sha256 of every stored file, see checksums.py), and for int8
+                           checkpoints `quantization` (mode, threshold, targets; see quantize.py)
       tokenizer.json       when the source had one
       params/embed_in/     one Orbax (StandardCheckpointHandler) checkpoint per group: a plain nested dict of arrays
       params/layers.0/ ... params/layers.{L-1}/
@@ -11,15 +12,17 @@
 
 One group per layer lets a converter write (and `restore_params` read) one layer at a time, so neither ever holds
 the whole model in host memory. The checkpoint is written under a temporary name and renamed when complete: a crash
-leaves nothing that looks finished.
+leaves nothing that looks finished (staging.py: stale temporary directories, disk full, SIGTERM).
+Reading checks metadata.json against what is stored (groups, layer count, file sizes, shapes, dtypes) before any
+array is read; `verify` re-hashes every file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,10 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from neox_jax import quantize
+from neox_jax import checksums, quantize
 from neox_jax.config import NeoXConfig
 from neox_jax.errors import NeoXError
 from neox_jax.model import abstract_params
+from neox_jax.staging import Staging
 
 FORMAT = "neox-jax-checkpoint"
 FORMAT_VERSION = 1
@@ -44,6 +48,10 @@ CHUNK_BYTES = 32 * 2**20
 
 class CheckpointError(NeoXError):
     """A checkpoint is missing, incomplete or does not match what was expected."""
+
+
+class ChecksumError(CheckpointError):
+    """Stored files differ from the checksums recorded when the checkpoint was written."""
 
 
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # the short names users type
@@ -113,7 +121,8 @@ def compare_trees(expected, actual, where: str) -> None:
 
 class CheckpointWriter:
     """Writes a checkpoint group by group under OUT.tmp-*, renamed to OUT by `finish`. Use as a context manager:
-    an exception (or KeyboardInterrupt) removes the temporary directory and leaves OUT untouched."""
+    an exception (KeyboardInterrupt, SIGTERM, disk full) removes the temporary directory and leaves OUT untouched
+    (neox_jax/staging.py). Each file is hashed as it is written (metadata.json `checksums`)."""
 
     def __init__(self, out: str | os.PathLike, cfg: NeoXConfig, dtype, source: dict[str, Any] | None = None,
                  overwrite: bool = False, quantization: dict[str, Any] | None = None,
@@ -123,7 +132,9 @@ class CheckpointWriter:
             raise CheckpointError(f"{self.out} already exists; choose another output directory or remove it")
         self.cfg, self.dtype = cfg, dtype_name(dtype)
         self.source = source or {}
-        self.tmp = self.out.with_name(f"{self.out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self._staging = Staging(self.out, overwrite=overwrite, what="checkpoint")
+        self.tmp = self._staging.tmp
+        self.files: dict[str, dict] = {}  # relative path -> {"bytes", "sha256"}
         self.quantization = quantization  # quantize.describe(params): int8 kernels, float32 scales
         self.expected = abstract_params(cfg, DTYPES[self.dtype], quant=quantize.spec_from_metadata(quantization))
         self.written: set[str] = set()
@@ -133,27 +144,30 @@ class CheckpointWriter:
         self._ckptr = _checkpointer()
 
     def __enter__(self):
-        (self.tmp / "params").mkdir(parents=True)
+        self._staging.__enter__()
+        (self.tmp / "params").mkdir()
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self.tmp.exists():  # an exception, or a writer that never finished: nothing may look written
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        return False
+        return self._staging.__exit__(exc_type, exc, tb)
 
     def write_group(self, name: str, tree) -> None:
         """tree: a nested dict of numpy / jax arrays for one group, already in the checkpoint dtype."""
         if name not in group_names(self.cfg):
             raise CheckpointError(f"unknown parameter group {name!r}")
         compare_trees(get_group(self.expected, name), tree, f"group {name}")
+        nbytes = sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+        self._staging.check_space(nbytes, f"group {name}")
         save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=self.chunk_bytes), tree)
         self._ckptr.save(self.tmp / "params" / name, args=ocp.args.StandardSave(tree, save_args=save_args))
         release_freed_memory()
+        self.files.update(checksums.record(self.tmp, f"params/{name}"))  # hashed while still in the page cache
         self.written.add(name)
-        self.bytes += sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+        self.bytes += nbytes
 
     def add_file(self, src: str | os.PathLike, name: str) -> None:
         shutil.copyfile(src, self.tmp / name)
+        self.files[name] = {"bytes": (self.tmp / name).stat().st_size, "sha256": checksums.hash_file(self.tmp / name)}
 
     def finish(self) -> Path:
         missing = [g for g in group_names(self.cfg) if g not in self.written]
@@ -166,15 +180,9 @@ class CheckpointWriter:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if self.quantization:
             meta["quantization"] = self.quantization
+        meta["checksums"] = checksums.section(self.files)
         (self.tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if self.out.exists() and self.overwrite:
-            old = self.out.with_name(f"{self.out.name}.old-{uuid.uuid4().hex[:8]}")
-            self.out.rename(old)
-            self.tmp.rename(self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.tmp.rename(self.out)
-        return self.out
+        return self._staging.commit()
 
 
 def save_params(out, cfg: NeoXConfig, params, dtype=None, source=None, tokenizer_file=None, overwrite=False) -> Path:
@@ -198,20 +206,119 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: not a neox-jax checkpoint (no metadata.json; convert weights with "
                               f"`neox-jax convert hf|neox SRC {path}` first)")
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_file}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{meta_file}: cannot read ({e.strerror})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file}: expected a JSON object, found {type(meta).__name__}")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{meta_file}: format {meta.get('format')!r} version {meta.get('format_version')!r}, "
                               f"expected {FORMAT!r} version {FORMAT_VERSION}")
+    _check_fields(meta_file, meta)
     return meta
+
+
+def _check_fields(meta_file: Path, meta: dict) -> None:
+    """The fields readers rely on have the right types and agree with each other (CheckpointError naming the file)."""
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{meta_file}: `config` is missing or not an object")
+    try:
+        cfg = NeoXConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_file}: bad `config`: {e}") from None
+    if meta.get("dtype") not in DTYPES:
+        raise CheckpointError(f"{meta_file}: `dtype` is {meta.get('dtype')!r}, expected one of {list(DTYPES)}")
+    groups = meta.get("groups")
+    if groups is not None and groups != group_names(cfg):
+        raise CheckpointError(f"{meta_file}: `groups` lists {len(groups) if isinstance(groups, list) else groups!r} "
+                              f"groups, but `config` (num_hidden_layers {cfg.num_hidden_layers}) has "
+                              f"{len(group_names(cfg))}")
+    try:
+        quantize.spec_from_metadata(meta.get("quantization"))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{meta_file}: bad `quantization`: {e!r}") from None
+    cs = meta.get("checksums")
+    if cs is not None and not (isinstance(cs, dict) and isinstance(cs.get("files"), dict) and all(
+            isinstance(f, dict) and isinstance(f.get("bytes"), int) and isinstance(f.get("sha256"), str)
+            for f in cs["files"].values())):
+        raise CheckpointError(f"{meta_file}: bad `checksums` (expected {{'algorithm', 'files': {{path: {{'bytes', "
+                              f"'sha256'}}}}}})")
+
+
+def check_stored(path: Path, meta: dict) -> None:
+    """What is stored agrees with metadata.json: exactly its groups (so a layer count that differs is caught) and,
+    when recorded, every file present with its recorded size. Cheap (directory listings and stats, no hashing)."""
+    cfg = NeoXConfig.from_dict(meta["config"])
+    want = group_names(cfg)
+    params = path / "params"
+    stored = {d.name for d in params.iterdir() if d.is_dir()} if params.is_dir() else set()
+    missing, extra = [g for g in want if g not in stored], sorted(stored - set(want))
+    if extra:
+        layers = sum(g.startswith("layers.") for g in stored)
+        raise CheckpointError(f"{params}: stores groups {extra} that {path / 'metadata.json'} does not have "
+                              f"({layers} layer groups stored, num_hidden_layers {cfg.num_hidden_layers} in metadata)")
+    if missing:
+        raise CheckpointError(f"{params / missing[0]}: missing parameter group (incomplete checkpoint; "
+                              f"{len(missing)} of {len(want)} missing)")
+    if meta.get("checksums"):
+        _raise_problems(path, checksums.problems(path, meta["checksums"], rehash=False))
+
+
+def _raise_problems(path: Path, found: dict[str, list[str]]) -> None:
+    if found:
+        parts = [f"{g}: {'; '.join(msgs[:2])}{f' (+{len(msgs) - 2} more)' if len(msgs) > 2 else ''}"
+                 for g, msgs in found.items()]
+        raise ChecksumError(f"{path}: {len(found)} group(s) differ from the recorded checksums: {' | '.join(parts)}")
+
+
+def verify(path: str | os.PathLike) -> int:
+    """Re-hashes every stored file against metadata.json `checksums`; returns the bytes checked. ChecksumError names
+    each group (parameter group, or top-level file) that differs."""
+    path = Path(path).absolute()
+    meta = _finetuned_metadata(path) or read_metadata(path)
+    if not meta.get("checksums"):
+        raise CheckpointError(f"{path / 'metadata.json'}: no checksums recorded (written by an older neox-jax; "
+                              f"convert it again to add them)")
+    _raise_problems(path, checksums.problems(path, meta["checksums"], rehash=True))
+    return checksums.total_bytes(meta["checksums"])
+
+
+def _finetuned_metadata(path: Path) -> dict | None:
+    """The metadata of a fine-tuning run's `finetuned/` folder (also verifiable), else None."""
+    try:
+        meta = json.loads((path / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == "neox-jax-finetuned" else None
+
+
+def identity(path: str | os.PathLike) -> str:
+    """A string that changes when the checkpoint's stored bytes do: the digest of its checksums, or for a checkpoint
+    without them, of its metadata (config, dtype, source; not the creation time)."""
+    meta = read_metadata(path)
+    if meta.get("checksums"):
+        return "sha256:" + checksums.digest(meta["checksums"])
+    rest = {k: v for k, v in meta.items() if k != "created"}
+    return "metadata-sha256:" + hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def read_config(path) -> NeoXConfig:
     return NeoXConfig.from_dict(read_metadata(path)["config"])
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
 def stored_tree(ckptr, directory: Path):
     """The tree of array metadata an Orbax item directory holds (CheckpointError if it has none readable)."""
-    meta = ckptr.metadata(Path(directory).absolute()).item_metadata
+    try:
+        meta = ckptr.metadata(Path(directory).absolute()).item_metadata
+    except Exception as e:  # noqa: BLE001  Orbax / TensorStore errors for missing or damaged files: name the directory
+        raise CheckpointError(f"{directory}: cannot read Orbax metadata ({_first_line(e)})") from None
     if meta is None:
         raise CheckpointError(f"{directory}: no readable Orbax metadata (an incomplete write, or not an Orbax "
                               f"checkpoint directory)")
@@ -224,6 +331,7 @@ def iter_groups(path, dtype=None, shardings: Callable[[str], Any] | None = None)
     so each device reads only its slice (cast to dtype as it is read)."""
     path = Path(path).absolute()  # Orbax reads no metadata from a relative path
     meta = read_metadata(path)
+    check_stored(path, meta)
     cfg = NeoXConfig.from_dict(meta["config"])
     stored = DTYPES[meta["dtype"]]
     target = stored if dtype is None else DTYPES[dtype_name(dtype)]
@@ -244,7 +352,11 @@ def iter_groups(path, dtype=None, shardings: Callable[[str], Any] | None = None)
         dtypes = quantize.cast_floats(jax.tree.map(lambda x: np.zeros((), x.dtype), want), target)
         abstract = jax.tree.map(lambda x, t, s: jax.ShapeDtypeStruct(x.shape, t.dtype, sharding=s),
                                 want, dtypes, shard_tree)
-        tree = ckptr.restore(gdir, ocp.args.StandardRestore(abstract))
+        try:
+            tree = ckptr.restore(gdir, ocp.args.StandardRestore(abstract))
+        except Exception as e:  # noqa: BLE001  a deleted or damaged data file: one line naming the group, not Orbax's traceback
+            raise CheckpointError(f"{gdir}: cannot read ({_first_line(e)}); `neox-jax convert verify {path}` "
+                                  f"checks every file") from None
         release_freed_memory()  # the reading threads' buffers for this group: back to the OS, not kept in arenas
         yield name, tree
 

@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from neox_jax import checkpoint
+from neox_jax import checkpoint, checksums
 from neox_jax.config import NeoXConfig
 from neox_jax.model import LINEARS, abstract_params, forward, kernel_in_dims, transpose_kernel
 from neox_jax.sharding import batch_sharding, param_shardings
@@ -303,6 +303,7 @@ def save_finetuned(run_dir, cfg: NeoXConfig, mode: str, trainable: dict, info: d
         _checkpointer().save(tmp / "params", args=ocp.args.StandardSave(host))
         meta = {"format": FORMAT, "format_version": 1, "config": cfg.to_dict(), "trainable": mode,
                 "num_trainable": int(sum(x.size for x in jax.tree.leaves(host))), **(info or {})}
+        meta["checksums"] = checksums.section(checksums.record(tmp, "params"))  # `neox-jax convert verify` reads it
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():
             old = out.with_name(f"{FINETUNED}.old-{uuid.uuid4().hex[:8]}")

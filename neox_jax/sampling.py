@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from neox_jax.errors import NeoXError
+
 F32 = jnp.float32
+# Below this the float32 division logits / temperature overflows for ordinary logits (|x| ~ 10 over 1e-38 is inf,
+# and inf - inf is NaN in the softmax: garbage ids), while at 1e-4 a logit gap of 0.01 is already a factor e^100
+# (sampling equals greedy to float32 precision): there is nothing between the two worth sampling. 0 means greedy.
+MIN_TEMPERATURE = 1e-4
+SEED_LIMIT = 2 ** 63  # jax.random.key takes a 64-bit seed; 2**63 and up overflow int64
 
 
 class Static(NamedTuple):
@@ -38,19 +46,24 @@ class SamplingParams:
     def __post_init__(self):
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+            raise NeoXError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise NeoXError(f"temperature {t!r} is too small to sample with in float32: use 0 (greedy, the same "
+                            f"choice) or a value >= {MIN_TEMPERATURE:g}")
         k = self.top_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"top_k must be an int >= 1 (or None for off), got {k!r}")
+            raise NeoXError(f"top_k must be an int >= 1 (or None for off), got {k!r}")
         p = self.top_p
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1] (or None for off), got {p!r}")
+            raise NeoXError(f"top_p must be in (0, 1] (or None for off), got {p!r}")
         r = self.repetition_penalty
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r)
                               or r <= 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 or None = off), got {r!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+            raise NeoXError(f"repetition_penalty must be a finite number > 0 (1 or None = off), got {r!r}")
+        s = self.seed
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < SEED_LIMIT:
+            raise NeoXError(f"seed must be an int in [0, 2**63), got {s!r}")
+        object.__setattr__(self, "seed", int(s))  # a numpy integer works like an int
 
     @property
     def greedy(self) -> bool:

@@ -1,7 +1,8 @@
 """The fine-tuning run: data, state, the loop, Orbax checkpoints, signals, metrics and the loss plot.
 
     RUN_DIR/
-      run.json          the settings that decide the run's numbers (checked on --resume)
+      run.json          the settings that decide the run's numbers, the base checkpoint's identity and the
+                        schedule's length (checked on --resume; written only once a resume's checks passed)
       checkpoints/N/    Orbax CheckpointManager, the last `keep` steps: train state (float32 trainable params,
                         optimizer state, loss scale, RNG, step) + meta (data position, epoch, loss)
       finetuned/        the trained parameters alone, a small checkpoint for `neox_jax.load(..., finetuned=RUN_DIR)`
@@ -12,7 +13,8 @@
 
 SIGTERM / SIGINT finish the current step, save, write finetuned/ and return 128 + signal; `resume=True` continues from
 the latest checkpoint with the same batches, optimizer state and loss scale, so its losses equal an uninterrupted run's.
-A NaN/Inf loss raises NonFiniteLoss before anything from that step is saved.
+A resume on another base checkpoint, or with another total step count (unless allow_schedule_change), is refused
+before any file changes. A NaN/Inf loss raises NonFiniteLoss before anything from that step is saved.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from neox_jax import checkpoint, data, finetune
+from neox_jax import checkpoint, data, finetune, records
+from neox_jax.errors import NeoXError
 from neox_jax.sharding import batch_sharding, check_divisible, make_mesh
 from neox_jax.tokenizer import Tokenizer
 
@@ -73,6 +76,7 @@ class RunConfig:
     transposed_copies: bool = True  # bfloat16 on CPU: transposed copies of the frozen kernels (finetune.py)
     progress: bool = True
     stop_after: int | None = None  # test hook: SIGTERM ourselves after this step
+    allow_schedule_change: bool = False  # resume with another total step count (reshapes the lr schedule)
 
 
 def _resolved(cfg: RunConfig, ckpt_dtype: str) -> dict:
@@ -84,25 +88,39 @@ def _resolved(cfg: RunConfig, ckpt_dtype: str) -> dict:
     return d
 
 
-def _check_run_json(out: Path, settings: dict, resume: bool) -> None:
+def _saved_run(out: Path, settings: dict, resume: bool) -> dict | None:
+    """On resume, run.json as saved, after checking that the settings and the base checkpoint are the run's own.
+    Writes nothing: run.json is rewritten only once every check of the resume has passed."""
     path = out / "run.json"
-    if resume and path.is_file():
+    if not (resume and path.is_file()):
+        return None
+    try:
         saved = json.loads(path.read_text())
-        diff = [f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in EXACT if saved.get(k) != settings[k]]
-        if diff:
-            raise ValueError(f"{path}: --resume needs the settings the run started with; changed: {'; '.join(diff)}")
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(settings, indent=2) + "\n")
-    tmp.replace(path)
+    except json.JSONDecodeError as e:
+        raise NeoXError(f"{path}: not valid JSON ({e})") from None
+    if saved.get("base") is not None and saved["base"] != settings["base"]:
+        raise NeoXError(f"{path}: --resume with --checkpoint {settings['checkpoint']}, but the run started from "
+                        f"{saved.get('checkpoint')}, whose stored bytes differ ({saved['base'][:23]}... vs "
+                        f"{settings['base'][:23]}...); resume with the run's own base checkpoint")
+    diff = [f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in EXACT if saved.get(k) != settings[k]]
+    if diff:
+        raise NeoXError(f"{path}: --resume needs the settings the run started with; changed: {'; '.join(diff)}")
+    return saved
+
+
+def _check_schedule(saved: dict | None, total: int, allow: bool) -> None:
+    before = (saved or {}).get("total_steps")
+    if before is not None and before != total and not allow:
+        raise NeoXError(f"--steps / --epochs: the run's learning-rate schedule spans {before} steps, this resume "
+                        f"asks for {total}, which reshapes it; pass --allow-schedule-change to continue with a "
+                        f"schedule over {total} steps")
 
 
 def _rewrite_metrics(path: Path, last_step: int) -> None:
-    """Drops the lines for steps after last_step (all of them for a fresh run)."""
+    """Drops the lines for steps after last_step (all of them for a fresh run), and a torn last line."""
     if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        tmp.replace(path)
+        keep = [r for r in records.read_jsonl(path) if r["step"] <= last_step]
+        records.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def plot_losses(metrics_file: Path, out: Path) -> Path | None:
@@ -113,7 +131,7 @@ def plot_losses(metrics_file: Path, out: Path) -> Path | None:
     except ImportError:
         print("matplotlib is not installed: no loss.png (pip install 'neox-jax[plot]')")
         return None
-    rows = [json.loads(ln) for ln in metrics_file.read_text().splitlines() if ln.strip()]
+    rows = records.read_jsonl(metrics_file)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
     ev = [r for r in rows if "eval_loss" in r]
@@ -157,6 +175,7 @@ def run(cfg: RunConfig) -> int:
     out = Path(cfg.out).absolute()
     meta = checkpoint.read_metadata(cfg.checkpoint)
     settings = _resolved(cfg, meta["dtype"])
+    settings["base"] = checkpoint.identity(cfg.checkpoint)  # resume refuses another base model
     dtype = checkpoint.DTYPES[settings["dtype"]]
     out.mkdir(parents=True, exist_ok=True)
     mgr = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(
@@ -167,13 +186,14 @@ def run(cfg: RunConfig) -> int:
                          f"or choose another --out")
     if cfg.resume and latest is None:
         raise ValueError(f"--resume: {out / 'checkpoints'} holds no checkpoint to resume from")
-    _check_run_json(out, settings, cfg.resume)
+    saved = _saved_run(out, settings, cfg.resume)
 
     tok = Tokenizer.from_file(cfg.tokenizer or cfg.checkpoint)
     model_cfg = checkpoint.read_config(cfg.checkpoint)
     packed = data.prepare(cfg.data, tok, cfg.seq_len, settings["heldout_fraction"], model_cfg.vocab_size)
     batches = data.Batches(packed.train, cfg.batch_size, cfg.seed)
     total = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * batches.batches_per_epoch)
+    _check_schedule(saved, total, cfg.allow_schedule_change)
     mesh = make_mesh(cfg.mesh)
     check_divisible(model_cfg, mesh, cfg.batch_size)
     model_cfg, trainable, frozen = finetune.load_for_training(cfg.checkpoint, cfg.trainable, dtype, mesh,
@@ -197,13 +217,15 @@ def run(cfg: RunConfig) -> int:
     del trainable  # donated to the state
     pos = data.Position()
     metrics_file = out / "metrics.jsonl"
-    _rewrite_metrics(metrics_file, 0 if not cfg.resume else latest)  # lines past the checkpoint will be run again
     if cfg.resume:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
         restored = mgr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                meta=ocp.args.JsonRestore()))
         state, pos = restored["state"], data.Position.from_dict(restored["meta"]["position"])
         print(f"resumed from {out / 'checkpoints' / str(latest)} (epoch {pos.epoch}, batch {pos.index})", flush=True)
+    # every check has passed: only now may the run's record files change
+    _rewrite_metrics(metrics_file, 0 if not cfg.resume else latest)  # lines past the checkpoint will be run again
+    records.write_json(out / "run.json", {**settings, "total_steps": total})
     train_step = finetune.make_train_step(model_cfg, tx, dtype, mesh, cfg.trainable, dynamic=dynamic,
                                           scale_period=cfg.loss_scale_period,
                                           transposed_copies=cfg.transposed_copies)

@@ -329,10 +329,12 @@ def test_nonfinite_loss_stops_without_overwriting(runs, tmp_path):
     bad = checkpoint.save_params(tmp_path / "bad", checkpoint.read_config(runs["ckpt"]), params)
     run = tmp_path / "run"
     shutil.copytree(runs["B"], run)
+    record = json.loads((run / "run.json").read_text())  # a resume refuses another base: record `bad` as the run's
+    (run / "run.json").write_text(json.dumps({**record, "base": checkpoint.identity(bad)}))
     before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
     args = list(runs["common"])
     args[args.index("--checkpoint") + 1], args[args.index("--steps") + 1] = bad, 30
-    r = run_cli(*args, "--out", run, "--resume", check=False)
+    r = run_cli(*args, "--out", run, "--resume", "--allow-schedule-change", check=False)
     assert r.returncode == 1
     assert "loss is nan at step 25" in r.stderr and "last good checkpoint is step 24" in r.stderr
     after = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != "run.json"}

@@ -71,7 +71,8 @@ def _one_line_warnings(show):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one subcommand; user errors (NeoXError) end as one line on stderr and exit 1, Ctrl-C as 130."""
+    """Runs one subcommand; user errors (NeoXError) and environmental faults (OSError) end as one line on stderr and
+    exit 1, Ctrl-C as 130 (SIGTERM while an output is staged: 143, see neox_jax/staging.py)."""
     from neox_jax.errors import NeoXError
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
             return int(args._run(args) or 0)
-    except NeoXError as e:
+    except (NeoXError, OSError) as e:  # OSError: an environmental fault (permissions, a full disk, a vanished file)
         if args.debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)

@@ -5,6 +5,7 @@
     neox-jax convert to-hf ckpt/pythia-160m hf/pythia-160m              # back to transformers' format
     neox-jax convert merge ckpt/pythia-160m runs/shakespeare ckpt/pythia-160m-shakespeare
     neox-jax convert quantize ckpt/neox-20b ckpt/neox-20b-int8          # int8 weights
+    neox-jax convert verify ckpt/neox-20b                               # re-hash every file against its sha256
 
 Needs the `convert` extra (torch, safetensors): pip install "neox-jax[convert]".
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from neox_jax.errors import NeoXError
 
-HELP = "convert checkpoints: hf, neox (slim shards), to-hf, merge (fine-tuned), quantize (int8)"
+HELP = "convert checkpoints: hf, neox (slim shards), to-hf, merge (fine-tuned), quantize (int8), verify (sha256)"
 
 # the converter modules of the `convert/` folder, each with register(subparsers); one per line, in --help order
 CONVERTERS = (
@@ -26,6 +27,7 @@ CONVERTERS = (
     "neox",
     "merge",
     "quantize",
+    "verify",
 )
 PACKAGE = "neox_jax_convert"  # the name `convert/` is installed under: a user's convert.py cannot shadow it
 

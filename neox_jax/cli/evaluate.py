@@ -100,33 +100,31 @@ def reference_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Atomically: a temporary name, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _output_file(output: str) -> Path:
     out = Path(output)
     return out if out.suffix == ".json" else out / "results.json"
 
 
 def run(a: argparse.Namespace) -> int:
-    from neox_jax.tasks import data
+    from neox_jax import checkpoint, records
+    from neox_jax.tasks import check_data_dir, check_offline, data
 
     names = [t.strip() for t in a.tasks.split(",") if t.strip()]
     if not names:
         raise NeoXError("--tasks is empty")
     if a.log_samples and not a.output:
         raise NeoXError("--log_samples needs --output (a file or folder to write the samples beside)")
+    # every input and the output place are checked before any work: the evaluation may take hours
+    checkpoint.read_metadata(a.checkpoint)
+    check_data_dir(a.data_dir)
+    out = records.check_writable(_output_file(a.output), "--output") if a.output else None
     if a.data_dir:
         os.environ[data.ENV_VAR] = a.data_dir  # the task loaders read it
     # lm-eval's bootstrap forks a process pool, and forking a (multithreaded) JAX process can hang; without it the
     # same seeded resamples run in this process and give the same stderrs
     os.environ.setdefault("DISABLE_MULTIPROC", "1")
     specs, tm, local = resolve_tasks(names, a.data_dir, a.hub, a.include_path)
+    check_offline(specs, a.data_dir, tm)  # HF_HUB_OFFLINE / HF_DATASETS_OFFLINE: no retries, a clear error now
     for n in names:
         print(f"{n}: {'local data (' + str(data.find(n, a.data_dir)) + ')' if n in local else 'lm-eval built-in'}")
 
@@ -151,12 +149,11 @@ def run(a: argparse.Namespace) -> int:
     print(make_table(results))
     print(reference_table(results))
     print(f"evaluated in {time.time() - t0:.1f}s")
-    if a.output:
-        out = _output_file(a.output)
-        write_text(out, json.dumps(results, indent=2, default=str) + "\n")
+    if out is not None:
+        records.write_text(out, json.dumps(results, indent=2, default=str) + "\n")
         print(f"results written to {out}")
         for task, records in samples.items():
             f = out.with_name(f"samples_{task}.jsonl")
-            write_text(f, "".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in records))
+            records.write_text(f, "".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in records))
             print(f"samples written to {f}")
     return 0

@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="at most this many held-out batches per evaluation; 0 = all (default)")
     p.add_argument("--seed", type=int, default=d.seed, help="data order and RNG seed (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--allow-schedule-change", action="store_true",
+                   help="on --resume, accept a --steps / --epochs that changes the run's total step count (and so "
+                        "reshapes its learning-rate schedule); refused otherwise")
     p.add_argument("--initial-loss-scale", type=float, default=d.initial_loss_scale,
                    help="float16 only: starting loss scale (default 2^15)")
     p.add_argument("--loss-scale-period", type=int, default=d.loss_scale_period,

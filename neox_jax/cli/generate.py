@@ -65,7 +65,13 @@ def _prompts(args) -> list[str]:
     if args.prompt_file:
         if not args.prompt_file.is_file():
             raise NeoXError(f"--prompt-file {args.prompt_file}: no such file")
-        prompts += [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        try:
+            lines = [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise NeoXError(f"--prompt-file {args.prompt_file}: cannot read it as text ({e})") from None
+        if not lines:  # never fall back to the default prompt when the user named a file
+            raise NeoXError(f"--prompt-file {args.prompt_file}: holds no prompt (expected one prompt per line)")
+        prompts += lines
     return prompts or [DEFAULT_PROMPT]
 
 
@@ -92,9 +98,12 @@ def run(args: argparse.Namespace) -> int:
         raise NeoXError(str(e)) from e
     compile_cache.enable(args.compile_cache)
     import neox_jax
+    from neox_jax.sampling import SamplingParams
 
     talk = distributed.is_main()  # only process 0 prints
     prompts = _prompts(args)
+    # the sampling settings are checked before the model loads (NeoXError naming the setting)
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     try:  # a ValueError here is e.g. a model that cannot split over the mesh: the message says which sizes work
         model = neox_jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh, finetuned=args.finetuned,
                               quantize=args.quantize, tokenizer=args.tokenizer)
