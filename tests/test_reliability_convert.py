@@ -218,6 +218,7 @@ def test_disk_full_through_the_convert_command(src, small_disk, capsys):
 
     (small_disk / "filler").write_bytes(b"\0" * (1024 * 1024 - 60 * 1024))  # less free space than one layer
     assert main(["hf", str(src), str(small_disk / "out"), "--quiet"]) == 1
-    err = capsys.readouterr().err.strip()
+    err = "\n".join(ln for ln in capsys.readouterr().err.strip().splitlines()
+                     if not ln.startswith("warning: "))  # the reference has no tokenizer.json: one warning line
     assert len(err.splitlines()) == 1 and "disk full" in err and "Traceback" not in err
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
