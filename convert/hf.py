@@ -61,7 +61,8 @@ def read_hf_config(src: Path) -> NeoXConfig:
         raise ConvertError(str(e)) from None
 
 
-def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True) -> dict:
+def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True, hub: dict | None = None) -> dict:
+    """hub: where SRC came from (neox_jax.hub.HubFiles.source_record()), recorded in metadata.json `source`."""
     src, out = Path(src), Path(out)
     cfg = read_hf_config(src)
     tensors = HFTensors(src)
@@ -81,7 +82,7 @@ def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True) 
                       f"--tokenizer FILE, or copy a tokenizer.json into {src} and convert again)", NeoXWarning,
                       stacklevel=2)
     t0 = time.time()
-    source = {"kind": "hf", "path": str(src.absolute()), "files": tensors.kind}
+    source = {"kind": "hf", "path": str(src.absolute()), "files": tensors.kind, **(hub or {})}
     with CheckpointWriter(out, cfg, dtype, source) as writer:
         bar = tqdm(group_names(cfg), desc="convert", unit="group", disable=not progress)
         for group in bar:
@@ -167,7 +168,9 @@ def export_hf(ckpt, out, dtype=None, shard_bytes=2 * 2**30, progress=True) -> di
 
 
 def _run_hf(a):
-    return convert_hf(a.src, a.out, a.dtype, allow_nonfinite=a.allow_nonfinite, progress=not a.quiet)
+    from .hub import convert_source  # a hub id is resolved and verified first, then converted by convert_hf
+
+    return convert_source(a.src, a.out, a.revision, a.dtype, allow_nonfinite=a.allow_nonfinite, progress=not a.quiet)
 
 
 def _run_to_hf(a):
@@ -178,8 +181,14 @@ def register(subparsers) -> None:
     h = subparsers.add_parser("hf", help="Hugging Face GPTNeoXForCausalLM directory -> neox-jax checkpoint",
                               description="Convert a save_pretrained directory of GPTNeoXForCausalLM (safetensors, "
                                           "sharded safetensors, or pytorch_model*.bin; config.json of transformers 4 "
-                                          "or 5) into a neox-jax checkpoint, one tensor at a time.")
-    h.add_argument("src", help="directory with config.json and the weights (e.g. a downloaded EleutherAI/pythia-1b)")
+                                          "or 5) into a neox-jax checkpoint, one tensor at a time. SRC may be a hub "
+                                          "id (org/name, with --revision): only the files conversion needs are "
+                                          "downloaded, each verified against the Hub's sha256, and the commit is "
+                                          "recorded in metadata.json (see docs/hub.md).")
+    h.add_argument("src", help="directory with config.json and the weights, or a hub id such as EleutherAI/pythia-1b "
+                               "(downloaded with huggingface_hub, each file checked against the Hub's sha256)")
+    h.add_argument("--revision", default=None, help="with a hub id: branch, tag or commit (Pythia: step0, step1, "
+                                                    "step2, step4 ... step143000; default main)")
     h.add_argument("out", help="output checkpoint directory (must not exist; appears only when complete)")
     h.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="stored parameter dtype (default float32)")
     h.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf weights instead of refusing them")

@@ -135,9 +135,25 @@ def _quantize(params: Params, cfg: NeoXConfig, mode: str) -> Params:
     return params
 
 
-def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quantize=None, tokenizer=None,
-         verify=False) -> NeoX:
-    """Loads a neox-jax checkpoint directory (made by `neox-jax convert ...`).
+def hub_converter():
+    """convert/hub.py (hub id -> cached checkpoint), loaded as `neox-jax convert` loads the converters: by the
+    installed name neox_jax_convert (or the checkout's folder under that name), never a cwd-shadowable `convert`."""
+    import importlib
+
+    from neox_jax.cli.convert import PACKAGE, converters
+
+    converters()
+    return importlib.import_module(f"{PACKAGE}.hub")
+
+
+def load(path: str | os.PathLike, dtype=None, *, revision: str | None = None, mesh=None, finetuned=None,
+         quantize=None, tokenizer=None, verify=False) -> NeoX:
+    """Loads a neox-jax checkpoint directory (made by `neox-jax convert ...`), or a hub id `org/name`.
+
+    A hub id (with `revision`: a branch, tag or commit, e.g. "step143000" for Pythia; default "main") is downloaded
+    and verified (neox_jax.hub), converted once into $NEOX_JAX_CACHE (default ~/.cache/neox-jax) keyed by commit and
+    dtype (default float32), and loaded from there afterwards. Conversion needs the `convert` extra (torch only for
+    pytorch_model.bin files).
 
     dtype: float32 / float16 / bfloat16 (or fp32 / fp16 / bf16) to cast the parameters to (default: as stored).
     mesh: a jax.sharding.Mesh, or a string such as "data=2,model=4" or "model=-1" (see neox_jax.sharding.make_mesh),
@@ -148,6 +164,18 @@ def load(path: str | os.PathLike, dtype=None, *, mesh=None, finetuned=None, quan
     tokenizer: a tokenizer.json to use instead of the checkpoint's own.
     verify: re-hash every stored file against the checksums in metadata.json first (reads the whole checkpoint
     once more; without it, load checks groups, layer count, file sizes, shapes and dtypes, which is cheap)."""
+    from neox_jax import hub
+
+    if hub.is_hub_id(path):
+        dtype = dtype or "float32"
+        try:
+            path = hub_converter().cached_checkpoint(str(path), revision, checkpoint.dtype_name(dtype))
+        except hub.HubError as e:
+            if str(e).startswith("unknown repo"):  # maybe a mistyped local path
+                raise hub.HubError(f"{path}: no such checkpoint directory, and {e}") from None
+            raise
+    elif revision is not None:
+        raise checkpoint.CheckpointError(f"revision={revision!r}: {path} is a local checkpoint, not a hub id")
     path = Path(path)
     dtype = None if dtype is None else checkpoint.dtype_name(dtype)
     if isinstance(mesh, str):

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "neox_jax.cli.evaluate",
     "memory-plan": "neox_jax.cli.memory_plan",
     "benchmark": "neox_jax.cli.benchmark",
+    "sweep": "neox_jax.cli.sweep",
 }
 
 

@@ -33,26 +33,26 @@ PACKAGE = "neox_jax_convert"  # the name `convert/` is installed under: a user's
 
 
 def converters():
-    """The converter package, always under the name `neox_jax_convert`: in a source checkout, the `convert/` folder
-    beside this neox_jax (loaded by its path, so an editable install elsewhere or a PYTHONPATH checkout gets its own
-    converters); otherwise the installed package. Never `import convert`, which a convert.py in the cwd could shadow."""
+    """The converter package under the name `neox_jax_convert`: in a checkout, the `convert/` folder beside this
+    neox_jax/, loaded by its path (so a worktree or a second checkout runs its own converters, not those an editable
+    install points at; never by `import convert`, which the cwd could shadow); else the installed package."""
     if PACKAGE in sys.modules:
         return sys.modules[PACKAGE]
-    root = Path(__file__).resolve().parents[2]
-    folder = root / "convert"
-    if (root / "pyproject.toml").is_file() and (folder / "__init__.py").is_file():  # a checkout
-        spec = importlib.util.spec_from_file_location(PACKAGE, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules[PACKAGE] = pkg
-        spec.loader.exec_module(pkg)
-        return pkg
-    try:
-        return importlib.import_module(PACKAGE)
-    except ModuleNotFoundError as e:
-        if e.name != PACKAGE:
-            raise
-        raise NeoXError(f"the converters are not installed (no {PACKAGE} package); reinstall neox-jax") from None
+    folder = Path(__file__).resolve().parents[2] / "convert"
+    if not (folder / "__init__.py").is_file() or not (folder / "neox_layout.py").is_file():
+        try:
+            return importlib.import_module(PACKAGE)
+        except ModuleNotFoundError as e:
+            if e.name != PACKAGE:
+                raise
+            raise NeoXError(f"the converters are not installed (no {PACKAGE} package, no {folder}); reinstall "
+                            f"neox-jax") from None
+    spec = importlib.util.spec_from_file_location(PACKAGE, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = pkg
+    spec.loader.exec_module(pkg)
+    return pkg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
