@@ -32,17 +32,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from neox_jax import checkpoint, checksums, decode
+from neox_jax import checkpoint, checksums
 from neox_jax.config import NeoXConfig
-from neox_jax.model import abstract_params, forward
+from neox_jax.model import LINEARS, abstract_params, forward, kernel_in_dims, transpose_kernel
 from neox_jax.sharding import batch_sharding, param_shardings
 
 F32 = jnp.float32
 MODES = ("biases", "all")
-BIAS_PATHS = (("attention", "query_key_value", "bias"), ("attention", "dense", "bias"),
-              ("mlp", "dense_h_to_4h", "bias"))
+BITFIT_LINEARS = ("query_key_value", "dense", "dense_h_to_4h")  # whose biases BitFit trains (the module docstring)
+BIAS_PATHS = tuple((LINEARS[name].parent, name, "bias") for name in BITFIT_LINEARS)
 FINETUNED = "finetuned"  # RUN_DIR/finetuned: the trained parameters, a small Orbax checkpoint + metadata.json
 FORMAT = "neox-jax-finetuned"
 
@@ -95,7 +96,7 @@ def abstract_trainable(cfg: NeoXConfig, mode: str) -> dict:
 def wants_backward_kernels(dtype, mesh, transposed_copies: bool = True) -> bool:
     """bfloat16 training on CPU keeps a transposed copy of each frozen kernel for the backward pass: XLA CPU
     multiplies bfloat16 at full speed only in the untransposed orientation (model.matmul_f32). It costs one more
-    copy of the frozen weights; transposed_copies=False turns it off (pythia-160m BitFit bfloat16: ~1.6x slower).
+    copy of the frozen weights; transposed_copies=False turns it off (slower steps: docs/performance.md).
     Not for float16: XLA CPU converts float16 products to float32 in every orientation."""
     return transposed_copies and jnp.dtype(dtype) == jnp.bfloat16 and mesh.devices.flat[0].platform == "cpu"
 
@@ -117,7 +118,7 @@ def frozen_shardings(cfg: NeoXConfig, mesh, mode: str, dtype=None, transposed_co
 
     def transposed(name, sharding):
         spec = tuple(sharding.spec) + (None,) * 8
-        return NamedSharding(mesh, P(spec[decode.kernel_in_dims(name)], spec[0]))
+        return NamedSharding(mesh, P(spec[kernel_in_dims(name)], spec[0]))
 
     return _add_kernels_t(frozen, transposed)
 
@@ -127,7 +128,7 @@ def prepare_frozen(cfg: NeoXConfig, frozen: dict, dtype, mesh, mode: str, transp
     physically transposed [O, I] copy of each kernel beside it as "kernel_t" (model.matmul_f32; unrolled layers)."""
     if not wants_backward_kernels(dtype, mesh, transposed_copies):
         return frozen
-    return jax.device_put(_add_kernels_t(frozen, decode.transpose_kernel),
+    return jax.device_put(_add_kernels_t(frozen, transpose_kernel),
                           frozen_shardings(cfg, mesh, mode, dtype, transposed_copies))
 
 

@@ -26,17 +26,51 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neox_jax import attention, quantize
+from neox_jax import attention, int8
 from neox_jax.config import NeoXConfig
 
 Params = dict[str, Any]
 F32 = jnp.float32
+
+
+class LinearSpec(NamedTuple):
+    parent: str  # the block submodule that holds it ("" for embed_out, which is not in a block)
+    einsum: str  # tokens + contracted, contracted + out -> tokens + out (the layout int8 scales rely on)
+    kernel_axes: tuple[str, ...]  # logical axis names (sharding.RULES maps them to mesh axes)
+    bias_axes: tuple[str, ...]
+
+
+# The linear layers, by their checkpoint names: the one table the modules, int8 (quantize.py), the decoder's
+# transposed layout (decode.py) and fine-tuning's transposed copies (finetune.py) read.
+LINEARS = {
+    "query_key_value": LinearSpec("attention", "BTD,DNKH->BTNKH", ("embed", "heads", "qkv", "head_dim"),
+                                  ("heads", "qkv", "head_dim")),
+    "dense": LinearSpec("attention", "BTNH,NHD->BTD", ("heads", "head_dim", "embed"), ("norm",)),
+    "dense_h_to_4h": LinearSpec("mlp", "BTD,DF->BTF", ("embed", "mlp"), ("mlp",)),
+    "dense_4h_to_h": LinearSpec("mlp", "BTF,FD->BTD", ("mlp", "embed"), ("norm",)),
+    "embed_out": LinearSpec("", "BTD,DV->BTV", ("embed", "vocab"), ()),
+}
+BLOCK_LINEARS = tuple(name for name, spec in LINEARS.items() if spec.parent)
+
+
+def kernel_in_dims(name: str) -> int:
+    """How many leading kernel dims the Linear `name` contracts (query_key_value 1, dense 2, ...)."""
+    lhs, rest = LINEARS[name].einsum.split(",")
+    return len(set(lhs) & set(rest.split("->")[0]))
+
+
+def transpose_kernel(name: str, kernel):
+    """One Linear kernel [(L,) in dims..., out dims...] as an [(L,) out, in] matrix (PyTorch's layout)."""
+    n_in, ndim = kernel_in_dims(name), len(LINEARS[name].kernel_axes)
+    stack, inner = kernel.shape[:kernel.ndim - ndim], kernel.shape[kernel.ndim - ndim:]
+    flat = kernel.reshape(*stack, math.prod(inner[:n_in]), math.prod(inner[n_in:]))  # [..., I, O]
+    return jnp.swapaxes(flat, -1, -2)  # [..., O, I]
 
 
 def _hook(module, name: str, x):
@@ -64,8 +98,7 @@ class LayerNorm(nnx.Module):
 
 
 # Transposed matmuls with at most this many rows (decode) keep their [O, M] result in memory and transpose it after:
-# left to itself XLA CPU folds the transpose into the matmul's output layout and takes its [M, O] kernel, which made
-# pythia-160m decode steps 1.2x (float32, batch 8) to 1.47x (bfloat16, batch 1) slower on a 2-core Xeon.
+# left to itself XLA CPU folds the transpose into the matmul's output layout and takes a slower [M, O] kernel.
 FEW_ROWS = 64
 
 
@@ -80,7 +113,7 @@ def matmul_f32(x, w, w_t=None):
     matmul plus a conversion of every weight matrix per step. In float32 this is exactly the plain dot's gradient.
 
     XLA CPU runs a bfloat16 product at its bfloat16 speed only when neither operand is transposed: for any other
-    orientation it converts both to float32 (4x slower). So the input gradient g @ w^T is computed as g @ w_t when a
+    orientation it converts both to float32 first. So the input gradient g @ w^T is computed as g @ w_t when a
     physically transposed copy is given (`Linear.kernel_t`: frozen weights in bfloat16 training on CPU)."""
     return jnp.dot(x, w, preferred_element_type=F32)
 
@@ -105,8 +138,8 @@ class Linear(nnx.Module):
 
     `transposed` (set by model_from_params(..., transposed=True), for params from decode.transpose_kernels): the
     kernel is one [out, in] matrix (PyTorch's layout) and the product is computed as kernel @ x^T, weights on the
-    left. XLA CPU runs that form 1.5-3x faster for a few rows (decode): its small-batch matmul kernels pack the
-    right-hand operand, here the few activations instead of the weights."""
+    left: XLA CPU's small-batch matmuls pack the right-hand operand, here the few activations instead of the weights
+    (docs/performance.md)."""
     transposed = False
     kernel_t = None  # an [O, I] copy of a frozen kernel for the backward pass (see matmul_f32), or None
 
@@ -117,13 +150,13 @@ class Linear(nnx.Module):
         self.out_shape = tuple(kernel_shape[self.n_in:])
         self.kernel = nnx.Param(_init(rngs, kernel_shape, param_dtype), axes=kernel_axes)
         self.bias = nnx.Param(jnp.zeros(bias_shape, param_dtype), axes=bias_axes) if use_bias else None
-        self.scale = self.threshold = None  # int8 kernels: set by neox_jax.quantize.quantize_module
+        self.scale = self.threshold = None  # int8 kernels: set by quantize_module (below)
 
     def __call__(self, x, out_dtype=None):
         """Accumulates in float32 whatever the parameter dtype (also what makes XLA CPU pick its fast bf16 matmul:
         with a bf16 result it took a path 2-5x slower), then returns out_dtype (default: the kernel's dtype)."""
         if self.scale is not None:
-            return quantize.linear(self, x, out_dtype)
+            return int8.linear(self, x, out_dtype)
         kernel = self.kernel[...]
         lead = x.shape[:x.ndim - self.n_in]
         if self.transposed:  # kernel [O, I]; x [..., in dims] -> [..., out dims]
@@ -141,6 +174,12 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(F32)
         return y.astype(out_dtype or kernel.dtype)
+
+
+def _linear(name: str, kernel_shape, bias_shape, **kw) -> Linear:
+    """The Linear `name` of LINEARS, with these sizes."""
+    spec = LINEARS[name]
+    return Linear(spec.einsum, kernel_shape, spec.kernel_axes, bias_shape, spec.bias_axes, **kw)
 
 
 class Embed(nnx.Module):
@@ -194,8 +233,7 @@ def _attend(q, k, v, new_mask, old_mask=None, kv=None):
 @jax.custom_vjp
 def split_qkv(qkv):
     """[B, T, N, 3, H] -> q, k, v [B, T, N, H]. Its gradient stacks the three back into one [B, T, N, 3, H] array:
-    autodiff of the three slices padded each gradient to full size and added them (pythia-160m bfloat16 BitFit step,
-    A/B in one process: 638 -> 608 ms; float32 unchanged)."""
+    autodiff of the three slices padded each gradient to full size and added them (docs/performance.md)."""
     return qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
 
 
@@ -208,11 +246,9 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: NeoXConfig, *, param_dtype, rngs: nnx.Rngs):
         d, n, h = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
-        self.query_key_value = Linear("BTD,DNKH->BTNKH", (d, n, 3, h), ("embed", "heads", "qkv", "head_dim"),
-                                      (n, 3, h), ("heads", "qkv", "head_dim"), use_bias=cfg.attention_bias,
-                                      param_dtype=param_dtype, rngs=rngs)
-        self.dense = Linear("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), (d,), ("norm",),
-                            use_bias=cfg.attention_bias, param_dtype=param_dtype, rngs=rngs)
+        self.query_key_value = _linear("query_key_value", (d, n, 3, h), (n, 3, h), use_bias=cfg.attention_bias,
+                                       param_dtype=param_dtype, rngs=rngs)
+        self.dense = _linear("dense", (n, h, d), (d,), use_bias=cfg.attention_bias, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, kv, cache_index, rows=None):
         """x [B, T, D]; kv None or (k, v) caches [B, N, S, H]; mask [B, T, T] bool for the T new tokens, and with a
@@ -274,8 +310,8 @@ class Attention(nnx.Module):
 
 def gelu(x, approximate: bool):
     """GELU in x's dtype. The exact form as PyTorch writes it, 0.5 x (1 + erf(x / sqrt 2)): jax.nn.gelu's erfc form
-    evaluates both of erfc's branches and ran 6-8x slower on XLA CPU (a pythia-160m 1x512 prefill: 3% of it in float32,
-    7% in bfloat16), for a difference from torch's float32 GELU no larger than its own (1.4e-6 at |x| < 10)."""
+    evaluates both of erfc's branches, several times slower on XLA CPU (docs/performance.md), for a difference from
+    torch's float32 GELU no larger than its own (1.4e-6 at |x| < 10)."""
     if approximate:
         return jax.nn.gelu(x, approximate=True)
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
@@ -288,10 +324,8 @@ class MLP(nnx.Module):
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.approximate = cfg.hidden_act != "gelu"
         self.relu = cfg.hidden_act == "relu"
-        self.dense_h_to_4h = Linear("BTD,DF->BTF", (d, f), ("embed", "mlp"), (f,), ("mlp",), use_bias=True,
-                                    param_dtype=param_dtype, rngs=rngs)
-        self.dense_4h_to_h = Linear("BTF,FD->BTD", (f, d), ("mlp", "embed"), (d,), ("norm",), use_bias=True,
-                                    param_dtype=param_dtype, rngs=rngs)
+        self.dense_h_to_4h = _linear("dense_h_to_4h", (d, f), (f,), use_bias=True, param_dtype=param_dtype, rngs=rngs)
+        self.dense_4h_to_h = _linear("dense_4h_to_h", (f, d), (d,), use_bias=True, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):  # [B, T, D] -> [B, T, D]
         h = _hook(self, "hook_pre", self.dense_h_to_4h(x))
@@ -344,8 +378,8 @@ class GPTNeoX(nnx.Module):
             self.layers = nnx.List([Block(cfg, param_dtype=param_dtype, rngs=rngs)
                                     for _ in range(cfg.num_hidden_layers)])
         self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype)
-        self.embed_out = Linear("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), (), (),
-                                use_bias=False, param_dtype=param_dtype, rngs=rngs)
+        self.embed_out = _linear("embed_out", (cfg.hidden_size, cfg.vocab_size), (), use_bias=False,
+                                 param_dtype=param_dtype, rngs=rngs)
         self.rotary_dims = cfg.rotary_dims
         self.rotary_base = cfg.rotary_emb_base
 
@@ -414,24 +448,24 @@ class GPTNeoX(nnx.Module):
 # ---- functional core ------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=32)
-def graphdef(cfg: NeoXConfig, stacked: bool = False, quant: quantize.QuantSpec | None = None):
-    """The module structure (no arrays) for `nnx.merge(graphdef(cfg), params)`; quant: int8 Linears (quantize.py)."""
+def graphdef(cfg: NeoXConfig, stacked: bool = False, quant: int8.QuantSpec | None = None):
+    """The module structure (no arrays) for `nnx.merge(graphdef(cfg), params)`; quant: int8 Linears (int8.py)."""
     abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0), stacked=stacked))
-    abstract = abstract if quant is None else quantize.quantize_module(abstract, quant)
+    abstract = abstract if quant is None else quantize_module(abstract, quant)
     return nnx.split(abstract)[0]
 
 
 def abstract_params(cfg: NeoXConfig, dtype=F32, stacked: bool = False, quant=None) -> Params:
     """Shapes and dtypes of every parameter, nothing allocated (jax.eval_shape)."""
     abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, param_dtype=dtype, rngs=nnx.Rngs(0), stacked=stacked))
-    abstract = abstract if quant is None else quantize.quantize_module(abstract, quant)
+    abstract = abstract if quant is None else quantize_module(abstract, quant)
     return nnx.to_pure_dict(nnx.state(abstract))
 
 
 def logical_axes(cfg: NeoXConfig, stacked: bool = False, quant=None) -> Params:
     """The same tree as the params, each leaf a tuple of logical axis names ("layers" first when stacked)."""
     abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0), stacked=stacked))
-    abstract = abstract if quant is None else quantize.quantize_module(abstract, quant)
+    abstract = abstract if quant is None else quantize_module(abstract, quant)
     state = nnx.state(abstract)
 
     def axes(path, var):
@@ -471,7 +505,7 @@ def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False,
     "kernel_t" entry (from `finetune.prepare_frozen`) becomes its `kernel_t`, not a parameter. attention: the
     attention without cache slots (None: per backend; "plain", "xla", "cudnn": see neox_jax/attention.py)."""
     params, kernels_t = _pop_kernels_t(params)
-    model = nnx.merge(graphdef(cfg, is_stacked(params), quantize.spec_of(params)), params)
+    model = nnx.merge(graphdef(cfg, is_stacked(params), int8.spec_of(params)), params)
     if attention is not None:
         for _, module in nnx.iter_modules(model):
             if isinstance(module, Attention):
@@ -513,3 +547,29 @@ def forward(cfg: NeoXConfig, params: Params, input_ids, positions=None, kv_valid
 def positions_from_mask(mask):
     """mask [B, T] (1 = real token, left padding allowed) -> positions [B, T] counted over real tokens only."""
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# ---- int8 Linears (the kernels: int8.py) ----------------------------------------------------------------------------
+
+def int8_targets(spec: int8.QuantSpec) -> tuple[str, ...]:
+    """The Linears that are int8 under spec: the block linears, and embed_out when spec.embed_out."""
+    return BLOCK_LINEARS + (("embed_out",) if spec.embed_out else ())
+
+
+def quantize_module(module, spec: int8.QuantSpec):
+    """Turns the target Linears of an abstract (nnx.eval_shape) GPTNeoX into their int8 form, in place: int8 kernel
+    with the kernel's logical axes, float32 scale with the kernel's output axes, and for llm.int8 a scalar
+    threshold (axes ()). Returns the module."""
+    targets = int8_targets(spec)
+    for path, m in list(nnx.iter_modules(module)):
+        if not isinstance(m, Linear) or path[-1] not in targets:
+            continue
+        axes = tuple(m.kernel.get_metadata()["axes"])
+        _, contracted, _ = int8.parse_spec(m.spec)
+        q, scale = jax.eval_shape(functools.partial(int8.quantize_weight, spec=m.spec), m.kernel.get_value())
+        lead = int8.lead_axes(q.ndim, m.spec)
+        m.kernel = nnx.data(nnx.Param(q, axes=axes))
+        m.scale = nnx.data(nnx.Param(scale, axes=axes[len(contracted):]))
+        if spec.mode == "llm.int8":
+            m.threshold = nnx.data(nnx.Param(jax.ShapeDtypeStruct(q.shape[:lead], F32), axes=()))
+    return module

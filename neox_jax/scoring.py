@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,7 @@ from neox_jax.reductions import sum_exp
 
 MIN_BUCKET = 16
 HEAD_ROWS = 128  # scored positions per output-layer chunk, all rows together: [HEAD_ROWS, V] float32 logits at a time.
-# Measured on XLA CPU for 2048 scored positions of pythia-160m: 32 rows per chunk 1.54 s, 64 0.90 s, 128 0.80 s, 256
-# 0.84 s, 512 0.96 s (small products run far from the matmul peak; large chunks' logits stop fitting in cache).
+# Small chunks run far from the matmul peak and large chunks' logits stop fitting in cache (docs/performance.md).
 
 
 def bucket(n: int, lo: int = MIN_BUCKET) -> int:
