@@ -7,19 +7,32 @@ tokenizer) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 from __future__ import annotations
 
 import json
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from neox_jax.checkpoint import DTYPES, CheckpointWriter, dtype_name, group_names, iter_groups, read_metadata
+from neox_jax.checkpoint import (
+    DTYPE_CHOICES,
+    DTYPES,
+    CheckpointWriter,
+    dtype_name,
+    group_names,
+    iter_groups,
+    read_metadata,
+)
 from neox_jax.config import NeoXConfig
+from neox_jax.errors import NeoXWarning
 from neox_jax.staging import Staging
 
 from .mapping import IGNORED_SUFFIXES, get_path, group_entries, set_path
 from .sources import ConvertError, HFTensors
 
+# files of a Hugging Face folder that travel with the checkpoint (and back out with to-hf)
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 OUTPUT_ALIASES = ("lm_head.weight",)  # transformers 5 names embed_out "lm_head" in memory; accept it in files too
 
 
@@ -64,6 +77,10 @@ def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True, 
         parts = ([f"missing tensors {missing}"] if missing else []) + \
                 ([f"unexpected tensors {unexpected}"] if unexpected else [])
         raise ConvertError(f"{src}: " + "; ".join(parts))
+    if not (src / "tokenizer.json").is_file():
+        warnings.warn(f"{src}: no tokenizer.json, so the checkpoint will take token ids only (for text, pass "
+                      f"--tokenizer FILE, or copy a tokenizer.json into {src} and convert again)", NeoXWarning,
+                      stacklevel=2)
     t0 = time.time()
     source = {"kind": "hf", "path": str(src.absolute()), "files": tensors.kind, **(hub or {})}
     with CheckpointWriter(out, cfg, dtype, source) as writer:
@@ -80,9 +97,9 @@ def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True, 
                 set_path(tree, e.path, cast_checked(e.to_ours(x), dtype, where, allow_nonfinite))
             writer.write_group(group, tree)
             bar.set_postfix(MB_s=f"{writer.bytes / 1e6 / max(time.time() - t0, 1e-9):.0f}")
-        tok = src / "tokenizer.json"
-        if tok.is_file():
-            writer.add_file(tok, "tokenizer.json")
+        for name in SIDE_FILES:
+            if (src / name).is_file():
+                writer.add_file(src / name, name)
         path = writer.finish()
     return {"out": str(path), "params": cfg.num_params, "bytes": writer.bytes, "seconds": time.time() - t0,
             "ignored_buffers": len(ignored), "dtype": dtype_name(dtype)}
@@ -136,9 +153,10 @@ def export_hf(ckpt, out, dtype=None, shard_bytes=2 * 2**30, progress=True) -> di
         hf_cfg = cfg.to_hf_config()
         hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        if (ckpt / "tokenizer.json").is_file():
-            import shutil
-            shutil.copyfile(ckpt / "tokenizer.json", tmp / "tokenizer.json")
+        for name in SIDE_FILES:
+            if (ckpt / name).is_file():
+                shutil.copyfile(ckpt / name, tmp / name)
+        if (ckpt / "tokenizer.json").is_file() and not (ckpt / "tokenizer_config.json").is_file():
             (tmp / "tokenizer_config.json").write_text(json.dumps({
                 "tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
                 "unk_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False,
@@ -147,7 +165,6 @@ def export_hf(ckpt, out, dtype=None, shard_bytes=2 * 2**30, progress=True) -> di
     return {"out": str(out), "params": cfg.num_params, "bytes": total, "seconds": time.time() - t0, "dtype": dtype}
 
 
-DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
 
 def _run_hf(a):

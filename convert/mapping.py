@@ -6,7 +6,7 @@ HF stores torch Linear weights as [out, in]; ours are kernels [in, out] with one
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

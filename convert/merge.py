@@ -1,4 +1,4 @@
-"""python -m convert merge CKPT RUN_DIR OUT: fold a fine-tuning run's trained parameters into a full checkpoint.
+"""neox-jax convert merge CKPT RUN_DIR OUT: fold a fine-tuning run's trained parameters into a full checkpoint.
 
 Streams the base checkpoint group by group (one layer in memory at a time), replaces the tensors the run trained
 (RUN_DIR/finetuned, float32 masters, cast to the output dtype) and writes OUT with CheckpointWriter; every other
@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from neox_jax import lora
 from neox_jax.checkpoint import (
+    DTYPE_CHOICES,
     DTYPES,
     CheckpointError,
     CheckpointWriter,
@@ -91,8 +92,8 @@ def register(subparsers) -> None:
     m = subparsers.add_parser("merge", help="base checkpoint + fine-tuning run -> full fine-tuned checkpoint",
                               description=__doc__.split("\n\n")[1])
     m.add_argument("ckpt", help="the base neox-jax checkpoint the run fine-tuned")
-    m.add_argument("run_dir", help="the fine-tuning run directory (scripts/finetune.py --out)")
+    m.add_argument("run_dir", help="the fine-tuning run directory (neox-jax finetune --out)")
     m.add_argument("out", help="output checkpoint directory (must not exist; appears only when complete)")
-    m.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="stored dtype (default: the base's)")
+    m.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="stored dtype (default: the base's)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(convert=_run)

@@ -1,6 +1,6 @@
 """GPT-NeoX slim-weight shards (the published GPT-NeoX-20B, any tensor-parallel degree) -> neox-jax checkpoint.
 
-    python -m convert neox SRC OUT [--dtype float16|bfloat16|float32] [--config FILE] [--allow-nonfinite] [--quiet]
+    neox-jax convert neox SRC OUT [--dtype float16|bfloat16|float32] [--config FILE] [--allow-nonfinite] [--quiet]
 
 SRC as published: `20B_tokenizer.json`, `configs/20B.yml`, `latest` (names the step folder),
 `global_stepN/layer_LL-model_RR-model_states.pt` (the weights) and `mp_rank_XX_model_states.pt` (engine state, no
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from neox_jax.checkpoint import CheckpointWriter, dtype_name
+from neox_jax.checkpoint import DTYPE_CHOICES, CheckpointWriter, dtype_name
 from neox_jax.config import NeoXConfig
 
 from .hf import cast_checked
@@ -235,7 +235,7 @@ def register(subparsers) -> None:
                     "one pipeline layer at a time. The model config comes from configs/20B.yml (GPT-NeoX YAML).")
     p.add_argument("src", help="slim-weights folder: configs/*.yml, latest, global_stepN/, 20B_tokenizer.json")
     p.add_argument("out", help="output checkpoint directory (must not exist; appears only when complete)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="stored parameter dtype (default: the shards' own, float16 for 20B)")
     p.add_argument("--config", action="append", metavar="FILE",
                    help="GPT-NeoX YAML config (repeatable, merged like GPT-NeoX; default SRC/configs/20B.yml)")

@@ -21,8 +21,8 @@ rank). GPT2ModelPipe's spec list, for L transformer blocks:
              (absent with weight tying: the output layer is word_embeddings of layer 0)
 
 Row-parallel biases: under gpt_j_residual each rank adds its own bias before the single all-reduce
-(`residual + reduce(attn + mlp)`), so the effective bias is the sum over ranks; under the sequential residual the bias is
-added once after the all-reduce and every rank holds the same copy.
+(`residual + reduce(attn + mlp)`), so the effective bias is the sum over ranks; under the sequential residual the bias
+is added once after the all-reduce and every rank holds the same copy.
 
 `plan` is the single description of that layout (the converter and the tests use it); `split` and `write_slim` are its
 inverse, used to build slim shards from a HF model in tests and benchmarks.
@@ -30,8 +30,8 @@ inverse, used to build slim shards from a HF model in tests and benchmarks.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -74,7 +74,8 @@ def _divide(n: int, tp: int, what: str) -> int:
     return n // tp
 
 
-def plan(cfg: NeoXConfig, tp: int, tied_embeddings: bool = False, output_parallelism: str = "column") -> list[SlimLayer]:
+def plan(cfg: NeoXConfig, tp: int, tied_embeddings: bool = False,
+         output_parallelism: str = "column") -> list[SlimLayer]:
     """Every layer file of a slim checkpoint for cfg at tensor-parallel degree tp, in conversion order."""
     d, f, v, n, L = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_attention_heads,
                      cfg.num_hidden_layers)
@@ -131,7 +132,8 @@ def split(t: SlimTensor, merged: np.ndarray, tp: int, rng: np.random.Generator |
     return [merged.copy() for _ in range(tp)]
 
 
-def yaml_20b_style(cfg: NeoXConfig, tp: int, tied_embeddings: bool = False, tokenizer: str = "20B_tokenizer.json") -> str:
+def yaml_20b_style(cfg: NeoXConfig, tp: int, tied_embeddings: bool = False,
+                   tokenizer: str = "20B_tokenizer.json") -> str:
     """A config in the style of the published configs/20B.yml: comments, `True`, trailing commas, dashes and
     underscores mixed, nested optimizer sections GPT-NeoX ignores for inference."""
     act = {"gelu_fast": '"bias-gelu-fusion": True,', "gelu": '"bias-gelu-fusion": false,  # exact erf GELU',

@@ -191,7 +191,8 @@ def load_yaml(text: str, source: str = "<yaml>"):
 
 
 def read_neox_args(paths) -> dict:
-    """Merges GPT-NeoX YAML files like GPT-NeoX: top-level '-' -> '_', a key in two files (or two spellings) is an error."""
+    """Merges GPT-NeoX YAML files like GPT-NeoX: top-level '-' -> '_', a key in two files (or two spellings) is an
+    error."""
     args: dict = {}
     for path in map(Path, paths):
         if not path.is_file():

@@ -1,4 +1,4 @@
-"""python -m convert quantize CKPT OUT [--mode int8|llm.int8]: a float neox-jax checkpoint -> an int8 one.
+"""neox-jax convert quantize CKPT OUT [--mode int8|llm.int8]: a float neox-jax checkpoint -> an int8 one.
 
 Streams group by group (one layer in memory at a time), so the host never holds the float model: read a group,
 quantize its block matrices (int8 kernels, float32 per-output-channel scales; see neox_jax/quantize.py), write it.
@@ -32,7 +32,7 @@ def quantize_checkpoint(ckpt, out, mode: str = "llm.int8", threshold: float = qu
     cfg = NeoXConfig.from_dict(meta["config"])
     spec = quantize.QuantSpec(mode, embed_out)
     qmeta = {"mode": mode, "embed_out": embed_out, "threshold": threshold if mode == "llm.int8" else None,
-             "targets": list(spec.targets()), "weights": quantize.WEIGHT_FORMAT}
+             "targets": list(quantize.int8_targets(spec)), "weights": quantize.WEIGHT_FORMAT}
     t0 = time.time()
     source = {"kind": "quantize", "path": str(ckpt.absolute()), "source": meta.get("source", {})}
     with CheckpointWriter(out, cfg, meta["dtype"], source, quantization=qmeta) as writer:

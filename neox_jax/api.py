@@ -70,10 +70,12 @@ class NeoX:
                                          **kwargs)
 
     def generate_stream(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
-                        seed: int = 0, stop=None, **kwargs) -> Stream:
-        """As generate, as an iterator of StreamEvents (new ids and text per prompt); `.result` at the end."""
+                        seed: int = 0, stop=None, chunk_size: int = 1, **kwargs) -> Stream:
+        """As generate, as an iterator of StreamEvents (new ids and text per prompt), one per token (chunk_size: decode
+        steps per event; more is faster on CPU, where each event is a call into the compiled loop); `.result` at the
+        end."""
         return self.generator().stream(prompts, max_new_tokens, temperature, top_k, top_p, seed=seed, stop=stop,
-                                       **kwargs)
+                                       chunk_size=chunk_size, **kwargs)
 
     def run_with_cache(self, ids, names_filter=None, mask=None, fwd_hooks=()):
         """(logits, cache {TransformerLens hook name: float32 activation}) of one compiled forward; names_filter: a

@@ -11,7 +11,6 @@ XLA updates the buffers in place.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from neox_jax.config import NeoXConfig
@@ -25,31 +24,12 @@ def cache_shape(cfg: NeoXConfig, batch: int, length: int) -> tuple[int, int, int
 
 
 def init_cache(cfg: NeoXConfig, batch: int, length: int, dtype=jnp.float32, stacked: bool = False) -> Cache:
-    """Zeros, in the compute dtype (the params' dtype). Call inside jit so the buffers are made on the device(s) that
-    need them (and, on a mesh, with the sharding XLA propagates from the params)."""
+    """Zeros in `dtype` (the generator passes decode.Layout.cache_dtype: float32 on CPU whatever the params, else the
+    params' dtype). Call inside jit so the buffers are made on the device(s) that need them (on a mesh, pinned by
+    sharding.constrain_state)."""
     shape = cache_shape(cfg, batch, length)
     layers = cfg.num_hidden_layers
     if stacked:
         return {"k": jnp.zeros((layers, *shape), dtype), "v": jnp.zeros((layers, *shape), dtype)}
     return {"k": [jnp.zeros(shape, dtype) for _ in range(layers)],
             "v": [jnp.zeros(shape, dtype) for _ in range(layers)]}
-
-
-def abstract_cache(cfg: NeoXConfig, batch: int, length: int, dtype=jnp.float32, stacked: bool = False) -> Cache:
-    """Shapes and dtypes only (jax.eval_shape): nothing allocated."""
-    return jax.eval_shape(lambda: init_cache(cfg, batch, length, dtype, stacked))
-
-
-def cache_logical_axes(cfg: NeoXConfig, stacked: bool = False) -> Cache:
-    """The cache tree with each leaf a tuple of logical axis names, for sharding rules (heads shard like the
-    attention weights, batch like the data)."""
-    names = ("batch", "heads", "length", "head_dim")
-    if stacked:
-        return {"k": ("layers", *names), "v": ("layers", *names)}
-    return {"k": [names] * cfg.num_hidden_layers, "v": [names] * cfg.num_hidden_layers}
-
-
-def cache_bytes(cfg: NeoXConfig, batch: int, length: int, dtype=jnp.float32) -> int:
-    b, n, s, h = cache_shape(cfg, batch, length)
-    return 2 * cfg.num_hidden_layers * b * s * n * h * jnp.dtype(dtype).itemsize
-

@@ -23,8 +23,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,7 @@ class ChecksumError(CheckpointError):
 
 
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # the short names users type
+DTYPE_CHOICES = (*DTYPES, *DTYPE_ALIASES)  # what a --dtype flag accepts
 
 
 def dtype_name(dtype) -> str:
@@ -63,7 +65,7 @@ def dtype_name(dtype) -> str:
     try:
         name = jnp.dtype(dtype).name
     except TypeError as e:
-        raise CheckpointError(f"unsupported dtype {dtype!r}; expected one of {list(DTYPES)} or {list(DTYPE_ALIASES)}") from e
+        raise CheckpointError(f"unsupported dtype {dtype!r}; expected one of {list(DTYPE_CHOICES)}") from e
     if name not in DTYPES:
         raise CheckpointError(f"unsupported dtype {name!r}; expected one of {list(DTYPES)}")
     return name
@@ -87,9 +89,8 @@ def set_group(params: dict, name: str, value) -> None:
 
 
 def release_freed_memory() -> None:
-    """Hands memory freed by the last group back to the OS (glibc keeps freed blocks in per-thread arenas, which made
-    a streaming conversion's peak RSS grow with the number of layers: x1.16 for 4 -> 16 layers, x1.04 with this;
-    restore likewise)."""
+    """Hands memory freed by the last group back to the OS: glibc keeps freed blocks in per-thread arenas, which made
+    a streaming conversion's peak RSS grow with the number of layers (docs/performance.md); restore likewise."""
     try:
         import ctypes
 
@@ -204,7 +205,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: not a neox-jax checkpoint (no metadata.json; convert weights with "
-                              f"`python -m convert hf|neox SRC {path}` first)")
+                              f"`neox-jax convert hf|neox SRC {path}` first)")
     try:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

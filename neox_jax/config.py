@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 HIDDEN_ACTS = ("gelu", "gelu_fast", "gelu_new", "gelu_pytorch_tanh", "relu")
 
@@ -59,17 +60,17 @@ class NeoXConfig:
 
     @property
     def num_params(self) -> int:
-        d, f, v, l = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
+        d, f, v, layers = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
         b = 1 if self.attention_bias else 0
         per_layer = 4 * d + (d * 3 * d + 3 * d * b) + (d * d + d * b) + (d * f + f) + (f * d + d)
-        return 2 * v * d + l * per_layer + 2 * d
+        return 2 * v * d + layers * per_layer + 2 * d
 
     # ---- (de)serialisation ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "NeoXConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> NeoXConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -77,10 +78,10 @@ class NeoXConfig:
         return cls(**d)
 
     @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> "NeoXConfig":
-        """Reads a HF GPTNeoXConfig dict, in the transformers 4 layout (`rotary_pct`, `rotary_emb_base`, as the published
-        Pythia / 20B checkpoints carry) or the transformers 5 layout (`rope_parameters` with `partial_rotary_factor`,
-        `rope_theta`)."""
+    def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> NeoXConfig:
+        """Reads a HF GPTNeoXConfig dict, in the transformers 4 layout (`rotary_pct`, `rotary_emb_base`, as the
+        published Pythia / 20B checkpoints carry) or the transformers 5 layout (`rope_parameters` with
+        `partial_rotary_factor`, `rope_theta`)."""
         model_type = hf.get("model_type")
         if model_type != "gpt_neox":
             raise ValueError(f"{source}: model_type is {model_type!r}, expected 'gpt_neox' (GPTNeoXForCausalLM)")
@@ -141,15 +142,15 @@ class NeoXConfig:
         }
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "NeoXConfig":
+    def from_json_file(cls, path: str | Path) -> NeoXConfig:
         return cls.from_hf_config(json.loads(Path(path).read_text()), source=str(path))
 
-    def replace(self, **changes) -> "NeoXConfig":
+    def replace(self, **changes) -> NeoXConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _pythia(d: int, l: int, n: int) -> NeoXConfig:
-    return NeoXConfig(vocab_size=50304, hidden_size=d, num_hidden_layers=l, num_attention_heads=n,
+def _pythia(d: int, layers: int, n: int) -> NeoXConfig:
+    return NeoXConfig(vocab_size=50304, hidden_size=d, num_hidden_layers=layers, num_attention_heads=n,
                       intermediate_size=4 * d)
 
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
-from neox_jax.tokenizer import Tokenizer
 from neox_jax.errors import NeoXError
+from neox_jax.tokenizer import Tokenizer
 
 
 class DataError(NeoXError):
@@ -121,7 +121,7 @@ class Position:
         return {"epoch": self.epoch, "index": self.index}
 
     @classmethod
-    def from_dict(cls, d) -> "Position":
+    def from_dict(cls, d) -> Position:
         return cls(int(d["epoch"]), int(d["index"]))
 
 

@@ -19,40 +19,22 @@ slot), "done": [B] bool, "key": PRNG key, "seen": [B, V] bool or None (repetitio
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from neox_jax import quantize, sampling, sharding
+from neox_jax import int8, sampling, sharding
 from neox_jax.cache import init_cache
 from neox_jax.config import NeoXConfig
-from neox_jax.model import Params, is_stacked, model_from_params, positions_from_mask
+from neox_jax.model import LINEARS, Params, is_stacked, model_from_params, positions_from_mask, transpose_kernel
 
 
 class Layout(NamedTuple):
     transposed: bool  # params from transpose_kernels (below): matmuls as kernel @ x^T
     cache_dtype: str
     min_rows: int = 1  # matmuls get at least this many rows (batch rows in decode, positions for the prefill logits)
-
-
-# Linear kernels by module name: (contracted dims, kernel ndim without a stacked layer axis)
-_KERNELS = {"query_key_value": (1, 4), "dense": (2, 3), "dense_h_to_4h": (1, 2), "dense_4h_to_h": (1, 2),
-            "embed_out": (1, 2)}
-
-
-def kernel_in_dims(name: str) -> int:
-    """How many leading kernel dims the Linear `name` contracts (query_key_value 1, dense 2, ...)."""
-    return _KERNELS[name][0]
-
-
-def transpose_kernel(name: str, kernel):
-    """One Linear kernel [(L,) in dims..., out dims...] as an [(L,) out, in] matrix."""
-    n_in, ndim = _KERNELS[name]
-    stack, inner = kernel.shape[:kernel.ndim - ndim], kernel.shape[kernel.ndim - ndim:]
-    flat = kernel.reshape(*stack, math.prod(inner[:n_in]), math.prod(inner[n_in:]))  # [..., I, O]
-    return jnp.swapaxes(flat, -1, -2)  # [..., O, I]
+    attention: str | None = None  # the prefill's attention: None per backend, or "plain" / "xla" / "cudnn"
 
 
 def transpose_kernels(params: Params) -> Params:
@@ -64,7 +46,7 @@ def transpose_kernels(params: Params) -> Params:
         for k, v in tree.items():
             if isinstance(v, dict):
                 out[k] = fix(v, k)
-            elif k == "kernel" and name in _KERNELS:
+            elif k == "kernel" and name in LINEARS:
                 out[k] = transpose_kernel(name, v)
             else:
                 out[k] = v
@@ -78,13 +60,12 @@ def compute_dtype(params: Params):
 
 
 def layout_for(params: Params, backend: str) -> Layout:
-    """What runs fastest, measured on XLA CPU: [out, in] kernels (PyTorch's layout; 1.5-3x faster small-batch
-    matmuls, bf16 ones above all), a float32 cache whatever the params (XLA CPU's bf16 attention converted the
-    whole cache to float32 every step), and for bf16 / f16 params at least two rows per matmul (XLA CPU multiplied a
-    half-precision matrix by one vector 5-10x slower than by two: it converted the whole matrix to float32 first).
-    Elsewhere, and for int8 params (their scales follow the stored layout): the params as stored and a cache in
-    their dtype."""
-    if backend == "cpu" and quantize.spec_of(params) is None:
+    """What runs fastest on XLA CPU (docs/performance.md): [out, in] kernels (PyTorch's layout: faster small-batch
+    matmuls), a float32 cache whatever the params (XLA CPU's bf16 attention converted the whole cache to float32
+    every step), and for bf16 / f16 params at least two rows per matmul (XLA CPU converted a half-precision matrix
+    to float32 to multiply it by a single vector). Elsewhere, and for int8 params (their scales follow the stored
+    layout): the params as stored and a cache in their dtype."""
+    if backend == "cpu" and int8.spec_of(params) is None:
         half = compute_dtype(params) in (jnp.bfloat16, jnp.float16)
         return Layout(True, "float32", 2 if half else 1)
     return Layout(False, jnp.dtype(compute_dtype(params)).name)
@@ -94,7 +75,7 @@ def prefill(cfg: NeoXConfig, static: sampling.Static, layout: Layout, cache_len:
             ids, mask, values, stop_mask, key, mesh=None) -> dict:
     """ids, mask [B, P] (left padding: mask 0) -> the decode state holding the first chosen token."""
     b, p = ids.shape
-    model = model_from_params(cfg, params, layout.transposed)
+    model = model_from_params(cfg, params, layout.transposed, layout.attention)
     valid = mask.astype(bool)
     positions = positions_from_mask(mask)  # [B, P] rotary positions of the real tokens
     # out_batch rows from the start: the model writes rows 0..B-1 (at the static index 0 it reads no cache), so the

@@ -3,10 +3,10 @@
 Every process runs the same script; together their devices form one global mesh (`jax.devices()` lists them all, in
 process order, so `sharding.make_mesh` puts each host's devices next to each other on the `model` axis when it can):
 
-    # host 0                                               # host 1
-    python scripts/generate.py CKPT --mesh data=2,model=4 \\   python scripts/generate.py CKPT --mesh data=2,model=4 \\
-      --coordinator host0:1234 --num-processes 2 \\             --coordinator host0:1234 --num-processes 2 \\
-      --process-id 0                                          --process-id 1
+    # host 0                                                 # host 1
+    neox-jax generate --checkpoint CKPT --mesh data=2,model=4 \\   neox-jax generate --checkpoint CKPT ... \\
+      --coordinator host0:1234 --num-processes 2 \\               --coordinator host0:1234 --num-processes 2 \\
+      --process-id 0                                            --process-id 1
 
 On SLURM, Open MPI, Kubernetes (JobSet) or Cloud TPU pods, pass `--distributed` instead and JAX reads the same three
 values from the environment; the variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID stand in

@@ -8,3 +8,7 @@ from __future__ import annotations
 class NeoXError(ValueError):
     """A user error or an environmental fault. The message names the file / tensor / flag, what was expected and
     what was found."""
+
+
+class NeoXWarning(UserWarning):
+    """Something a user should know that does not stop the work (the command prints it as one `warning:` line)."""

@@ -1,7 +1,7 @@
 """The lm-evaluation-harness (0.4.x) adapter: `--model neox-jax`.
 
     lm_eval --model neox-jax --model_args pretrained=ckpt/pythia-1b,dtype=bfloat16,batch_size=8 --tasks piqa
-    (through `neox-jax-lm-eval`, which registers the model first), or `python scripts/evaluate.py ...`.
+    (through `neox-jax-lm-eval`, which registers the model first), or `neox-jax evaluate ...`.
 
 Model args: pretrained (or checkpoint): a neox-jax checkpoint directory; dtype (float32 / float16 / bfloat16);
 batch_size (rows per forward call); mesh ('data=2,model=4'); finetuned (a fine-tuning run directory); adapter (a PEFT
@@ -26,8 +26,7 @@ try:
     from lm_eval import utils as lm_utils
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
-    from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, \
-        postprocess_generated_text
+    from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 except ImportError as e:  # pragma: no cover
     raise ImportError(f"neox_jax.evaluation needs lm-evaluation-harness ({e}); "
                       f"install it with: pip install 'neox-jax[eval]'") from None
@@ -129,7 +128,7 @@ class NeoXLM(TemplateLM):
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="neox-jax loglikelihood")
         res = score_requests(self.model.config, self.model.params, [(c, k) for _, c, k in requests],
                              max_length=self.max_length, batch_rows=self.batch_rows, pack_length=self.pack_length,
-                             row_multiple=1 if self.mesh is None else self.mesh.shape["data"], place=self._place,
+                             row_multiple=sharding.data_size(self.mesh), place=self._place,
                              progress=bar.update)
         bar.close()
         for (strings, _, _), answer in zip(requests, res):

@@ -34,17 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from neox_jax import checkpoint, checksums, decode, lora
+from neox_jax import checkpoint, checksums, lora
 from neox_jax.config import NeoXConfig
-from neox_jax.model import abstract_params, forward
+from neox_jax.model import LINEARS, abstract_params, forward, kernel_in_dims, transpose_kernel
 from neox_jax.sharding import batch_sharding, param_shardings
 
 F32 = jnp.float32
 MODES = ("biases", "all")
-BIAS_PATHS = (("attention", "query_key_value", "bias"), ("attention", "dense", "bias"),
-              ("mlp", "dense_h_to_4h", "bias"))
+BITFIT_LINEARS = ("query_key_value", "dense", "dense_h_to_4h")  # whose biases BitFit trains (the module docstring)
+BIAS_PATHS = tuple((LINEARS[name].parent, name, "bias") for name in BITFIT_LINEARS)
 FINETUNED = "finetuned"  # RUN_DIR/finetuned: the trained parameters, a small Orbax checkpoint + metadata.json
 FORMAT = "neox-jax-finetuned"
 
@@ -108,7 +109,7 @@ def trainable_shardings(cfg: NeoXConfig, mesh, mode) -> dict:
 def wants_backward_kernels(dtype, mesh, transposed_copies: bool = True) -> bool:
     """bfloat16 training on CPU keeps a transposed copy of each frozen kernel for the backward pass: XLA CPU
     multiplies bfloat16 at full speed only in the untransposed orientation (model.matmul_f32). It costs one more
-    copy of the frozen weights; transposed_copies=False turns it off (pythia-160m BitFit bfloat16: ~1.6x slower).
+    copy of the frozen weights; transposed_copies=False turns it off (slower steps: docs/performance.md).
     Not for float16: XLA CPU converts float16 products to float32 in every orientation."""
     return transposed_copies and jnp.dtype(dtype) == jnp.bfloat16 and mesh.devices.flat[0].platform == "cpu"
 
@@ -130,7 +131,7 @@ def frozen_shardings(cfg: NeoXConfig, mesh, mode: str, dtype=None, transposed_co
 
     def transposed(name, sharding):
         spec = tuple(sharding.spec) + (None,) * 8
-        return NamedSharding(mesh, P(spec[decode.kernel_in_dims(name)], spec[0]))
+        return NamedSharding(mesh, P(spec[kernel_in_dims(name)], spec[0]))
 
     return _add_kernels_t(frozen, transposed)
 
@@ -140,7 +141,7 @@ def prepare_frozen(cfg: NeoXConfig, frozen: dict, dtype, mesh, mode: str, transp
     physically transposed [O, I] copy of each kernel beside it as "kernel_t" (model.matmul_f32; unrolled layers)."""
     if not wants_backward_kernels(dtype, mesh, transposed_copies):
         return frozen
-    return jax.device_put(_add_kernels_t(frozen, decode.transpose_kernel),
+    return jax.device_put(_add_kernels_t(frozen, transpose_kernel),
                           frozen_shardings(cfg, mesh, mode, dtype, transposed_copies))
 
 
@@ -206,20 +207,22 @@ def adjust_loss_scale(ls: dict, finite, period: int = 2000, factor: float = 2.0,
 
 # ---- the train step --------------------------------------------------------------------------------------------------
 
-def token_losses(cfg: NeoXConfig, params: dict, windows, lora_spec=None, lora_key=None):
-    """windows [B, T + 1] int -> per-token cross entropy [B, T] float32 (inputs w[:, :-1], targets w[:, 1:])."""
-    logits = forward(cfg, params, windows[:, :-1], lora=lora_spec, lora_key=lora_key)[0]  # [B, T, V] float32
-    return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])
+def token_losses(cfg: NeoXConfig, params: dict, windows, attention=None, lora_spec=None, lora_key=None):
+    """windows [B, T + 1] int -> per-token cross entropy [B, T] float32 (inputs w[:, :-1], targets w[:, 1:]).
+    attention: None (per backend) or "plain" / "xla" / "cudnn" (neox_jax/attention.py); lora_spec, lora_key: params
+    with unmerged LoRA adapters (model.model_from_params)."""
+    logits = forward(cfg, params, windows[:, :-1], attention=attention, lora=lora_spec, lora_key=lora_key)[0]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])  # logits [B, T, V] float32
 
 
-def loss_and_grads(cfg: NeoXConfig, trainable: dict, frozen: dict, windows, dtype, scale=1.0, lora_spec=None,
-                   lora_key=None):
+def loss_and_grads(cfg: NeoXConfig, trainable: dict, frozen: dict, windows, dtype, scale=1.0, attention=None,
+                   lora_spec=None, lora_key=None):
     """(mean loss, float32 gradients of the trainable masters); the loss is scaled by `scale` for differentiation
     and the gradients unscaled. lora_spec: the masters are LoRA adapters (they run in float32, uncast); lora_key: the
     step's dropout key."""
     def scaled(p):
         p = p if lora_spec is not None else cast(p, dtype)
-        loss = token_losses(cfg, merge_params(p, frozen), windows, lora_spec, lora_key).mean()
+        loss = token_losses(cfg, merge_params(p, frozen), windows, attention, lora_spec, lora_key).mean()
         return loss * scale, loss
 
     grads, loss = jax.grad(scaled, has_aux=True)(trainable)
@@ -261,7 +264,7 @@ def make_train_step(cfg: NeoXConfig, tx, dtype, mesh, mode: str, *, dynamic: boo
         rng, key = jax.random.split(jax.random.wrap_key_data(state["rng"]))  # key: this step's LoRA dropout
         key = key if spec is not None and spec.dropout else None
         loss, grads = loss_and_grads(cfg, state["params"], frozen, windows, dtype, state["loss_scale"]["scale"],
-                                     spec, key)
+                                     lora_spec=spec, lora_key=key)
         grad_norm = optax.global_norm(grads)
         # an inf or NaN anywhere makes the norm non-finite (so does a norm beyond float32's range, ~1.8e19): one
         # pass over the gradients instead of an is-finite pass per tensor
@@ -295,7 +298,7 @@ def make_eval_step(cfg: NeoXConfig, dtype, mesh, mode: str, transposed_copies: b
 
     def ev(trainable, frozen, windows, weights):
         trainable = trainable if spec is not None else cast(trainable, dtype)
-        per_window = token_losses(cfg, merge_params(trainable, frozen), windows, spec).mean(-1)  # [B]
+        per_window = token_losses(cfg, merge_params(trainable, frozen), windows, lora_spec=spec).mean(-1)  # [B]
         return jnp.sum(per_window * weights), jnp.sum(weights)
 
     return jax.jit(ev, in_shardings=(trainable_sh, frozen_sh, batch_sharding(mesh), batch_sharding(mesh, 1)),

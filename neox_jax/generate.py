@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
 
-from neox_jax import decode as core, sharding
+from neox_jax import decode as core
+from neox_jax import sharding
 from neox_jax.config import NeoXConfig
 from neox_jax.model import Params
 from neox_jax.sampling import SamplingParams
@@ -147,7 +148,7 @@ class Generator:
 
     def run_params(self, layout: core.Layout) -> Params:
         """The params in the run layout (transposed once per params object when the layout asks; on CPU the
-        prefill ran 5-40% faster on them too, most for short prompts)."""
+        prefill is faster on them too)."""
         if not layout.transposed:
             return self.params
         if self._prepared[0] is not self.params:
@@ -170,11 +171,13 @@ class Generator:
     # ---- the loop ----------------------------------------------------------------------------------------------------
     def stream(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, repetition_penalty: float | None = None, seed: int = 0,
-               stop=None, stop_token_ids: Sequence[int] | None = None) -> Stream:
+               stop=None, stop_token_ids: Sequence[int] | None = None, chunk_size: int | None = None) -> Stream:
         """stop: a string or list of strings ending a completion (needs a tokenizer). stop_token_ids: ids ending a
-        completion (default: the tokenizer's end-of-text, else the config's eos_token_id; [] for none)."""
-        return Stream(self._run(prompts, max_new_tokens, SamplingParams(temperature, top_k, top_p, repetition_penalty,
-                                                                        seed), stop, stop_token_ids, streaming=True))
+        completion (default: the tokenizer's end-of-text, else the config's eos_token_id; [] for none).
+        chunk_size: decode steps per event (default self.chunk_size; 1: one event per token)."""
+        sp = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        return Stream(self._run(prompts, max_new_tokens, sp, stop, stop_token_ids, streaming=True,
+                                chunk_size=chunk_size))
 
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float | None = None, seed: int = 0, stop=None,
@@ -189,11 +192,14 @@ class Generator:
                 return e.value
             callback(event)
 
-    def _run(self, prompts, max_new_tokens, sp: SamplingParams, stop, stop_token_ids, streaming: bool):
+    def _run(self, prompts, max_new_tokens, sp: SamplingParams, stop, stop_token_ids, streaming: bool,
+             chunk_size: int | None = None):
         t_start = time.perf_counter()
         cfg, tok = self.cfg, self.tokenizer
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop must be non-empty strings, got {stop!r}")
@@ -219,7 +225,7 @@ class Generator:
         timing.prepare_s = time.perf_counter() - t
         b = max(b_pre, layout.min_rows)  # decode rows (extra ones are copies, forced done)
         if self.mesh is not None:  # the batch splits over `data`: a multiple of its size
-            d = self.mesh.shape["data"]
+            d = sharding.data_size(self.mesh)
             b_pre, b = -(-b_pre // d) * d, -(-b // d) * d
         p = prompt_bucket(longest, cfg.max_position_embeddings)
         s = -(-(p + max_new_tokens) // SLOT_ROUND) * SLOT_ROUND
@@ -254,7 +260,7 @@ class Generator:
             yield event
 
         dec = None
-        made, chunk = 1, self.chunk_size if (streaming or stop) else max_new_tokens
+        made, chunk = 1, (chunk_size or self.chunk_size) if (streaming or stop) else max_new_tokens
         while made < max_new_tokens and not all(r.finished for r in rows):
             if dec is None:
                 t = time.perf_counter()

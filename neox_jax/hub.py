@@ -168,8 +168,8 @@ def _network_errors() -> tuple[type, ...]:
     import importlib
 
     errs: list[type] = [ConnectionError, TimeoutError]
-    for mod, names in (("httpx2", ("ConnectError", "TimeoutException")), ("httpx", ("ConnectError", "TimeoutException")),
-                       ("requests", ("ConnectionError", "Timeout"))):
+    for mod, names in (("httpx2", ("ConnectError", "TimeoutException")),
+                       ("httpx", ("ConnectError", "TimeoutException")), ("requests", ("ConnectionError", "Timeout"))):
         try:
             m = importlib.import_module(mod)
         except ImportError:

@@ -59,8 +59,8 @@ def hook_names(cfg: NeoXConfig) -> list[str]:
     """Every hook name of this model, in forward order."""
     block = _block_names(cfg)
     mid = block.index("ln2.hook_normalized")
-    layer = [*block[:2], *(f"attn.{n}" for n in ATTN_NAMES), *block[2:mid], block[mid], *(f"mlp.{n}" for n in MLP_NAMES),
-             *block[mid + 1:]]  # forward order
+    layer = [*block[:2], *(f"attn.{n}" for n in ATTN_NAMES), *block[2:mid], block[mid],
+             *(f"mlp.{n}" for n in MLP_NAMES), *block[mid + 1:]]  # forward order
     return ["hook_embed", *(f"blocks.{i}.{n}" for i in range(cfg.num_hidden_layers) for n in layer),
             "ln_final.hook_normalized"]
 

@@ -127,7 +127,8 @@ def abstract_adapters(cfg, spec: LoraSpec) -> dict:
 
 def adapter_shardings(cfg, spec: LoraSpec, mesh) -> dict:
     """A over the kernel's input axes, B over its output axes (sharding.RULES); the rank axis replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from neox_jax.sharding import spec_for
 

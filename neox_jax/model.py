@@ -26,17 +26,52 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neox_jax import lora as lora_lib, quantize
+from neox_jax import attention, int8
+from neox_jax import lora as lora_lib
 from neox_jax.config import NeoXConfig
 
 Params = dict[str, Any]
 F32 = jnp.float32
+
+
+class LinearSpec(NamedTuple):
+    parent: str  # the block submodule that holds it ("" for embed_out, which is not in a block)
+    einsum: str  # tokens + contracted, contracted + out -> tokens + out (the layout int8 scales rely on)
+    kernel_axes: tuple[str, ...]  # logical axis names (sharding.RULES maps them to mesh axes)
+    bias_axes: tuple[str, ...]
+
+
+# The linear layers, by their checkpoint names: the one table the modules, int8 (quantize.py), the decoder's
+# transposed layout (decode.py) and fine-tuning's transposed copies (finetune.py) read.
+LINEARS = {
+    "query_key_value": LinearSpec("attention", "BTD,DNKH->BTNKH", ("embed", "heads", "qkv", "head_dim"),
+                                  ("heads", "qkv", "head_dim")),
+    "dense": LinearSpec("attention", "BTNH,NHD->BTD", ("heads", "head_dim", "embed"), ("norm",)),
+    "dense_h_to_4h": LinearSpec("mlp", "BTD,DF->BTF", ("embed", "mlp"), ("mlp",)),
+    "dense_4h_to_h": LinearSpec("mlp", "BTF,FD->BTD", ("mlp", "embed"), ("norm",)),
+    "embed_out": LinearSpec("", "BTD,DV->BTV", ("embed", "vocab"), ()),
+}
+BLOCK_LINEARS = tuple(name for name, spec in LINEARS.items() if spec.parent)
+
+
+def kernel_in_dims(name: str) -> int:
+    """How many leading kernel dims the Linear `name` contracts (query_key_value 1, dense 2, ...)."""
+    lhs, rest = LINEARS[name].einsum.split(",")
+    return len(set(lhs) & set(rest.split("->")[0]))
+
+
+def transpose_kernel(name: str, kernel):
+    """One Linear kernel [(L,) in dims..., out dims...] as an [(L,) out, in] matrix (PyTorch's layout)."""
+    n_in, ndim = kernel_in_dims(name), len(LINEARS[name].kernel_axes)
+    stack, inner = kernel.shape[:kernel.ndim - ndim], kernel.shape[kernel.ndim - ndim:]
+    flat = kernel.reshape(*stack, math.prod(inner[:n_in]), math.prod(inner[n_in:]))  # [..., I, O]
+    return jnp.swapaxes(flat, -1, -2)  # [..., O, I]
 
 
 def _hook(module, name: str, x):
@@ -64,8 +99,7 @@ class LayerNorm(nnx.Module):
 
 
 # Transposed matmuls with at most this many rows (decode) keep their [O, M] result in memory and transpose it after:
-# left to itself XLA CPU folds the transpose into the matmul's output layout and takes its [M, O] kernel, which made
-# pythia-160m decode steps 1.2x (float32, batch 8) to 1.47x (bfloat16, batch 1) slower on a 2-core Xeon.
+# left to itself XLA CPU folds the transpose into the matmul's output layout and takes a slower [M, O] kernel.
 FEW_ROWS = 64
 
 
@@ -80,7 +114,7 @@ def matmul_f32(x, w, w_t=None):
     matmul plus a conversion of every weight matrix per step. In float32 this is exactly the plain dot's gradient.
 
     XLA CPU runs a bfloat16 product at its bfloat16 speed only when neither operand is transposed: for any other
-    orientation it converts both to float32 (4x slower). So the input gradient g @ w^T is computed as g @ w_t when a
+    orientation it converts both to float32 first. So the input gradient g @ w^T is computed as g @ w_t when a
     physically transposed copy is given (`Linear.kernel_t`: frozen weights in bfloat16 training on CPU)."""
     return jnp.dot(x, w, preferred_element_type=F32)
 
@@ -105,8 +139,8 @@ class Linear(nnx.Module):
 
     `transposed` (set by model_from_params(..., transposed=True), for params from decode.transpose_kernels): the
     kernel is one [out, in] matrix (PyTorch's layout) and the product is computed as kernel @ x^T, weights on the
-    left. XLA CPU runs that form 1.5-3x faster for a few rows (decode): its small-batch matmul kernels pack the
-    right-hand operand, here the few activations instead of the weights."""
+    left: XLA CPU's small-batch matmuls pack the right-hand operand, here the few activations instead of the weights
+    (docs/performance.md)."""
     transposed = False
     kernel_t = None  # an [O, I] copy of a frozen kernel for the backward pass (see matmul_f32), or None
     lora = None  # a lora.Adapter (set by model_from_params from "lora_A" / "lora_B" entries), or None
@@ -118,13 +152,13 @@ class Linear(nnx.Module):
         self.out_shape = tuple(kernel_shape[self.n_in:])
         self.kernel = nnx.Param(_init(rngs, kernel_shape, param_dtype), axes=kernel_axes)
         self.bias = nnx.Param(jnp.zeros(bias_shape, param_dtype), axes=bias_axes) if use_bias else None
-        self.scale = self.threshold = None  # int8 kernels: set by neox_jax.quantize.quantize_module
+        self.scale = self.threshold = None  # int8 kernels: set by quantize_module (below)
 
     def __call__(self, x, out_dtype=None):
         """Accumulates in float32 whatever the parameter dtype (also what makes XLA CPU pick its fast bf16 matmul:
         with a bf16 result it took a path 2-5x slower), then returns out_dtype (default: the kernel's dtype)."""
         if self.scale is not None:
-            return quantize.linear(self, x, out_dtype)
+            return int8.linear(self, x, out_dtype)
         kernel = self.kernel[...]
         lead = x.shape[:x.ndim - self.n_in]
         if self.transposed:  # kernel [O, I]; x [..., in dims] -> [..., out dims]
@@ -144,6 +178,12 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(F32)
         return y.astype(out_dtype or kernel.dtype)
+
+
+def _linear(name: str, kernel_shape, bias_shape, **kw) -> Linear:
+    """The Linear `name` of LINEARS, with these sizes."""
+    spec = LINEARS[name]
+    return Linear(spec.einsum, kernel_shape, spec.kernel_axes, bias_shape, spec.bias_axes, **kw)
 
 
 class Embed(nnx.Module):
@@ -172,7 +212,7 @@ def apply_rotary(x, cos, sin):
     return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
 
 
-CAUSAL_BLOCK = 128  # queries per block in a long prefill: a block never multiplies keys after its last query
+CAUSAL_BLOCK = attention.CAUSAL_BLOCK  # queries per block in a long prefill: never a key after its last query
 
 
 def _attend(q, k, v, new_mask, old_mask=None, kv=None):
@@ -197,8 +237,7 @@ def _attend(q, k, v, new_mask, old_mask=None, kv=None):
 @jax.custom_vjp
 def split_qkv(qkv):
     """[B, T, N, 3, H] -> q, k, v [B, T, N, H]. Its gradient stacks the three back into one [B, T, N, 3, H] array:
-    autodiff of the three slices padded each gradient to full size and added them (pythia-160m bfloat16 BitFit step,
-    A/B in one process: 638 -> 608 ms; float32 unchanged)."""
+    autodiff of the three slices padded each gradient to full size and added them (docs/performance.md)."""
     return qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
 
 
@@ -207,14 +246,13 @@ split_qkv.defvjp(lambda qkv: (split_qkv(qkv), None), lambda _, g: (jnp.stack(g, 
 
 class Attention(nnx.Module):
     hook = None  # set by neox_jax.interp: its hook points, and the attention computed with scores and pattern
+    implementation = None  # without cache slots to read: None (per backend) or one of attention.IMPLEMENTATIONS
 
     def __init__(self, cfg: NeoXConfig, *, param_dtype, rngs: nnx.Rngs):
         d, n, h = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
-        self.query_key_value = Linear("BTD,DNKH->BTNKH", (d, n, 3, h), ("embed", "heads", "qkv", "head_dim"),
-                                      (n, 3, h), ("heads", "qkv", "head_dim"), use_bias=cfg.attention_bias,
-                                      param_dtype=param_dtype, rngs=rngs)
-        self.dense = Linear("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), (d,), ("norm",),
-                            use_bias=cfg.attention_bias, param_dtype=param_dtype, rngs=rngs)
+        self.query_key_value = _linear("query_key_value", (d, n, 3, h), (n, 3, h), use_bias=cfg.attention_bias,
+                                       param_dtype=param_dtype, rngs=rngs)
+        self.dense = _linear("dense", (n, h, d), (d,), use_bias=cfg.attention_bias, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, kv, cache_index, rows=None):
         """x [B, T, D]; kv None or (k, v) caches [B, N, S, H]; mask [B, T, T] bool for the T new tokens, and with a
@@ -229,13 +267,18 @@ class Attention(nnx.Module):
         without copying the cache; `dense`, like every Linear, multiplies the attention output as one [B*T, N*H]
         matrix, so XLA never transposes the dense kernel to match it. A cache wider than the activations (a float32
         cache for bf16 params) is read as it is, with q widened instead: XLA CPU converted the whole cache every step
-        otherwise."""
+        otherwise. Without old cache slots (prefill, scoring, training) the attention is `self.implementation`
+        (see neox_jax/attention.py: jax.nn.dot_product_attention, fused by cuDNN on GPU); decode steps run the
+        plain path."""
         t = x.shape[1]
         qkv = self.query_key_value(x)  # [B, T, N, 3, H]
         q, k, v = (_hook(self, f"hook_{a}", b) for a, b in zip("qkv", split_qkv(qkv)))  # [B, T, N, H]
         q, k = (_hook(self, f"hook_rot_{a}", apply_rotary(b, cos, sin)) for a, b in (("q", q), ("k", k)))
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, H]
         new_mask, old_mask = mask
+        impl = attention.choose(self.implementation, q.dtype, q.shape[-1])
+        if old_mask is None and impl != "plain" and self.hook is None:  # (interp computes its own scores / pattern)
+            return self._fused(x, q, k, v, new_mask, kv, cache_index, rows, impl)
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, H]
         if rows is not None:  # [B, N, K, H] queries, [B, K, T] mask
             q = jnp.take_along_axis(q, rows[:, None, :, None], axis=2)
             new_mask = jnp.take_along_axis(new_mask, rows[:, :, None], axis=1)
@@ -255,11 +298,24 @@ class Attention(nnx.Module):
                        for c, a in zip(kv, (k, v)))
         return self.dense(out.astype(x.dtype)), kv
 
+    def _fused(self, x, q, k, v, mask, kv, cache_index, rows, impl):
+        """__call__ without old cache slots through jax.nn.dot_product_attention: q, k, v [B, T, N, H] as the
+        projection made them (no transposes but the cache write's), mask [B, T, T]."""
+        if rows is not None:  # [B, K, N, H] queries, [B, K, T] mask
+            q = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)
+            mask = jnp.take_along_axis(mask, rows[:, :, None], axis=1)
+        if kv is not None:  # what the cache holds (attention uses exactly these values), [B, N, S, H] slots
+            k, v = k.astype(kv[0].dtype).astype(k.dtype), v.astype(kv[1].dtype).astype(v.dtype)
+            kv = tuple(jax.lax.dynamic_update_slice(c, a.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0))
+                       for c, a in zip(kv, (k, v)))
+        out = attention.fused(q, k, v, mask, impl, causal=rows is None)  # [B, T, N, H]
+        return self.dense(out.astype(x.dtype)), kv
+
 
 def gelu(x, approximate: bool):
     """GELU in x's dtype. The exact form as PyTorch writes it, 0.5 x (1 + erf(x / sqrt 2)): jax.nn.gelu's erfc form
-    evaluates both of erfc's branches and ran 6-8x slower on XLA CPU (a pythia-160m 1x512 prefill: 3% of it in float32,
-    7% in bfloat16), for a difference from torch's float32 GELU no larger than its own (1.4e-6 at |x| < 10)."""
+    evaluates both of erfc's branches, several times slower on XLA CPU (docs/performance.md), for a difference from
+    torch's float32 GELU no larger than its own (1.4e-6 at |x| < 10)."""
     if approximate:
         return jax.nn.gelu(x, approximate=True)
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
@@ -272,10 +328,8 @@ class MLP(nnx.Module):
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.approximate = cfg.hidden_act != "gelu"
         self.relu = cfg.hidden_act == "relu"
-        self.dense_h_to_4h = Linear("BTD,DF->BTF", (d, f), ("embed", "mlp"), (f,), ("mlp",), use_bias=True,
-                                    param_dtype=param_dtype, rngs=rngs)
-        self.dense_4h_to_h = Linear("BTF,FD->BTD", (f, d), ("mlp", "embed"), (d,), ("norm",), use_bias=True,
-                                    param_dtype=param_dtype, rngs=rngs)
+        self.dense_h_to_4h = _linear("dense_h_to_4h", (d, f), (f,), use_bias=True, param_dtype=param_dtype, rngs=rngs)
+        self.dense_4h_to_h = _linear("dense_4h_to_h", (f, d), (d,), use_bias=True, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):  # [B, T, D] -> [B, T, D]
         h = _hook(self, "hook_pre", self.dense_h_to_4h(x))
@@ -328,8 +382,8 @@ class GPTNeoX(nnx.Module):
             self.layers = nnx.List([Block(cfg, param_dtype=param_dtype, rngs=rngs)
                                     for _ in range(cfg.num_hidden_layers)])
         self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype)
-        self.embed_out = Linear("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), (), (),
-                                use_bias=False, param_dtype=param_dtype, rngs=rngs)
+        self.embed_out = _linear("embed_out", (cfg.hidden_size, cfg.vocab_size), (), use_bias=False,
+                                 param_dtype=param_dtype, rngs=rngs)
         self.rotary_dims = cfg.rotary_dims
         self.rotary_base = cfg.rotary_emb_base
 
@@ -398,24 +452,24 @@ class GPTNeoX(nnx.Module):
 # ---- functional core ------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=32)
-def graphdef(cfg: NeoXConfig, stacked: bool = False, quant: quantize.QuantSpec | None = None):
-    """The module structure (no arrays) for `nnx.merge(graphdef(cfg), params)`; quant: int8 Linears (quantize.py)."""
+def graphdef(cfg: NeoXConfig, stacked: bool = False, quant: int8.QuantSpec | None = None):
+    """The module structure (no arrays) for `nnx.merge(graphdef(cfg), params)`; quant: int8 Linears (int8.py)."""
     abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0), stacked=stacked))
-    abstract = abstract if quant is None else quantize.quantize_module(abstract, quant)
+    abstract = abstract if quant is None else quantize_module(abstract, quant)
     return nnx.split(abstract)[0]
 
 
 def abstract_params(cfg: NeoXConfig, dtype=F32, stacked: bool = False, quant=None) -> Params:
     """Shapes and dtypes of every parameter, nothing allocated (jax.eval_shape)."""
     abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, param_dtype=dtype, rngs=nnx.Rngs(0), stacked=stacked))
-    abstract = abstract if quant is None else quantize.quantize_module(abstract, quant)
+    abstract = abstract if quant is None else quantize_module(abstract, quant)
     return nnx.to_pure_dict(nnx.state(abstract))
 
 
 def logical_axes(cfg: NeoXConfig, stacked: bool = False, quant=None) -> Params:
     """The same tree as the params, each leaf a tuple of logical axis names ("layers" first when stacked)."""
     abstract = nnx.eval_shape(lambda: GPTNeoX(cfg, rngs=nnx.Rngs(0), stacked=stacked))
-    abstract = abstract if quant is None else quantize.quantize_module(abstract, quant)
+    abstract = abstract if quant is None else quantize_module(abstract, quant)
     state = nnx.state(abstract)
 
     def axes(path, var):
@@ -449,13 +503,19 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": {i: jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n)}}
 
 
-def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False, lora=None, lora_key=None) -> GPTNeoX:
+def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False, attention: str | None = None,
+                      lora=None, lora_key=None) -> GPTNeoX:
     """The module tree over `params`; transposed=True for params from `decode.transpose_kernels`. A Linear's
     "kernel_t" entry (from `finetune.prepare_frozen`) becomes its `kernel_t`, not a parameter; its "lora_A" /
     "lora_B" entries (unmerged LoRA adapters) its `lora`, with lora (a lora.LoraSpec) giving the scale and dropout
-    and lora_key (None: no dropout) the dropout's PRNG key, folded with each Linear's index."""
+    and lora_key (None: no dropout) the dropout's PRNG key, folded with each Linear's index. attention: the
+    attention without cache slots (None: per backend; "plain", "xla", "cudnn": see neox_jax/attention.py)."""
     params, extras = _pop_extras(params)
-    model = nnx.merge(graphdef(cfg, is_stacked(params), quantize.spec_of(params)), params)
+    model = nnx.merge(graphdef(cfg, is_stacked(params), int8.spec_of(params)), params)
+    if attention is not None:
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, Attention):
+                module.implementation = attention
     if transposed or extras:
         linears = [(tuple(path), m) for path, m in nnx.iter_modules(model) if isinstance(m, Linear)]
         for i, (path, module) in enumerate(linears):
@@ -489,18 +549,45 @@ def _pop_extras(params: Params, path: tuple = ()) -> tuple[Params, dict]:
 
 
 def forward(cfg: NeoXConfig, params: Params, input_ids, positions=None, kv_valid=None, cache=None, cache_index=0,
-            lora=None, lora_key=None):
+            attention: str | None = None, lora=None, lora_key=None):
     """Pure function: logits [B, T, V] float32 and the updated cache. Without positions / kv_valid every token is real
-    and positions count from 0. lora, lora_key: for params with unmerged LoRA adapters (model_from_params)."""
+    and positions count from 0. attention, lora, lora_key: see model_from_params (lora: params with unmerged LoRA
+    adapters)."""
     b, t = input_ids.shape
     if kv_valid is None:
         kv_valid = jnp.ones((b, t), bool)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    return model_from_params(cfg, params, lora=lora, lora_key=lora_key)(input_ids, positions, kv_valid, cache,
-                                                                         cache_index)
+    return model_from_params(cfg, params, attention=attention, lora=lora, lora_key=lora_key)(
+        input_ids, positions, kv_valid, cache, cache_index)
 
 
 def positions_from_mask(mask):
     """mask [B, T] (1 = real token, left padding allowed) -> positions [B, T] counted over real tokens only."""
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# ---- int8 Linears (the kernels: int8.py) ----------------------------------------------------------------------------
+
+def int8_targets(spec: int8.QuantSpec) -> tuple[str, ...]:
+    """The Linears that are int8 under spec: the block linears, and embed_out when spec.embed_out."""
+    return BLOCK_LINEARS + (("embed_out",) if spec.embed_out else ())
+
+
+def quantize_module(module, spec: int8.QuantSpec):
+    """Turns the target Linears of an abstract (nnx.eval_shape) GPTNeoX into their int8 form, in place: int8 kernel
+    with the kernel's logical axes, float32 scale with the kernel's output axes, and for llm.int8 a scalar
+    threshold (axes ()). Returns the module."""
+    targets = int8_targets(spec)
+    for path, m in list(nnx.iter_modules(module)):
+        if not isinstance(m, Linear) or path[-1] not in targets:
+            continue
+        axes = tuple(m.kernel.get_metadata()["axes"])
+        _, contracted, _ = int8.parse_spec(m.spec)
+        q, scale = jax.eval_shape(functools.partial(int8.quantize_weight, spec=m.spec), m.kernel.get_value())
+        lead = int8.lead_axes(q.ndim, m.spec)
+        m.kernel = nnx.data(nnx.Param(q, axes=axes))
+        m.scale = nnx.data(nnx.Param(scale, axes=axes[len(contracted):]))
+        if spec.mode == "llm.int8":
+            m.threshold = nnx.data(nnx.Param(jax.ShapeDtypeStruct(q.shape[:lead], F32), axes=()))
+    return module

@@ -1,16 +1,16 @@
 """Reductions over the vocabulary axis, written around an XLA CPU slow path.
 
-XLA CPU sums a fused exp(x - m) over rows as long as a vocabulary (50,304) at a fraction of its speed over rows of a
-few thousand: `scripts/benchmark.py kernels` measures [512, 50304] at 1.4-1.7 G elements/s in one pass and 3.0-3.5
-as 4192-wide chunks (2-core Xeon, jax 0.10; with a constant in place of the per-row m the one pass ran 8x slower).
-So the rows are cut into chunks and the chunks' sums added; the optimization barrier keeps XLA from folding the
-reshape back into one long-row reduction. The sum differs from the one-pass sum only by float32 summation order."""
+XLA CPU sums a fused exp(x - m) over rows as long as a vocabulary (50,304) at about half its speed over rows of a few
+thousand (docs/performance.md, "vocab exp-sum"). So each row is cut into equal chunks (the largest divisor of its
+length up to MAX_CHUNK: 8 chunks of 6,288 for 50,304) and the chunks' sums added; the optimization barrier keeps XLA
+from folding the reshape back into one long-row reduction. The sum differs from the one-pass sum only by float32
+summation order."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-MAX_CHUNK = 8192  # rows up to 16,384 long reduced at full speed
+MAX_CHUNK = 8192  # the widest chunk; rows up to this long are summed in one pass
 
 
 def _chunk(v: int) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,7 @@ from neox_jax.reductions import sum_exp
 
 MIN_BUCKET = 16
 HEAD_ROWS = 128  # scored positions per output-layer chunk, all rows together: [HEAD_ROWS, V] float32 logits at a time.
-# Measured on XLA CPU for 2048 scored positions of pythia-160m: 32 rows per chunk 1.54 s, 64 0.90 s, 128 0.80 s, 256
-# 0.84 s, 512 0.96 s (small products run far from the matmul peak; large chunks' logits stop fitting in cache).
+# Small chunks run far from the matmul peak and large chunks' logits stop fitting in cache (docs/performance.md).
 
 
 def bucket(n: int, lo: int = MIN_BUCKET) -> int:
@@ -153,10 +152,11 @@ def tree_mask(doc, branch):
     return same_doc & visible & causal[None]
 
 
-def hidden_states(cfg: NeoXConfig, params: Params, ids, positions, mask, rows=None):
+def hidden_states(cfg: NeoXConfig, params: Params, ids, positions, mask, rows=None, attention=None):
     """The model's final-layernormed hidden states [B, T, D] under an arbitrary [B, T, T] attention mask; with rows
-    [B, K], those tokens' only, [B, K, D] (the last layer then runs for them alone)."""
-    model = model_from_params(cfg, params)
+    [B, K], those tokens' only, [B, K, D] (the last layer then runs for them alone). attention: None (per backend)
+    or "plain" / "xla" / "cudnn" (neox_jax/attention.py)."""
+    model = model_from_params(cfg, params, attention=attention)
     valid = jnp.ones(ids.shape, bool)  # unused under an explicit mask
     return model.hidden_states(ids, positions, valid, attn_mask=mask, rows=rows)[0], model
 
@@ -174,11 +174,11 @@ def logprob_and_greedy(logits, targets):
     return target - lse, (target == top) & ~tie_before
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def score_rows(cfg: NeoXConfig, params: Params, ids, positions, doc, branch, idx, targets):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("attention",))
+def score_rows(cfg: NeoXConfig, params: Params, ids, positions, doc, branch, idx, targets, attention=None):
     """-> log p(target) [B, K] float32 and whether target is the argmax [B, K] (over the full, padded vocabulary,
     as lm-eval's hf backend does)."""
-    picked, model = hidden_states(cfg, params, ids, positions, tree_mask(doc, branch), rows=idx)  # [B, K, D]
+    picked, model = hidden_states(cfg, params, ids, positions, tree_mask(doc, branch), idx, attention)  # [B, K, D]
     b, k, d = picked.shape
     chunk = min(k, 1 << max(0, (HEAD_ROWS // b).bit_length() - 1))  # a power of two, as k is: it divides k
     chunks = picked.reshape(b, k // chunk, chunk, d).swapaxes(0, 1)  # [K/c, B, c, D]
@@ -201,13 +201,13 @@ def batch_shape_rows(n: int, batch_rows: int, row_multiple: int = 1) -> int:
 
 def score_requests(cfg: NeoXConfig, params: Params, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                    max_length: int, batch_rows: int, pack_length: int = 512, row_multiple: int = 1, place=None,
-                   progress=None):
+                   progress=None, attention=None):
     """(context, continuation) token pairs -> [(sum log p(continuation | context), continuation is greedy)] in order.
 
     batch_rows: rows per forward call (B); pack_length: the shortest row bucket (short requests share rows of this
     length); row_multiple: every batch's rows are a multiple of it (the mesh's data axis); place: optional function
     applied to each numpy input (e.g. jax.device_put onto a mesh's data axis); progress: optional callable(n) called
-    with the number of requests finished after each batch."""
+    with the number of requests finished after each batch; attention: see hidden_states."""
     if not requests:
         return []
     segments, keys = build_segments(requests, max_length)
@@ -226,7 +226,7 @@ def score_requests(cfg: NeoXConfig, params: Params, requests: Sequence[tuple[Seq
             batch = todo[start:start + batch_rows]
             k = min(bucket(max(r.n_scored for r in batch)), length)
             arrays, where = row_arrays(batch, batch_shape_rows(len(batch), batch_rows, row_multiple), length, k)
-            lp, gr = score_rows(cfg, params, *(place(a) for a in arrays))
+            lp, gr = score_rows(cfg, params, *(place(a) for a in arrays), attention=attention)
             lp, gr = np.asarray(lp, np.float64), np.asarray(gr)
             done = set()
             for r, w in enumerate(where):

@@ -12,11 +12,13 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from neox_jax.cache import cache_shape
 from neox_jax.config import NeoXConfig
+from neox_jax.int8 import spec_of
 from neox_jax.model import abstract_params, logical_axes
-from neox_jax.quantize import spec_of
 
 MESH_AXES = ("data", "model")
 
@@ -81,10 +83,15 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
+def data_size(mesh) -> int:
+    """How many ways the batch splits: the mesh's `data` axis (1 without a mesh)."""
+    return 1 if mesh is None else mesh.shape["data"]
+
+
 def check_divisible(cfg: NeoXConfig, mesh, batch: int | None = None) -> None:
     """A clear error, with the sizes that would work, when the model or batch cannot be split over the mesh
     (a Mesh or AbstractMesh)."""
-    m, d = mesh.shape["model"], mesh.shape["data"]
+    m, d = mesh.shape["model"], data_size(mesh)
     n_dev = m * d
     sizes = {"num_attention_heads": cfg.num_attention_heads, "intermediate_size": cfg.intermediate_size,
              "vocab_size": cfg.vocab_size}
@@ -123,7 +130,7 @@ def shard_params(params, cfg: NeoXConfig, mesh: Mesh):
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """[B, ...] arrays split over `data`."""
-    return NamedSharding(mesh, P("data" if mesh.shape["data"] > 1 else None, *([None] * (ndim - 1))))
+    return NamedSharding(mesh, P("data" if data_size(mesh) > 1 else None, *([None] * (ndim - 1))))
 
 
 def put_batch(x, mesh: Mesh) -> jax.Array:
@@ -201,7 +208,8 @@ def param_bytes_per_device(cfg: NeoXConfig, mesh, dtype=jnp.float16, weight_byte
 
 
 def kv_cache_bytes_per_device(cfg: NeoXConfig, mesh, batch: int, length: int, dtype=jnp.float16) -> float:
-    """Bytes of the K and V caches of every layer each device holds (batch split over data, heads over model)."""
+    """Bytes of the K and V caches of every layer each device holds (batch split over data, heads over model; the
+    length is never split, so it need not divide anything)."""
     check_divisible(cfg, mesh, batch)
-    shard = cache_sharding(mesh).shard_shape((batch, length, cfg.num_attention_heads, cfg.head_dim))
+    shard = cache_sharding(mesh).shard_shape(cache_shape(cfg, batch, length))  # [B/d, N/m, S, H]
     return 2 * cfg.num_hidden_layers * math.prod(shard) * jnp.dtype(dtype).itemsize

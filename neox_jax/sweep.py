@@ -261,7 +261,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
             del cur  # drop this revision's weights before the one after next is loaded
     from neox_jax.sweep_report import write_report
 
-    report = write_report(out, cfg.model, [r for r in rows if r["revision"] in cfg.revisions and r["task"] in cfg.tasks])
+    wanted = [r for r in rows if r["revision"] in cfg.revisions and r["task"] in cfg.tasks]
+    report = write_report(out, cfg.model, wanted)
     log(f"results: {out / RESULTS}; summary: {report['summary']}; plots: {', '.join(report['plots']) or 'none'}")
     return {"evaluated": evaluated, "skipped": len(done), "rows": rows, **report}
 

@@ -7,7 +7,7 @@ BPE tokens) or in what could be the start of a stop string, so nothing streamed 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from neox_jax.tokenizer import Tokenizer
 

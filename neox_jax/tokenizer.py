@@ -6,8 +6,8 @@ tokenizer cannot decode is an error here, never an empty string.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -27,7 +27,7 @@ class Tokenizer:
         self.pad_id = pad if pad is not None else self.eos_id
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
         """path: a tokenizer.json / 20B_tokenizer.json file, or a directory (checkpoint) holding tokenizer.json."""
         path = Path(path)
         if path.is_dir():

@@ -6,7 +6,7 @@
       checkpoints/N/    Orbax CheckpointManager, the last `keep` steps: train state (float32 trainable params,
                         optimizer state, loss scale, RNG, step) + meta (data position, epoch, loss)
       finetuned/        the trained parameters alone, a small checkpoint for `neox_jax.load(..., finetuned=RUN_DIR)`
-                        and `python -m convert merge`
+                        and `neox-jax convert merge`
       metrics.jsonl     one line per step: step, epoch, loss, eval_loss (when evaluated), lr, grad_norm, loss_scale,
                         skipped, tokens_per_s
       loss.png          train and held-out loss against step (needs matplotlib: the `plot` extra)

@@ -2,10 +2,10 @@
 
 1. builds a tiny random GPT-NeoX in Hugging Face format (transformers' GPTNeoXForCausalLM, save_pretrained), with a
    byte-level BPE tokenizer trained here on a few paragraphs;
-2. converts it with the real converter (`python -m convert hf`, the same code path as for Pythia / GPT-NeoX-20B);
+2. converts it with the real converter (`neox-jax convert hf`, the same code path as for Pythia / GPT-NeoX-20B);
 3. loads it with `neox_jax.load` and compares its logits with transformers';
 4. shows what the model does: next-token probabilities, then streamed generation from the KV-cache decoder;
-5. fine-tunes its biases (BitFit) for a few steps with scripts/finetune.py and generates with the result;
+5. fine-tunes its biases (BitFit) for a few steps with `neox-jax finetune` and generates with the result;
 6. quantizes it to int8 (LLM.int8) and generates again;
 7. evaluates it with lm-evaluation-harness on LAMBADA / PIQA (only when ../shared/data is present).
 
@@ -94,7 +94,7 @@ def main() -> None:
     hf_model = build_hf_model(hf_dir, vocab)
     print(f"tokenizer: {tok.vocab_size} ids (trained here); embedding rows: {vocab}; saved to {hf_dir}")
 
-    banner("2. convert with the real converter: python -m convert hf")
+    banner("2. convert with the real converter: neox-jax convert hf")
     from convert.hf import convert_hf
 
     ckpt = work / "ckpt-tiny"
@@ -134,7 +134,7 @@ def main() -> None:
     r = stream.result
     print(f"\n  finish: {r.finish_reasons[0]}; {r.timing.to_dict()}")
 
-    banner("5. fine-tune the biases (BitFit) for 30 steps: scripts/finetune.py")
+    banner("5. fine-tune the biases (BitFit) for 30 steps: neox-jax finetune")
     (work / "text.txt").write_text(CORPUS * 20)
     run_dir = work / "finetune-run"
     run("scripts/finetune.py", "--checkpoint", str(ckpt), "--data", str(work / "text.txt"), "--out", str(run_dir),

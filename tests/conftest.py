@@ -23,6 +23,18 @@ def run_cli(*args, check=True, env=None, timeout=600):
     return r
 
 
+def convert_hf(src, out) -> None:
+    """A Hugging Face folder -> a float32 checkpoint, in this process (the converter's own tests run the command)."""
+    import warnings
+
+    from convert.hf import convert_hf as convert
+    from neox_jax.errors import NeoXWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NeoXWarning)  # a reference without a tokenizer is the common case here
+        convert(src, out, "float32", progress=False)
+
+
 def make_hf_model(seed=0, **overrides):
     """A random transformers GPTNeoXForCausalLM (float32, eval mode) with weights of a realistic scale."""
     import torch
@@ -51,11 +63,34 @@ def hf_tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(hf_tiny, tmp_path_factory):
-    """(hf model, neox-jax checkpoint directory) converted with the real CLI."""
+    """(hf model, neox-jax checkpoint directory)."""
     model, src = hf_tiny
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    run_cli("-m", "convert", "hf", src, out, "--quiet")
+    convert_hf(src, out)
     return model, out
+
+
+BPE_VOCAB = 300  # ids of the shared byte-level tokenizer (test models give their embeddings more rows)
+BPE_CORPUS = ["The quick brown fox jumps over the lazy dog.", "Einstein was born in the German Empire.",
+              "Über naïve café: déjà vu, 東京 and Zürich.", "Hello, world! 1 2 3 4 5 6 7 8 9 10"] * 20
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(tmp_path_factory):
+    """A byte-level BPE tokenizer.json with BPE_VOCAB ids, trained here (any text encodes, multi-byte characters
+    split over tokens): the one tokenizer the generation and sharding tests share."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(BPE_CORPUS, trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB, special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    assert tk.get_vocab_size() == BPE_VOCAB
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
+    tk.save(str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

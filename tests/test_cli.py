@@ -6,8 +6,8 @@ import sys
 import tomllib
 
 import pytest
-from conftest import ROOT
 
+from conftest import ROOT
 from neox_jax.cli import COMMANDS, build_parser, main
 
 
@@ -30,8 +30,9 @@ def test_help_lists_every_subcommand(capsys):
         assert build_parser(name)._subparsers._group_actions[0].choices[name].description
 
 
-def test_stray_convert_py_is_never_imported(hf_tiny, tmp_path, monkeypatch):
-    """A convert.py in the user's folder (first on sys.path) must not replace the converters."""
+def test_stray_convert_py_is_never_imported(hf_tiny, tmp_path, monkeypatch, capsys):
+    """A convert.py in the user's folder (first on sys.path) must not replace the converters. (The reference has no
+    tokenizer.json: that is one `warning:` line.)"""
     _, src = hf_tiny
     stray = tmp_path / "cwd"
     stray.mkdir()
@@ -42,14 +43,16 @@ def test_stray_convert_py_is_never_imported(hf_tiny, tmp_path, monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     assert main(["convert", "hf", str(src), str(tmp_path / "ckpt"), "--quiet"]) == 0
     assert "convert" not in sys.modules and (tmp_path / "ckpt" / "params").is_dir()
+    warned = [line for line in capsys.readouterr().err.splitlines() if "no tokenizer.json" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: ")
 
 
 def test_evaluate_accepts_lm_eval_spellings():
     from neox_jax.cli.evaluate import _output_file
 
-    a = build_parser("evaluate").parse_args(["evaluate", "--pretrained", "ck", "--tasks", "piqa", "--batch_size", "auto",
-                                             "--num_fewshot", "2", "--output_path", "out", "--log_samples",
-                                             "--bootstrap_iters", "0"])
+    a = build_parser("evaluate").parse_args([
+        "evaluate", "--pretrained", "ck", "--tasks", "piqa", "--batch_size", "auto", "--num_fewshot", "2",
+        "--output_path", "out", "--log_samples", "--bootstrap_iters", "0"])
     assert (a.checkpoint, a.batch_size, a.num_fewshot, a.output, a.log_samples, a.bootstrap_iters) == \
         ("ck", "auto", 2, "out", True, 0)
     assert _output_file("out").name == "results.json" and _output_file("r.json").name == "r.json"

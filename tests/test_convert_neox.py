@@ -154,7 +154,8 @@ def test_small_drift_between_ranks_is_averaged_and_reported(slim_tp2, tmp_path):
     f = src / STEP / layer_file(2, 1)
     edit_rank_file(f, lambda s: s["input_layernorm.weight"].add_(2e-3))
     summary = convert_neox(src, tmp_path / "ckpt", progress=False)
-    assert abs(summary["replicated_max_diff"] - 2e-3) < 1e-4 and "input_layernorm" in summary["replicated_max_diff_tensor"]
+    assert abs(summary["replicated_max_diff"] - 2e-3) < 1e-4
+    assert "input_layernorm" in summary["replicated_max_diff_tensor"]
     got = np.asarray(neox_jax.load(tmp_path / "ckpt").params["layers"][0]["input_layernorm"]["weight"])
     want = model.gpt_neox.layers[0].input_layernorm.weight.detach().numpy() + 1e-3
     np.testing.assert_allclose(got, want, atol=1e-6)

@@ -76,3 +76,23 @@ def test_tokenizer_exported(tokenizer_file, hf_and_ckpt, tmp_path):
     text = "GPT-NeoX-20B, in JAX: ünïcode too."
     assert hf_tok(text)["input_ids"] == neox_jax.load(with_tok).tokenizer.encode(text)
     assert hf_tok.eos_token == "<|endoftext|>"
+
+
+def test_side_files_travel_and_a_missing_tokenizer_warns(hf_tiny, tokenizer_file, tmp_path):
+    """tokenizer_config.json / generation_config.json go into the checkpoint and back out; no tokenizer.json warns."""
+    from convert.hf import convert_hf
+    from neox_jax.errors import NeoXWarning
+
+    _, src = hf_tiny
+    with pytest.warns(NeoXWarning, match="no tokenizer.json"):
+        convert_hf(src, tmp_path / "bare", progress=False)
+    with_tok = shutil.copytree(src, tmp_path / "src")
+    shutil.copyfile(tokenizer_file, with_tok / "tokenizer.json")
+    (with_tok / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 7, "eos_token": "<|endoftext|>"}))
+    (with_tok / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_p": 0.5}))
+    convert_hf(with_tok, tmp_path / "ckpt", progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "ckpt" / name).read_bytes() == (with_tok / name).read_bytes(), name
+    export_hf(tmp_path / "ckpt", tmp_path / "back", progress=False)
+    assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())["model_max_length"] == 7
+    assert json.loads((tmp_path / "back" / "generation_config.json").read_text())["top_p"] == 0.5

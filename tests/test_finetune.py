@@ -12,7 +12,8 @@ import pytest
 
 import neox_jax
 from conftest import SHARED_DATA, run_cli
-from neox_jax import checkpoint, data, finetune as ft
+from neox_jax import checkpoint, data
+from neox_jax import finetune as ft
 from neox_jax.sharding import batch_sharding, make_mesh
 from neox_jax.tokenizer import Tokenizer
 
@@ -29,7 +30,8 @@ def _text(seed=0, n=3000):
 @pytest.fixture(scope="module")
 def small_tokenizer(tmp_path_factory):
     """A character-level BPE with 128 ids (the tiny HF model's vocab), trained here on printable ASCII."""
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = HFTok(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
@@ -307,10 +309,12 @@ def test_frozen_tensors_bit_identical_after_training(runs):
     assert changed == 3 * 2  # every trained bias moved
 
 
-def test_merge_equals_load_finetuned(runs, tmp_path):
+def test_merge_equals_load_finetuned(runs, tmp_path, capsys):
+    from neox_jax.cli import main
+
     out = tmp_path / "merged"
-    r = run_cli("-m", "convert", "merge", runs["ckpt"], runs["A"], out, "--quiet")
-    assert "wrote" in r.stdout
+    assert main(["convert", "merge", str(runs["ckpt"]), str(runs["A"]), str(out), "--quiet"]) == 0
+    assert "wrote" in capsys.readouterr().out
     ids = _windows(128, (2, 20), seed=3)
     np.testing.assert_array_equal(neox_jax.load(out).logits(ids),
                                   neox_jax.load(runs["ckpt"], finetuned=runs["A"]).logits(ids))

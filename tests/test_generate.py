@@ -2,6 +2,7 @@
 recompiles, and the scripts/generate.py CLI. One tiny model (vocab 320) with a byte-level BPE tokenizer (300 ids)
 trained here, so the padded embedding rows exist and must never be emitted."""
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 import neox_jax
-from conftest import make_hf_model, run_cli
+from conftest import BPE_VOCAB, convert_hf, make_hf_model, run_cli
 from neox_jax.cache import init_cache
 from neox_jax.decode import Layout
 from neox_jax.generate import Generator
@@ -17,29 +18,18 @@ from neox_jax.model import forward, model_from_params, positions_from_mask, stac
 from neox_jax.sampling import SamplingParams, choose
 from neox_jax.textstops import RowTracker
 
-MODEL_VOCAB, TOK_VOCAB = 320, 300
-CORPUS = ["The quick brown fox jumps over the lazy dog.", "Einstein was born in the German Empire.",
-          "Über naïve café: déjà vu, 東京 and Zürich.", "Hello, world! 1 2 3 4 5 6 7 8 9 10"] * 20
+MODEL_VOCAB, TOK_VOCAB = 320, BPE_VOCAB
 
 
 @pytest.fixture(scope="session")
-def tok_ckpt(tmp_path_factory):
+def tok_ckpt(tmp_path_factory, bpe_tokenizer):
     """(hf model, checkpoint dir with tokenizer.json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=TOK_VOCAB, special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    assert tk.get_vocab_size() == TOK_VOCAB
     model = make_hf_model(seed=7, vocab_size=MODEL_VOCAB)
     src = tmp_path_factory.mktemp("hf_tok")
     model.save_pretrained(src)
-    tk.save(str(src / "tokenizer.json"))
+    shutil.copyfile(bpe_tokenizer, src / "tokenizer.json")
     out = tmp_path_factory.mktemp("ckpt_tok") / "tiny"
-    run_cli("-m", "convert", "hf", src, out, "--quiet")
+    convert_hf(src, out)
     return model, out
 
 
@@ -147,12 +137,10 @@ def test_padded_vocab_rows_never_emitted(lm):
     kernel = np.array(params["embed_out"]["kernel"])
     kernel[:, TOK_VOCAB:] = 1.0  # with every final hidden feature shifted up, the padded rows win every argmax
     norm = {**params["final_layer_norm"], "bias": params["final_layer_norm"]["bias"] + 10.0}
-    lm.params = {**params, "embed_out": {"kernel": jnp.asarray(kernel)}, "final_layer_norm": norm}
-    try:  # same shapes: the generator's compiled programs are reused
-        assert lm.logits([[3, 4]])[0, -1].argmax() >= TOK_VOCAB
-        ids = lm.generate(["Hello", "fox"], max_new_tokens=6, stop_token_ids=[]).token_ids
-    finally:
-        lm.params = params
+    changed = {**params, "embed_out": {"kernel": jnp.asarray(kernel)}, "final_layer_norm": norm}
+    tilted = neox_jax.NeoX(lm.config, changed, lm.tokenizer)  # a model of its own: the shared `lm` is never changed
+    assert tilted.logits([[3, 4]])[0, -1].argmax() >= TOK_VOCAB
+    ids = tilted.generate(["Hello", "fox"], max_new_tokens=6, stop_token_ids=[]).token_ids
     assert max(max(row) for row in ids) < TOK_VOCAB
     logits = jnp.zeros((2, MODEL_VOCAB)).at[:, TOK_VOCAB:].set(100.0)
     static = SamplingParams(temperature=1.0).static(TOK_VOCAB)
@@ -311,14 +299,21 @@ def test_sharded_params_generate_the_same(lm):
     assert got.token_ids == want.token_ids
 
 
-def test_cli_quantize_flag(tok_ckpt, tmp_path):
-    """--quantize int8 on scripts/generate.py gives what neox_jax.load(quantize="int8") generates."""
-    import neox_jax
+def test_cli_quantize_flag(tok_ckpt, capsys):
+    """--quantize int8 on `neox-jax generate` gives what neox_jax.load(quantize="int8") generates."""
+    from neox_jax.cli import main
 
     _, ckpt = tok_ckpt
-    env = {"NEOX_JAX_COMPILE_CACHE": str(tmp_path / "jaxcache")}
-    r = run_cli("scripts/generate.py", "--checkpoint", ckpt, "--prompt", "Hello", "--max-new-tokens", "5",
-                "--ignore-eos", "--quantize", "int8", "--json", env=env)
-    got = json.loads(r.stdout)["completions"][0]["token_ids"]
+    assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "5", "--ignore-eos",
+                 "--quantize", "int8", "--json", "--no-compile-cache"]) == 0
+    got = json.loads(capsys.readouterr().out)["completions"][0]["token_ids"]
     want = neox_jax.load(ckpt, quantize="int8").generate(["Hello"], max_new_tokens=5, stop_token_ids=[])
     assert got == want.token_ids[0]
+
+
+def test_generate_stream_yields_one_event_per_token(lm):
+    stream = lm.generate_stream([[5, 17, 99]], max_new_tokens=16, stop_token_ids=[])
+    events = [e for e in stream if e.token_ids[0]]
+    assert [len(e.token_ids[0]) for e in events] == [1] * 16
+    assert sum((e.token_ids[0] for e in events), []) == stream.result.token_ids[0]
+    assert lm.generate([[5, 17, 99]], max_new_tokens=16, stop_token_ids=[]).token_ids == stream.result.token_ids

@@ -10,8 +10,9 @@ import re
 
 import numpy as np
 import pytest
-from conftest import hf_logits, make_hf_model
 from hub_stub import HubStub
+
+from conftest import hf_logits, make_hf_model
 
 REPO = "EleutherAI/pythia-tiny"
 IDS = np.array([[3, 17, 90, 5, 44, 101, 7, 63]])

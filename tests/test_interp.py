@@ -1,9 +1,9 @@
 """run_with_cache / run_with_hooks against transformers (eager attention, torch forward hooks), both residual modes."""
 import numpy as np
 import pytest
-from conftest import make_hf_model
 
 import neox_jax
+from conftest import make_hf_model
 from neox_jax import interp
 from neox_jax.errors import NeoXError
 

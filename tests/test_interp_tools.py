@@ -54,7 +54,8 @@ def test_variants_cache_float32_and_logits_equal_the_forward(tiny_ckpt, model, v
     if variant == "stacked":
         other = NeoX(model.config, stack_layers(model.params))
     else:
-        other = neox_jax.load(tiny_ckpt[1], **({"dtype": "bfloat16"} if variant == "bfloat16" else {"quantize": "int8"}))
+        kw = {"dtype": "bfloat16"} if variant == "bfloat16" else {"quantize": "int8"}
+        other = neox_jax.load(tiny_ckpt[1], **kw)
     logits, cache = other.run_with_cache(IDS)
     _, ref = model.run_with_cache(IDS)
     assert all(a.dtype == np.float32 for a in cache.values()) and list(cache) == list(ref)
@@ -76,7 +77,8 @@ def test_finetuned_run(tiny_ckpt, model, tmp_path):
     assert np.abs(np.asarray(cache["blocks.0.hook_attn_out"]) - np.asarray(base)).max() > 0.05
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+@pytest.mark.skipif(jax.device_count() < 8,
+                    reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
 def test_mesh_equals_one_device(tiny_ckpt, model):
     sharded = neox_jax.load(tiny_ckpt[1], mesh=sharding.make_mesh("data=2,model=4"))
     mask = np.ones_like(IDS)

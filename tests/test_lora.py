@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import neox_jax
-from neox_jax import finetune as ft, lora, lora_peft
+from neox_jax import finetune as ft
+from neox_jax import lora, lora_peft
 from neox_jax.cli import main as cli
 from neox_jax.errors import NeoXError
 from neox_jax.model import forward
@@ -160,7 +161,8 @@ def test_adapters_shard_like_their_matrices(tiny_ckpt):
 def lora_runs(tiny_ckpt, tmp_path_factory):
     """Run A: 12 LoRA steps (qkv + dense_4h_to_h, r 4, dropout 0.1); run B: the same, stopped by SIGTERM after
     step 5 and resumed."""
-    from tokenizers import Tokenizer as HFTok, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models, pre_tokenizers, trainers
 
     _, ckpt = tiny_ckpt
     d = tmp_path_factory.mktemp("lora_runs")

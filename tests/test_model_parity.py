@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import neox_jax
-from conftest import hf_logits, make_hf_model, run_cli
+from conftest import convert_hf, hf_logits, make_hf_model
 
 CASES = {
     "parallel-rot0.25-gelu": dict(use_parallel_residual=True, rotary_pct=0.25, hidden_act="gelu"),
@@ -22,7 +22,7 @@ def _ids(vocab=128, shape=(2, 19), seed=0):
 def test_logits_equal_hf(case, tmp_path):
     model = make_hf_model(seed=1, **CASES[case])
     model.save_pretrained(tmp_path / "hf")
-    run_cli("-m", "convert", "hf", tmp_path / "hf", tmp_path / "ckpt", "--quiet")
+    convert_hf(tmp_path / "hf", tmp_path / "ckpt")
     ours = neox_jax.load(tmp_path / "ckpt")
     ids = _ids()
     np.testing.assert_array_less(np.abs(ours.logits(ids) - hf_logits(model, ids)).max(), 1e-4)
@@ -45,7 +45,7 @@ def test_checkpoint_formats(fmt, tmp_path):
     else:
         model.save_pretrained(tmp_path / "hf", max_shard_size="50KB")
         assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
-    run_cli("-m", "convert", "hf", tmp_path / "hf", tmp_path / "ckpt", "--quiet")
+    convert_hf(tmp_path / "hf", tmp_path / "ckpt")
     ids = _ids(seed=3)
     diff = np.abs(neox_jax.load(tmp_path / "ckpt").logits(ids) - hf_logits(model, ids)).max()
     assert diff <= 1e-4

@@ -9,8 +9,8 @@ import sys
 import textwrap
 
 import pytest
-from conftest import ROOT, make_hf_model
 
+from conftest import ROOT, make_hf_model
 from neox_jax import checkpoint, staging
 from neox_jax.config import NeoXConfig
 from neox_jax.errors import NeoXError
@@ -183,7 +183,8 @@ def small_disk(tmp_path):
     d.mkdir()
     if os.geteuid() != 0:
         pytest.skip("disk-full tests mount a 1 MB tmpfs, which needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True, check=False)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True,
+                       check=False)
     if r.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     yield d
@@ -195,7 +196,8 @@ BIG = NeoXConfig(vocab_size=2048, hidden_size=64, num_hidden_layers=2, num_atten
 
 
 def test_disk_full_is_one_line_and_removes_tmp(small_disk):
-    with pytest.raises(NeoXError, match=r"disk full: group embed_in needs up to 2\.1 MB while it is written, 1\.0\d MB") as e:
+    full = r"disk full: group embed_in needs up to 2\.1 MB while it is written, 1\.0\d MB"
+    with pytest.raises(NeoXError, match=full) as e:
         checkpoint.save_params(small_disk / "ck", BIG, init_params(BIG))
     assert "\n" not in str(e.value)
     assert list(small_disk.iterdir()) == []
@@ -216,6 +218,7 @@ def test_disk_full_through_the_convert_command(src, small_disk, capsys):
 
     (small_disk / "filler").write_bytes(b"\0" * (1024 * 1024 - 60 * 1024))  # less free space than one layer
     assert main(["hf", str(src), str(small_disk / "out"), "--quiet"]) == 1
-    err = capsys.readouterr().err.strip()
+    err = "\n".join(ln for ln in capsys.readouterr().err.strip().splitlines()
+                     if not ln.startswith("warning: "))  # the reference has no tokenizer.json: one warning line
     assert len(err.splitlines()) == 1 and "disk full" in err and "Traceback" not in err
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]

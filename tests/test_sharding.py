@@ -14,11 +14,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import neox_jax
+from conftest import run_cli
 from neox_jax import checkpoint, distributed, sharding
 from neox_jax.config import preset
 from neox_jax.model import init_params
-
-from conftest import run_cli
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason=(
     f"needs 8 devices, found {jax.device_count()}: run with XLA_FLAGS=--xla_force_host_platform_device_count=8"))
@@ -29,29 +28,15 @@ CFG = preset("tiny").replace(num_attention_heads=8, vocab_size=320, max_position
 PROMPTS = [[5, 17, 99, 200, 42, 7, 8], [61, 3], [250, 251, 252, 9, 10, 11, 12, 13, 14, 15, 16, 18]]
 
 
-def _train_tokenizer(path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Hello, world! 1 2 3"] * 20,
-                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                               show_progress=False))
-    tk.save(str(path))
-    return path
-
-
 @pytest.fixture(scope="session")
-def mesh_ckpt(tmp_path_factory):
+def mesh_ckpt(tmp_path_factory, bpe_tokenizer):
     """A float32 checkpoint of random weights, every tensor (biases and layernorms too) perturbed so each matters,
     with a byte-level tokenizer."""
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
                           init_params(CFG, seed=1))
     d = tmp_path_factory.mktemp("mesh")
-    return checkpoint.save_params(d / "ckpt", CFG, params, tokenizer_file=_train_tokenizer(d / "tokenizer.json"))
+    return checkpoint.save_params(d / "ckpt", CFG, params, tokenizer_file=bpe_tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +103,8 @@ def test_greedy_generation_on_mesh_equals_one_device(mesh_ckpt, one_device, spec
     assert got.token_ids == want.token_ids
     # the KV cache the compiled programs return is split over batch (data) and heads (model)
     sizes = sharding.parse_mesh_spec(spec, 8)
-    expect = P("data" if sizes["data"] > 1 else None, "model" if sizes["model"] > 1 else None, None, None)  # [B, N, S, H]
+    # [B, N, S, H]
+    expect = P("data" if sizes["data"] > 1 else None, "model" if sizes["model"] > 1 else None, None, None)
     programs = list(model.generator()._compiled.values())
     prefill_state, (decode_state, *_) = programs[0].output_shardings, programs[1].output_shardings
     for state in (prefill_state, decode_state):
@@ -188,6 +174,13 @@ def test_kv_cache_bytes_split_over_batch_and_heads():
     full = 2 * cfg.num_hidden_layers * 4 * 2048 * cfg.hidden_size * 2
     got = sharding.kv_cache_bytes_per_device(cfg, sharding.abstract_mesh({"data": 2, "model": 4}), 4, 2048)
     assert got == full / 8
+
+
+def test_kv_cache_bytes_length_need_not_divide_the_model_axis():
+    """The cache is [B, N, S, H]: heads split over model, the length S never (a length of 7 on model=4 is fine)."""
+    cfg = preset("neox-20b")
+    got = sharding.kv_cache_bytes_per_device(cfg, sharding.abstract_mesh({"data": 1, "model": 4}), 2, 7)
+    assert got == 2 * cfg.num_hidden_layers * 2 * 7 * (cfg.num_attention_heads // 4) * cfg.head_dim * 2
 
 
 @pytest.mark.parametrize("kwargs, match", [

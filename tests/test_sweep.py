@@ -6,8 +6,9 @@ import json
 import shutil
 
 import pytest
-from conftest import SHARED_DATA, make_hf_model
 from hub_stub import HubStub
+
+from conftest import SHARED_DATA, make_hf_model
 
 pytest.importorskip("lm_eval")
 REPO = "EleutherAI/pythia-sweeptiny"

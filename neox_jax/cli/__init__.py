@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 import traceback
+import warnings
 
 # subcommand -> module (one entry per line). A module is imported for its HELP line; its flags (and the heavy
 # imports they need) only when that subcommand runs
@@ -22,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "neox_jax.cli.evaluate",
     "memory-plan": "neox_jax.cli.memory_plan",
     "benchmark": "neox_jax.cli.benchmark",
+    "serve": "neox_jax.cli.serve",
     "sweep": "neox_jax.cli.sweep",
 }
 
@@ -57,6 +59,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warnings(show):
+    """A warnings.showwarning that prints NeoXWarnings as one `warning: ...` line and passes the rest to `show`."""
+    from neox_jax.errors import NeoXWarning
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, NeoXWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return show_warning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one subcommand; user errors (NeoXError) and environmental faults (OSError) end as one line on stderr and
     exit 1, Ctrl-C as 130 (SIGTERM while an output is staged: 143, see neox_jax/staging.py)."""
@@ -65,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_chosen(argv) or "").parse_args(argv)  # `neox-jax --help` builds no flags
     try:
-        return int(args._run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            return int(args._run(args) or 0)
     except (NeoXError, OSError) as e:  # OSError: an environmental fault (permissions, a full disk, a vanished file)
         if args.debug:
             traceback.print_exc()

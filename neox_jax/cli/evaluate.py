@@ -31,6 +31,7 @@ def _flag(p, name: str, **kw) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from neox_jax.checkpoint import DTYPE_CHOICES
     from neox_jax.tasks import data
 
     p.add_argument("--checkpoint", "--pretrained", required=True,
@@ -40,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=float, default=None,
                    help="only the first N documents of each task (< 1: a fraction); for quick checks, not scores")
     _flag(p, "--batch-size", default="8", help="rows per forward call, or auto (default 8)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "fp32", "fp16", "bf16"), default=None,
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="parameter dtype (default: as stored)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. 'data=2,model=4' (default: no mesh)")
     p.add_argument("--tokenizer", default=None, metavar="FILE", help="tokenizer.json (default: the checkpoint's)")
@@ -54,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _flag(p, "--data-dir", default=None,
           help=f"local data folder(s), joined by '{os.pathsep}' (default: ${data.ENV_VAR}, else ../shared/data "
                f"beside the checkout)")
-    p.add_argument("--hub", action="store_true", help="use lm-eval's built-in tasks (Hub data) even if local data exists")
+    p.add_argument("--hub", action="store_true",
+                   help="use lm-eval's built-in tasks (Hub data) even if local data exists")
     _flag(p, "--bootstrap-iters", type=int, default=100000, help="bootstrap iterations for stderrs (lm-eval's)")
     p.add_argument("--output", "--output-path", "--output_path", "-o", dest="output", default=None,
                    help="write the results JSON here (a .json file, or a folder for FOLDER/results.json)")

@@ -19,6 +19,7 @@ HELP = "fine-tune a checkpoint (BitFit, full or LoRA) on text / jsonl files, on 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from neox_jax.checkpoint import DTYPE_CHOICES
     from neox_jax.train import RunConfig
 
     d = RunConfig("", [], "")
@@ -43,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip,
                    help="clip gradients to this global norm; 0 turns clipping off (default %(default)s)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "fp32", "fp16", "bf16"),
+    p.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help="dtype of the frozen weights and the forward pass (default: as stored); trainable params keep "
                         "float32 master copies; float16 uses dynamic loss scaling")
     p.add_argument("--mesh", default=d.mesh, help="device mesh, e.g. 'data=2,model=4' (batch over data, weights "

@@ -26,11 +26,11 @@ from neox_jax.errors import NeoXError
 
 HELP = "generate text from a checkpoint (greedy or sampled, streamed, batched, sharded over a mesh)"
 DEFAULT_PROMPT = "Einstein was born in the German Empire, but moved to Switzerland in 1895, forsaking his German"
-DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from neox_jax import compile_cache, distributed
+    from neox_jax.checkpoint import DTYPE_CHOICES
 
     p.add_argument("--checkpoint", required=True, help="neox-jax checkpoint directory (neox-jax convert ...)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch); default: the Einstein sentence")
@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-token-id", type=int, action="append", default=None,
                    help="a stop token id (repeatable; default: the tokenizer's end-of-text)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text (only --stop-token-id ids)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="cast the parameters (default: as stored)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast the parameters (default: as stored)")
     p.add_argument("--finetuned", default=None, metavar="RUN_DIR",
                    help="apply the trained parameters of a fine-tuning run (neox-jax finetune --out)")
     p.add_argument("--adapter", default=None, metavar="DIR",
@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the weights (docs/lora.md)")
     p.add_argument("--quantize", choices=["int8", "llm.int8"], default=None,
                    help="int8 weights: weight-only, or LLM.int8 with outlier features in float (docs/int8.md)")
-    p.add_argument("--chunk-size", type=int, default=8, help="decode steps per streamed chunk")
+    p.add_argument("--chunk-size", type=int, default=1,
+                   help="decode steps per streamed piece (default 1: each token as it is made; more is faster on CPU)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are made")
     p.add_argument("--json", action="store_true", help="print one JSON object with everything")
     compile_cache.add_argument(p)
@@ -77,13 +78,13 @@ def _prompts(args) -> list[str]:
     return prompts or [DEFAULT_PROMPT]
 
 
-def _run_prompts(gen, prompts, kw, stream: bool, out) -> list:
+def _run_prompts(gen, prompts, kw, stream: bool, chunk: int, out) -> list:
     if not stream:
         return [gen.generate(prompts, **kw)]
     results = []
     for prompt in prompts:
         print(prompt, end="", file=out, flush=True)
-        s = gen.stream([prompt], **kw)
+        s = gen.stream([prompt], chunk_size=chunk, **kw)
         for event in s:
             print(event.texts[0], end="", file=out, flush=True)
         print(file=out)
@@ -115,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
         raise NeoXError(f"{args.checkpoint}: no tokenizer.json; text prompts need one (pass --tokenizer FILE, or "
                         f"convert from a folder that has it)")
     gen = model.generator()
-    gen.chunk_size = args.chunk_size
     stop_ids = [] if args.ignore_eos else None
     if args.stop_token_id:
         stop_ids = list(args.stop_token_id) + ([] if args.ignore_eos else [model.tokenizer.eos_id])
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
               repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, stop_token_ids=stop_ids)
     out = (sys.stderr if args.json else sys.stdout) if talk else io.StringIO()
     try:
-        results = _run_prompts(gen, prompts, kw, args.stream, out)
+        results = _run_prompts(gen, prompts, kw, args.stream, args.chunk_size, out)
     except ValueError as e:
         raise NeoXError(str(e)) from e
     completions, timings = [], []

@@ -73,7 +73,8 @@ def worker_jax(shape, mode, batch, seq, dtype_name, steps, warmup, args) -> dict
     import jax
     import jax.numpy as jnp
 
-    from neox_jax import finetune as ft, lora
+    from neox_jax import finetune as ft
+    from neox_jax import lora
     from neox_jax.config import preset
     from neox_jax.model import init_params
     from neox_jax.sharding import make_mesh

@@ -26,11 +26,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scripts.bench._common import markdown_table, peak_rss_mb, write_json  # noqa: E402
 from neox_jax import quantize as Q  # noqa: E402
 from neox_jax.config import preset  # noqa: E402
 from neox_jax.generate import Generator  # noqa: E402
 from neox_jax.model import abstract_params, init_params  # noqa: E402
+from scripts.bench._common import markdown_table, peak_rss_mb, write_json  # noqa: E402
 
 VARIANTS = [  # name, dtype of the float params, quantization mode
     ("float32", jnp.float32, None), ("float16", jnp.float16, None),

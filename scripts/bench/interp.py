@@ -29,9 +29,9 @@ sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scripts.bench._common import markdown_table, median_time, peak_rss_mb, write_json  # noqa: E402
 import neox_jax  # noqa: E402
 from neox_jax.config import preset  # noqa: E402
+from scripts.bench._common import markdown_table, median_time, peak_rss_mb, write_json  # noqa: E402
 
 
 def hf_model(cfg, attn: str):

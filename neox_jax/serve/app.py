@@ -1,0 +1,214 @@
+"""The HTTP side (starlette, run by uvicorn): OpenAI-style routes over the Scheduler.
+
+    GET  /health               200 once the model is loaded and every program compiled (503 before, or if it failed)
+    GET  /v1/models            the one served model
+    POST /v1/completions       see protocol.py; `stream` sends server-sent events ending `data: [DONE]`
+    POST /v1/chat/completions  when the checkpoint has a chat template (else 404, saying so)
+    GET  /metrics              Prometheus text
+
+The async handlers never call JAX: they put requests on the scheduler's queue and await their deltas on an asyncio
+queue that the scheduler thread feeds (loop.call_soon_threadsafe). A client that disconnects cancels its requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from neox_jax.serve import chat
+from neox_jax.serve import protocol as P
+from neox_jax.serve import rows as R
+from neox_jax.serve.scheduler import Delta, QueueFull, Request, ShuttingDown
+
+log = logging.getLogger("neox_jax.serve")
+
+
+def error(e: P.ApiError, svc=None) -> JSONResponse:
+    if svc is not None:
+        svc.metrics.errors.labels(str(e.status)).inc()
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def read_json(request: HttpRequest) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise P.ApiError(f"the request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise P.ApiError("the request body must be a JSON object")
+    return body
+
+
+class Run:
+    """One HTTP request's generation requests (one per prompt), their deltas, and their cancellation."""
+
+    def __init__(self, svc, http: HttpRequest, prompts: list[list[int]], st: P.Settings):
+        self.svc, self.http, self.prompts, self.st = svc, http, prompts, st
+        loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def deliver_to(i):
+            def deliver(d: Delta):
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (i, d))
+            return deliver
+
+        self.reqs = []
+        for i, ids in enumerate(prompts):
+            row = {**st.row, "max_new": np.int32(st.max_tokens), "key": R.seed_key(st.seed + i)}
+            self.reqs.append(Request(ids, st.max_tokens, row, st.stops, st.stop_ids, deliver_to(i),
+                                     logprobs=st.logprobs, prompt_logprobs=st.echo and st.logprobs is not None))
+
+    def submit(self) -> None:
+        """Queues every prompt, or none: a full queue (429) or a stopping server (503) cancels those already in."""
+        try:
+            for r in self.reqs:
+                self.svc.scheduler.submit(r)
+        except (QueueFull, ShuttingDown) as e:
+            self.cancel()
+            raise P.ApiError(str(e), status=429 if isinstance(e, QueueFull) else 503, kind="server_error") from None
+
+    def cancel(self) -> None:
+        for r in self.reqs:
+            r.cancel()
+
+    async def _watch(self) -> None:
+        while (await self.http.receive())["type"] != "http.disconnect":
+            pass
+        log.info("client disconnected: cancelling %d request(s)", len(self.reqs))
+        self.cancel()
+
+    async def deltas(self):
+        """(prompt index, Delta) until every prompt has finished; cancels what is left if the consumer stops."""
+        watcher = asyncio.create_task(self._watch())
+        left = len(self.reqs)
+        try:
+            while left:
+                i, d = await self.queue.get()
+                left -= d.finish_reason is not None
+                yield i, d
+        finally:
+            watcher.cancel()
+            self.cancel()
+
+
+def _usage(prompts, completion_tokens) -> dict:
+    n = sum(map(len, prompts))
+    return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def completions(request: HttpRequest) -> Response:
+    svc = request.app.state.svc
+    try:
+        body = await read_json(request)
+        P.check_model(body, svc.name)
+        prompts = P.prompts_of(body, svc.tok, svc.vocab_size)
+        st = P.settings_of(body, svc.tok, svc.vocab_size)
+        for i, p in enumerate(prompts):
+            P.check_length(len(p), st.max_tokens, svc.max_model_len, i)
+        run = Run(svc, request, prompts, st)
+        run.submit()
+    except P.ApiError as e:
+        return error(e, svc)
+    rid, created = P.new_id("cmpl"), P.now()
+    texts = [svc.tok.decode(p) if st.echo else "" for p in prompts]
+    lps = [P.LogprobBuilder(svc.tok, st.logprobs) if st.logprobs is not None else None for _ in prompts]
+    made, reasons = [0] * len(prompts), [None] * len(prompts)
+
+    def piece(i, d: Delta, first_echo: bool):
+        """The text and logprobs a delta adds to choice i (the echoed prompt first, once)."""
+        text, lp = d.text, None
+        if lps[i] is not None:
+            part = {}
+            if first_echo:
+                part = lps[i].add(prompts[i], [None] + list(d.prompt_logprobs or []))
+            new = lps[i].add(d.ids, d.logprobs or [])
+            lp = {k: part.get(k, []) + new[k] for k in new}
+        if first_echo:
+            text = svc.tok.decode(prompts[i]) + text
+        return text, lp
+
+    if st.stream:
+        async def events():
+            started = [False] * len(prompts)
+            async for i, d in run.deltas():
+                echo = st.echo and not started[i]
+                started[i] = True
+                made[i] += len(d.ids)
+                text, lp = piece(i, d, echo)
+                if text or lp or d.finish_reason:
+                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": svc.name,
+                                "choices": [{"index": i, "text": text, "logprobs": lp,
+                                             "finish_reason": d.finish_reason}]})
+            if st.include_usage:
+                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": svc.name,
+                            "choices": [], "usage": _usage(prompts, sum(made))})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    texts = [""] * len(prompts)
+    started = [False] * len(prompts)
+    async for i, d in run.deltas():
+        if d.error:
+            return error(P.ApiError(d.error, status=503, kind="server_error"), svc)
+        echo = st.echo and not started[i]
+        started[i] = True
+        made[i] += len(d.ids)
+        text, _ = piece(i, d, echo)
+        texts[i] += text
+        reasons[i] = d.finish_reason or reasons[i]
+    choices = [{"index": i, "text": texts[i], "logprobs": lps[i].data if lps[i] else None,
+                "finish_reason": reasons[i]} for i in range(len(prompts))]
+    return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": svc.name,
+                         "choices": choices, "usage": _usage(prompts, sum(made))})
+
+
+async def health(request: HttpRequest) -> Response:
+    s = request.app.state.svc.scheduler
+    if s.failed is not None:
+        return JSONResponse({"status": "failed", "error": repr(s.failed)}, status_code=503)
+    if not s.ready.is_set():
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def models(request: HttpRequest) -> Response:
+    svc = request.app.state.svc
+    return JSONResponse({"object": "list", "data": [{"id": svc.name, "object": "model", "created": svc.created,
+                                                     "owned_by": "neox-jax", "max_model_len": svc.max_model_len}]})
+
+
+async def metrics(request: HttpRequest) -> Response:
+    m = request.app.state.svc.metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
+async def not_found(request: HttpRequest, exc) -> Response:
+    return error(P.ApiError(f"no route {request.method} {request.url.path}", status=getattr(exc, "status_code", 404)))
+
+
+def build_app(svc, drain_timeout: float = 30.0) -> Starlette:
+    """svc: a Service (see neox_jax.serve.service): scheduler, tokenizer, metrics, name, limits."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        svc.scheduler.start()
+        yield
+        await asyncio.to_thread(svc.scheduler.shutdown, drain_timeout)
+
+    routes = [Route("/health", health), Route("/v1/models", models), Route("/metrics", metrics),
+              Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/chat/completions", chat.chat_completions, methods=["POST"])]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    app.state.svc = svc
+    return app

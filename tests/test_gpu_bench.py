@@ -1,0 +1,33 @@
+"""`scripts/benchmark.py gpu --tiny`: the GPU benchmark's code, run on CPU with tiny shapes, writes its JSON and table;
+with no budget left every stage is skipped and says why."""
+import json
+import runpy
+import sys
+
+from conftest import ROOT, run_cli
+
+
+def test_tiny_run_writes_json_and_table(tmp_path):
+    r = run_cli(ROOT / "scripts" / "benchmark.py", "gpu", "--tiny", "--out", tmp_path, timeout=900)
+    assert r.stdout.startswith("jax.devices(): [Cpu")  # what JAX sees comes first
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert data["platform"] == "cpu" and data["dtype"] == "bfloat16" and data["bandwidth_gbs"] > 0
+    assert "jax" in data["versions"]
+    (row,) = data["rows"]
+    assert row["model"] == "tiny" and row["skipped"] == {} and row["fused_attention"] == "xla"
+    for key in ("decode1_ms_per_step", "decode1_roofline_ms", "decode16_tokens_per_s", "prefill_xla_tokens_per_s",
+                "prefill_plain_tokens_per_s", "program_peak_gib", "torch_decode1_ms_per_step",
+                "torch_prefill_tokens_per_s"):
+        assert row[key] > 0, key
+    assert 0 < row["decode1_roofline_pct"] < 1000
+    table = (tmp_path / "gpu.md").read_text()
+    assert "| tiny | prefill_fused (xla)_tokens_per_s |" in table and "% reached" in table
+
+
+def test_no_budget_skips_every_stage(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--tiny", "--budget-s", "0", "--no-torch", "--out", str(tmp_path)])
+    runpy.run_path(str(ROOT / "scripts" / "bench" / "gpu.py"), run_name="__main__")
+    (row,) = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    assert set(row["skipped"]) == {"init"} and "s of the budget left" in row["skipped"]["init"]
+    assert "decode1_ms_per_step" not in row
+    assert "init: skipped" in capsys.readouterr().out
