@@ -226,9 +226,11 @@ def test_merge_equals_unmerged(lora_runs, tmp_path):
     np.testing.assert_array_equal(merged, neox_jax.load(lora_runs["ckpt"], finetuned=lora_runs["A"]).logits(ids))
 
 
-@pytest.mark.parametrize("command", [["generate", "--max-new-tokens", "2"], ["evaluate", "--tasks", "piqa"]])
+@pytest.mark.parametrize("command", [["generate", "--max-new-tokens", "2"], ["evaluate", "--tasks", "piqa"],
+                                     ["serve", "--port", "1"]])
 def test_commands_take_adapter(tiny_ckpt, tmp_path, capsys, command):
-    """generate / evaluate --adapter DIR reach neox_jax.load(adapter=DIR): a directory without an adapter is named."""
+    """generate / evaluate / serve --adapter DIR reach neox_jax.load(adapter=DIR): a directory without an adapter is
+    named (before anything listens or compiles)."""
     _, ckpt = tiny_ckpt
     assert cli([command[0], "--checkpoint", str(ckpt), "--adapter", str(tmp_path / "none"), *command[1:]]) == 1
     assert f"{tmp_path / 'none'}: no adapter_config.json" in capsys.readouterr().err

@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cast the parameters (default: as stored)")
     p.add_argument("--quantize", choices=["int8", "llm.int8"], default=None, help="int8 weights (neox_jax/quantize.py)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter directory, folded into the weights (docs/lora.md)")
     p.add_argument("--served-model-name", default=None, help="the `model` clients name (default: the directory name)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a jinja chat template for /v1/chat/completions (default: the checkpoint's, if any)")
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     compile_cache.enable(args.compile_cache)
     mesh = distributed.setup(args)
     try:
-        lm = neox_jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh, quantize=args.quantize)
+        lm = neox_jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh, quantize=args.quantize, adapter=args.adapter)
         tok = Tokenizer.from_file(args.tokenizer) if args.tokenizer else None
         template = Path(args.chat_template).read_text() if args.chat_template else None
         svc = Service.from_model(lm, max_batch=args.max_batch, max_queue=args.max_queue,
