@@ -1,4 +1,5 @@
 """`python -m convert ...` in a checkout: the same as `neox-jax convert ...` (neox_jax/cli/convert.py)."""
+
 from __future__ import annotations
 
 import sys

@@ -4,6 +4,7 @@
 checkpoint; `export_hf` writes a checkpoint back as a HF directory (config.json, sharded safetensors with an index, the
 tokenizer) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,10 @@ def cast_checked(x: np.ndarray, dtype, where: str, allow_nonfinite: bool) -> np.
             raise ConvertError(f"{where}: contains NaN/Inf values (pass --allow-nonfinite to keep them)")
         if y.dtype != x.dtype and not np.isfinite(y).all():
             big = float(np.abs(x).max())
-            raise ConvertError(f"{where}: values up to {big:g} overflow {dtype_name(dtype)} (use --dtype bfloat16 or "
-                               f"float32, or --allow-nonfinite)")
+            raise ConvertError(
+                f"{where}: values up to {big:g} overflow {dtype_name(dtype)} (use --dtype bfloat16 or "
+                f"float32, or --allow-nonfinite)"
+            )
     return y
 
 
@@ -74,13 +77,17 @@ def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True, 
     unexpected = sorted(n for n in canonical if n not in expected and canonical[n] not in ignored)
     missing = sorted(n for n in expected if n not in canonical)
     if missing or unexpected:
-        parts = ([f"missing tensors {missing}"] if missing else []) + \
-                ([f"unexpected tensors {unexpected}"] if unexpected else [])
+        parts = ([f"missing tensors {missing}"] if missing else []) + (
+            [f"unexpected tensors {unexpected}"] if unexpected else []
+        )
         raise ConvertError(f"{src}: " + "; ".join(parts))
     if not (src / "tokenizer.json").is_file():
-        warnings.warn(f"{src}: no tokenizer.json, so the checkpoint will take token ids only (for text, pass "
-                      f"--tokenizer FILE, or copy a tokenizer.json into {src} and convert again)", NeoXWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"{src}: no tokenizer.json, so the checkpoint will take token ids only (for text, pass "
+            f"--tokenizer FILE, or copy a tokenizer.json into {src} and convert again)",
+            NeoXWarning,
+            stacklevel=2,
+        )
     t0 = time.time()
     source = {"kind": "hf", "path": str(src.absolute()), "files": tensors.kind, **(hub or {})}
     with CheckpointWriter(out, cfg, dtype, source) as writer:
@@ -92,8 +99,9 @@ def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True, 
                 where = f"{tensors.file_of[name]}: tensor {name}"
                 x = tensors.get(name)
                 if tuple(x.shape) != e.hf_shape:
-                    raise ConvertError(f"{where}: expected shape {list(e.hf_shape)} from config.json, "
-                                       f"found {list(x.shape)}")
+                    raise ConvertError(
+                        f"{where}: expected shape {list(e.hf_shape)} from config.json, found {list(x.shape)}"
+                    )
                 set_path(tree, e.path, cast_checked(e.to_ours(x), dtype, where, allow_nonfinite))
             writer.write_group(group, tree)
             bar.set_postfix(MB_s=f"{writer.bytes / 1e6 / max(time.time() - t0, 1e-9):.0f}")
@@ -101,8 +109,14 @@ def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True, 
             if (src / name).is_file():
                 writer.add_file(src / name, name)
         path = writer.finish()
-    return {"out": str(path), "params": cfg.num_params, "bytes": writer.bytes, "seconds": time.time() - t0,
-            "ignored_buffers": len(ignored), "dtype": dtype_name(dtype)}
+    return {
+        "out": str(path),
+        "params": cfg.num_params,
+        "bytes": writer.bytes,
+        "seconds": time.time() - t0,
+        "ignored_buffers": len(ignored),
+        "dtype": dtype_name(dtype),
+    }
 
 
 def export_hf(ckpt, out, dtype=None, shard_bytes=2 * 2**30, progress=True) -> dict:
@@ -130,8 +144,9 @@ def export_hf(ckpt, out, dtype=None, shard_bytes=2 * 2**30, progress=True) -> di
             shard, shard_size = {}, 0
 
     with staging:
-        for group, tree in tqdm(iter_groups(ckpt, dtype), total=len(group_names(cfg)), desc="to-hf",
-                                unit="group", disable=not progress):
+        for group, tree in tqdm(
+            iter_groups(ckpt, dtype), total=len(group_names(cfg)), desc="to-hf", unit="group", disable=not progress
+        ):
             for e in group_entries(cfg, group):
                 arr = np.asarray(get_path(tree, e.path))
                 t = torch.from_numpy(np.ascontiguousarray(e.to_hf(arr.astype(np.float32))))
@@ -157,14 +172,23 @@ def export_hf(ckpt, out, dtype=None, shard_bytes=2 * 2**30, progress=True) -> di
             if (ckpt / name).is_file():
                 shutil.copyfile(ckpt / name, tmp / name)
         if (ckpt / "tokenizer.json").is_file() and not (ckpt / "tokenizer_config.json").is_file():
-            (tmp / "tokenizer_config.json").write_text(json.dumps({
-                "tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False,
-                "model_max_length": cfg.max_position_embeddings}, indent=2) + "\n")
+            (tmp / "tokenizer_config.json").write_text(
+                json.dumps(
+                    {
+                        "tokenizer_class": "GPTNeoXTokenizer",
+                        "bos_token": "<|endoftext|>",
+                        "eos_token": "<|endoftext|>",
+                        "unk_token": "<|endoftext|>",
+                        "add_bos_token": False,
+                        "add_eos_token": False,
+                        "model_max_length": cfg.max_position_embeddings,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
         staging.commit()
     return {"out": str(out), "params": cfg.num_params, "bytes": total, "seconds": time.time() - t0, "dtype": dtype}
-
-
 
 
 def _run_hf(a):
@@ -178,29 +202,42 @@ def _run_to_hf(a):
 
 
 def register(subparsers) -> None:
-    h = subparsers.add_parser("hf", help="Hugging Face GPTNeoXForCausalLM directory -> neox-jax checkpoint",
-                              description="Convert a save_pretrained directory of GPTNeoXForCausalLM (safetensors, "
-                                          "sharded safetensors, or pytorch_model*.bin; config.json of transformers 4 "
-                                          "or 5) into a neox-jax checkpoint, one tensor at a time. SRC may be a hub "
-                                          "id (org/name, with --revision): only the files conversion needs are "
-                                          "downloaded, each verified against the Hub's sha256, and the commit is "
-                                          "recorded in metadata.json (see docs/hub.md).")
-    h.add_argument("src", help="directory with config.json and the weights, or a hub id such as EleutherAI/pythia-1b "
-                               "(downloaded with huggingface_hub, each file checked against the Hub's sha256)")
-    h.add_argument("--revision", default=None, help="with a hub id: branch, tag or commit (Pythia: step0, step1, "
-                                                    "step2, step4 ... step143000; default main)")
+    h = subparsers.add_parser(
+        "hf",
+        help="Hugging Face GPTNeoXForCausalLM directory -> neox-jax checkpoint",
+        description="Convert a save_pretrained directory of GPTNeoXForCausalLM (safetensors, "
+        "sharded safetensors, or pytorch_model*.bin; config.json of transformers 4 "
+        "or 5) into a neox-jax checkpoint, one tensor at a time. SRC may be a hub "
+        "id (org/name, with --revision): only the files conversion needs are "
+        "downloaded, each verified against the Hub's sha256, and the commit is "
+        "recorded in metadata.json (see docs/hub.md).",
+    )
+    h.add_argument(
+        "src",
+        help="directory with config.json and the weights, or a hub id such as EleutherAI/pythia-1b "
+        "(downloaded with huggingface_hub, each file checked against the Hub's sha256)",
+    )
+    h.add_argument(
+        "--revision",
+        default=None,
+        help="with a hub id: branch, tag or commit (Pythia: step0, step1, step2, step4 ... step143000; default main)",
+    )
     h.add_argument("out", help="output checkpoint directory (must not exist; appears only when complete)")
     h.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="stored parameter dtype (default float32)")
     h.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf weights instead of refusing them")
     h.add_argument("--quiet", action="store_true", help="no progress bar")
     h.set_defaults(convert=_run_hf)
 
-    t = subparsers.add_parser("to-hf", help="neox-jax checkpoint -> Hugging Face directory (sharded safetensors)",
-                              description="Write a neox-jax checkpoint as a Hugging Face GPTNeoXForCausalLM directory "
-                                          "that transformers.AutoModelForCausalLM.from_pretrained loads.")
+    t = subparsers.add_parser(
+        "to-hf",
+        help="neox-jax checkpoint -> Hugging Face directory (sharded safetensors)",
+        description="Write a neox-jax checkpoint as a Hugging Face GPTNeoXForCausalLM directory "
+        "that transformers.AutoModelForCausalLM.from_pretrained loads.",
+    )
     t.add_argument("ckpt", help="neox-jax checkpoint directory")
     t.add_argument("out", help="output directory (must not exist)")
-    t.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="dtype of the written weights (default: as stored)")
+    t.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default=None, help="dtype of the written weights (default: as stored)"
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(convert=_run_to_hf)

@@ -7,6 +7,7 @@ with convert/hf.py, recording where it came from; and the converted-checkpoint c
 A cache entry appears only complete (CheckpointWriter writes a temporary directory and renames it), so a killed
 conversion leaves nothing that looks done, and the next call converts again.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,9 @@ from .hf import convert_hf
 from .sources import ConvertError
 
 
-def convert_source(source, out, revision: str | None = None, dtype="float32", allow_nonfinite=False,
-                   progress=True) -> dict:
+def convert_source(
+    source, out, revision: str | None = None, dtype="float32", allow_nonfinite=False, progress=True
+) -> dict:
     """SOURCE: a local save_pretrained directory, or a hub id `org/name` (downloaded, verified, then converted)."""
     if not hub.is_hub_id(source):
         if revision is not None:
@@ -28,8 +30,9 @@ def convert_source(source, out, revision: str | None = None, dtype="float32", al
     if Path(out).exists():  # before downloading gigabytes
         raise CheckpointError(f"{Path(out).absolute()} already exists; choose another output directory or remove it")
     files = hub.fetch(str(source), revision)
-    summary = convert_hf(files.path, out, dtype, allow_nonfinite=allow_nonfinite, progress=progress,
-                         hub=files.source_record())
+    summary = convert_hf(
+        files.path, out, dtype, allow_nonfinite=allow_nonfinite, progress=progress, hub=files.source_record()
+    )
     return {**summary, "commit": files.resolved.commit}
 
 

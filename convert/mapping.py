@@ -3,6 +3,7 @@
 Each Entry says: our group and path, the HF tensor name and shape, and the two reshapes (HF -> ours, ours -> HF).
 HF stores torch Linear weights as [out, in]; ours are kernels [in, out] with one axis per meaning.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,7 +38,7 @@ def _t(x, tile: int = 64):
     out = np.empty(x.shape[::-1], x.dtype)
     for i in range(0, x.shape[0], tile):
         for j in range(0, x.shape[1], tile):
-            out[j:j + tile, i:i + tile] = x[i:i + tile, j:j + tile].T
+            out[j : j + tile, i : i + tile] = x[i : i + tile, j : j + tile].T
     return out
 
 
@@ -55,14 +56,38 @@ def group_entries(cfg: NeoXConfig, group: str) -> list[Entry]:
     for ln in ("input_layernorm", "post_attention_layernorm"):
         out += [Entry(group, (ln, p), f"{pre}{ln}.{p}", (d,), _same, _same) for p in ("weight", "bias")]
     # query_key_value.weight [3D, D], rows per head [N, 3, H] -> kernel [D, N, 3, H]
-    out.append(Entry(group, ("attention", "query_key_value", "kernel"), f"{pre}attention.query_key_value.weight",
-                     (3 * d, d), lambda w: _t(w).reshape(d, n, 3, h), lambda k: _t(k.reshape(d, 3 * d))))
+    out.append(
+        Entry(
+            group,
+            ("attention", "query_key_value", "kernel"),
+            f"{pre}attention.query_key_value.weight",
+            (3 * d, d),
+            lambda w: _t(w).reshape(d, n, 3, h),
+            lambda k: _t(k.reshape(d, 3 * d)),
+        )
+    )
     # dense.weight [D, D] ([out, in], in = N*H) -> kernel [N, H, D]
-    out.append(Entry(group, ("attention", "dense", "kernel"), f"{pre}attention.dense.weight", (d, d),
-                     lambda w: _t(w).reshape(n, h, d), lambda k: _t(k.reshape(n * h, d))))
+    out.append(
+        Entry(
+            group,
+            ("attention", "dense", "kernel"),
+            f"{pre}attention.dense.weight",
+            (d, d),
+            lambda w: _t(w).reshape(n, h, d),
+            lambda k: _t(k.reshape(n * h, d)),
+        )
+    )
     if cfg.attention_bias:
-        out.append(Entry(group, ("attention", "query_key_value", "bias"), f"{pre}attention.query_key_value.bias",
-                         (3 * d,), lambda b: b.reshape(n, 3, h), lambda b: b.reshape(3 * d)))
+        out.append(
+            Entry(
+                group,
+                ("attention", "query_key_value", "bias"),
+                f"{pre}attention.query_key_value.bias",
+                (3 * d,),
+                lambda b: b.reshape(n, 3, h),
+                lambda b: b.reshape(3 * d),
+            )
+        )
         out.append(Entry(group, ("attention", "dense", "bias"), f"{pre}attention.dense.bias", (d,), _same, _same))
     out.append(Entry(group, ("mlp", "dense_h_to_4h", "kernel"), f"{pre}mlp.dense_h_to_4h.weight", (f, d), _t, _t))
     out.append(Entry(group, ("mlp", "dense_h_to_4h", "bias"), f"{pre}mlp.dense_h_to_4h.bias", (f,), _same, _same))

@@ -4,6 +4,7 @@ Streams the base checkpoint group by group (one layer in memory at a time), repl
 (RUN_DIR/finetuned, float32 masters, cast to the output dtype) and writes OUT with CheckpointWriter; every other
 tensor is copied bit for bit. `neox_jax.load(OUT)` then gives the logits of `neox_jax.load(CKPT, finetuned=RUN_DIR)`.
 """
+
 from __future__ import annotations
 
 import time
@@ -38,16 +39,27 @@ def merge(ckpt, run_dir, out, dtype=None, progress=True) -> dict:
     if NeoXConfig.from_dict(ft_meta["config"]) != cfg:
         raise CheckpointError(f"{run_dir} was fine-tuned for a different model config than {ckpt}")
     mode, t0, replaced = mode_from_meta(ft_meta), time.time(), 0
-    source = {"kind": "merge", "base": str(ckpt.absolute()), "finetuned": str(Path(run_dir).absolute()),
-              "trainable": ft_meta["trainable"], "step": ft_meta.get("step")}
+    source = {
+        "kind": "merge",
+        "base": str(ckpt.absolute()),
+        "finetuned": str(Path(run_dir).absolute()),
+        "trainable": ft_meta["trainable"],
+        "step": ft_meta.get("step"),
+    }
     with CheckpointWriter(out, cfg, dtype, source) as writer:
-        for name, tree in tqdm(iter_groups(ckpt), total=len(group_names(cfg)), desc="merge", unit="group",
-                               disable=not progress):
+        for name, tree in tqdm(
+            iter_groups(ckpt), total=len(group_names(cfg)), desc="merge", unit="group", disable=not progress
+        ):
             if lora.is_lora(mode):  # LoRA: W + scale * A @ B in float32 for each adapted kernel
                 adapters = trained["layers"].get(int(name.split(".")[1]), {}) if name.startswith("layers.") else {}
                 replaced += sum(np.size(tree[p][n]["kernel"]) for p, linears in adapters.items() for n in linears)
-                writer.write_group(name, _to_numpy(lora.merge_layer(tree, _to_numpy(adapters, np.float32),
-                                                                    mode.scale) if adapters else tree, DTYPES[dtype]))
+                writer.write_group(
+                    name,
+                    _to_numpy(
+                        lora.merge_layer(tree, _to_numpy(adapters, np.float32), mode.scale) if adapters else tree,
+                        DTYPES[dtype],
+                    ),
+                )
                 continue
             whole: dict = {}
             set_group(whole, name, tree)
@@ -60,8 +72,14 @@ def merge(ckpt, run_dir, out, dtype=None, progress=True) -> dict:
         if (ckpt / "tokenizer.json").is_file():
             writer.add_file(ckpt / "tokenizer.json", "tokenizer.json")
         path = writer.finish()
-    return {"out": str(path), "params": cfg.num_params, "bytes": writer.bytes, "seconds": time.time() - t0,
-            "dtype": dtype, "replaced": replaced}
+    return {
+        "out": str(path),
+        "params": cfg.num_params,
+        "bytes": writer.bytes,
+        "seconds": time.time() - t0,
+        "dtype": dtype,
+        "replaced": replaced,
+    }
 
 
 def _has_group(tree: dict, name: str) -> bool:
@@ -89,8 +107,11 @@ def _run(a):
 
 
 def register(subparsers) -> None:
-    m = subparsers.add_parser("merge", help="base checkpoint + fine-tuning run -> full fine-tuned checkpoint",
-                              description=__doc__.split("\n\n")[1])
+    m = subparsers.add_parser(
+        "merge",
+        help="base checkpoint + fine-tuning run -> full fine-tuned checkpoint",
+        description=__doc__.split("\n\n")[1],
+    )
     m.add_argument("ckpt", help="the base neox-jax checkpoint the run fine-tuned")
     m.add_argument("run_dir", help="the fine-tuning run directory (neox-jax finetune --out)")
     m.add_argument("out", help="output checkpoint directory (must not exist; appears only when complete)")

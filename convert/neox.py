@@ -9,6 +9,7 @@ convert/neox_yaml.py. One pipeline layer's rank files are open at a time, with t
 peak memory follows the largest layer, not the model. Merged tensors go through the same HF name map and transforms
 as `convert hf` (convert/mapping.py), so the name map lives in one place.
 """
+
 from __future__ import annotations
 
 import re
@@ -37,11 +38,14 @@ def find_configs(src: Path, config=None) -> list[Path]:
     default = src / "configs" / "20B.yml"
     if default.is_file():
         return [default]
-    found = sorted(p for d in (src / "configs", src) if d.is_dir() for p in d.iterdir()
-                   if p.suffix in (".yml", ".yaml"))
+    found = sorted(
+        p for d in (src / "configs", src) if d.is_dir() for p in d.iterdir() if p.suffix in (".yml", ".yaml")
+    )
     if len(found) != 1:
-        raise ConvertError(f"{src}: {'several' if found else 'no'} GPT-NeoX YAML configs found "
-                           f"({[p.name for p in found]}); name it with --config FILE")
+        raise ConvertError(
+            f"{src}: {'several' if found else 'no'} GPT-NeoX YAML configs found "
+            f"({[p.name for p in found]}); name it with --config FILE"
+        )
     return found
 
 
@@ -54,8 +58,10 @@ def find_step_dir(src: Path) -> Path:
         return src / step
     steps = sorted(p for p in src.glob("global_step*") if p.is_dir())
     if len(steps) != 1:
-        raise ConvertError(f"{src}: no 'latest' file and {len(steps)} global_step* folders; expected the slim-weights "
-                           f"folder (latest, configs/, global_stepN/)")
+        raise ConvertError(
+            f"{src}: no 'latest' file and {len(steps)} global_step* folders; expected the slim-weights "
+            f"folder (latest, configs/, global_stepN/)"
+        )
     return steps[0]
 
 
@@ -107,13 +113,17 @@ def prepare(src, config=None) -> tuple[NeoxModelArgs, NeoXConfig, int, Path, lis
     if missing:
         ll, rr = missing[0]
         layer = next(x for x in layers if x.index == ll)
-        raise ConvertError(f"{step_dir / layer_file(ll, rr)}: missing rank file (tensor-parallel degree {tp} from the "
-                           f"files present; it holds {[t.name for t in layer.tensors]}); {len(missing)} missing in all")
+        raise ConvertError(
+            f"{step_dir / layer_file(ll, rr)}: missing rank file (tensor-parallel degree {tp} from the "
+            f"files present; it holds {[t.name for t in layer.tensors]}); {len(missing)} missing in all"
+        )
     extra = sorted({ll for ll, _ in files} - {ll for ll, _ in wanted})
     if extra:
-        raise ConvertError(f"{step_dir}: unexpected layer files layer_{extra[0]:02d}-* (num-layers is "
-                           f"{cfg.num_hidden_layers} in {cfg_files[0]}, so layers 0, 2..{cfg.num_hidden_layers + 1}, "
-                           f"{cfg.num_hidden_layers + 3}, {cfg.num_hidden_layers + 4} are expected)")
+        raise ConvertError(
+            f"{step_dir}: unexpected layer files layer_{extra[0]:02d}-* (num-layers is "
+            f"{cfg.num_hidden_layers} in {cfg_files[0]}, so layers 0, 2..{cfg.num_hidden_layers + 1}, "
+            f"{cfg.num_hidden_layers + 3}, {cfg.num_hidden_layers + 4} are expected)"
+        )
     return args, cfg, tp, step_dir, layers, src_dtype
 
 
@@ -128,8 +138,10 @@ def _merge(t, parts: list[np.ndarray], where: str, tol: float, cfg: NeoXConfig, 
         want = inv_freq(cfg)
         rel = float(np.max(np.abs(parts[0].astype(np.float32) - want) / want)) if want.size else 0.0
         if rel > 1e-2:
-            raise ConvertError(f"{where}: values disagree with rotary_pct {cfg.rotary_pct} / rotary_emb_base "
-                               f"{cfg.rotary_emb_base:g} from the config (largest relative difference {rel:.3g})")
+            raise ConvertError(
+                f"{where}: values disagree with rotary_pct {cfg.rotary_pct} / rotary_emb_base "
+                f"{cfg.rotary_emb_base:g} from the config (largest relative difference {rel:.3g})"
+            )
         return None
     assert t.merge == REPLICATED
     ref = parts[0].astype(np.float32)
@@ -137,15 +149,25 @@ def _merge(t, parts: list[np.ndarray], where: str, tol: float, cfg: NeoXConfig, 
     if diff > worst["diff"] or worst["tensor"] is None:
         worst.update(diff=diff, tensor=where)
     if diff > tol * max(1.0, float(np.max(np.abs(ref)))):
-        raise ConvertError(f"{where}: replicated tensor differs between tensor-parallel ranks by up to {diff:.4g} "
-                           f"(tolerance {tol:g} x max(1, max|x|); --replicated-tol to accept)")
+        raise ConvertError(
+            f"{where}: replicated tensor differs between tensor-parallel ranks by up to {diff:.4g} "
+            f"(tolerance {tol:g} x max(1, max|x|); --replicated-tol to accept)"
+        )
     # equal copies: take one; a small drift between ranks (the published 20B has some): the mean, as GPT-NeoX's own
     # tools/merge20b.py and the HF 20B weights do
     return parts[0] if diff == 0 else np.mean([p.astype(np.float32) for p in parts], axis=0)
 
 
-def convert_layer(step_dir: Path, layer: SlimLayer, tp: int, cfg: NeoXConfig, dtype: str, allow_nonfinite: bool,
-                  tol: float, worst: dict) -> dict:
+def convert_layer(
+    step_dir: Path,
+    layer: SlimLayer,
+    tp: int,
+    cfg: NeoXConfig,
+    dtype: str,
+    allow_nonfinite: bool,
+    tol: float,
+    worst: dict,
+) -> dict:
     """Loads the tp rank files of one pipe layer, checks and merges them, returns the group tree (checkpoint dtype)."""
     paths = [step_dir / layer.file(r) for r in range(tp)]
     states, names = [], [t.name for t in layer.tensors]
@@ -159,8 +181,13 @@ def convert_layer(step_dir: Path, layer: SlimLayer, tp: int, cfg: NeoXConfig, dt
         missing = [t.name for t in layer.tensors if t.name not in state and t.merge != BUFFER]
         unexpected = sorted(set(state) - set(names))
         if missing or unexpected:
-            raise ConvertError(f"{p}: " + "; ".join(([f"missing tensors {missing}"] if missing else []) +
-                                                    ([f"unexpected tensors {unexpected}"] if unexpected else [])))
+            raise ConvertError(
+                f"{p}: "
+                + "; ".join(
+                    ([f"missing tensors {missing}"] if missing else [])
+                    + ([f"unexpected tensors {unexpected}"] if unexpected else [])
+                )
+            )
         states.append(state)
     entries = {e.hf_name: e for e in group_entries(cfg, layer.group)}
     tree: dict = {}
@@ -172,8 +199,10 @@ def convert_layer(step_dir: Path, layer: SlimLayer, tp: int, cfg: NeoXConfig, dt
             where = f"{p}: tensor {t.name}"
             x = torch_to_numpy(state[t.name], where)
             if tuple(x.shape) != t.rank_shape:
-                raise ConvertError(f"{where}: expected shape {list(t.rank_shape)} for rank {r} of {tp} "
-                                   f"({t.merge} -> {list(t.merged_shape)}, from the config), found {list(x.shape)}")
+                raise ConvertError(
+                    f"{where}: expected shape {list(t.rank_shape)} for rank {r} of {tp} "
+                    f"({t.merge} -> {list(t.merged_shape)}, from the config), found {list(x.shape)}"
+                )
             if not allow_nonfinite and not np.isfinite(x).all():
                 raise ConvertError(f"{where}: contains NaN/Inf values (pass --allow-nonfinite to keep them)")
             parts.append(x)
@@ -191,15 +220,21 @@ def convert_layer(step_dir: Path, layer: SlimLayer, tp: int, cfg: NeoXConfig, dt
     return tree
 
 
-def convert_neox(src, out, dtype=None, config=None, allow_nonfinite=False, replicated_tol=DEFAULT_REPLICATED_TOL,
-                 progress=True) -> dict:
+def convert_neox(
+    src, out, dtype=None, config=None, allow_nonfinite=False, replicated_tol=DEFAULT_REPLICATED_TOL, progress=True
+) -> dict:
     src, out = Path(src), Path(out)
     args, cfg, tp, step_dir, layers, src_dtype = prepare(src, config)
     dtype = dtype_name(dtype or src_dtype)
     tokenizer = find_tokenizer(src, args.vocab_file)
     t0, read, worst = time.time(), 0, {"diff": 0.0, "tensor": None}
-    source = {"kind": "neox-slim", "path": str(src.absolute()), "step": step_dir.name, "tensor_parallel": tp,
-              "source_dtype": src_dtype}
+    source = {
+        "kind": "neox-slim",
+        "path": str(src.absolute()),
+        "step": step_dir.name,
+        "tensor_parallel": tp,
+        "source_dtype": src_dtype,
+    }
     with CheckpointWriter(out, cfg, dtype, source) as writer:
         bar = tqdm(layers, desc="convert", unit="layer", disable=not progress)
         for layer in bar:
@@ -214,13 +249,25 @@ def convert_neox(src, out, dtype=None, config=None, allow_nonfinite=False, repli
         path = writer.finish()
     seconds = time.time() - t0
     if progress:
-        print(f"merged tensor-parallel {tp} ({step_dir.name}, {src_dtype}); replicated tensors differ between ranks "
-              f"by at most {worst['diff']:.3g}" + (f" ({worst['tensor']})" if worst["diff"] else "") +
-              f"; tokenizer: {tokenizer.name if tokenizer else 'none found'}")
-    return {"out": str(path), "params": cfg.num_params, "bytes": writer.bytes, "seconds": seconds, "dtype": dtype,
-            "tensor_parallel": tp, "source_bytes": read, "source_mb_per_s": read / 1e6 / max(seconds, 1e-9),
-            "replicated_max_diff": worst["diff"], "replicated_max_diff_tensor": worst["tensor"],
-            "tokenizer": str(tokenizer) if tokenizer else None}
+        print(
+            f"merged tensor-parallel {tp} ({step_dir.name}, {src_dtype}); replicated tensors differ between ranks "
+            f"by at most {worst['diff']:.3g}"
+            + (f" ({worst['tensor']})" if worst["diff"] else "")
+            + f"; tokenizer: {tokenizer.name if tokenizer else 'none found'}"
+        )
+    return {
+        "out": str(path),
+        "params": cfg.num_params,
+        "bytes": writer.bytes,
+        "seconds": seconds,
+        "dtype": dtype,
+        "tensor_parallel": tp,
+        "source_bytes": read,
+        "source_mb_per_s": read / 1e6 / max(seconds, 1e-9),
+        "replicated_max_diff": worst["diff"],
+        "replicated_max_diff_tensor": worst["tensor"],
+        "tokenizer": str(tokenizer) if tokenizer else None,
+    }
 
 
 def _run(a):
@@ -229,19 +276,33 @@ def _run(a):
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "neox", help="GPT-NeoX slim-weight shards (e.g. the published GPT-NeoX-20B) -> neox-jax checkpoint",
+        "neox",
+        help="GPT-NeoX slim-weight shards (e.g. the published GPT-NeoX-20B) -> neox-jax checkpoint",
         description="Merge the tensor-parallel slim shards GPT-NeoX writes (global_stepN/layer_LL-model_RR-"
-                    "model_states.pt, any tensor-parallel degree, read from the files) into one neox-jax checkpoint, "
-                    "one pipeline layer at a time. The model config comes from configs/20B.yml (GPT-NeoX YAML).")
+        "model_states.pt, any tensor-parallel degree, read from the files) into one neox-jax checkpoint, "
+        "one pipeline layer at a time. The model config comes from configs/20B.yml (GPT-NeoX YAML).",
+    )
     p.add_argument("src", help="slim-weights folder: configs/*.yml, latest, global_stepN/, 20B_tokenizer.json")
     p.add_argument("out", help="output checkpoint directory (must not exist; appears only when complete)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="stored parameter dtype (default: the shards' own, float16 for 20B)")
-    p.add_argument("--config", action="append", metavar="FILE",
-                   help="GPT-NeoX YAML config (repeatable, merged like GPT-NeoX; default SRC/configs/20B.yml)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help="stored parameter dtype (default: the shards' own, float16 for 20B)",
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        metavar="FILE",
+        help="GPT-NeoX YAML config (repeatable, merged like GPT-NeoX; default SRC/configs/20B.yml)",
+    )
     p.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf weights instead of refusing them")
-    p.add_argument("--replicated-tol", type=float, default=DEFAULT_REPLICATED_TOL,
-                   help="largest difference allowed between ranks' copies of a replicated tensor, times "
-                        f"max(1, max|x|) (default {DEFAULT_REPLICATED_TOL}); within it the copies are averaged")
+    p.add_argument(
+        "--replicated-tol",
+        type=float,
+        default=DEFAULT_REPLICATED_TOL,
+        help="largest difference allowed between ranks' copies of a replicated tensor, times "
+        f"max(1, max|x|) (default {DEFAULT_REPLICATED_TOL}); within it the copies are averaged",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(convert=_run)

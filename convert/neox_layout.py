@@ -27,6 +27,7 @@ is added once after the all-reduce and every rank holds the same copy.
 `plan` is the single description of that layout (the converter and the tests use it); `split` and `write_slim` are its
 inverse, used to build slim shards from a HF model in tests and benchmarks.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,11 +75,17 @@ def _divide(n: int, tp: int, what: str) -> int:
     return n // tp
 
 
-def plan(cfg: NeoXConfig, tp: int, tied_embeddings: bool = False,
-         output_parallelism: str = "column") -> list[SlimLayer]:
+def plan(
+    cfg: NeoXConfig, tp: int, tied_embeddings: bool = False, output_parallelism: str = "column"
+) -> list[SlimLayer]:
     """Every layer file of a slim checkpoint for cfg at tensor-parallel degree tp, in conversion order."""
-    d, f, v, n, L = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_attention_heads,
-                     cfg.num_hidden_layers)
+    d, f, v, n, L = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+        cfg.num_attention_heads,
+        cfg.num_hidden_layers,
+    )
     _divide(n, tp, "num_attention_heads")
     vp, fp, dp = _divide(v, tp, "vocab size"), _divide(f, tp, "intermediate size"), _divide(d, tp, "hidden size")
     row_bias = SUM if cfg.use_parallel_residual else REPLICATED
@@ -98,21 +105,40 @@ def plan(cfg: NeoXConfig, tp: int, tied_embeddings: bool = False,
         ts.append(t("attention.dense.weight", (d, dp), (d, d), CAT1))
         if cfg.attention_bias:
             ts.append(t("attention.dense.bias", (d,), (d,), row_bias))
-        ts.append(t("attention.rotary_emb.inv_freq", (cfg.rotary_dims // 2,), (cfg.rotary_dims // 2,), BUFFER,
-                    hf=False))
-        ts += [t("mlp.dense_h_to_4h.weight", (fp, d), (f, d), CAT0), t("mlp.dense_h_to_4h.bias", (fp,), (f,), CAT0),
-               t("mlp.dense_4h_to_h.weight", (d, fp), (d, f), CAT1), t("mlp.dense_4h_to_h.bias", (d,), (d,), row_bias)]
+        ts.append(
+            t("attention.rotary_emb.inv_freq", (cfg.rotary_dims // 2,), (cfg.rotary_dims // 2,), BUFFER, hf=False)
+        )
+        ts += [
+            t("mlp.dense_h_to_4h.weight", (fp, d), (f, d), CAT0),
+            t("mlp.dense_h_to_4h.bias", (fp,), (f,), CAT0),
+            t("mlp.dense_4h_to_h.weight", (d, fp), (d, f), CAT1),
+            t("mlp.dense_4h_to_h.bias", (d,), (d,), row_bias),
+        ]
         out.append(SlimLayer(i + 2, f"layers.{i}", tuple(ts)))
-    out.append(SlimLayer(L + 3, "final_layer_norm", tuple(
-        SlimTensor(f"norm.{p}", f"gpt_neox.final_layer_norm.{p}", (d,), (d,), REPLICATED) for p in ("weight", "bias"))))
+    out.append(
+        SlimLayer(
+            L + 3,
+            "final_layer_norm",
+            tuple(
+                SlimTensor(f"norm.{p}", f"gpt_neox.final_layer_norm.{p}", (d,), (d,), REPLICATED)
+                for p in ("weight", "bias")
+            ),
+        )
+    )
     if tied_embeddings:
         out.append(SlimLayer(0, "embed_out", (dataclasses.replace(emb, hf_name="embed_out.weight"),)))
     elif output_parallelism == "row":
-        out.append(SlimLayer(L + 4, "embed_out", (SlimTensor("final_linear.weight", "embed_out.weight", (v, dp), (v, d),
-                                                             CAT1),)))
+        out.append(
+            SlimLayer(
+                L + 4, "embed_out", (SlimTensor("final_linear.weight", "embed_out.weight", (v, dp), (v, d), CAT1),)
+            )
+        )
     else:
-        out.append(SlimLayer(L + 4, "embed_out", (SlimTensor("final_linear.weight", "embed_out.weight", (vp, d), (v, d),
-                                                             CAT0),)))
+        out.append(
+            SlimLayer(
+                L + 4, "embed_out", (SlimTensor("final_linear.weight", "embed_out.weight", (vp, d), (v, d), CAT0),)
+            )
+        )
     return out
 
 
@@ -132,12 +158,17 @@ def split(t: SlimTensor, merged: np.ndarray, tp: int, rng: np.random.Generator |
     return [merged.copy() for _ in range(tp)]
 
 
-def yaml_20b_style(cfg: NeoXConfig, tp: int, tied_embeddings: bool = False,
-                   tokenizer: str = "20B_tokenizer.json") -> str:
+def yaml_20b_style(
+    cfg: NeoXConfig, tp: int, tied_embeddings: bool = False, tokenizer: str = "20B_tokenizer.json"
+) -> str:
     """A config in the style of the published configs/20B.yml: comments, `True`, trailing commas, dashes and
     underscores mixed, nested optimizer sections GPT-NeoX ignores for inference."""
-    act = {"gelu_fast": '"bias-gelu-fusion": True,', "gelu": '"bias-gelu-fusion": false,  # exact erf GELU',
-           "relu": '"activation": "relu",', "gelu_new": '"openai_gelu": true,'}[cfg.hidden_act]
+    act = {
+        "gelu_fast": '"bias-gelu-fusion": True,',
+        "gelu": '"bias-gelu-fusion": false,  # exact erf GELU',
+        "relu": '"activation": "relu",',
+        "gelu_new": '"openai_gelu": true,',
+    }[cfg.hidden_act]
     return f"""# DISCLAIMER: a GPT-NeoX config in the style of 20B.yml
 {{
   # Tokenizer /  checkpoint settings
@@ -186,9 +217,18 @@ def yaml_20b_style(cfg: NeoXConfig, tp: int, tied_embeddings: bool = False,
 """
 
 
-def write_slim(out: str | Path, cfg: NeoXConfig, tensor: Callable[[str], np.ndarray], tp: int, *, step: int = 150000,
-               tied_embeddings: bool = False, mp_rank_payload=None, tokenizer: str | Path | None = None,
-               seed: int = 0) -> Path:
+def write_slim(
+    out: str | Path,
+    cfg: NeoXConfig,
+    tensor: Callable[[str], np.ndarray],
+    tp: int,
+    *,
+    step: int = 150000,
+    tied_embeddings: bool = False,
+    mp_rank_payload=None,
+    tokenizer: str | Path | None = None,
+    seed: int = 0,
+) -> Path:
     """Writes slim shards in the published layout: configs/20B.yml, latest, global_stepN/layer_*.pt, mp_rank_*.pt.
     tensor(hf_name) -> the merged tensor in HF layout (float numpy); called once per tensor, so a generator of
     synthetic layers never holds the model. mp_rank_payload: what the mp_rank files hold (default: no weights)."""

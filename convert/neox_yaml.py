@@ -14,6 +14,7 @@ approximation `0.5 x (1 + tanh(0.79788456 x (1 + 0.044715 x^2)))`; that is HF's 
 `gelu_fast`), so the model is run with the form it was trained with. Without the fusion GPT-NeoX calls `F.gelu`, the
 exact erf form (`gelu`); `onnx_safe` is erf too; `openai_gelu` is the tanh form (`gelu_new`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,10 +84,10 @@ class _Flow:
             return self.quoted(c)
         start = self.i
         while self.i < len(self.s) and self.s[self.i] not in stops:
-            if self.s[self.i] == ":" and ":" in stops and self.s[self.i + 1:self.i + 2] in (" ", "\n", "\t", ""):
+            if self.s[self.i] == ":" and ":" in stops and self.s[self.i + 1 : self.i + 2] in (" ", "\n", "\t", ""):
                 break
             self.i += 1
-        return _scalar(self.s[start:self.i])
+        return _scalar(self.s[start : self.i])
 
     def quoted(self, q: str):
         end = self.i + 1
@@ -95,14 +96,14 @@ class _Flow:
                 end += 2
                 continue
             if self.s[end] == q:
-                if q == "'" and self.s[end + 1:end + 2] == "'":  # '' is an escaped quote
+                if q == "'" and self.s[end + 1 : end + 2] == "'":  # '' is an escaped quote
                     end += 2
                     continue
                 break
             end += 1
         if end >= len(self.s):
             self.fail("unterminated quoted string")
-        raw, self.i = self.s[self.i + 1:end], end + 1
+        raw, self.i = self.s[self.i + 1 : end], end + 1
         if q == "'":
             return raw.replace("''", "'")
         try:
@@ -123,7 +124,7 @@ class _Flow:
             if mapping:
                 key = self.value(":,}")
                 self.ws()
-                if self.s[self.i:self.i + 1] != ":":
+                if self.s[self.i : self.i + 1] != ":":
                     self.fail(f"expected ':' after key {key!r}")
                 self.i += 1
                 if key in out:
@@ -132,10 +133,10 @@ class _Flow:
             else:
                 out.append(self.value(",]"))
             self.ws()
-            if self.s[self.i:self.i + 1] == ",":
+            if self.s[self.i : self.i + 1] == ",":
                 self.i += 1
-            elif self.s[self.i:self.i + 1] != close:
-                self.fail(f"expected ',' or {close!r}, found {self.s[self.i:self.i + 20]!r}")
+            elif self.s[self.i : self.i + 1] != close:
+                self.fail(f"expected ',' or {close!r}, found {self.s[self.i : self.i + 20]!r}")
 
 
 def _block(lines: list[tuple[int, str]], pos: int, indent: int, source: str):
@@ -182,7 +183,7 @@ def load_yaml(text: str, source: str = "<yaml>"):
         value = flow.value("")
         flow.ws()
         if flow.i != len(flow.s):
-            flow.fail(f"unexpected text after the document: {flow.s[flow.i:flow.i + 30]!r}")
+            flow.fail(f"unexpected text after the document: {flow.s[flow.i : flow.i + 30]!r}")
         return value
     value, pos = _block(lines, 0, lines[0][0], source)
     if pos != len(lines):
@@ -211,6 +212,7 @@ def read_neox_args(paths) -> dict:
 @dataclasses.dataclass(frozen=True)
 class NeoxModelArgs:
     """The GPT-NeoX arguments that shape the weights, with GPT-NeoX's defaults applied."""
+
     num_layers: int
     hidden_size: int
     num_attention_heads: int
@@ -228,12 +230,20 @@ class NeoxModelArgs:
     vocab_file: str | None
 
     def config(self, vocab_size: int) -> NeoXConfig:
-        return NeoXConfig(vocab_size=vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
-                          num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
-                          rotary_pct=self.rotary_pct, rotary_emb_base=self.rotary_emb_base,
-                          max_position_embeddings=self.max_position_embeddings,
-                          layer_norm_eps=self.layernorm_epsilon, use_parallel_residual=self.gpt_j_residual,
-                          hidden_act=self.hidden_act, attention_bias=self.attention_bias)
+        return NeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=self.intermediate_size,
+            rotary_pct=self.rotary_pct,
+            rotary_emb_base=self.rotary_emb_base,
+            max_position_embeddings=self.max_position_embeddings,
+            layer_norm_eps=self.layernorm_epsilon,
+            use_parallel_residual=self.gpt_j_residual,
+            hidden_act=self.hidden_act,
+            attention_bias=self.attention_bias,
+        )
 
 
 def gelu_form(args: dict) -> str:
@@ -272,12 +282,19 @@ def model_args(args: dict, source: str) -> NeoxModelArgs:
     act = "relu" if get("activation", "gelu") == "relu" else gelu_form(args)
     hidden = int(args["hidden_size"])
     return NeoxModelArgs(
-        num_layers=int(args["num_layers"]), hidden_size=hidden, num_attention_heads=int(args["num_attention_heads"]),
-        intermediate_size=int(get("intermediate_size", 4 * hidden)), rotary_pct=float(get("rotary_pct", 1.0)),
+        num_layers=int(args["num_layers"]),
+        hidden_size=hidden,
+        num_attention_heads=int(args["num_attention_heads"]),
+        intermediate_size=int(get("intermediate_size", 4 * hidden)),
+        rotary_pct=float(get("rotary_pct", 1.0)),
         rotary_emb_base=float(get("rotary_emb_base", 10000)),
         max_position_embeddings=int(get("max_position_embeddings", get("seq_length", 2048))),
-        layernorm_epsilon=float(get("layernorm_epsilon", 1e-5)), gpt_j_residual=bool(get("gpt_j_residual", False)),
-        hidden_act=act, tied_embeddings=not get("no_weight_tying", False),
+        layernorm_epsilon=float(get("layernorm_epsilon", 1e-5)),
+        gpt_j_residual=bool(get("gpt_j_residual", False)),
+        hidden_act=act,
+        tied_embeddings=not get("no_weight_tying", False),
         output_layer_parallelism=get("output_layer_parallelism", "column"),
         attention_bias=bool(get("use_bias_in_attn_linear", True)),
-        model_parallel_size=args.get("model_parallel_size"), vocab_file=args.get("vocab_file"))
+        model_parallel_size=args.get("model_parallel_size"),
+        vocab_file=args.get("vocab_file"),
+    )

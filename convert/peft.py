@@ -4,6 +4,7 @@ Writes OUT/adapter_config.json and OUT/adapter_model.safetensors (float32, PEFT'
 `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(HF_DIR), OUT)` gives the logits of
 `neox_jax.load(CKPT, finetuned=RUN_DIR)`, HF_DIR being CKPT exported with `convert to-hf` (or the model it came from).
 """
+
 from __future__ import annotations
 
 import time
@@ -23,15 +24,22 @@ def to_peft(ckpt, run_dir, out) -> dict:
     ft_meta, adapters = load_finetuned(run_dir)
     spec = mode_from_meta(ft_meta)
     if not lora.is_lora(spec):
-        raise ConvertError(f"{run_dir}: trained {ft_meta['trainable']!r}, not LoRA; for a BitFit / full run use "
-                           f"`neox-jax convert merge` then `convert to-hf`")
+        raise ConvertError(
+            f"{run_dir}: trained {ft_meta['trainable']!r}, not LoRA; for a BitFit / full run use "
+            f"`neox-jax convert merge` then `convert to-hf`"
+        )
     if NeoXConfig.from_dict(ft_meta["config"]) != cfg:
         raise ConvertError(f"{run_dir} was fine-tuned for a different model config than {ckpt}")
     source = meta.get("source", {})
     base = source.get("repo_id") or source.get("path")  # where the base came from, for adapter_config.json
     path = lora_peft.write_adapter(out, spec, adapters, base)
-    return {"out": str(path), "params": lora.count(cfg, spec), "bytes": lora.count(cfg, spec) * 4,
-            "seconds": time.time() - t0, "dtype": "float32"}
+    return {
+        "out": str(path),
+        "params": lora.count(cfg, spec),
+        "bytes": lora.count(cfg, spec) * 4,
+        "seconds": time.time() - t0,
+        "dtype": "float32",
+    }
 
 
 def _run(a):
@@ -39,8 +47,9 @@ def _run(a):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("to-peft", help="LoRA fine-tuning run -> PEFT adapter directory",
-                              description=__doc__.split("\n\n")[1])
+    p = subparsers.add_parser(
+        "to-peft", help="LoRA fine-tuning run -> PEFT adapter directory", description=__doc__.split("\n\n")[1]
+    )
     p.add_argument("ckpt", help="the base neox-jax checkpoint the run fine-tuned")
     p.add_argument("run_dir", help="the LoRA fine-tuning run directory (finetune --trainable lora --out)")
     p.add_argument("out", help="output adapter directory (must not exist; appears only when complete)")

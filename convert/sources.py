@@ -3,6 +3,7 @@
 The only module (with convert/neox.py) that touches torch. PyTorch files are opened with weights_only=True and mmap:
 a pickle that would run code is refused, and nothing is read before it is asked for.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,10 @@ def torch_load(path: Path) -> dict:
         lines = [ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln or "Unsupported" in ln]
         first = re.sub(r"\x1b\[[0-9;]*m", "", (lines or str(e).strip().splitlines() or [type(e).__name__])[0])
         first = first.replace("WeightsUnpickler error: ", "").split(". Please use")[0]
-        raise ConvertError(f"{path}: refused to load: the file is not plain weights (weights_only=True: {first}); "
-                           f"loading it would run code stored in it") from None
+        raise ConvertError(
+            f"{path}: refused to load: the file is not plain weights (weights_only=True: {first}); "
+            f"loading it would run code stored in it"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if path.is_file() and not zipfile.is_zipfile(path):  # torch >= 1.6 files are zip archives, indexed at the end
@@ -80,17 +83,21 @@ class HFTensors:
         for f in sorted(set(weight_map.values())):
             for name in self._names_in(f):
                 if name in self.file_of:  # else the later file's values would silently win
-                    raise ConvertError(f"{index}: tensor {name} is stored in two shards, {self.file_of[name].name} "
-                                       f"and {f.name}")
+                    raise ConvertError(
+                        f"{index}: tensor {name} is stored in two shards, {self.file_of[name].name} and {f.name}"
+                    )
                 if weight_map.get(name) != f:
                     said = f"names {weight_map[name].name} for it" if name in weight_map else "does not list it"
                     raise ConvertError(f"{f}: holds tensor {name}, but {index.name} {said}")
                 self.file_of[name] = f
         unheld = sorted(set(weight_map) - set(self.file_of))
         if unheld:
-            raise ConvertError(f"{index}: lists {len(unheld)} tensor(s) that no shard holds: {unheld[:5]}"
-                               + (" ..." if len(unheld) > 5 else "") + f" (e.g. {unheld[0]} in "
-                               f"{weight_map[unheld[0]].name})")
+            raise ConvertError(
+                f"{index}: lists {len(unheld)} tensor(s) that no shard holds: {unheld[:5]}"
+                + (" ..." if len(unheld) > 5 else "")
+                + f" (e.g. {unheld[0]} in "
+                f"{weight_map[unheld[0]].name})"
+            )
 
     def _weight_map(self, index: Path) -> dict[str, Path]:
         """The index's tensor -> shard file map (every shard it names must exist)."""

@@ -1,4 +1,5 @@
 """neox-jax: GPT-NeoX (20B and the Pythia suite) in pure JAX."""
+
 from neox_jax.api import NeoX, load
 from neox_jax.config import PRESETS, NeoXConfig, preset
 

@@ -1,4 +1,5 @@
 """`python -m neox_jax ...`: the same as the `neox-jax` command."""
+
 import sys
 
 from neox_jax.cli import main

@@ -1,4 +1,5 @@
 """`neox_jax.load(path)`: the user-facing model object."""
+
 from __future__ import annotations
 
 import functools
@@ -25,8 +26,9 @@ class NeoX:
     """A loaded GPT-NeoX: config, params (a plain nested dict of jax arrays) and the tokenizer (or None).
     mesh: the jax.sharding.Mesh the params are sharded over (None: one device)."""
 
-    def __init__(self, config: NeoXConfig, params: Params, tokenizer: Tokenizer | None = None, path: str | None = None,
-                 mesh=None):
+    def __init__(
+        self, config: NeoXConfig, params: Params, tokenizer: Tokenizer | None = None, path: str | None = None, mesh=None
+    ):
         self.config, self.params, self.tokenizer, self.path, self.mesh = config, params, tokenizer, path, mesh
 
     @property
@@ -41,8 +43,9 @@ class NeoX:
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"ids must be an int array [batch, length], got {ids.dtype} shape {ids.shape}")
         if ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
+            raise ValueError(
+                f"sequence length {ids.shape[1]} exceeds max_position_embeddings {self.config.max_position_embeddings}"
+            )
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
         mask = np.ones(ids.shape, np.int32) if mask is None else np.asarray(mask, np.int32)
@@ -61,21 +64,42 @@ class NeoX:
         self._generator.params, self._generator.tokenizer = self.params, self.tokenizer
         return self._generator
 
-    def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
-                 seed: int = 0, stop=None, **kwargs) -> GenerateResult:
+    def generate(
+        self,
+        prompts,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k=None,
+        top_p=None,
+        seed: int = 0,
+        stop=None,
+        **kwargs,
+    ) -> GenerateResult:
         """prompts: a string, a list of strings, or token-id lists. Greedy at temperature 0; `stop` strings and
         `stop_token_ids` (default end-of-text) end a completion; also repetition_penalty, callback(StreamEvent).
         Returns token_ids, texts, finish_reasons, timing (see neox_jax.generate)."""
-        return self.generator().generate(prompts, max_new_tokens, temperature, top_k, top_p, seed=seed, stop=stop,
-                                         **kwargs)
+        return self.generator().generate(
+            prompts, max_new_tokens, temperature, top_k, top_p, seed=seed, stop=stop, **kwargs
+        )
 
-    def generate_stream(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k=None, top_p=None,
-                        seed: int = 0, stop=None, chunk_size: int = 1, **kwargs) -> Stream:
+    def generate_stream(
+        self,
+        prompts,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k=None,
+        top_p=None,
+        seed: int = 0,
+        stop=None,
+        chunk_size: int = 1,
+        **kwargs,
+    ) -> Stream:
         """As generate, as an iterator of StreamEvents (new ids and text per prompt), one per token (chunk_size: decode
         steps per event; more is faster on CPU, where each event is a call into the compiled loop); `.result` at the
         end."""
-        return self.generator().stream(prompts, max_new_tokens, temperature, top_k, top_p, seed=seed, stop=stop,
-                                       chunk_size=chunk_size, **kwargs)
+        return self.generator().stream(
+            prompts, max_new_tokens, temperature, top_k, top_p, seed=seed, stop=stop, chunk_size=chunk_size, **kwargs
+        )
 
     def run_with_cache(self, ids, names_filter=None, mask=None, fwd_hooks=()):
         """(logits, cache {TransformerLens hook name: float32 activation}) of one compiled forward; names_filter: a
@@ -95,8 +119,10 @@ class NeoX:
     def __repr__(self):
         c = self.config
         mesh = "" if self.mesh is None else f", mesh {dict(self.mesh.shape)}"
-        return (f"NeoX({c.num_params / 1e6:.1f}M params, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
-                f"dtype {jnp.dtype(self.dtype).name}, tokenizer={'yes' if self.tokenizer else 'no'}{mesh})")
+        return (
+            f"NeoX({c.num_params / 1e6:.1f}M params, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+            f"dtype {jnp.dtype(self.dtype).name}, tokenizer={'yes' if self.tokenizer else 'no'}{mesh})"
+        )
 
 
 def _restore(path: Path, cfg: NeoXConfig, dtype, mesh) -> Params:
@@ -130,8 +156,11 @@ def _quantize(params: Params, cfg: NeoXConfig, mode: str) -> Params:
         return params  # an int8 checkpoint in this mode: keep its stored threshold
     embed_out = (current or quantize.QuantSpec(mode)).embed_out
     for name in checkpoint.group_names(cfg):
-        checkpoint.set_group(params, name, quantize.quantize_tree({name: checkpoint.get_group(params, name)}, mode,
-                                                                  embed_out=embed_out)[name])
+        checkpoint.set_group(
+            params,
+            name,
+            quantize.quantize_tree({name: checkpoint.get_group(params, name)}, mode, embed_out=embed_out)[name],
+        )
     return params
 
 
@@ -146,8 +175,18 @@ def hub_converter():
     return importlib.import_module(f"{PACKAGE}.hub")
 
 
-def load(path: str | os.PathLike, dtype=None, *, revision: str | None = None, mesh=None, finetuned=None,
-         adapter=None, quantize=None, tokenizer=None, verify=False) -> NeoX:
+def load(
+    path: str | os.PathLike,
+    dtype=None,
+    *,
+    revision: str | None = None,
+    mesh=None,
+    finetuned=None,
+    adapter=None,
+    quantize=None,
+    tokenizer=None,
+    verify=False,
+) -> NeoX:
     """Loads a neox-jax checkpoint directory (made by `neox-jax convert ...`), or a hub id `org/name`.
 
     A hub id (with `revision`: a branch, tag or commit, e.g. "step143000" for Pythia; default "main") is downloaded

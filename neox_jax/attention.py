@@ -15,6 +15,7 @@ choice is an explicit argument (`model_from_params(..., attention=)`, `forward`,
 so a compiled program is keyed on the attention it runs and forcing another one recompiles instead of silently
 reusing the old program.
 """
+
 from __future__ import annotations
 
 import jax
@@ -61,8 +62,13 @@ def fused(q, k, v, mask, implementation: str, causal: bool):
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=causal, implementation="cudnn")
     t = q.shape[1]
     if causal and t >= 2 * CAUSAL_BLOCK and t % CAUSAL_BLOCK == 0:  # a long prompt: blocks of queries
-        return jnp.concatenate([_xla(q[:, e - CAUSAL_BLOCK:e], k[:, :e], v[:, :e], mask[:, e - CAUSAL_BLOCK:e, :e])
-                                for e in range(CAUSAL_BLOCK, t + 1, CAUSAL_BLOCK)], axis=1)
+        return jnp.concatenate(
+            [
+                _xla(q[:, e - CAUSAL_BLOCK : e], k[:, :e], v[:, :e], mask[:, e - CAUSAL_BLOCK : e, :e])
+                for e in range(CAUSAL_BLOCK, t + 1, CAUSAL_BLOCK)
+            ],
+            axis=1,
+        )
     return _xla(q, k, v, mask)
 
 

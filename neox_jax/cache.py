@@ -9,6 +9,7 @@ left-padded, so which slots are real is tracked separately by a [B, S] bool `kv_
 tokens at slots cache_index..cache_index+T-1 with lax.dynamic_update_slice; with the cache donated to the jitted step,
 XLA updates the buffers in place.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -31,5 +32,7 @@ def init_cache(cfg: NeoXConfig, batch: int, length: int, dtype=jnp.float32, stac
     layers = cfg.num_hidden_layers
     if stacked:
         return {"k": jnp.zeros((layers, *shape), dtype), "v": jnp.zeros((layers, *shape), dtype)}
-    return {"k": [jnp.zeros(shape, dtype) for _ in range(layers)],
-            "v": [jnp.zeros(shape, dtype) for _ in range(layers)]}
+    return {
+        "k": [jnp.zeros(shape, dtype) for _ in range(layers)],
+        "v": [jnp.zeros(shape, dtype) for _ in range(layers)],
+    }

@@ -16,6 +16,7 @@ leaves nothing that looks finished (staging.py: stale temporary directories, dis
 Reading checks metadata.json against what is stored (groups, layer count, file sizes, shapes, dtypes) before any
 array is read; `verify` re-hashes every file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -113,8 +114,9 @@ def compare_trees(expected, actual, where: str) -> None:
     e, a = _describe(expected), _describe(actual)
     problems = [f"missing {k} (expected shape {e[k][0]} {e[k][1]})" for k in e if k not in a]
     problems += [f"unexpected {k} (shape {a[k][0]} {a[k][1]})" for k in a if k not in e]
-    problems += [f"{k}: expected shape {e[k][0]} {e[k][1]}, found {a[k][0]} {a[k][1]}"
-                 for k in e if k in a and e[k] != a[k]]
+    problems += [
+        f"{k}: expected shape {e[k][0]} {e[k][1]}, found {a[k][0]} {a[k][1]}" for k in e if k in a and e[k] != a[k]
+    ]
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems))
 
@@ -124,9 +126,16 @@ class CheckpointWriter:
     an exception (KeyboardInterrupt, SIGTERM, disk full) removes the temporary directory and leaves OUT untouched
     (neox_jax/staging.py). Each file is hashed as it is written (metadata.json `checksums`)."""
 
-    def __init__(self, out: str | os.PathLike, cfg: NeoXConfig, dtype, source: dict[str, Any] | None = None,
-                 overwrite: bool = False, quantization: dict[str, Any] | None = None,
-                 chunk_bytes: int | None = CHUNK_BYTES):
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        cfg: NeoXConfig,
+        dtype,
+        source: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        quantization: dict[str, Any] | None = None,
+        chunk_bytes: int | None = CHUNK_BYTES,
+    ):
         self.out = Path(out).absolute()
         if self.out.exists() and not overwrite:
             raise CheckpointError(f"{self.out} already exists; choose another output directory or remove it")
@@ -173,11 +182,18 @@ class CheckpointWriter:
         missing = [g for g in group_names(self.cfg) if g not in self.written]
         if missing:
             raise CheckpointError(f"checkpoint incomplete: groups never written: {missing}")
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.cfg.to_dict(),
-                "dtype": self.dtype, "num_params": self.cfg.num_params, "bytes": self.bytes,
-                "groups": group_names(self.cfg), "source": self.source,
-                "has_tokenizer": (self.tmp / "tokenizer.json").exists(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": self.cfg.to_dict(),
+            "dtype": self.dtype,
+            "num_params": self.cfg.num_params,
+            "bytes": self.bytes,
+            "groups": group_names(self.cfg),
+            "source": self.source,
+            "has_tokenizer": (self.tmp / "tokenizer.json").exists(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         if self.quantization:
             meta["quantization"] = self.quantization
         meta["checksums"] = checksums.section(self.files)
@@ -188,11 +204,13 @@ class CheckpointWriter:
 def save_params(out, cfg: NeoXConfig, params, dtype=None, source=None, tokenizer_file=None, overwrite=False) -> Path:
     """Saves a whole in-memory params tree (unstacked layers) as a checkpoint."""
     leaf_dtype = jax.tree.leaves(params)[0].dtype if dtype is None else dtype
-    with CheckpointWriter(out, cfg, leaf_dtype, source, overwrite=overwrite,
-                          quantization=quantize.describe(params)) as w:
+    with CheckpointWriter(
+        out, cfg, leaf_dtype, source, overwrite=overwrite, quantization=quantize.describe(params)
+    ) as w:
         for name in group_names(cfg):
-            w.write_group(name, jax.tree.map(np.asarray, quantize.cast_floats(get_group(params, name),
-                                                                               DTYPES[w.dtype])))
+            w.write_group(
+                name, jax.tree.map(np.asarray, quantize.cast_floats(get_group(params, name), DTYPES[w.dtype]))
+            )
         if tokenizer_file is not None:
             w.add_file(tokenizer_file, "tokenizer.json")
         return w.finish()
@@ -204,8 +222,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not meta_file.is_file():
-        raise CheckpointError(f"{path}: not a neox-jax checkpoint (no metadata.json; convert weights with "
-                              f"`neox-jax convert hf|neox SRC {path}` first)")
+        raise CheckpointError(
+            f"{path}: not a neox-jax checkpoint (no metadata.json; convert weights with "
+            f"`neox-jax convert hf|neox SRC {path}` first)"
+        )
     try:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -215,8 +235,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_file}: expected a JSON object, found {type(meta).__name__}")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_file}: format {meta.get('format')!r} version {meta.get('format_version')!r}, "
-                              f"expected {FORMAT!r} version {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{meta_file}: format {meta.get('format')!r} version {meta.get('format_version')!r}, "
+            f"expected {FORMAT!r} version {FORMAT_VERSION}"
+        )
     _check_fields(meta_file, meta)
     return meta
 
@@ -233,19 +255,27 @@ def _check_fields(meta_file: Path, meta: dict) -> None:
         raise CheckpointError(f"{meta_file}: `dtype` is {meta.get('dtype')!r}, expected one of {list(DTYPES)}")
     groups = meta.get("groups")
     if groups is not None and groups != group_names(cfg):
-        raise CheckpointError(f"{meta_file}: `groups` lists {len(groups) if isinstance(groups, list) else groups!r} "
-                              f"groups, but `config` (num_hidden_layers {cfg.num_hidden_layers}) has "
-                              f"{len(group_names(cfg))}")
+        raise CheckpointError(
+            f"{meta_file}: `groups` lists {len(groups) if isinstance(groups, list) else groups!r} "
+            f"groups, but `config` (num_hidden_layers {cfg.num_hidden_layers}) has "
+            f"{len(group_names(cfg))}"
+        )
     try:
         quantize.spec_from_metadata(meta.get("quantization"))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{meta_file}: bad `quantization`: {e!r}") from None
     cs = meta.get("checksums")
-    if cs is not None and not (isinstance(cs, dict) and isinstance(cs.get("files"), dict) and all(
+    if cs is not None and not (
+        isinstance(cs, dict)
+        and isinstance(cs.get("files"), dict)
+        and all(
             isinstance(f, dict) and isinstance(f.get("bytes"), int) and isinstance(f.get("sha256"), str)
-            for f in cs["files"].values())):
-        raise CheckpointError(f"{meta_file}: bad `checksums` (expected {{'algorithm', 'files': {{path: {{'bytes', "
-                              f"'sha256'}}}}}})")
+            for f in cs["files"].values()
+        )
+    ):
+        raise CheckpointError(
+            f"{meta_file}: bad `checksums` (expected {{'algorithm', 'files': {{path: {{'bytes', 'sha256'}}}}}})"
+        )
 
 
 def check_stored(path: Path, meta: dict) -> None:
@@ -258,19 +288,25 @@ def check_stored(path: Path, meta: dict) -> None:
     missing, extra = [g for g in want if g not in stored], sorted(stored - set(want))
     if extra:
         layers = sum(g.startswith("layers.") for g in stored)
-        raise CheckpointError(f"{params}: stores groups {extra} that {path / 'metadata.json'} does not have "
-                              f"({layers} layer groups stored, num_hidden_layers {cfg.num_hidden_layers} in metadata)")
+        raise CheckpointError(
+            f"{params}: stores groups {extra} that {path / 'metadata.json'} does not have "
+            f"({layers} layer groups stored, num_hidden_layers {cfg.num_hidden_layers} in metadata)"
+        )
     if missing:
-        raise CheckpointError(f"{params / missing[0]}: missing parameter group (incomplete checkpoint; "
-                              f"{len(missing)} of {len(want)} missing)")
+        raise CheckpointError(
+            f"{params / missing[0]}: missing parameter group (incomplete checkpoint; "
+            f"{len(missing)} of {len(want)} missing)"
+        )
     if meta.get("checksums"):
         _raise_problems(path, checksums.problems(path, meta["checksums"], rehash=False))
 
 
 def _raise_problems(path: Path, found: dict[str, list[str]]) -> None:
     if found:
-        parts = [f"{g}: {'; '.join(msgs[:2])}{f' (+{len(msgs) - 2} more)' if len(msgs) > 2 else ''}"
-                 for g, msgs in found.items()]
+        parts = [
+            f"{g}: {'; '.join(msgs[:2])}{f' (+{len(msgs) - 2} more)' if len(msgs) > 2 else ''}"
+            for g, msgs in found.items()
+        ]
         raise ChecksumError(f"{path}: {len(found)} group(s) differ from the recorded checksums: {' | '.join(parts)}")
 
 
@@ -280,8 +316,10 @@ def verify(path: str | os.PathLike) -> int:
     path = Path(path).absolute()
     meta = _finetuned_metadata(path) or read_metadata(path)
     if not meta.get("checksums"):
-        raise CheckpointError(f"{path / 'metadata.json'}: no checksums recorded (written by an older neox-jax; "
-                              f"convert it again to add them)")
+        raise CheckpointError(
+            f"{path / 'metadata.json'}: no checksums recorded (written by an older neox-jax; "
+            f"convert it again to add them)"
+        )
     _raise_problems(path, checksums.problems(path, meta["checksums"], rehash=True))
     return checksums.total_bytes(meta["checksums"])
 
@@ -320,8 +358,9 @@ def stored_tree(ckptr, directory: Path):
     except Exception as e:  # noqa: BLE001  Orbax / TensorStore errors for missing or damaged files: name the directory
         raise CheckpointError(f"{directory}: cannot read Orbax metadata ({_first_line(e)})") from None
     if meta is None:
-        raise CheckpointError(f"{directory}: no readable Orbax metadata (an incomplete write, or not an Orbax "
-                              f"checkpoint directory)")
+        raise CheckpointError(
+            f"{directory}: no readable Orbax metadata (an incomplete write, or not an Orbax checkpoint directory)"
+        )
     return meta.tree
 
 
@@ -350,13 +389,15 @@ def iter_groups(path, dtype=None, shardings: Callable[[str], Any] | None = None)
             shard_tree = jax.tree.map(lambda _: dev, want)
         # cast while reading (no second copy); int8 kernels and their float32 scales stay as stored
         dtypes = quantize.cast_floats(jax.tree.map(lambda x: np.zeros((), x.dtype), want), target)
-        abstract = jax.tree.map(lambda x, t, s: jax.ShapeDtypeStruct(x.shape, t.dtype, sharding=s),
-                                want, dtypes, shard_tree)
+        abstract = jax.tree.map(
+            lambda x, t, s: jax.ShapeDtypeStruct(x.shape, t.dtype, sharding=s), want, dtypes, shard_tree
+        )
         try:
             tree = ckptr.restore(gdir, ocp.args.StandardRestore(abstract))
         except Exception as e:  # noqa: BLE001  a deleted or damaged data file: one line naming the group, not Orbax's traceback
-            raise CheckpointError(f"{gdir}: cannot read ({_first_line(e)}); `neox-jax convert verify {path}` "
-                                  f"checks every file") from None
+            raise CheckpointError(
+                f"{gdir}: cannot read ({_first_line(e)}); `neox-jax convert verify {path}` checks every file"
+            ) from None
         release_freed_memory()  # the reading threads' buffers for this group: back to the OS, not kept in arenas
         yield name, tree
 

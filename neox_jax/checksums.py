@@ -8,6 +8,7 @@ parameter group for files under params/NAME/, else the file's own name (tokenize
 so `neox_jax.load` only checks that each recorded file exists with its recorded size; `verify` (and `load(...,
 verify=True)`, `neox-jax convert verify`) re-hashes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,10 @@ def stored_files(root: Path, under: str = "") -> list[str]:
 
 def record(root: Path, under: str = "") -> dict[str, dict]:
     """{relative path: {"bytes", "sha256"}} for the files under root/under."""
-    return {rel: {"bytes": (root / rel).stat().st_size, "sha256": hash_file(root / rel)}
-            for rel in stored_files(root, under)}
+    return {
+        rel: {"bytes": (root / rel).stat().st_size, "sha256": hash_file(root / rel)}
+        for rel in stored_files(root, under)
+    }
 
 
 def section(files: dict[str, dict]) -> dict:

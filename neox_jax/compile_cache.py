@@ -7,6 +7,7 @@
 The directory: NEOX_JAX_COMPILE_CACHE if set (a path), else $XDG_CACHE_HOME/neox-jax/xla (default ~/.cache/...).
 The library itself never turns it on: it changes a process-wide JAX setting, which is the script's call to make.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,15 @@ def enable(path: str | os.PathLike | bool | None = None) -> Path | None:
 def add_argument(parser) -> None:
     """--no-compile-cache / --compile-cache DIR for a script's argparse parser; then call enable(args.compile_cache)."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--compile-cache", metavar="DIR", default=None,
-                       help=f"JAX persistent compilation cache directory (default: ${ENV} or {default_dir()})")
-    group.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
-                       help=f"do not use the persistent compilation cache (also: {ENV}=0)")
+    group.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        default=None,
+        help=f"JAX persistent compilation cache directory (default: ${ENV} or {default_dir()})",
+    )
+    group.add_argument(
+        "--no-compile-cache",
+        dest="compile_cache",
+        action="store_false",
+        help=f"do not use the persistent compilation cache (also: {ENV}=0)",
+    )

@@ -3,6 +3,7 @@
 One frozen dataclass. Derived sizes (head_dim, rotary_dims, num_params) are properties, never stored twice.
 Field names follow the Hugging Face `GPTNeoXConfig` (transformers 4 layout) so `config.json` maps nearly 1:1.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,8 @@ class NeoXConfig:
                 raise ValueError(f"NeoXConfig.{name} must be a positive int, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
         if not 0.0 < self.rotary_pct <= 1.0:
             raise ValueError(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")
         if self.rotary_dims % 2:
@@ -125,8 +127,11 @@ class NeoXConfig:
             "intermediate_size": self.intermediate_size,
             "rotary_pct": self.rotary_pct,
             "rotary_emb_base": self.rotary_emb_base,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rotary_emb_base,
-                                "partial_rotary_factor": self.rotary_pct},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": self.rotary_emb_base,
+                "partial_rotary_factor": self.rotary_pct,
+            },
             "max_position_embeddings": self.max_position_embeddings,
             "layer_norm_eps": self.layer_norm_eps,
             "use_parallel_residual": self.use_parallel_residual,
@@ -150,13 +155,20 @@ class NeoXConfig:
 
 
 def _pythia(d: int, layers: int, n: int) -> NeoXConfig:
-    return NeoXConfig(vocab_size=50304, hidden_size=d, num_hidden_layers=layers, num_attention_heads=n,
-                      intermediate_size=4 * d)
+    return NeoXConfig(
+        vocab_size=50304, hidden_size=d, num_hidden_layers=layers, num_attention_heads=n, intermediate_size=4 * d
+    )
 
 
 PRESETS: dict[str, NeoXConfig] = {
-    "neox-20b": NeoXConfig(vocab_size=50432, hidden_size=6144, num_hidden_layers=44, num_attention_heads=64,
-                           intermediate_size=24576, hidden_act="gelu_fast"),
+    "neox-20b": NeoXConfig(
+        vocab_size=50432,
+        hidden_size=6144,
+        num_hidden_layers=44,
+        num_attention_heads=64,
+        intermediate_size=24576,
+        hidden_act="gelu_fast",
+    ),
     "pythia-70m": _pythia(512, 6, 8),
     "pythia-160m": _pythia(768, 12, 12),
     "pythia-410m": _pythia(1024, 24, 16),
@@ -166,8 +178,14 @@ PRESETS: dict[str, NeoXConfig] = {
     "pythia-6.9b": _pythia(4096, 32, 32),
     "pythia-12b": _pythia(5120, 36, 40),
     # for tests: fast to compile, every code path exercised (partial rotary, parallel residual)
-    "tiny": NeoXConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=256, max_position_embeddings=256),
+    "tiny": NeoXConfig(
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=256,
+    ),
 }
 
 

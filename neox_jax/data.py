@@ -11,6 +11,7 @@
 The tail that does not fill a whole window is dropped, and `PackedData.dropped_tokens` says how many tokens that was;
 so is the last partial batch of an epoch (`Batches.dropped_windows`). Nothing here holds global state.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,19 +62,20 @@ def read_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
     return docs
 
 
-def tokenize(docs: Iterable[str], tokenizer: Tokenizer, vocab_size: int | None = None,
-             chunk: int = 1024) -> np.ndarray:
+def tokenize(docs: Iterable[str], tokenizer: Tokenizer, vocab_size: int | None = None, chunk: int = 1024) -> np.ndarray:
     """Encodes documents and joins them, each followed by the end-of-text id. Ids must fit the model's embedding."""
     docs = list(docs)
     pieces: list[np.ndarray] = []
     eos = np.asarray([tokenizer.eos_id], np.int32)
     for start in range(0, len(docs), chunk):
-        for ids in tokenizer.encode_batch(docs[start:start + chunk]):
+        for ids in tokenizer.encode_batch(docs[start : start + chunk]):
             pieces += [np.asarray(ids, np.int32), eos]
     tokens = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
     if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
-        raise DataError(f"tokenizer {tokenizer.source} produced id {int(tokens.max())}, but the model's vocab_size is "
-                        f"{vocab_size}: the tokenizer does not belong to this checkpoint")
+        raise DataError(
+            f"tokenizer {tokenizer.source} produced id {int(tokens.max())}, but the model's vocab_size is "
+            f"{vocab_size}: the tokenizer does not belong to this checkpoint"
+        )
     return tokens
 
 
@@ -97,8 +99,9 @@ def pack(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, int]:
     return tokens[idx].astype(np.int32), len(tokens) - (n * seq_len + 1)
 
 
-def prepare(paths, tokenizer: Tokenizer, seq_len: int, heldout_fraction: float = 0.0,
-            vocab_size: int | None = None) -> PackedData:
+def prepare(
+    paths, tokenizer: Tokenizer, seq_len: int, heldout_fraction: float = 0.0, vocab_size: int | None = None
+) -> PackedData:
     """Files -> packed windows split into train and held-out (the last ceil(fraction * n) windows)."""
     if not 0.0 <= heldout_fraction < 1.0:
         raise DataError(f"held-out fraction must be in [0, 1), got {heldout_fraction}")
@@ -106,14 +109,17 @@ def prepare(paths, tokenizer: Tokenizer, seq_len: int, heldout_fraction: float =
     windows, dropped = pack(tokens, seq_len)
     n_held = int(np.ceil(heldout_fraction * len(windows))) if heldout_fraction > 0 else 0
     if n_held >= len(windows):
-        raise DataError(f"only {len(windows)} windows of {seq_len + 1} tokens: nothing left for training after a "
-                        f"held-out split of {heldout_fraction}")
-    return PackedData(windows[:len(windows) - n_held], windows[len(windows) - n_held:], len(tokens), dropped)
+        raise DataError(
+            f"only {len(windows)} windows of {seq_len + 1} tokens: nothing left for training after a "
+            f"held-out split of {heldout_fraction}"
+        )
+    return PackedData(windows[: len(windows) - n_held], windows[len(windows) - n_held :], len(tokens), dropped)
 
 
 @dataclasses.dataclass(frozen=True)
 class Position:
     """The next batch to take: batch `index` of epoch `epoch`."""
+
     epoch: int = 0
     index: int = 0
 
@@ -133,8 +139,10 @@ class Batches:
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
         if len(windows) < batch_size:
-            raise DataError(f"{len(windows)} training windows are fewer than one batch of {batch_size}; use more "
-                            f"data, a shorter --seq-len or a smaller --batch-size")
+            raise DataError(
+                f"{len(windows)} training windows are fewer than one batch of {batch_size}; use more "
+                f"data, a shorter --seq-len or a smaller --batch-size"
+            )
         self.windows, self.batch_size, self.seed = windows, batch_size, seed
         self.batches_per_epoch = len(windows) // batch_size
         self.dropped_windows = len(windows) - self.batches_per_epoch * batch_size
@@ -146,7 +154,7 @@ class Batches:
         """The batch at pos: [batch_size, seq_len + 1] int32."""
         if not 0 <= pos.index < self.batches_per_epoch:
             raise DataError(f"position {pos} is outside an epoch of {self.batches_per_epoch} batches")
-        rows = self.order(pos.epoch)[pos.index * self.batch_size:(pos.index + 1) * self.batch_size]
+        rows = self.order(pos.epoch)[pos.index * self.batch_size : (pos.index + 1) * self.batch_size]
         return self.windows[rows]
 
     def advance(self, pos: Position) -> Position:
@@ -159,9 +167,9 @@ def eval_batches(windows: np.ndarray, batch_size: int):
     """Every held-out window once, in order: yields ([batch_size, T + 1] windows, [batch_size] weights); the last batch
     repeats its first window with weight 0 to keep one compiled shape (the weights make the padding explicit)."""
     for start in range(0, len(windows), batch_size):
-        chunk = windows[start:start + batch_size]
+        chunk = windows[start : start + batch_size]
         weights = np.ones((batch_size,), np.float32)
         if len(chunk) < batch_size:
-            weights[len(chunk):] = 0.0
+            weights[len(chunk) :] = 0.0
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk), axis=0)])
         yield chunk, weights

@@ -17,6 +17,7 @@ state: {"cache": {"k", "v"} (see cache.py), "kv_valid": [B, S] bool, "tokens": [
 not yet in the cache), "positions": [B] int32 (its rotary position, counted over real tokens), "index": int32 (its
 slot), "done": [B] bool, "key": PRNG key, "seen": [B, V] bool or None (repetition penalty)}.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -41,6 +42,7 @@ def transpose_kernels(params: Params) -> Params:
     """Every Linear kernel [in dims..., out dims...] as one [out, in] matrix (see Linear; stacked: [L, out, in]);
     the other leaves are shared. embed_out [D, V] -> [V, D]; query_key_value [D, N, 3, H] -> [N*3*H, D];
     dense [N, H, D] -> [D, N*H]. A copy of every matrix: the caller holds both layouts."""
+
     def fix(tree, name=None):
         out = {}
         for k, v in tree.items():
@@ -71,8 +73,20 @@ def layout_for(params: Params, backend: str) -> Layout:
     return Layout(False, jnp.dtype(compute_dtype(params)).name)
 
 
-def prefill(cfg: NeoXConfig, static: sampling.Static, layout: Layout, cache_len: int, out_batch: int, params: Params,
-            ids, mask, values, stop_mask, key, mesh=None) -> dict:
+def prefill(
+    cfg: NeoXConfig,
+    static: sampling.Static,
+    layout: Layout,
+    cache_len: int,
+    out_batch: int,
+    params: Params,
+    ids,
+    mask,
+    values,
+    stop_mask,
+    key,
+    mesh=None,
+) -> dict:
     """ids, mask [B, P] (left padding: mask 0) -> the decode state holding the first chosen token."""
     b, p = ids.shape
     model = model_from_params(cfg, params, layout.transposed, layout.attention)
@@ -83,15 +97,22 @@ def prefill(cfg: NeoXConfig, static: sampling.Static, layout: Layout, cache_len:
     cache = init_cache(cfg, out_batch, cache_len, layout.cache_dtype, is_stacked(params))
     kv_valid = jnp.pad(valid, ((0, 0), (0, cache_len - p)))  # [B, S]
     hidden, cache = model.hidden_states(ids, positions, kv_valid, cache, 0)  # [B, P, D]
-    logits = model.logits(hidden[:, -layout.min_rows:])[:, -1]  # [B, V] float32: the last slot is real in every row
+    logits = model.logits(hidden[:, -layout.min_rows :])[:, -1]  # [B, V] float32: the last slot is real in every row
     seen = sampling.prompt_seen(ids, mask, cfg.vocab_size) if static.repetition_penalty else None
     key, sub = jax.random.split(key)
     tokens = sampling.choose(static, values, logits, sub, seen)
     if seen is not None:
         seen = sampling.mark_seen(seen, tokens)
-    state = {"cache": cache, "kv_valid": kv_valid, "tokens": tokens, "positions": positions[:, -1] + 1,
-             "done": stop_mask[tokens], "seen": seen}
+    state = {
+        "cache": cache,
+        "kv_valid": kv_valid,
+        "tokens": tokens,
+        "positions": positions[:, -1] + 1,
+        "done": stop_mask[tokens],
+        "seen": seen,
+    }
     if out_batch > b:  # more rows for the decode loop: copies of row 0
+
         def grow(x):
             return jnp.concatenate([x, jnp.repeat(x[:1], out_batch - b, axis=0)])
 
@@ -99,8 +120,18 @@ def prefill(cfg: NeoXConfig, static: sampling.Static, layout: Layout, cache_len:
     return sharding.constrain_state({**state, "index": jnp.asarray(p, jnp.int32), "key": key}, mesh)
 
 
-def decode(cfg: NeoXConfig, static: sampling.Static, layout: Layout, params: Params, state: dict, values, stop_mask,
-           force_done, n_steps, mesh=None):
+def decode(
+    cfg: NeoXConfig,
+    static: sampling.Static,
+    layout: Layout,
+    params: Params,
+    state: dict,
+    values,
+    stop_mask,
+    force_done,
+    n_steps,
+    mesh=None,
+):
     """Up to n_steps tokens per row. out[:, i] is the token chosen at step i (rows already done repeat their last
     token); steps is how many steps ran. The caller keeps index + n_steps <= S."""
     model = model_from_params(cfg, params, layout.transposed)
@@ -115,16 +146,25 @@ def decode(cfg: NeoXConfig, static: sampling.Static, layout: Layout, params: Par
         i, st, out = carry
         idx = st["index"]
         kv_valid = jax.lax.dynamic_update_slice(st["kv_valid"], one, (0, idx))  # the fed token's slot is real
-        hidden, cache = model.hidden_states(st["tokens"][:, None], st["positions"][:, None], kv_valid, st["cache"],
-                                            idx)  # [B, 1, D]
+        hidden, cache = model.hidden_states(
+            st["tokens"][:, None], st["positions"][:, None], kv_valid, st["cache"], idx
+        )  # [B, 1, D]
         logits = model.logits(hidden)[:, 0]  # [B, V] float32
         key, sub = jax.random.split(st["key"])
         tokens = sampling.choose(static, values, logits, sub, st["seen"])
         tokens = jnp.where(st["done"], st["tokens"], tokens)
         seen = None if st["seen"] is None else sampling.mark_seen(st["seen"], tokens)
         out = jax.lax.dynamic_update_slice(out, tokens[:, None], (0, i))
-        new = {"cache": cache, "kv_valid": kv_valid, "tokens": tokens, "positions": st["positions"] + 1,
-               "index": idx + 1, "done": st["done"] | stop_mask[tokens], "key": key, "seen": seen}
+        new = {
+            "cache": cache,
+            "kv_valid": kv_valid,
+            "tokens": tokens,
+            "positions": st["positions"] + 1,
+            "index": idx + 1,
+            "done": st["done"] | stop_mask[tokens],
+            "key": key,
+            "seen": seen,
+        }
         return i + 1, sharding.constrain_state(new, mesh), out
 
     state = sharding.constrain_state({**state, "done": state["done"] | force_done}, mesh)

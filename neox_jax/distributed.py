@@ -14,6 +14,7 @@ for the three flags. A loopback
 coordinator (127.0.0.1 / localhost) binds to loopback only. On CPU, the processes talk through gloo (JAX's default
 `jax_cpu_collectives_implementation` since 0.4.3x; set here explicitly).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,24 +29,45 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 def add_arguments(parser: argparse.ArgumentParser, mesh: bool = True) -> argparse.ArgumentParser:
     """Adds --mesh (unless mesh=False) and the multi-host flags; `setup(args)` then acts on them."""
     if mesh:
-        parser.add_argument("--mesh", default=None, metavar="SPEC",
-                            help="shard over a device mesh, e.g. 'data=2,model=4' or 'model=-1' (every device on "
-                                 "model: tensor parallel); default: one device (every device on model when several "
-                                 "processes take part)")
+        parser.add_argument(
+            "--mesh",
+            default=None,
+            metavar="SPEC",
+            help="shard over a device mesh, e.g. 'data=2,model=4' or 'model=-1' (every device on "
+            "model: tensor parallel); default: one device (every device on model when several "
+            "processes take part)",
+        )
     g = parser.add_argument_group("multi-host (jax.distributed)")
-    g.add_argument("--coordinator", metavar="HOST:PORT", default=None,
-                   help="address of process 0's coordinator service; every process passes the same one")
+    g.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=None,
+        help="address of process 0's coordinator service; every process passes the same one",
+    )
     g.add_argument("--num-processes", type=int, default=None, metavar="N", help="how many processes take part")
     g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's index, 0..N-1")
-    g.add_argument("--distributed", action="store_true",
-                   help="read coordinator / process count / id from the environment (SLURM, Open MPI, k8s, Cloud TPU)")
-    g.add_argument("--init-timeout", type=int, default=300, metavar="S",
-                   help="seconds to wait for every process to join (default 300)")
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="read coordinator / process count / id from the environment (SLURM, Open MPI, k8s, Cloud TPU)",
+    )
+    g.add_argument(
+        "--init-timeout",
+        type=int,
+        default=300,
+        metavar="S",
+        help="seconds to wait for every process to join (default 300)",
+    )
     return parser
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               auto: bool = False, timeout: int = 300) -> bool:
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    auto: bool = False,
+    timeout: int = 300,
+) -> bool:
     """Calls jax.distributed.initialize when asked to (a coordinator from the arguments or JAX_COORDINATOR_ADDRESS, or
     `auto`: JAX's cluster detection); must run before anything touches a device. Checks the values first (nothing
     started when they are wrong). Returns whether this is a multi-process run."""
@@ -74,8 +96,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         if host in LOOPBACK:
             bind = coordinator
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
-                               initialization_timeout=timeout, coordinator_bind_address=bind)
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=timeout,
+        coordinator_bind_address=bind,
+    )
     return jax.process_count() > 1
 
 
@@ -91,6 +118,7 @@ def setup(args: argparse.Namespace):
     if spec is None and not multi:
         return None
     from neox_jax import sharding
+
     return sharding.make_mesh(spec)
 
 

@@ -2,6 +2,7 @@
 
 The `neox-jax` command prints these as a single line and exits 1; anything else is a bug and keeps its traceback.
 Subclasses stay ValueErrors where they were, so library callers that catch ValueError keep working."""
+
 from __future__ import annotations
 
 

@@ -14,6 +14,7 @@ left truncation at max_length, rolling windows from lm_eval.utils, stop strings 
 postprocess_generated_text); only the batching differs (neox_jax/scoring.py packs requests into a few shapes).
 lm-eval is an optional dependency: `pip install 'neox-jax[eval]'`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -28,8 +29,9 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 except ImportError as e:  # pragma: no cover
-    raise ImportError(f"neox_jax.evaluation needs lm-evaluation-harness ({e}); "
-                      f"install it with: pip install 'neox-jax[eval]'") from None
+    raise ImportError(
+        f"neox_jax.evaluation needs lm-evaluation-harness ({e}); install it with: pip install 'neox-jax[eval]'"
+    ) from None
 
 import neox_jax
 from neox_jax import sharding
@@ -57,21 +59,38 @@ def load_model(path, dtype=None, mesh=None, finetuned=None, quantize=None, adapt
 
 @register_model("neox-jax", "neox_jax")
 class NeoXLM(TemplateLM):
-    def __init__(self, pretrained=None, checkpoint=None, dtype=None, batch_size=None, mesh=None, finetuned=None,
-                 quantize=None, max_length=None, max_gen_toks=256, pack_length=512, tokenizer=None, model=None,
-                 adapter=None, **kwargs):
+    def __init__(
+        self,
+        pretrained=None,
+        checkpoint=None,
+        dtype=None,
+        batch_size=None,
+        mesh=None,
+        finetuned=None,
+        quantize=None,
+        max_length=None,
+        max_gen_toks=256,
+        pack_length=512,
+        tokenizer=None,
+        model=None,
+        adapter=None,
+        **kwargs,
+    ):
         super().__init__()
         # lm-eval's command line passes device / max_batch_size to every backend: JAX places arrays itself
         unknown = {k for k in kwargs if k not in ("device", "max_batch_size", "trust_remote_code")}
         if unknown:
-            raise ValueError(f"neox-jax: unknown model args {sorted(unknown)}; known: pretrained, dtype, batch_size, "
-                             f"mesh, finetuned, adapter, quantize, max_length, max_gen_toks, pack_length, tokenizer")
+            raise ValueError(
+                f"neox-jax: unknown model args {sorted(unknown)}; known: pretrained, dtype, batch_size, "
+                f"mesh, finetuned, adapter, quantize, max_length, max_gen_toks, pack_length, tokenizer"
+            )
         if model is None:
             path = pretrained or checkpoint
             if path is None:
                 raise ValueError("neox-jax: pass pretrained=<neox-jax checkpoint directory>")
-            model, mesh = load_model(path, None if dtype in (None, "auto") else dtype, mesh, finetuned, quantize,
-                                     adapter)
+            model, mesh = load_model(
+                path, None if dtype in (None, "auto") else dtype, mesh, finetuned, quantize, adapter
+            )
         elif isinstance(mesh, str):
             mesh = sharding.make_mesh(mesh)
         self.model, self.mesh = model, mesh
@@ -109,8 +128,11 @@ class NeoXLM(TemplateLM):
         return self.tok.source.replace("/", "__")
 
     def get_model_info(self) -> dict:
-        return {"model_num_parameters": self.model.config.num_params, "model_dtype": str(self.model.dtype),
-                "model_path": self.model.path}
+        return {
+            "model_num_parameters": self.model.config.num_params,
+            "model_dtype": str(self.model.dtype),
+            "model_path": self.model.path,
+        }
 
     def tok_encode(self, string: str, add_special_tokens=None, left_truncate_len=None, **kwargs) -> list[int]:
         ids = self.tok.encode(string)  # the 20B tokenizer adds no BOS, with or without special tokens
@@ -126,10 +148,17 @@ class NeoXLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """requests: ((context, continuation) strings, context tokens, continuation tokens) -> (logprob, is_greedy)."""
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="neox-jax loglikelihood")
-        res = score_requests(self.model.config, self.model.params, [(c, k) for _, c, k in requests],
-                             max_length=self.max_length, batch_rows=self.batch_rows, pack_length=self.pack_length,
-                             row_multiple=sharding.data_size(self.mesh), place=self._place,
-                             progress=bar.update)
+        res = score_requests(
+            self.model.config,
+            self.model.params,
+            [(c, k) for _, c, k in requests],
+            max_length=self.max_length,
+            batch_rows=self.batch_rows,
+            pack_length=self.pack_length,
+            row_multiple=sharding.data_size(self.mesh),
+            place=self._place,
+            progress=bar.update,
+        )
         bar.close()
         for (strings, _, _), answer in zip(requests, res):
             if strings is not None:
@@ -141,9 +170,15 @@ class NeoXLM(TemplateLM):
         windows of all documents scored in one packed pass."""
         windows, owner = [], []
         for i, (string,) in enumerate(req.args for req in requests):
-            for ctx, cont in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
+            for ctx, cont in map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, ctx, cont))
                 owner.append(i)
         scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
@@ -160,8 +195,12 @@ class NeoXLM(TemplateLM):
         generation kwargs, longest prompts first, contexts left-truncated to max_length - max_gen_toks)."""
         res = []
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="neox-jax generate_until")
-        order = Collator([r.args for r in requests], sort_fn=lambda r: (-len(self.tok_encode(r[0])), r[0]),
-                         group_by="gen_kwargs", group_fn=lambda r: r[1])
+        order = Collator(
+            [r.args for r in requests],
+            sort_fn=lambda r: (-len(self.tok_encode(r[0])), r[0]),
+            group_by="gen_kwargs",
+            group_fn=lambda r: r[1],
+        )
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         for chunk in order.get_batched(n=self.batch_rows):
             contexts, all_kwargs = zip(*chunk)
@@ -172,8 +211,7 @@ class NeoXLM(TemplateLM):
                 raise ValueError(f"neox-jax evaluates greedily; this task asks for sampling: {all_kwargs[0]}")
             max_ctx = self.max_length - max_gen
             if max_ctx <= 0:
-                raise ValueError(f"max_gen_toks {max_gen} leaves no room for a context in max_length "
-                                 f"{self.max_length}")
+                raise ValueError(f"max_gen_toks {max_gen} leaves no room for a context in max_length {self.max_length}")
             prompts = [self.tok_encode(c, left_truncate_len=max_ctx) for c in contexts]
             for context, gen_kwargs, toks in zip(contexts, all_kwargs, self._generate(prompts, max_gen, until)):
                 text = postprocess_generated_text(self.tok_decode(toks), until, None)
@@ -189,9 +227,10 @@ class NeoXLM(TemplateLM):
         at them itself, as lm-eval does, so the result does not depend on where generation stopped."""
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         stops = [u for u in until if u and u != eos_text]
-        out = self.model.generate(prompts, max_new_tokens=max_new, temperature=0.0, stop=stops or None,
-                                  stop_token_ids=[self.eot_token_id])
-        return [ids[:ids.index(self.eot_token_id)] if self.eot_token_id in ids else ids for ids in out.token_ids]
+        out = self.model.generate(
+            prompts, max_new_tokens=max_new, temperature=0.0, stop=stops or None, stop_token_ids=[self.eot_token_id]
+        )
+        return [ids[: ids.index(self.eot_token_id)] if self.eot_token_id in ids else ids for ids in out.token_ids]
 
 
 def cli() -> None:

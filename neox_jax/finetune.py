@@ -22,6 +22,7 @@ multiplied by `scale` before differentiation and the gradients divided by it aft
 (the step sees it as a non-finite global gradient norm) the update is skipped (params and optimizer state kept) and
 the scale halved (never below 1); after `period` finite steps in a row it doubles.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,6 +52,7 @@ FORMAT = "neox-jax-finetuned"
 
 
 # ---- trainable subsets -----------------------------------------------------------------------------------------------
+
 
 def is_trainable(path: tuple, mode: str) -> bool:
     """path: keys from the params root, e.g. ("layers", 3, "attention", "dense", "bias")."""
@@ -141,8 +143,9 @@ def prepare_frozen(cfg: NeoXConfig, frozen: dict, dtype, mesh, mode: str, transp
     physically transposed [O, I] copy of each kernel beside it as "kernel_t" (model.matmul_f32; unrolled layers)."""
     if not wants_backward_kernels(dtype, mesh, transposed_copies):
         return frozen
-    return jax.device_put(_add_kernels_t(frozen, transpose_kernel),
-                          frozen_shardings(cfg, mesh, mode, dtype, transposed_copies))
+    return jax.device_put(
+        _add_kernels_t(frozen, transpose_kernel), frozen_shardings(cfg, mesh, mode, dtype, transposed_copies)
+    )
 
 
 def load_for_training(path, mode: str, dtype, mesh, transposed_copies: bool = True, seed: int = 0):
@@ -164,13 +167,16 @@ def load_for_training(path, mode: str, dtype, mesh, transposed_copies: bool = Tr
 
 # ---- optimizer and loss scale -------------------------------------------------------------------------------------
 
+
 def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, kind: str = "cosine", min_lr_ratio: float = 0.1):
     """Linear warm-up to lr over the first warmup_steps updates, then cosine / linear decay to lr * min_lr_ratio at
     total_steps (or constant)."""
     rest = max(total_steps - warmup_steps, 1)
-    decays = {"cosine": lambda: optax.cosine_decay_schedule(lr, rest, alpha=min_lr_ratio),
-              "linear": lambda: optax.linear_schedule(lr, lr * min_lr_ratio, rest),
-              "constant": lambda: optax.constant_schedule(lr)}
+    decays = {
+        "cosine": lambda: optax.cosine_decay_schedule(lr, rest, alpha=min_lr_ratio),
+        "linear": lambda: optax.linear_schedule(lr, lr * min_lr_ratio, rest),
+        "constant": lambda: optax.constant_schedule(lr),
+    }
     if kind not in decays:
         raise ValueError(f"unknown schedule {kind!r}; expected one of {list(decays)}")
     if warmup_steps <= 0:
@@ -184,8 +190,9 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, kind: str 
 
 def make_optimizer(schedule, grad_clip: float = 1.0, weight_decay: float = 0.0, b1=0.9, b2=0.999, eps=1e-8):
     """clip_by_global_norm then AdamW; the current learning rate is kept in the state (inject_hyperparams)."""
-    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, b1=b1, b2=b2, eps=eps,
-                                                 weight_decay=weight_decay)
+    adamw = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay
+    )
     return optax.chain(optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(), adamw)
 
 
@@ -193,19 +200,21 @@ def current_lr(opt_state):
     return opt_state[1].hyperparams["learning_rate"]
 
 
-def init_loss_scale(dynamic: bool, initial: float = 2.0 ** 15) -> dict:
+def init_loss_scale(dynamic: bool, initial: float = 2.0**15) -> dict:
     return {"scale": jnp.asarray(initial if dynamic else 1.0, F32), "counter": jnp.zeros((), jnp.int32)}
 
 
 def adjust_loss_scale(ls: dict, finite, period: int = 2000, factor: float = 2.0, min_scale: float = 1.0) -> dict:
     """After a step: halve on overflow (not below min_scale), double after `period` finite steps in a row."""
     grow = finite & (ls["counter"] + 1 >= period)
-    scale = jnp.where(finite, jnp.where(grow, ls["scale"] * factor, ls["scale"]),
-                      jnp.maximum(ls["scale"] / factor, min_scale))
+    scale = jnp.where(
+        finite, jnp.where(grow, ls["scale"] * factor, ls["scale"]), jnp.maximum(ls["scale"] / factor, min_scale)
+    )
     return {"scale": scale, "counter": jnp.where(finite & ~grow, ls["counter"] + 1, 0).astype(jnp.int32)}
 
 
 # ---- the train step --------------------------------------------------------------------------------------------------
+
 
 def token_losses(cfg: NeoXConfig, params: dict, windows, attention=None, lora_spec=None, lora_key=None):
     """windows [B, T + 1] int -> per-token cross entropy [B, T] float32 (inputs w[:, :-1], targets w[:, 1:]).
@@ -215,11 +224,21 @@ def token_losses(cfg: NeoXConfig, params: dict, windows, attention=None, lora_sp
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])  # logits [B, T, V] float32
 
 
-def loss_and_grads(cfg: NeoXConfig, trainable: dict, frozen: dict, windows, dtype, scale=1.0, attention=None,
-                   lora_spec=None, lora_key=None):
+def loss_and_grads(
+    cfg: NeoXConfig,
+    trainable: dict,
+    frozen: dict,
+    windows,
+    dtype,
+    scale=1.0,
+    attention=None,
+    lora_spec=None,
+    lora_key=None,
+):
     """(mean loss, float32 gradients of the trainable masters); the loss is scaled by `scale` for differentiation
     and the gradients unscaled. lora_spec: the masters are LoRA adapters (they run in float32, uncast); lora_key: the
     step's dropout key."""
+
     def scaled(p):
         p = p if lora_spec is not None else cast(p, dtype)
         loss = token_losses(cfg, merge_params(p, frozen), windows, attention, lora_spec, lora_key).mean()
@@ -236,23 +255,40 @@ def state_shardings(cfg: NeoXConfig, mesh, mode: str, tx) -> dict:
     p_sh = trainable_shardings(cfg, mesh, mode)
     opt_abstract = jax.eval_shape(tx.init, abstract_trainable(cfg, mode))
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, p_sh, transform_non_params=lambda _: rep)
-    return {"params": p_sh, "opt_state": opt_sh, "loss_scale": {"scale": rep, "counter": rep}, "rng": rep,
-            "step": rep}
+    return {"params": p_sh, "opt_state": opt_sh, "loss_scale": {"scale": rep, "counter": rep}, "rng": rep, "step": rep}
 
 
-def init_state(trainable: dict, tx, shardings: dict, *, dynamic: bool, initial_scale: float = 2.0 ** 15,
-               seed: int = 0) -> dict:
+def init_state(
+    trainable: dict, tx, shardings: dict, *, dynamic: bool, initial_scale: float = 2.0**15, seed: int = 0
+) -> dict:
     """The train state: float32 masters, optimizer state, loss scale, RNG key data (reserved for stochastic
     regularisation: GPT-NeoX trains without dropout; it is split every step and saved) and the step count.
     `trainable` is donated: the state takes over its buffers (no second copy of the masters)."""
+
     def init(p):
-        return {"params": p, "opt_state": tx.init(p), "loss_scale": init_loss_scale(dynamic, initial_scale),
-                "rng": jax.random.key_data(jax.random.key(seed)), "step": jnp.zeros((), jnp.int32)}
+        return {
+            "params": p,
+            "opt_state": tx.init(p),
+            "loss_scale": init_loss_scale(dynamic, initial_scale),
+            "rng": jax.random.key_data(jax.random.key(seed)),
+            "step": jnp.zeros((), jnp.int32),
+        }
+
     return jax.jit(init, out_shardings=shardings, donate_argnums=0)(trainable)
 
 
-def make_train_step(cfg: NeoXConfig, tx, dtype, mesh, mode: str, *, dynamic: bool, scale_period: int = 2000,
-                    donate: bool = True, transposed_copies: bool = True):
+def make_train_step(
+    cfg: NeoXConfig,
+    tx,
+    dtype,
+    mesh,
+    mode: str,
+    *,
+    dynamic: bool,
+    scale_period: int = 2000,
+    donate: bool = True,
+    transposed_copies: bool = True,
+):
     """jit(step)(state, frozen, windows [B, T + 1]) -> (state, metrics): batch split over `data`, params and
     optimizer state per the sharding rules. A step with non-finite gradients changes nothing but the loss scale and
     the step count (metrics["skipped"])."""
@@ -263,8 +299,9 @@ def make_train_step(cfg: NeoXConfig, tx, dtype, mesh, mode: str, *, dynamic: boo
     def step(state, frozen, windows):
         rng, key = jax.random.split(jax.random.wrap_key_data(state["rng"]))  # key: this step's LoRA dropout
         key = key if spec is not None and spec.dropout else None
-        loss, grads = loss_and_grads(cfg, state["params"], frozen, windows, dtype, state["loss_scale"]["scale"],
-                                     lora_spec=spec, lora_key=key)
+        loss, grads = loss_and_grads(
+            cfg, state["params"], frozen, windows, dtype, state["loss_scale"]["scale"], lora_spec=spec, lora_key=key
+        )
         grad_norm = optax.global_norm(grads)
         # an inf or NaN anywhere makes the norm non-finite (so does a norm beyond float32's range, ~1.8e19): one
         # pass over the gradients instead of an is-finite pass per tensor
@@ -278,15 +315,28 @@ def make_train_step(cfg: NeoXConfig, tx, dtype, mesh, mode: str, *, dynamic: boo
         # old and new copies of every parameter and moment (that doubled the optimizer's memory traffic)
         params, opt_state = jax.lax.cond(finite, update, lambda _: (state["params"], state["opt_state"]), None)
         ls = adjust_loss_scale(state["loss_scale"], finite, scale_period) if dynamic else state["loss_scale"]
-        new = {"params": params, "opt_state": opt_state, "loss_scale": ls, "rng": jax.random.key_data(rng),
-               "step": state["step"] + 1}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": current_lr(opt_state),
-                   "loss_scale": state["loss_scale"]["scale"], "skipped": ~finite}
+        new = {
+            "params": params,
+            "opt_state": opt_state,
+            "loss_scale": ls,
+            "rng": jax.random.key_data(rng),
+            "step": state["step"] + 1,
+        }
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": current_lr(opt_state),
+            "loss_scale": state["loss_scale"]["scale"],
+            "skipped": ~finite,
+        }
         return new, metrics
 
-    return jax.jit(step, in_shardings=(st_sh, frozen_shardings(cfg, mesh, mode, dtype, transposed_copies),
-                                          batch_sharding(mesh)),
-                   out_shardings=(st_sh, rep), donate_argnums=(0,) if donate else ())
+    return jax.jit(
+        step,
+        in_shardings=(st_sh, frozen_shardings(cfg, mesh, mode, dtype, transposed_copies), batch_sharding(mesh)),
+        out_shardings=(st_sh, rep),
+        donate_argnums=(0,) if donate else (),
+    )
 
 
 def make_eval_step(cfg: NeoXConfig, dtype, mesh, mode: str, transposed_copies: bool = True):
@@ -301,11 +351,15 @@ def make_eval_step(cfg: NeoXConfig, dtype, mesh, mode: str, transposed_copies: b
         per_window = token_losses(cfg, merge_params(trainable, frozen), windows, lora_spec=spec).mean(-1)  # [B]
         return jnp.sum(per_window * weights), jnp.sum(weights)
 
-    return jax.jit(ev, in_shardings=(trainable_sh, frozen_sh, batch_sharding(mesh), batch_sharding(mesh, 1)),
-                   out_shardings=NamedSharding(mesh, P()))
+    return jax.jit(
+        ev,
+        in_shardings=(trainable_sh, frozen_sh, batch_sharding(mesh), batch_sharding(mesh, 1)),
+        out_shardings=NamedSharding(mesh, P()),
+    )
 
 
 # ---- the fine-tuned parameters as a small checkpoint ----------------------------------------------------------------
+
 
 def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.StandardCheckpointHandler())
@@ -336,8 +390,14 @@ def save_finetuned(run_dir, cfg: NeoXConfig, mode: str, trainable: dict, info: d
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), trainable)
     try:
         _checkpointer().save(tmp / "params", args=ocp.args.StandardSave(host))
-        meta = {"format": FORMAT, "format_version": 1, "config": cfg.to_dict(), **mode_to_meta(mode),
-                "num_trainable": int(sum(x.size for x in jax.tree.leaves(host))), **(info or {})}
+        meta = {
+            "format": FORMAT,
+            "format_version": 1,
+            "config": cfg.to_dict(),
+            **mode_to_meta(mode),
+            "num_trainable": int(sum(x.size for x in jax.tree.leaves(host))),
+            **(info or {}),
+        }
         meta["checksums"] = checksums.section(checksums.record(tmp, "params"))  # `neox-jax convert verify` reads it
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():
@@ -358,8 +418,10 @@ def load_finetuned(run_dir) -> tuple[dict, dict]:
     d = Path(run_dir).absolute() / FINETUNED  # Orbax reads no metadata from a relative path
     meta_file = d / "metadata.json"
     if not meta_file.is_file():
-        raise checkpoint.CheckpointError(f"{run_dir}: no {FINETUNED}/metadata.json (not a fine-tuning run directory, "
-                                         f"or its run has not saved yet: resume it with --resume to finish)")
+        raise checkpoint.CheckpointError(
+            f"{run_dir}: no {FINETUNED}/metadata.json (not a fine-tuning run directory, "
+            f"or its run has not saved yet: resume it with --resume to finish)"
+        )
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise checkpoint.CheckpointError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
@@ -376,8 +438,10 @@ def apply_finetuned(params: dict, cfg: NeoXConfig, run_dir) -> dict:
     tensor it replaces."""
     meta, trained = load_finetuned(run_dir)
     if NeoXConfig.from_dict(meta["config"]) != cfg:
-        raise checkpoint.CheckpointError(f"{run_dir}: fine-tuned for a different model config than this checkpoint's "
-                                         f"({meta['config']} vs {cfg.to_dict()})")
+        raise checkpoint.CheckpointError(
+            f"{run_dir}: fine-tuned for a different model config than this checkpoint's "
+            f"({meta['config']} vs {cfg.to_dict()})"
+        )
     mode = mode_from_meta(meta)
     if lora.is_lora(mode):  # folded into the kernels (W + scale * A @ B): inference runs at the base model's cost
         return lora.merge_adapters(params, trained, mode.scale)

@@ -13,6 +13,7 @@ max_new_tokens rounded up to 64. One prefill program per (batch, prompt bucket, 
 the penalty, the seed and the stop ids are runtime values. The decode loop runs the whole generation in one call, or
 in chunks of `chunk_size` steps when streaming or checking stop strings (a stop string can only be seen on the host).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,6 +59,7 @@ class GenerateResult:
     """token_ids: per prompt, every generated id up to and including the one that ended it (a stop id, or the token
     that completed a stop string). texts: the completions without the stop id / stop string (None without a
     tokenizer). finish_reasons: "stop" (stop id or string; stopped_by says which) or "length"."""
+
     prompt_ids: list[list[int]]
     token_ids: list[list[int]]
     texts: list[str] | None
@@ -66,14 +68,17 @@ class GenerateResult:
     timing: Timing
 
     def to_dict(self) -> dict:
-        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "timing"},
-                "timing": self.timing.to_dict()}
+        return {
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "timing"},
+            "timing": self.timing.to_dict(),
+        }
 
 
 @dataclasses.dataclass
 class StreamEvent:
     """What one step of the stream added, per prompt: new ids, new text (held back while a character or a possible
     stop string is incomplete), and the finish reason once a row ends (None while it runs)."""
+
     token_ids: list[list[int]]
     texts: list[str] | None
     finish_reasons: list[str | None]
@@ -105,8 +110,16 @@ class Generator:
     a multiple of the mesh's `data` size (the extra rows are dropped), the KV cache is split over batch and heads,
     and on several processes every process passes the same prompts and gets every completion."""
 
-    def __init__(self, cfg: NeoXConfig, params: Params, tokenizer: Tokenizer | None = None, *, chunk_size: int = 16,
-                 layout: core.Layout | None = None, mesh=None):
+    def __init__(
+        self,
+        cfg: NeoXConfig,
+        params: Params,
+        tokenizer: Tokenizer | None = None,
+        *,
+        chunk_size: int = 16,
+        layout: core.Layout | None = None,
+        mesh=None,
+    ):
         """layout: None picks the fastest for the backend (decode.layout_for; on CPU a second, transposed copy of the
         matmul weights is made once and kept while these params are in use)."""
         self.cfg, self.params, self.tokenizer, self.chunk_size, self.mesh = cfg, params, tokenizer, chunk_size, mesh
@@ -126,14 +139,17 @@ class Generator:
         for i, p in enumerate(prompts):
             if isinstance(p, str):
                 if self.tokenizer is None:
-                    raise ValueError("text prompts need a tokenizer (the checkpoint has no tokenizer.json); "
-                                     "pass token-id lists instead")
+                    raise ValueError(
+                        "text prompts need a tokenizer (the checkpoint has no tokenizer.json); "
+                        "pass token-id lists instead"
+                    )
                 ids = self.tokenizer.encode(p)
             else:
                 ids = [int(t) for t in p]
             if not ids:
-                raise ValueError(f"prompt {i} is empty: give at least one token (e.g. the end-of-text id "
-                                 f"{self.cfg.eos_token_id})")
+                raise ValueError(
+                    f"prompt {i} is empty: give at least one token (e.g. the end-of-text id {self.cfg.eos_token_id})"
+                )
             bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
             if bad:
                 raise ValueError(f"prompt {i}: token ids {bad[:5]} outside [0, {self.cfg.vocab_size})")
@@ -169,22 +185,49 @@ class Generator:
         return force_done if self.mesh is None else sharding.put_batch(force_done, self.mesh)
 
     # ---- the loop ----------------------------------------------------------------------------------------------------
-    def stream(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, repetition_penalty: float | None = None, seed: int = 0,
-               stop=None, stop_token_ids: Sequence[int] | None = None, chunk_size: int | None = None) -> Stream:
+    def stream(
+        self,
+        prompts,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int = 0,
+        stop=None,
+        stop_token_ids: Sequence[int] | None = None,
+        chunk_size: int | None = None,
+    ) -> Stream:
         """stop: a string or list of strings ending a completion (needs a tokenizer). stop_token_ids: ids ending a
         completion (default: the tokenizer's end-of-text, else the config's eos_token_id; [] for none).
         chunk_size: decode steps per event (default self.chunk_size; 1: one event per token)."""
         sp = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        return Stream(self._run(prompts, max_new_tokens, sp, stop, stop_token_ids, streaming=True,
-                                chunk_size=chunk_size))
+        return Stream(
+            self._run(prompts, max_new_tokens, sp, stop, stop_token_ids, streaming=True, chunk_size=chunk_size)
+        )
 
-    def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, repetition_penalty: float | None = None, seed: int = 0, stop=None,
-                 stop_token_ids: Sequence[int] | None = None, callback=None) -> GenerateResult:
+    def generate(
+        self,
+        prompts,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int = 0,
+        stop=None,
+        stop_token_ids: Sequence[int] | None = None,
+        callback=None,
+    ) -> GenerateResult:
         """As `stream`, run to the end; callback(StreamEvent) is called for each step if given."""
-        events = self._run(prompts, max_new_tokens, SamplingParams(temperature, top_k, top_p, repetition_penalty, seed),
-                           stop, stop_token_ids, streaming=callback is not None)
+        events = self._run(
+            prompts,
+            max_new_tokens,
+            SamplingParams(temperature, top_k, top_p, repetition_penalty, seed),
+            stop,
+            stop_token_ids,
+            streaming=callback is not None,
+        )
         while True:
             try:
                 event = next(events)
@@ -192,8 +235,16 @@ class Generator:
                 return e.value
             callback(event)
 
-    def _run(self, prompts, max_new_tokens, sp: SamplingParams, stop, stop_token_ids, streaming: bool,
-             chunk_size: int | None = None):
+    def _run(
+        self,
+        prompts,
+        max_new_tokens,
+        sp: SamplingParams,
+        stop,
+        stop_token_ids,
+        streaming: bool,
+        chunk_size: int | None = None,
+    ):
         t_start = time.perf_counter()
         cfg, tok = self.cfg, self.tokenizer
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -213,9 +264,11 @@ class Generator:
         ids = self.encode(prompts)
         longest = max(map(len, ids))
         if longest + max_new_tokens > cfg.max_position_embeddings:
-            raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
-                             f"max_position_embeddings {cfg.max_position_embeddings}; shorten the prompt or ask for "
-                             f"fewer tokens")
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                f"max_position_embeddings {cfg.max_position_embeddings}; shorten the prompt or ask for "
+                f"fewer tokens"
+            )
         static = sp.static(self.vocab_limit())
         n, b_pre = len(ids), batch_bucket(len(ids))
         timing = Timing()
@@ -234,7 +287,7 @@ class Generator:
         mask = np.zeros((b_pre, p), np.int32)
         for i in range(b_pre):
             row = ids[min(i, n - 1)]  # rows past n repeat the last prompt and are forced done
-            grid[i, p - len(row):], mask[i, p - len(row):] = row, 1
+            grid[i, p - len(row) :], mask[i, p - len(row) :] = row, 1
         stop_mask = np.zeros(cfg.vocab_size, bool)
         stop_mask[stop_token_ids] = True
         force_done = np.arange(b) >= n
@@ -247,8 +300,23 @@ class Generator:
             stop_mask = sharding.put_replicated(stop_mask, self.mesh)
             key = jax.random.wrap_key_data(sharding.put_replicated(jax.random.key_data(key), self.mesh))
         t = time.perf_counter()
-        pre = self._program("prefill", (b_pre, b, p, s, static, layout), params, core.prefill_jit, cfg, static,
-                            layout, s, b, params, grid, mask, values, stop_mask, key)
+        pre = self._program(
+            "prefill",
+            (b_pre, b, p, s, static, layout),
+            params,
+            core.prefill_jit,
+            cfg,
+            static,
+            layout,
+            s,
+            b,
+            params,
+            grid,
+            mask,
+            values,
+            stop_mask,
+            key,
+        )
         timing.compile_s += time.perf_counter() - t
         t = time.perf_counter()
         state = pre(params, grid, mask, values, stop_mask, key)
@@ -264,8 +332,21 @@ class Generator:
         while made < max_new_tokens and not all(r.finished for r in rows):
             if dec is None:
                 t = time.perf_counter()
-                dec = self._program("decode", (b, s, static, layout), params, core.decode_jit, cfg, static, layout,
-                                    params, state, values, stop_mask, self._put_done(force_done), np.int32(1))
+                dec = self._program(
+                    "decode",
+                    (b, s, static, layout),
+                    params,
+                    core.decode_jit,
+                    cfg,
+                    static,
+                    layout,
+                    params,
+                    state,
+                    values,
+                    stop_mask,
+                    self._put_done(force_done),
+                    np.int32(1),
+                )
                 timing.compile_s += time.perf_counter() - t
             t = time.perf_counter()
             steps = min(chunk, max_new_tokens - made)
@@ -283,13 +364,20 @@ class Generator:
         if streaming and any(tail):
             yield StreamEvent([[] for _ in rows], tail, [r.finish_reason for r in rows])
         timing.decode_tokens = sum(max(0, len(r.ids) - 1) for r in rows)
-        return GenerateResult(prompt_ids=ids, token_ids=[r.ids for r in rows],
-                              texts=[r.text for r in rows] if tok else None,
-                              finish_reasons=[r.finish_reason for r in rows],
-                              stopped_by=[r.stopped_by for r in rows], timing=timing)
+        return GenerateResult(
+            prompt_ids=ids,
+            token_ids=[r.ids for r in rows],
+            texts=[r.text for r in rows] if tok else None,
+            finish_reasons=[r.finish_reason for r in rows],
+            stopped_by=[r.stopped_by for r in rows],
+            timing=timing,
+        )
 
     @staticmethod
     def _advance(rows: list[RowTracker], new: np.ndarray) -> StreamEvent:
         pieces = [r.push(new[i].tolist()) for i, r in enumerate(rows)]
-        return StreamEvent(token_ids=[p[0] for p in pieces], texts=[p[1] for p in pieces] if rows[0].tok else None,
-                           finish_reasons=[r.finish_reason for r in rows])
+        return StreamEvent(
+            token_ids=[p[0] for p in pieces],
+            texts=[p[1] for p in pieces] if rows[0].tok else None,
+            finish_reasons=[r.finish_reason for r in rows],
+        )

@@ -15,6 +15,7 @@ in at the first compile: pass them through the closure or a partial argument ins
 Other callables (bound methods, objects with __call__) are static by themselves: hashed by value if hashable, by
 identity otherwise, with no arrays pulled out.
 """
+
 from __future__ import annotations
 
 import functools
@@ -96,7 +97,7 @@ def _split_values(values) -> tuple[tuple, list]:
 def _join_values(specs, arrays: list) -> tuple:
     out, at = [], 0
     for spec, n in specs:
-        out.append(_join_value(spec, arrays[at:at + n]))
+        out.append(_join_value(spec, arrays[at : at + n]))
         at += n
     return tuple(out)
 
@@ -121,7 +122,7 @@ def join(spec, arrays: list) -> Callable:
     if kind == "partial":
         _, func_spec, args_spec, keys, n_func = spec
         values = _join_values(args_spec, arrays[n_func:])
-        args, keywords = values[:len(values) - len(keys)], dict(zip(keys, values[len(values) - len(keys):]))
+        args, keywords = values[: len(values) - len(keys)], dict(zip(keys, values[len(values) - len(keys) :]))
         return functools.partial(join(func_spec, arrays[:n_func]), *args, **keywords)
     if kind == "function":
         _, code, globals_, name, values_spec = spec

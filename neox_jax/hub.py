@@ -9,6 +9,7 @@ files are verified against what the Hub said at download time.
 The Hugging Face settings are read when called, not when huggingface_hub was imported: HF_HOME / HF_HUB_CACHE,
 HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -35,7 +36,7 @@ class HubError(NeoXError):
 
 def pythia_steps() -> list[int]:
     """The 154 published Pythia checkpoint steps: 0, 1, 2, 4, ..., 512 (log-spaced), then every 1000 to 143000."""
-    return [0, *(2 ** i for i in range(10)), *range(1000, 143001, 1000)]
+    return [0, *(2**i for i in range(10)), *range(1000, 143001, 1000)]
 
 
 def pythia_model_ids() -> list[str]:
@@ -49,7 +50,7 @@ def is_pythia(repo_id: str) -> bool:
 
 
 def step_of(revision: str | None) -> int | None:
-    """"step1000" -> 1000; anything else (main, a commit sha) -> None."""
+    """ "step1000" -> 1000; anything else (main, a commit sha) -> None."""
     m = re.fullmatch(r"step(\d+)", revision or "")
     return int(m.group(1)) if m else None
 
@@ -58,7 +59,7 @@ def nearest_steps(step: int) -> list[int]:
     """The published steps just below and just above `step` (one of them at either end)."""
     steps = pythia_steps()
     i = bisect.bisect_left(steps, step)
-    return steps[max(i - 1, 0):i + 1]
+    return steps[max(i - 1, 0) : i + 1]
 
 
 def is_hub_id(source: str | os.PathLike) -> bool:
@@ -70,6 +71,7 @@ def is_hub_id(source: str | os.PathLike) -> bool:
 @dataclass(frozen=True)
 class Settings:
     """The huggingface_hub configuration in force now (environment read at call time)."""
+
     endpoint: str
     cache_dir: Path
     token: str | None
@@ -83,11 +85,18 @@ class Settings:
         env = os.environ
         home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
         cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
-        offline = (env["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE")) if "HF_HUB_OFFLINE" in env \
+        offline = (
+            (env["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE"))
+            if "HF_HUB_OFFLINE" in env
             else bool(constants.HF_HUB_OFFLINE)
-        return cls(endpoint=(env.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/"),
-                   cache_dir=Path(os.path.expanduser(os.path.expandvars(cache))),
-                   token=env.get("HF_TOKEN") or None, offline=offline, records=neox_cache_dir() / "hub")
+        )
+        return cls(
+            endpoint=(env.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/"),
+            cache_dir=Path(os.path.expanduser(os.path.expandvars(cache))),
+            token=env.get("HF_TOKEN") or None,
+            offline=offline,
+            records=neox_cache_dir() / "hub",
+        )
 
 
 def neox_cache_dir() -> Path:
@@ -98,6 +107,7 @@ def neox_cache_dir() -> Path:
 class Resolved:
     """A revision resolved to its commit, with the hashes the Hub gives (or gave, when recorded) for its files:
     expected[name] = {"sha256": ... (LFS files), "git_sha1": ... (git blob id), "size": ...}."""
+
     repo_id: str
     revision: str
     commit: str
@@ -118,14 +128,19 @@ class Resolved:
 @dataclass
 class HubFiles:
     """Verified local files of one revision: `path` is the snapshot directory conversion reads."""
+
     resolved: Resolved
     path: Path
     sha256: dict[str, str]
 
     def source_record(self) -> dict:
         r = self.resolved
-        return {"repo_id": r.repo_id, "revision": r.revision, "commit": r.commit, "sha256": dict(sorted(
-            self.sha256.items()))}
+        return {
+            "repo_id": r.repo_id,
+            "revision": r.revision,
+            "commit": r.commit,
+            "sha256": dict(sorted(self.sha256.items())),
+        }
 
 
 def _repo_folder(cache: Path, repo_id: str) -> Path:
@@ -136,8 +151,11 @@ def _pick_files(names: set[str]) -> list[str]:
     """What conversion reads: config, one kind of weights (safetensors preferred) with its index, the tokenizer."""
     st = sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
     bins = sorted(n for n in names if re.fullmatch(r"pytorch_model.*\.bin", n))
-    weights = (st + [n for n in ("model.safetensors.index.json",) if n in names]) if st else \
-        (bins + [n for n in ("pytorch_model.bin.index.json",) if n in names])
+    weights = (
+        (st + [n for n in ("model.safetensors.index.json",) if n in names])
+        if st
+        else (bins + [n for n in ("pytorch_model.bin.index.json",) if n in names])
+    )
     return ["config.json", *weights, *[n for n in TOKENIZER_FILES if n in names]]
 
 
@@ -145,8 +163,10 @@ def _translate(e: Exception, repo_id: str, revision: str, s: Settings) -> HubErr
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     if isinstance(e, GatedRepoError):
-        return HubError(f"{repo_id} is gated: accept its terms on {s.endpoint}/{repo_id} and set HF_TOKEN to a token "
-                        f"of that account")
+        return HubError(
+            f"{repo_id} is gated: accept its terms on {s.endpoint}/{repo_id} and set HF_TOKEN to a token "
+            f"of that account"
+        )
     if isinstance(e, RepositoryNotFoundError):
         hint = "" if s.token else "; if it is private, set HF_TOKEN"
         pythia = f" (the Pythia suite: {', '.join(pythia_model_ids()[:4])}, ...)" if is_pythia(repo_id) else ""
@@ -157,8 +177,10 @@ def _translate(e: Exception, repo_id: str, revision: str, s: Settings) -> HubErr
             near = ", ".join(f"step{n}" for n in nearest_steps(step))
             return HubError(f"{repo_id} has no revision {revision!r}; nearest published steps: {near}")
         if is_pythia(repo_id):
-            return HubError(f"{repo_id} has no revision {revision!r}; Pythia revisions are step0, step1, step2, step4 "
-                            f"... step512, step1000 ... step143000 (neox_jax.hub.pythia_steps()) or main")
+            return HubError(
+                f"{repo_id} has no revision {revision!r}; Pythia revisions are step0, step1, step2, step4 "
+                f"... step512, step1000 ... step143000 (neox_jax.hub.pythia_steps()) or main"
+            )
         return HubError(f"{repo_id} has no revision {revision!r} (a branch, tag or commit sha)")
     return None
 
@@ -168,8 +190,11 @@ def _network_errors() -> tuple[type, ...]:
     import importlib
 
     errs: list[type] = [ConnectionError, TimeoutError]
-    for mod, names in (("httpx2", ("ConnectError", "TimeoutException")),
-                       ("httpx", ("ConnectError", "TimeoutException")), ("requests", ("ConnectionError", "Timeout"))):
+    for mod, names in (
+        ("httpx2", ("ConnectError", "TimeoutException")),
+        ("httpx", ("ConnectError", "TimeoutException")),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
         try:
             m = importlib.import_module(mod)
         except ImportError:
@@ -179,8 +204,10 @@ def _network_errors() -> tuple[type, ...]:
 
 
 def _offline_error(repo_id: str, revision: str, s: Settings, why: str) -> HubError:
-    return HubError(f"{why}, and {repo_id}@{revision} is not in the Hugging Face cache {s.cache_dir}: run once online "
-                    f"(or set HF_HUB_CACHE to the cache that has it)")
+    return HubError(
+        f"{why}, and {repo_id}@{revision} is not in the Hugging Face cache {s.cache_dir}: run once online "
+        f"(or set HF_HUB_CACHE to the cache that has it)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the hash records
@@ -227,8 +254,10 @@ def resolve(repo_id: str, revision: str | None = None, settings: Settings | None
         raise
     cfg = info.config or {}
     if cfg.get("model_type") not in (None, "gpt_neox"):
-        raise HubError(f"{repo_id}@{revision} is a {cfg['model_type']!r} model, not GPT-NeoX (model_type 'gpt_neox'); "
-                       f"neox-jax converts GPTNeoXForCausalLM checkpoints only")
+        raise HubError(
+            f"{repo_id}@{revision} is a {cfg['model_type']!r} model, not GPT-NeoX (model_type 'gpt_neox'); "
+            f"neox-jax converts GPTNeoXForCausalLM checkpoints only"
+        )
     expected = {}
     for sib in info.siblings or []:
         e = {"size": sib.size, "git_sha1": sib.blob_id}
@@ -265,8 +294,13 @@ def _resolve_cached(repo_id: str, revision: str, s: Settings, why: str) -> Resol
         expected = {}
         for f in _pick_files({p.name for p in snap.iterdir()}):
             blob = os.path.basename(os.path.realpath(snap / f))
-            expected[f] = {"sha256": blob} if re.fullmatch(r"[0-9a-f]{64}", blob) else \
-                {"git_sha1": blob} if COMMIT_RE.match(blob) else {}
+            expected[f] = (
+                {"sha256": blob}
+                if re.fullmatch(r"[0-9a-f]{64}", blob)
+                else {"git_sha1": blob}
+                if COMMIT_RE.match(blob)
+                else {}
+            )
     missing = [f for f in expected if not (snap / f).is_file()]
     if missing:
         raise _offline_error(repo_id, revision, s, f"{why} (files missing from the cache: {missing})")
@@ -295,8 +329,10 @@ def _verify(r: Resolved, name: str, path: Path) -> str:
     elif not want.get("sha256") and want.get("git_sha1") and git != want["git_sha1"]:
         bad = f"git blob sha1 {git}, the Hub's is {want['git_sha1']}"
     elif name.endswith(WEIGHT_SUFFIXES) and not want.get("sha256") and not want.get("git_sha1"):
-        raise HubError(f"{r.repo_id}@{r.revision} ({r.commit[:12]}): {name}: no hash recorded to verify it against "
-                       f"(sha256 {sha}); run once online so the Hub's hashes are recorded")  # not proven bad: kept
+        raise HubError(
+            f"{r.repo_id}@{r.revision} ({r.commit[:12]}): {name}: no hash recorded to verify it against "
+            f"(sha256 {sha}); run once online so the Hub's hashes are recorded"
+        )  # not proven bad: kept
     if bad is None:
         return sha
     blob = Path(os.path.realpath(path))
@@ -305,8 +341,10 @@ def _verify(r: Resolved, name: str, path: Path) -> str:
             p.unlink()
         except FileNotFoundError:
             pass
-    raise HubError(f"{r.repo_id}@{r.revision} ({r.commit[:12]}): {name}: {bad}; refused, and removed the corrupt "
-                   f"copy from the cache ({blob}): run again to download it again")
+    raise HubError(
+        f"{r.repo_id}@{r.revision} ({r.commit[:12]}): {name}: {bad}; refused, and removed the corrupt "
+        f"copy from the cache ({blob}): run again to download it again"
+    )
 
 
 def download(r: Resolved, settings: Settings | None = None) -> HubFiles:
@@ -321,13 +359,18 @@ def download(r: Resolved, settings: Settings | None = None) -> HubFiles:
             paths[name] = _repo_folder(s.cache_dir, r.repo_id) / "snapshots" / r.commit / name
         else:
             try:
-                paths[name] = Path(hf_hub_download(r.repo_id, name, revision=r.commit, cache_dir=s.cache_dir,
-                                                   endpoint=s.endpoint, token=s.token))
+                paths[name] = Path(
+                    hf_hub_download(
+                        r.repo_id, name, revision=r.commit, cache_dir=s.cache_dir, endpoint=s.endpoint, token=s.token
+                    )
+                )
             except OSError as e:
                 if e.errno == errno.ENOSPC:
                     size = r.expected[name].get("size")
-                    raise HubError(f"disk full while downloading {r.repo_id}@{r.revision} {name} ({size} bytes) into "
-                                   f"{s.cache_dir}: free space, or set HF_HUB_CACHE to a larger disk") from None
+                    raise HubError(
+                        f"disk full while downloading {r.repo_id}@{r.revision} {name} ({size} bytes) into "
+                        f"{s.cache_dir}: free space, or set HF_HUB_CACHE to a larger disk"
+                    ) from None
                 err = _translate(e, r.repo_id, r.revision, s)
                 if err is not None:
                     raise err from None
@@ -346,8 +389,10 @@ def _check_neox(r: Resolved, config: Path) -> None:
     except (OSError, json.JSONDecodeError) as e:
         raise HubError(f"{r.repo_id}@{r.revision}: config.json unreadable ({e})") from None
     if model_type != "gpt_neox":
-        raise HubError(f"{r.repo_id}@{r.revision} is a {model_type!r} model, not GPT-NeoX (model_type 'gpt_neox'); "
-                       f"neox-jax converts GPTNeoXForCausalLM checkpoints only")
+        raise HubError(
+            f"{r.repo_id}@{r.revision} is a {model_type!r} model, not GPT-NeoX (model_type 'gpt_neox'); "
+            f"neox-jax converts GPTNeoXForCausalLM checkpoints only"
+        )
 
 
 def fetch(repo_id: str, revision: str | None = None) -> HubFiles:

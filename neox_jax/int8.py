@@ -31,6 +31,7 @@ Modes, for x [tokens, K] (the contracted axes flattened) and output channels o:
             which is the paper's decomposition and gives a tighter sx. As in bitsandbytes, the outlier set is taken
             over the whole batch of the call (padding tokens included).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,6 +51,7 @@ WEIGHT_FORMAT = "int8 symmetric, per-output-channel scale = absmax / 127 (float3
 class QuantSpec:
     """What is quantized and how (hashable: part of the jit-static graph): the mode, and whether embed_out is int8
     as well as the block linears (model.int8_targets). The threshold is a param leaf."""
+
     mode: str
     embed_out: bool = False
 
@@ -59,6 +61,7 @@ class QuantSpec:
 
 
 # ---- the einsum layout --------------------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=64)
 def parse_spec(spec: str) -> tuple[str, str, str]:
@@ -80,6 +83,7 @@ def lead_axes(kernel_ndim: int, spec: str) -> int:
 
 
 # ---- the algorithm --------------------------------------------------------------------------------------------------
+
 
 def _inv127(absmax):
     """127 / absmax, and 0 where absmax == 0 (an all-zero row or column quantizes to zeros)."""
@@ -142,6 +146,7 @@ def linear(lin, x, out_dtype=None):
 
 # ---- reading a param tree's structure ---------------------------------------------------------------------------
 
+
 def map_linears(tree, fn, name=None):
     """Applies fn(name, linear_dict) to every {"kernel": ...} dict of a nested param dict (a whole tree or a group)."""
     if isinstance(tree, dict) and "kernel" in tree:
@@ -169,5 +174,5 @@ def spec_of(params) -> QuantSpec | None:
         return None
     if len(found) > 1:
         raise ValueError(f"param tree mixes quantization modes: {sorted(found)}")
-    (mode, names), = found.items()
+    ((mode, names),) = found.items()
     return QuantSpec(mode, "embed_out" in names)

@@ -26,6 +26,7 @@ Compiles: one program per (selected names, hook structure, shapes, param dtypes)
 static part and the arrays they close over (neox_jax/hookfns.py), so a new function of the same code with new array
 values (a patch taken from another run's cache) reuses the program; a new Python scalar in a closure compiles again.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -51,18 +52,34 @@ MLP_NAMES = ("hook_pre", "hook_post")
 
 def _block_names(cfg: NeoXConfig) -> tuple[str, ...]:
     mid = () if cfg.use_parallel_residual else ("hook_resid_mid",)
-    return ("hook_resid_pre", "ln1.hook_normalized", "hook_attn_out", *mid, "ln2.hook_normalized", "hook_mlp_out",
-            "hook_resid_post")
+    return (
+        "hook_resid_pre",
+        "ln1.hook_normalized",
+        "hook_attn_out",
+        *mid,
+        "ln2.hook_normalized",
+        "hook_mlp_out",
+        "hook_resid_post",
+    )
 
 
 def hook_names(cfg: NeoXConfig) -> list[str]:
     """Every hook name of this model, in forward order."""
     block = _block_names(cfg)
     mid = block.index("ln2.hook_normalized")
-    layer = [*block[:2], *(f"attn.{n}" for n in ATTN_NAMES), *block[2:mid], block[mid],
-             *(f"mlp.{n}" for n in MLP_NAMES), *block[mid + 1:]]  # forward order
-    return ["hook_embed", *(f"blocks.{i}.{n}" for i in range(cfg.num_hidden_layers) for n in layer),
-            "ln_final.hook_normalized"]
+    layer = [
+        *block[:2],
+        *(f"attn.{n}" for n in ATTN_NAMES),
+        *block[2:mid],
+        block[mid],
+        *(f"mlp.{n}" for n in MLP_NAMES),
+        *block[mid + 1 :],
+    ]  # forward order
+    return [
+        "hook_embed",
+        *(f"blocks.{i}.{n}" for i in range(cfg.num_hidden_layers) for n in layer),
+        "ln_final.hook_normalized",
+    ]
 
 
 def _unknown(name, valid: list[str]) -> NeoXError:
@@ -160,6 +177,7 @@ class _Point:
 
 def _install(cfg: NeoXConfig, model: GPTNeoX, recorder: _Recorder, active: set[str]) -> None:
     """Sets `hook` on the modules that own an active name (attention only there: its explicit path is slower)."""
+
     def put(module, prefix, own):
         if any(prefix + n in active for n in own):
             module.hook = _Point(recorder, prefix)
@@ -190,12 +208,15 @@ class ActivationCache(dict):
 
     def __missing__(self, name):
         close = difflib.get_close_matches(str(name), list(self), n=5, cutoff=0.6)
-        raise NeoXError(f"{name!r} is not in this cache (it holds what names_filter selected: {len(self)} names)"
-                        + (f"; close names in it: {', '.join(close)}" if close else ""))
+        raise NeoXError(
+            f"{name!r} is not in this cache (it holds what names_filter selected: {len(self)} names)"
+            + (f"; close names in it: {', '.join(close)}" if close else "")
+        )
 
 
 jax.tree_util.register_pytree_node(  # a pytree like dict, so a hook closing over a cache traces its arrays
-    ActivationCache, lambda c: (list(c.values()), list(c.keys())), lambda keys, vals: ActivationCache(zip(keys, vals)))
+    ActivationCache, lambda c: (list(c.values()), list(c.keys())), lambda keys, vals: ActivationCache(zip(keys, vals))
+)
 
 
 def _inputs(model, ids, mask):

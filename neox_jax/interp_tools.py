@@ -5,6 +5,7 @@ head, and an attention-pattern plot (matplotlib PNG).
     labels, attr = direct_logit_attribution(model, ids)  # attr [C, B, T]: what each head / MLP adds to a logit
     plot_attention(model, "The cat sat on the mat", layer=3, path="attn.png")
 """
+
 from __future__ import annotations
 
 import functools
@@ -94,13 +95,19 @@ def direct_logit_attribution(model, ids, targets=None, mask=None):
     values [C + 1, B, T] float32 numpy), whose sum over the first axis is the target's logit."""
     cfg = model.config
     n = cfg.num_hidden_layers
-    names = ["hook_embed", *(f"blocks.{i}.{s}" for i in range(n) for s in ("attn.hook_z", "hook_mlp_out")),
-             f"blocks.{n - 1}.hook_resid_post"]
+    names = [
+        "hook_embed",
+        *(f"blocks.{i}.{s}" for i in range(n) for s in ("attn.hook_z", "hook_mlp_out")),
+        f"blocks.{n - 1}.hook_resid_post",
+    ]
     logits, cache = run_with_cache(model, ids, names, mask)
     targets = jnp.argmax(logits, -1) if targets is None else jnp.asarray(targets, jnp.int32).reshape(logits.shape[:2])
     values, ln_bias = _dla(model.params, dict(cache), targets, cfg=cfg)
-    labels = ["embed"] + [lab for i in range(n) for lab in
-                          (*(f"L{i}H{h}" for h in range(cfg.num_attention_heads)), f"L{i} attn bias", f"L{i} mlp")]
+    labels = ["embed"] + [
+        lab
+        for i in range(n)
+        for lab in (*(f"L{i}H{h}" for h in range(cfg.num_attention_heads)), f"L{i} attn bias", f"L{i} mlp")
+    ]
     return labels + ["ln_final bias"], np.concatenate([np.asarray(values), np.asarray(ln_bias)[None]])
 
 

@@ -18,6 +18,7 @@ Initialisation as PEFT's default: A ~ U(-1/sqrt(in), 1/sqrt(in)) (torch's kaimin
 [r, in] weight), B = 0, so training starts from the base model's outputs. Default targets: PEFT's for GPT-NeoX,
 query_key_value.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,6 +40,7 @@ N_IN = {"query_key_value": 1, "dense": 2, "dense_h_to_4h": 1, "dense_4h_to_h": 1
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
     """What is adapted and how (hashable: the jitted step closes over it)."""
+
     rank: int = 8
     alpha: float = 8.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -80,7 +82,7 @@ class Adapter:
         self.a, self.b, self.spec, self.key = a, b, spec, key
 
     def __call__(self, x, n_in: int):  # x [..., in dims] -> [..., out dims] float32
-        lead, r = x.shape[:x.ndim - n_in], self.a.shape[-1]
+        lead, r = x.shape[: x.ndim - n_in], self.a.shape[-1]
         rows = x.reshape(-1, math.prod(self.a.shape[:-1])).astype(F32)  # [M, I]
         p = self.spec.dropout
         if p and self.key is not None:  # torch.nn.Dropout: zero with probability p, scale the rest by 1 / (1 - p)
@@ -92,6 +94,7 @@ class Adapter:
 
 
 # ---- the adapter tree: {"layers": {i: {"attention": {"query_key_value": {"lora_A", "lora_B"}}, ...}}} -------------
+
 
 def _kernels(cfg):
     """(layer path, kernel shape, kernel logical axes) of every targetable Linear of layer 0 (the same in each)."""
@@ -122,6 +125,7 @@ def abstract_adapters(cfg, spec: LoraSpec) -> dict:
     def fn(name, i, shape, axes):
         a, b = adapter_shapes(name, shape, spec.rank)
         return {"lora_A": jax.ShapeDtypeStruct(a, F32), "lora_B": jax.ShapeDtypeStruct(b, F32)}
+
     return _map(cfg, spec, fn)
 
 
@@ -134,8 +138,11 @@ def adapter_shardings(cfg, spec: LoraSpec, mesh) -> dict:
 
     def fn(name, i, shape, axes):
         n = N_IN[name]
-        return {"lora_A": NamedSharding(mesh, P(*spec_for(axes[:n], mesh), None)),
-                "lora_B": NamedSharding(mesh, P(None, *spec_for(axes[n:], mesh)))}
+        return {
+            "lora_A": NamedSharding(mesh, P(*spec_for(axes[:n], mesh), None)),
+            "lora_B": NamedSharding(mesh, P(None, *spec_for(axes[n:], mesh))),
+        }
+
     return _map(cfg, spec, fn)
 
 
@@ -170,6 +177,7 @@ def training_bytes(cfg, spec: LoraSpec) -> dict:
 
 # ---- folding adapters into the weights --------------------------------------------------------------------------
 
+
 def delta(a, b, scale: float):
     """scale * A @ B as a kernel [in dims..., out dims...] in float32 (numpy or jax, as given)."""
     xp = np if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) else jnp
@@ -187,8 +195,9 @@ def merge_layer(layer: dict, adapters: dict, scale: float) -> dict:
             lin = out[parent][name] = dict(out[parent][name])
             w = lin["kernel"]
             if "scale" in lin:
-                raise NeoXError(f"{parent}.{name}: LoRA cannot be folded into int8 weights; load the adapter first, "
-                                f"then quantize")
+                raise NeoXError(
+                    f"{parent}.{name}: LoRA cannot be folded into int8 weights; load the adapter first, then quantize"
+                )
             d = delta(ab["lora_A"], ab["lora_B"], scale)
             if isinstance(w, np.ndarray):
                 lin["kernel"] = (w.astype(np.float32) + np.asarray(d)).astype(w.dtype)

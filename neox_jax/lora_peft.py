@@ -12,6 +12,7 @@ tensors present decide what is adapted). Refused, by name: DoRA, bias != "none",
 layers_to_transform, rank_pattern / alpha_pattern, fan_in_fan_out, trainable tokens, layer replication, and any
 tensor outside those four linears (embed_in, embed_out, ...).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,21 @@ from neox_jax.errors import NeoXError
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 KEY = re.compile(r"^base_model\.model\.gpt_neox\.layers\.(\d+)\.(attention|mlp)\.(\w+)\.lora_(A|B)\.weight$")
 # adapter_config.json fields that change what the adapter computes, and the values we can run
-REFUSED = {"use_dora": (False, None), "bias": ("none", None), "lora_bias": (False, None),
-           "modules_to_save": (None, []), "layers_to_transform": (None, []), "rank_pattern": ({}, None),
-           "alpha_pattern": ({}, None), "fan_in_fan_out": (False, None), "trainable_token_indices": (None, [], {}),
-           "layer_replication": (None, []), "target_parameters": (None, []), "use_qalora": (False, None),
-           "alora_invocation_tokens": (None, [])}
+REFUSED = {
+    "use_dora": (False, None),
+    "bias": ("none", None),
+    "lora_bias": (False, None),
+    "modules_to_save": (None, []),
+    "layers_to_transform": (None, []),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "fan_in_fan_out": (False, None),
+    "trainable_token_indices": (None, [], {}),
+    "layer_replication": (None, []),
+    "target_parameters": (None, []),
+    "use_qalora": (False, None),
+    "alora_invocation_tokens": (None, []),
+}
 
 
 def peft_name(i: int, name: str, which: str) -> str:
@@ -60,8 +71,10 @@ def from_peft_tensors(tensors: dict, cfg, rank: int, where: str) -> dict:
     for key, x in tensors.items():
         m = KEY.match(key)
         if not m or m.group(3) not in lora.TARGETS or lora.PARENT[m.group(3)] != m.group(2):
-            raise NeoXError(f"{where}: tensor {key}: not a LoRA weight of {', '.join(lora.TARGETS)} (adapters on "
-                            f"other modules, DoRA magnitudes and biases are not supported)")
+            raise NeoXError(
+                f"{where}: tensor {key}: not a LoRA weight of {', '.join(lora.TARGETS)} (adapters on "
+                f"other modules, DoRA magnitudes and biases are not supported)"
+            )
         i, name, which = int(m.group(1)), m.group(3), m.group(4)
         if i >= cfg.num_hidden_layers:
             raise NeoXError(f"{where}: tensor {key}: layer {i}, but the model has {cfg.num_hidden_layers} layers")
@@ -85,11 +98,27 @@ def from_peft_tensors(tensors: dict, cfg, rank: int, where: str) -> dict:
 
 def peft_config(spec: lora.LoraSpec, base_model: str | None = None) -> dict:
     """An adapter_config.json that peft.PeftModel.from_pretrained reads (peft >= 0.10)."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "revision": None,
-            "inference_mode": True, "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
-            "use_rslora": spec.rslora, "target_modules": list(spec.targets), "bias": "none", "fan_in_fan_out": False,
-            "use_dora": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-            "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "revision": None,
+        "inference_mode": True,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "use_rslora": spec.rslora,
+        "target_modules": list(spec.targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "init_lora_weights": True,
+    }
 
 
 def spec_from_config(conf: dict, targets: tuple[str, ...], where: str) -> lora.LoraSpec:
@@ -101,8 +130,13 @@ def spec_from_config(conf: dict, targets: tuple[str, ...], where: str) -> lora.L
     for key in ("r", "lora_alpha"):
         if not isinstance(conf.get(key), (int, float)):
             raise NeoXError(f"{where}: {key} missing or not a number ({conf.get(key)!r})")
-    return lora.LoraSpec(int(conf["r"]), float(conf["lora_alpha"]), targets, float(conf.get("lora_dropout") or 0.0),
-                         bool(conf.get("use_rslora", False)))
+    return lora.LoraSpec(
+        int(conf["r"]),
+        float(conf["lora_alpha"]),
+        targets,
+        float(conf.get("lora_dropout") or 0.0),
+        bool(conf.get("use_rslora", False)),
+    )
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -112,7 +146,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     dtypes = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     out = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -120,8 +154,9 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         if info["dtype"] not in dtypes:
             raise NeoXError(f"{path}: tensor {key}: dtype {info['dtype']} (expected a float type)")
         start, end = info["data_offsets"]
-        out[key] = np.frombuffer(raw, dtypes[info["dtype"]], (end - start) // np.dtype(dtypes[info["dtype"]]).itemsize,
-                                 8 + n + start).reshape(info["shape"])
+        out[key] = np.frombuffer(
+            raw, dtypes[info["dtype"]], (end - start) // np.dtype(dtypes[info["dtype"]]).itemsize, 8 + n + start
+        ).reshape(info["shape"])
     return out
 
 
@@ -132,8 +167,11 @@ def read_adapter(directory, cfg) -> tuple[lora.LoraSpec, dict]:
     if not conf_file.is_file():
         raise NeoXError(f"{d}: no {CONFIG} (expected a PEFT LoRA adapter directory, made by save_pretrained)")
     if not weights.is_file():
-        other = " (found adapter_model.bin: re-save it with safe_serialization=True)" \
-            if (d / "adapter_model.bin").is_file() else ""
+        other = (
+            " (found adapter_model.bin: re-save it with safe_serialization=True)"
+            if (d / "adapter_model.bin").is_file()
+            else ""
+        )
         raise NeoXError(f"{d}: no {WEIGHTS}{other}")
     conf = json.loads(conf_file.read_text())
     r = conf.get("r")

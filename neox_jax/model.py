@@ -22,6 +22,7 @@ on CPU); `stack_layers` turns them into one stacked buffer per weight ([L, ...])
 compile time flat in depth. Precision: parameters in their own dtype; layernorm statistics, QK^T, softmax and logits in
 float32.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,8 +51,9 @@ class LinearSpec(NamedTuple):
 # The linear layers, by their checkpoint names: the one table the modules, int8 (quantize.py), the decoder's
 # transposed layout (decode.py) and fine-tuning's transposed copies (finetune.py) read.
 LINEARS = {
-    "query_key_value": LinearSpec("attention", "BTD,DNKH->BTNKH", ("embed", "heads", "qkv", "head_dim"),
-                                  ("heads", "qkv", "head_dim")),
+    "query_key_value": LinearSpec(
+        "attention", "BTD,DNKH->BTNKH", ("embed", "heads", "qkv", "head_dim"), ("heads", "qkv", "head_dim")
+    ),
     "dense": LinearSpec("attention", "BTNH,NHD->BTD", ("heads", "head_dim", "embed"), ("norm",)),
     "dense_h_to_4h": LinearSpec("mlp", "BTD,DF->BTF", ("embed", "mlp"), ("mlp",)),
     "dense_4h_to_h": LinearSpec("mlp", "BTF,FD->BTD", ("mlp", "embed"), ("norm",)),
@@ -69,7 +71,7 @@ def kernel_in_dims(name: str) -> int:
 def transpose_kernel(name: str, kernel):
     """One Linear kernel [(L,) in dims..., out dims...] as an [(L,) out, in] matrix (PyTorch's layout)."""
     n_in, ndim = kernel_in_dims(name), len(LINEARS[name].kernel_axes)
-    stack, inner = kernel.shape[:kernel.ndim - ndim], kernel.shape[kernel.ndim - ndim:]
+    stack, inner = kernel.shape[: kernel.ndim - ndim], kernel.shape[kernel.ndim - ndim :]
     flat = kernel.reshape(*stack, math.prod(inner[:n_in]), math.prod(inner[n_in:]))  # [..., I, O]
     return jnp.swapaxes(flat, -1, -2)  # [..., O, I]
 
@@ -141,15 +143,26 @@ class Linear(nnx.Module):
     kernel is one [out, in] matrix (PyTorch's layout) and the product is computed as kernel @ x^T, weights on the
     left: XLA CPU's small-batch matmuls pack the right-hand operand, here the few activations instead of the weights
     (docs/performance.md)."""
+
     transposed = False
     kernel_t = None  # an [O, I] copy of a frozen kernel for the backward pass (see matmul_f32), or None
     lora = None  # a lora.Adapter (set by model_from_params from "lora_A" / "lora_B" entries), or None
 
-    def __init__(self, spec: str, kernel_shape, kernel_axes, bias_shape, bias_axes, *, use_bias: bool, param_dtype,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        spec: str,
+        kernel_shape,
+        kernel_axes,
+        bias_shape,
+        bias_axes,
+        *,
+        use_bias: bool,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         self.spec = spec
         self.n_in = len(set(spec.split(",")[0]) & set(spec.split(",")[1].split("->")[0]))  # contracted kernel dims
-        self.out_shape = tuple(kernel_shape[self.n_in:])
+        self.out_shape = tuple(kernel_shape[self.n_in :])
         self.kernel = nnx.Param(_init(rngs, kernel_shape, param_dtype), axes=kernel_axes)
         self.bias = nnx.Param(jnp.zeros(bias_shape, param_dtype), axes=bias_axes) if use_bias else None
         self.scale = self.threshold = None  # int8 kernels: set by quantize_module (below)
@@ -160,7 +173,7 @@ class Linear(nnx.Module):
         if self.scale is not None:
             return int8.linear(self, x, out_dtype)
         kernel = self.kernel[...]
-        lead = x.shape[:x.ndim - self.n_in]
+        lead = x.shape[: x.ndim - self.n_in]
         if self.transposed:  # kernel [O, I]; x [..., in dims] -> [..., out dims]
             rows = x.reshape(-1, kernel.shape[1]).astype(kernel.dtype)  # [M, I]
             y = jnp.einsum("OI,MI->OM", kernel, rows, preferred_element_type=F32)  # [O, M]
@@ -170,7 +183,7 @@ class Linear(nnx.Module):
             y = y.reshape(*lead, *self.out_shape)
         else:  # one 2-D matmul [M, I] @ [I, O]: with several contracted or output axes (query_key_value's
             # [D, N, 3, H]) XLA CPU copied the kernel into a transposed [O, I] buffer for every backward product
-            rows = x.reshape(-1, math.prod(kernel.shape[:self.n_in])).astype(kernel.dtype)  # [M, I]
+            rows = x.reshape(-1, math.prod(kernel.shape[: self.n_in])).astype(kernel.dtype)  # [M, I]
             y = matmul_f32(rows, kernel.reshape(rows.shape[1], -1), self.kernel_t)  # [M, O]
             y = y.reshape(*lead, *self.out_shape)
         if self.lora is not None:  # + scale * (dropout(x) @ A) @ B, unmerged, in float32 (neox_jax/lora.py)
@@ -206,7 +219,7 @@ def apply_rotary(x, cos, sin):
     """x [B, T, N, H]: rotates the first R features of each head, passes the rest through."""
     r = cos.shape[-1]
     rot, rest = x[..., :r].astype(F32), x[..., r:]
-    x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
+    x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     out = rot * cos[:, :, None, :] + rotated * sin[:, :, None, :]
     return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
@@ -229,8 +242,9 @@ def _attend(q, k, v, new_mask, old_mask=None, kv=None):
     u = k.shape[2]
     out = jnp.einsum("BNTU,BNUH->BNTH", probs[..., -u:].astype(v.dtype), v, preferred_element_type=F32)
     if old_mask is not None:
-        out = out + jnp.einsum("BNTS,BNSH->BNTH", probs[..., :-u].astype(kv[1].dtype), kv[1],
-                               preferred_element_type=F32)
+        out = out + jnp.einsum(
+            "BNTS,BNSH->BNTH", probs[..., :-u].astype(kv[1].dtype), kv[1], preferred_element_type=F32
+        )
     return out
 
 
@@ -250,8 +264,9 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: NeoXConfig, *, param_dtype, rngs: nnx.Rngs):
         d, n, h = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
-        self.query_key_value = _linear("query_key_value", (d, n, 3, h), (n, 3, h), use_bias=cfg.attention_bias,
-                                       param_dtype=param_dtype, rngs=rngs)
+        self.query_key_value = _linear(
+            "query_key_value", (d, n, 3, h), (n, 3, h), use_bias=cfg.attention_bias, param_dtype=param_dtype, rngs=rngs
+        )
         self.dense = _linear("dense", (n, h, d), (d,), use_bias=cfg.attention_bias, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, kv, cache_index, rows=None):
@@ -288,14 +303,22 @@ class Attention(nnx.Module):
             out = self.hook.attend(q, k, v, new_mask, old_mask, rows)
         elif rows is None and old_mask is None and t >= 2 * CAUSAL_BLOCK and t % CAUSAL_BLOCK == 0:  # a long prompt
             ends = range(CAUSAL_BLOCK, t + 1, CAUSAL_BLOCK)
-            out = jnp.concatenate([_attend(q[:, :, e - CAUSAL_BLOCK:e], k[:, :, :e], v[:, :, :e],
-                                           new_mask[:, e - CAUSAL_BLOCK:e, :e]) for e in ends], axis=2)
+            out = jnp.concatenate(
+                [
+                    _attend(
+                        q[:, :, e - CAUSAL_BLOCK : e], k[:, :, :e], v[:, :, :e], new_mask[:, e - CAUSAL_BLOCK : e, :e]
+                    )
+                    for e in ends
+                ],
+                axis=2,
+            )
         else:
             out = _attend(q, k, v, new_mask, old_mask, kv)
         out = _hook(self, "hook_z", out.transpose(0, 2, 1, 3))  # [B, T, N, H]
         if kv is not None:
-            kv = tuple(jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, cache_index, 0))
-                       for c, a in zip(kv, (k, v)))
+            kv = tuple(
+                jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, cache_index, 0)) for c, a in zip(kv, (k, v))
+            )
         return self.dense(out.astype(x.dtype)), kv
 
     def _fused(self, x, q, k, v, mask, kv, cache_index, rows, impl):
@@ -306,8 +329,10 @@ class Attention(nnx.Module):
             mask = jnp.take_along_axis(mask, rows[:, :, None], axis=1)
         if kv is not None:  # what the cache holds (attention uses exactly these values), [B, N, S, H] slots
             k, v = k.astype(kv[0].dtype).astype(k.dtype), v.astype(kv[1].dtype).astype(v.dtype)
-            kv = tuple(jax.lax.dynamic_update_slice(c, a.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0))
-                       for c, a in zip(kv, (k, v)))
+            kv = tuple(
+                jax.lax.dynamic_update_slice(c, a.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0))
+                for c, a in zip(kv, (k, v))
+            )
         out = attention.fused(q, k, v, mask, impl, causal=rows is None)  # [B, T, N, H]
         return self.dense(out.astype(x.dtype)), kv
 
@@ -318,7 +343,7 @@ def gelu(x, approximate: bool):
     torch's float32 GELU no larger than its own (1.4e-6 at |x| < 10)."""
     if approximate:
         return jax.nn.gelu(x, approximate=True)
-    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
 
 
 class MLP(nnx.Module):
@@ -350,8 +375,9 @@ class Block(nnx.Module):
     def __call__(self, x, cos, sin, mask, kv, cache_index, rows=None):
         """rows [B, K] (see Attention): the block's output at those tokens only, [B, K, D]."""
         x = _hook(self, "hook_resid_pre", x)
-        attn, kv = self.attention(_hook(self, "ln1.hook_normalized", self.input_layernorm(x)), cos, sin, mask, kv,
-                                  cache_index, rows)
+        attn, kv = self.attention(
+            _hook(self, "ln1.hook_normalized", self.input_layernorm(x)), cos, sin, mask, kv, cache_index, rows
+        )
         attn = _hook(self, "hook_attn_out", attn)
         if rows is not None:
             x = jnp.take_along_axis(x, rows[..., None], axis=1)  # [B, K, D]
@@ -373,17 +399,21 @@ class GPTNeoX(nnx.Module):
     def __init__(self, cfg: NeoXConfig, *, param_dtype=F32, rngs: nnx.Rngs, stacked: bool = False):
         self.embed_in = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
         if stacked:
+
             @nnx.split_rngs(splits=cfg.num_hidden_layers)
             @nnx.vmap(in_axes=0, out_axes=0)
             def make(r):
                 return Block(cfg, param_dtype=param_dtype, rngs=r)
+
             self.layers = make(rngs)
         else:
-            self.layers = nnx.List([Block(cfg, param_dtype=param_dtype, rngs=rngs)
-                                    for _ in range(cfg.num_hidden_layers)])
+            self.layers = nnx.List(
+                [Block(cfg, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+            )
         self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype)
-        self.embed_out = _linear("embed_out", (cfg.hidden_size, cfg.vocab_size), (), use_bias=False,
-                                 param_dtype=param_dtype, rngs=rngs)
+        self.embed_out = _linear(
+            "embed_out", (cfg.hidden_size, cfg.vocab_size), (), use_bias=False, param_dtype=param_dtype, rngs=rngs
+        )
         self.rotary_dims = cfg.rotary_dims
         self.rotary_base = cfg.rotary_emb_base
 
@@ -451,6 +481,7 @@ class GPTNeoX(nnx.Module):
 
 # ---- functional core ------------------------------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=32)
 def graphdef(cfg: NeoXConfig, stacked: bool = False, quant: int8.QuantSpec | None = None):
     """The module structure (no arrays) for `nnx.merge(graphdef(cfg), params)`; quant: int8 Linears (int8.py)."""
@@ -476,9 +507,13 @@ def logical_axes(cfg: NeoXConfig, stacked: bool = False, quant=None) -> Params:
         names = tuple(var.get_metadata()["axes"])
         return ("layers",) + names if stacked and path[0] == "layers" else names
 
-    return nnx.to_pure_dict(jax.tree_util.tree_map_with_path(
-        lambda p, v: axes([getattr(k, "key", k) for k in p], v), state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    return nnx.to_pure_dict(
+        jax.tree_util.tree_map_with_path(
+            lambda p, v: axes([getattr(k, "key", k) for k in p], v),
+            state,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+    )
 
 
 def init_params(cfg: NeoXConfig, dtype=F32, seed: int = 0, stacked: bool = False) -> Params:
@@ -503,8 +538,9 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": {i: jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n)}}
 
 
-def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False, attention: str | None = None,
-                      lora=None, lora_key=None) -> GPTNeoX:
+def model_from_params(
+    cfg: NeoXConfig, params: Params, transposed: bool = False, attention: str | None = None, lora=None, lora_key=None
+) -> GPTNeoX:
     """The module tree over `params`; transposed=True for params from `decode.transpose_kernels`. A Linear's
     "kernel_t" entry (from `finetune.prepare_frozen`) becomes its `kernel_t`, not a parameter; its "lora_A" /
     "lora_B" entries (unmerged LoRA adapters) its `lora`, with lora (a lora.LoraSpec) giving the scale and dropout
@@ -524,8 +560,9 @@ def model_from_params(cfg: NeoXConfig, params: Params, transposed: bool = False,
             module.kernel_t = extra.get("kernel_t")
             if "lora_A" in extra:
                 if lora is None:
-                    raise ValueError("params hold LoRA adapters: pass lora=LoraSpec, or fold them in with "
-                                     "lora.merge_adapters")
+                    raise ValueError(
+                        "params hold LoRA adapters: pass lora=LoraSpec, or fold them in with lora.merge_adapters"
+                    )
                 key = None if lora_key is None else jax.random.fold_in(lora_key, i)
                 module.lora = lora_lib.Adapter(extra["lora_A"], extra["lora_B"], lora, key)
     return model
@@ -548,8 +585,18 @@ def _pop_extras(params: Params, path: tuple = ()) -> tuple[Params, dict]:
     return out, found
 
 
-def forward(cfg: NeoXConfig, params: Params, input_ids, positions=None, kv_valid=None, cache=None, cache_index=0,
-            attention: str | None = None, lora=None, lora_key=None):
+def forward(
+    cfg: NeoXConfig,
+    params: Params,
+    input_ids,
+    positions=None,
+    kv_valid=None,
+    cache=None,
+    cache_index=0,
+    attention: str | None = None,
+    lora=None,
+    lora_key=None,
+):
     """Pure function: logits [B, T, V] float32 and the updated cache. Without positions / kv_valid every token is real
     and positions count from 0. attention, lora, lora_key: see model_from_params (lora: params with unmerged LoRA
     adapters)."""
@@ -559,7 +606,8 @@ def forward(cfg: NeoXConfig, params: Params, input_ids, positions=None, kv_valid
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     return model_from_params(cfg, params, attention=attention, lora=lora, lora_key=lora_key)(
-        input_ids, positions, kv_valid, cache, cache_index)
+        input_ids, positions, kv_valid, cache, cache_index
+    )
 
 
 def positions_from_mask(mask):
@@ -568,6 +616,7 @@ def positions_from_mask(mask):
 
 
 # ---- int8 Linears (the kernels: int8.py) ----------------------------------------------------------------------------
+
 
 def int8_targets(spec: int8.QuantSpec) -> tuple[str, ...]:
     """The Linears that are int8 under spec: the block linears, and embed_out when spec.embed_out."""
@@ -587,7 +636,7 @@ def quantize_module(module, spec: int8.QuantSpec):
         q, scale = jax.eval_shape(functools.partial(int8.quantize_weight, spec=m.spec), m.kernel.get_value())
         lead = int8.lead_axes(q.ndim, m.spec)
         m.kernel = nnx.data(nnx.Param(q, axes=axes))
-        m.scale = nnx.data(nnx.Param(scale, axes=axes[len(contracted):]))
+        m.scale = nnx.data(nnx.Param(scale, axes=axes[len(contracted) :]))
         if spec.mode == "llm.int8":
             m.threshold = nnx.data(nnx.Param(jax.ShapeDtypeStruct(q.shape[:lead], F32), axes=()))
     return module

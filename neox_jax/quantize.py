@@ -4,6 +4,7 @@
 `spec_from_metadata` go between a tree's int8 structure and a checkpoint's metadata; `cast_floats` casts the float
 leaves only. The Linears it quantizes and their einsum layouts come from model.LINEARS.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,9 +33,24 @@ from neox_jax.int8 import (
 from neox_jax.model import LINEARS, int8_targets, quantize_module
 
 __all__ = [
-    "DEFAULT_THRESHOLD", "MODES", "QUANT_LEAVES", "WEIGHT_FORMAT", "QuantSpec", "cast_floats", "dequantize_weight",
-    "describe", "int8_einsum", "int8_targets", "outlier_features", "param_bytes", "parse_spec", "quantize_module",
-    "quantize_tree", "quantize_weight", "spec_from_metadata", "spec_of",
+    "DEFAULT_THRESHOLD",
+    "MODES",
+    "QUANT_LEAVES",
+    "WEIGHT_FORMAT",
+    "QuantSpec",
+    "cast_floats",
+    "dequantize_weight",
+    "describe",
+    "int8_einsum",
+    "int8_targets",
+    "outlier_features",
+    "param_bytes",
+    "parse_spec",
+    "quantize_module",
+    "quantize_tree",
+    "quantize_weight",
+    "spec_from_metadata",
+    "spec_of",
 ]
 
 
@@ -70,8 +86,13 @@ def describe(params) -> dict[str, Any] | None:
     thresholds = []
     map_linears(params, lambda n, lin: thresholds.append(lin["threshold"]) if "threshold" in lin else None)
     threshold = float(jnp.max(jnp.asarray(thresholds[0]))) if thresholds else None
-    return {"mode": spec.mode, "embed_out": spec.embed_out, "threshold": threshold, "targets": list(int8_targets(spec)),
-            "weights": WEIGHT_FORMAT}
+    return {
+        "mode": spec.mode,
+        "embed_out": spec.embed_out,
+        "threshold": threshold,
+        "targets": list(int8_targets(spec)),
+        "weights": WEIGHT_FORMAT,
+    }
 
 
 def spec_from_metadata(meta: dict | None) -> QuantSpec | None:
@@ -82,6 +103,7 @@ def spec_from_metadata(meta: dict | None) -> QuantSpec | None:
 
 def cast_floats(tree, dtype):
     """Casts the float params to dtype; int8 kernels and the float32 scales / thresholds stay as they are."""
+
     def cast(path, x):
         key = getattr(path[-1], "key", None) if path else None
         if key in QUANT_LEAVES or not jnp.issubdtype(x.dtype, jnp.floating):

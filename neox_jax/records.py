@@ -7,6 +7,7 @@
 - `check_writable`: an output file path is checked (not a directory, its folder creatable and writable) before the
   work that fills it, with a probe file that is removed at once.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,7 @@ def check_writable(path: str | os.PathLike, flag: str = "--output") -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe.open("x").close()
     except OSError as e:
-        raise NeoXError(f"{flag} {path}: cannot write there ({e.strerror or e}: {e.filename or path.parent})") \
-            from None
+        raise NeoXError(f"{flag} {path}: cannot write there ({e.strerror or e}: {e.filename or path.parent})") from None
     finally:
         try:
             probe.unlink(missing_ok=True)
@@ -73,6 +73,5 @@ def read_jsonl(path: str | os.PathLike, warn=None) -> list[dict]:
         except json.JSONDecodeError as e:
             if any(rest.strip() for rest in lines[n:]):
                 raise NeoXError(f"{path}:{n}: not valid JSON ({e}); only a torn last line is dropped") from None
-            warn(f"{path}:{n}: dropped a torn last line {line[:60]!r} (the process writing it was stopped "
-                 f"mid-line)")
+            warn(f"{path}:{n}: dropped a torn last line {line[:60]!r} (the process writing it was stopped mid-line)")
     return rows

@@ -5,6 +5,7 @@ thousand (docs/performance.md, "vocab exp-sum"). So each row is cut into equal c
 length up to MAX_CHUNK: 8 chunks of 6,288 for 50,304) and the chunks' sums added; the optimization barrier keeps XLA
 from folding the reshape back into one long-row reduction. The sum differs from the one-pass sum only by float32
 summation order."""
+
 from __future__ import annotations
 
 import jax

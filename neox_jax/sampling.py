@@ -6,6 +6,7 @@ top-p / the repetition penalty are on, the vocabulary limit) shapes the compiled
 temperature never recompiles. Order, as in Hugging Face's `generate`: repetition penalty, then temperature, top-k,
 top-p. Ids at or above the tokenizer's vocabulary size (the embedding's padded rows) are never chosen.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,11 +24,12 @@ F32 = jnp.float32
 # and inf - inf is NaN in the softmax: garbage ids), while at 1e-4 a logit gap of 0.01 is already a factor e^100
 # (sampling equals greedy to float32 precision): there is nothing between the two worth sampling. 0 means greedy.
 MIN_TEMPERATURE = 1e-4
-SEED_LIMIT = 2 ** 63  # jax.random.key takes a 64-bit seed; 2**63 and up overflow int64
+SEED_LIMIT = 2**63  # jax.random.key takes a 64-bit seed; 2**63 and up overflow int64
 
 
 class Static(NamedTuple):
     """The compile-time part of the sampling settings (hashable: a jit static argument)."""
+
     greedy: bool
     top_k: int  # 0: off
     top_p: bool
@@ -48,8 +50,10 @@ class SamplingParams:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise NeoXError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         if 0 < t < MIN_TEMPERATURE:
-            raise NeoXError(f"temperature {t!r} is too small to sample with in float32: use 0 (greedy, the same "
-                            f"choice) or a value >= {MIN_TEMPERATURE:g}")
+            raise NeoXError(
+                f"temperature {t!r} is too small to sample with in float32: use 0 (greedy, the same "
+                f"choice) or a value >= {MIN_TEMPERATURE:g}"
+            )
         k = self.top_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise NeoXError(f"top_k must be an int >= 1 (or None for off), got {k!r}")
@@ -57,8 +61,7 @@ class SamplingParams:
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0):
             raise NeoXError(f"top_p must be in (0, 1] (or None for off), got {p!r}")
         r = self.repetition_penalty
-        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r)
-                              or r <= 0):
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0):
             raise NeoXError(f"repetition_penalty must be a finite number > 0 (1 or None = off), got {r!r}")
         s = self.seed
         if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < SEED_LIMIT:
@@ -78,13 +81,16 @@ class SamplingParams:
             top_k=self.top_k if sample and self.top_k is not None else 0,
             top_p=sample and self.top_p is not None and self.top_p < 1.0,
             repetition_penalty=self.repetition_penalty is not None and self.repetition_penalty != 1.0,
-            vocab_limit=vocab_limit)
+            vocab_limit=vocab_limit,
+        )
 
     def values(self) -> dict:
         """The traced part: float32 scalars (same tree structure whatever the settings)."""
-        return {"temperature": jnp.asarray(self.temperature or 1.0, F32),
-                "top_p": jnp.asarray(1.0 if self.top_p is None else self.top_p, F32),
-                "repetition_penalty": jnp.asarray(self.repetition_penalty or 1.0, F32)}
+        return {
+            "temperature": jnp.asarray(self.temperature or 1.0, F32),
+            "top_p": jnp.asarray(1.0 if self.top_p is None else self.top_p, F32),
+            "repetition_penalty": jnp.asarray(self.repetition_penalty or 1.0, F32),
+        }
 
 
 def mark_seen(seen, tokens):

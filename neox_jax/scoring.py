@@ -11,6 +11,7 @@ the positions, it would see alone. The output layer runs only at the scored posi
 Shapes: B rows, T tokens per row (a power-of-two bucket), K scored positions per row (a power-of-two bucket), D
 hidden, V vocab. One compile per (B, T, K).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,6 +42,7 @@ class Segment:
     """One context and some of its continuations (branches): tokens = prefix + b1[:-1] + b2[:-1] + ...
 
     scored: (position in the segment whose logits predict the token, target token, branch index) triples."""
+
     tokens: list[int]
     positions: list[int]
     branch_ids: list[int]  # 0: context, k >= 1: the k-th branch
@@ -57,7 +59,7 @@ def truncate(context: Sequence[int], continuation: Sequence[int], max_length: in
         raise ValueError(f"continuation of {len(continuation)} tokens exceeds the model's max length {max_length}")
     if not context:
         raise ValueError("empty context: lm-eval passes the prefix token (BOS/EOS) as context")
-    seq = (list(context) + list(continuation))[-(max_length + 1):]
+    seq = (list(context) + list(continuation))[-(max_length + 1) :]
     return seq[: len(seq) - len(continuation)], list(continuation)
 
 
@@ -130,10 +132,10 @@ def row_arrays(rows: Sequence[Row], n_rows: int, length: int, k: int):
         off, s, w = 0, 0, []
         for d, seg in enumerate(row.segments):
             n = len(seg.tokens)
-            ids[r, off:off + n] = seg.tokens
-            pos[r, off:off + n] = seg.positions
-            doc[r, off:off + n] = d
-            branch[r, off:off + n] = seg.branch_ids
+            ids[r, off : off + n] = seg.tokens
+            pos[r, off : off + n] = seg.positions
+            doc[r, off : off + n] = d
+            branch[r, off : off + n] = seg.branch_ids
             for p, t, bk in seg.scored:
                 idx[r, s], tgt[r, s] = off + p, t
                 w.append((seg.branch_keys[bk - 1], s))
@@ -199,9 +201,19 @@ def batch_shape_rows(n: int, batch_rows: int, row_multiple: int = 1) -> int:
     return rows if rows < batch_rows and rows % row_multiple == 0 else batch_rows
 
 
-def score_requests(cfg: NeoXConfig, params: Params, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
-                   max_length: int, batch_rows: int, pack_length: int = 512, row_multiple: int = 1, place=None,
-                   progress=None, attention=None):
+def score_requests(
+    cfg: NeoXConfig,
+    params: Params,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    max_length: int,
+    batch_rows: int,
+    pack_length: int = 512,
+    row_multiple: int = 1,
+    place=None,
+    progress=None,
+    attention=None,
+):
     """(context, continuation) token pairs -> [(sum log p(continuation | context), continuation is greedy)] in order.
 
     batch_rows: rows per forward call (B); pack_length: the shortest row bucket (short requests share rows of this
@@ -223,7 +235,7 @@ def score_requests(cfg: NeoXConfig, params: Params, requests: Sequence[tuple[Seq
     for length in sorted(by_length, reverse=True):
         todo = sorted(by_length[length], key=lambda r: -r.n_scored)
         for start in range(0, len(todo), batch_rows):
-            batch = todo[start:start + batch_rows]
+            batch = todo[start : start + batch_rows]
             k = min(bucket(max(r.n_scored for r in batch)), length)
             arrays, where = row_arrays(batch, batch_shape_rows(len(batch), batch_rows, row_multiple), length, k)
             lp, gr = score_rows(cfg, params, *(place(a) for a in arrays), attention=attention)

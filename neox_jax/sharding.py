@@ -4,6 +4,7 @@ Modules name their parameter axes (`embed`, `heads`, `mlp`, `vocab`, ...; see mo
 axes `data` and `model`. qkv and dense_h_to_4h are split over heads / mlp on `model` (column parallel), dense and
 dense_4h_to_h over their input dim (row parallel), embed_in and embed_out over the vocabulary, the batch over `data`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -93,34 +94,43 @@ def check_divisible(cfg: NeoXConfig, mesh, batch: int | None = None) -> None:
     (a Mesh or AbstractMesh)."""
     m, d = mesh.shape["model"], data_size(mesh)
     n_dev = m * d
-    sizes = {"num_attention_heads": cfg.num_attention_heads, "intermediate_size": cfg.intermediate_size,
-             "vocab_size": cfg.vocab_size}
+    sizes = {
+        "num_attention_heads": cfg.num_attention_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size,
+    }
     bad = {k: v for k, v in sizes.items() if v % m}
     if bad:
         ok = [k for k in _divisors(n_dev) if all(v % k == 0 for v in sizes.values())]
-        raise ValueError(f"cannot split the model over model={m}: {', '.join(f'{k}={v}' for k, v in bad.items())} "
-                         f"not divisible by {m}; model axis sizes that work on {n_dev} devices: {ok} "
-                         f"(e.g. --mesh data={n_dev // ok[-1]},model={ok[-1]})")
+        raise ValueError(
+            f"cannot split the model over model={m}: {', '.join(f'{k}={v}' for k, v in bad.items())} "
+            f"not divisible by {m}; model axis sizes that work on {n_dev} devices: {ok} "
+            f"(e.g. --mesh data={n_dev // ok[-1]},model={ok[-1]})"
+        )
     if batch is not None and batch % d:
         up = -(-batch // d) * d
         multiples = sorted({k for k in (up - d, up, up + d) if k > 0})
         data_ok = [k for k in _divisors(n_dev) if batch % k == 0]
-        raise ValueError(f"batch size {batch} is not divisible by the mesh's data={d}: use a batch that is a "
-                         f"multiple of {d} (e.g. {multiples}) or a mesh with data in {data_ok}")
+        raise ValueError(
+            f"batch size {batch} is not divisible by the mesh's data={d}: use a batch that is a "
+            f"multiple of {d} (e.g. {multiples}) or a mesh with data in {data_ok}"
+        )
 
 
 def param_specs(cfg: NeoXConfig, mesh: Mesh | None = None, stacked: bool = False, quant=None):
     """Tree of PartitionSpec matching the params tree. quant (quantize.spec_of(params)): int8 kernels keep the
     kernel's axes, their scales get the kernel's output axes."""
-    return jax.tree.map(lambda axes: spec_for(axes, mesh), logical_axes(cfg, stacked, quant),
-                        is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(
+        lambda axes: spec_for(axes, mesh), logical_axes(cfg, stacked, quant), is_leaf=lambda x: isinstance(x, tuple)
+    )
 
 
 def param_shardings(cfg: NeoXConfig, mesh, stacked: bool = False, quant=None):
     """Tree of NamedSharding matching the params tree; a clear error when the model cannot be split over `mesh`."""
     check_divisible(cfg, mesh)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh, stacked, quant),
-                        is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh, stacked, quant), is_leaf=lambda x: isinstance(x, P)
+    )
 
 
 def shard_params(params, cfg: NeoXConfig, mesh: Mesh):
@@ -144,6 +154,7 @@ def to_host(x: jax.Array) -> np.ndarray:
     if x.is_fully_addressable:
         return np.asarray(x)
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -181,6 +192,7 @@ def put_replicated(x, mesh: Mesh) -> jax.Array:
 
 
 # ---- memory per device, from shapes alone (no devices needed) ------------------------------------------------------
+
 
 def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
     """A device-free mesh of the given sizes ({'data': d, 'model': m}) for planning."""

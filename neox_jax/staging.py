@@ -8,6 +8,7 @@
     one NeoXError naming OUT and the free space;
   - SIGTERM, when no one else handles it, removes it and exits with 143 (128 + SIGTERM), as SIGINT does with 130.
 """
+
 from __future__ import annotations
 
 import errno
@@ -126,18 +127,22 @@ class Staging:
             try:
                 self.out.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise NeoXError(f"{self.out.parent}: cannot create the output's parent directory ({e.strerror})") \
-                    from None
+                raise NeoXError(
+                    f"{self.out.parent}: cannot create the output's parent directory ({e.strerror})"
+                ) from None
         remove_stale(self.out)
         try:
             self.tmp.mkdir()
-            (self.tmp / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                                      "start": _start_time(os.getpid())}) + "\n")
+            (self.tmp / OWNER).write_text(
+                json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}) + "\n"
+            )
         except OSError as e:
             _rmtree(self.tmp)
             raise self._os_error(e) from None
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+            signal.SIG_DFL,
+            None,
+        ):
             self._old_term = signal.signal(signal.SIGTERM, self._on_term)
         logging.getLogger("absl").addFilter(self._filter)
         self._old_hook = sys.unraisablehook
@@ -159,8 +164,10 @@ class Staging:
 
     def disk_full(self, exc=None) -> NeoXError:
         free = shutil.disk_usage(self.out.parent).free
-        return NeoXError(f"{self.out}: disk full while writing the {self.what} ({_mb(free)} free on "
-                         f"{self.out.parent}); the partial output was removed")
+        return NeoXError(
+            f"{self.out}: disk full while writing the {self.what} ({_mb(free)} free on "
+            f"{self.out.parent}); the partial output was removed"
+        )
 
     def check_space(self, nbytes: int, where: str) -> None:
         """Refuses to start writing nbytes when the disk has not room for them (a clear error, before a library
@@ -168,14 +175,18 @@ class Staging:
         writes (measured on tmpfs: 0.52 MB failed with 1.05 MB free; stored, it takes 0.49 MB), hence 2x + 1 MiB."""
         free, need = shutil.disk_usage(self.tmp).free, 2 * nbytes + 2**20
         if need > free:
-            raise NeoXError(f"{self.out}: disk full: {where} needs up to {_mb(need)} while it is written, "
-                            f"{_mb(free)} free on {self.out.parent}; the partial output was removed")
+            raise NeoXError(
+                f"{self.out}: disk full: {where} needs up to {_mb(need)} while it is written, "
+                f"{_mb(free)} free on {self.out.parent}; the partial output was removed"
+            )
 
     def commit(self) -> Path:
         """Moves the finished temporary directory to OUT (replacing OUT when overwrite=True)."""
         (self.tmp / OWNER).unlink(missing_ok=True)
-        appeared = NeoXError(f"{self.out} appeared while the {self.what} was being written (another process?); "
-                             f"it was left as it is and this {self.what} was not moved there")
+        appeared = NeoXError(
+            f"{self.out} appeared while the {self.what} was being written (another process?); "
+            f"it was left as it is and this {self.what} was not moved there"
+        )
         try:
             if self.out.exists():
                 if not self.overwrite:
@@ -197,8 +208,11 @@ class Staging:
             if self.tmp.exists():  # an error, a signal, or a writer that never committed: nothing may look written
                 _rmtree(self.tmp)
                 if isinstance(exc, (Terminated, KeyboardInterrupt)):
-                    print(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}: removed the partial "
-                          f"{self.what} {self.tmp}", file=sys.stderr)
+                    print(
+                        f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}: removed the partial "
+                        f"{self.what} {self.tmp}",
+                        file=sys.stderr,
+                    )
             if is_disk_full(exc) and not isinstance(exc, NeoXError):
                 gc.collect()  # TensorStore's leftover callbacks report now, while the hooks above filter them
                 raise self.disk_full(exc) from None

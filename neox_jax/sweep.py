@@ -13,6 +13,7 @@ are dropped before revision i+2 is loaded, so at most two revisions' weights are
 the (revision, task) pairs already in results.jsonl; a sweep killed mid-write leaves at most a torn last line, which
 the next run drops.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,14 +64,15 @@ def revisions_from(revisions: str | None = None, steps: str | None = None, pythi
             if step <= 0:
                 raise ValueError
         except ValueError:
-            raise NeoXError(f"--steps {steps!r}: expected START:STOP:STEP integers, STEP > 0 "
-                            f"(e.g. 0:143000:10000)") from None
+            raise NeoXError(
+                f"--steps {steps!r}: expected START:STOP:STEP integers, STEP > 0 (e.g. 0:143000:10000)"
+            ) from None
         out = [f"step{n}" for n in range(start, stop + 1, step)]
     else:
         if pythia not in PYTHIA_SCHEDULES:
             raise NeoXError(f"--pythia-steps {pythia!r}: expected one of {PYTHIA_SCHEDULES}")
         # log: every log-spaced step (0, 1, 2, ..., 512), then doubling thousands (1000, 2000, ..., 128000), the last
-        log = [0, *(2 ** i for i in range(10)), *(1000 * 2 ** i for i in range(8)), 143000]
+        log = [0, *(2**i for i in range(10)), *(1000 * 2**i for i in range(8)), 143000]
         out = [f"step{n}" for n in (hub.pythia_steps() if pythia == "all" else log)]
     if not out:
         raise NeoXError("no revisions to sweep")
@@ -191,8 +193,15 @@ def evaluate_task(model, task: str, spec: str, tm, cfg: SweepConfig) -> dict:
     from neox_jax.evaluation import NeoXLM
 
     lm = NeoXLM(model=model, batch_size=cfg.batch_size)
-    res = simple_evaluate(model=lm, tasks=[spec], num_fewshot=cfg.num_fewshot, limit=cfg.limit, task_manager=tm,
-                          bootstrap_iters=cfg.bootstrap_iters, log_samples=False)
+    res = simple_evaluate(
+        model=lm,
+        tasks=[spec],
+        num_fewshot=cfg.num_fewshot,
+        limit=cfg.limit,
+        task_manager=tm,
+        bootstrap_iters=cfg.bootstrap_iters,
+        log_samples=False,
+    )
     return res["results"][task]
 
 
@@ -218,8 +227,10 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     s = hub.Settings.from_env()
     resolved = [hub.resolve(cfg.model, rev, s) for rev in cfg.revisions]  # all named errors before any work
     todo = [r for r in resolved if any((r.revision, t) not in done for t in cfg.tasks)]
-    log(f"sweep {cfg.model}: {len(cfg.revisions)} revisions x {len(cfg.tasks)} tasks; "
-        f"{len(done & {(r, t) for r in cfg.revisions for t in cfg.tasks})} pairs already in {out / RESULTS}")
+    log(
+        f"sweep {cfg.model}: {len(cfg.revisions)} revisions x {len(cfg.tasks)} tasks; "
+        f"{len(done & {(r, t) for r in cfg.revisions for t in cfg.tasks})} pairs already in {out / RESULTS}"
+    )
     # duplicates from the weight files' hashes, known before any download; if the revisions' files differ in layout
     # (or the Hub gave no sha256), from the converted tensors instead, once each is loaded
     file_fp = {r.revision: fingerprint(r) for r in resolved}
@@ -244,16 +255,25 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
                 if dup_of[cur.revision] and cfg.skip_duplicates:
                     cur.model = None
             if dup_of.get(cur.revision):
-                log(f"{cur.revision}: weights identical to {dup_of[cur.revision]} (fingerprint "
-                    f"{cur.fingerprint[:12]})" + ("; skipped" if cur.model is None else ""))
+                log(
+                    f"{cur.revision}: weights identical to {dup_of[cur.revision]} (fingerprint "
+                    f"{cur.fingerprint[:12]})" + ("; skipped" if cur.model is None else "")
+                )
             for task in cfg.tasks:
                 if (cur.revision, task) in done:
                     continue
                 t0 = time.time()
                 metrics = None if cur.model is None else evaluate_task(cur.model, task, specs[task], tm, cfg)
-                row = {"revision": cur.revision, "step": hub.step_of(cur.revision), "commit": cur.commit,
-                       "task": task, "metrics": metrics, "fingerprint": cur.fingerprint,
-                       "duplicate_of": dup_of.get(cur.revision), "seconds": round(time.time() - t0, 3)}
+                row = {
+                    "revision": cur.revision,
+                    "step": hub.step_of(cur.revision),
+                    "commit": cur.commit,
+                    "task": task,
+                    "metrics": metrics,
+                    "fingerprint": cur.fingerprint,
+                    "duplicate_of": dup_of.get(cur.revision),
+                    "seconds": round(time.time() - t0, 3),
+                }
                 append_row(out, row)
                 rows.append(row)
                 evaluated += cur.model is not None
@@ -270,6 +290,9 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
 def _headline(metrics: dict | None) -> str:
     if metrics is None:
         return "skipped (duplicate)"
-    vals = [f"{k.split(',')[0]} {v:.4g}" for k, v in metrics.items()
-            if "," in k and "_stderr" not in k and isinstance(v, (int, float))]
+    vals = [
+        f"{k.split(',')[0]} {v:.4g}"
+        for k, v in metrics.items()
+        if "," in k and "_stderr" not in k and isinstance(v, (int, float))
+    ]
     return ", ".join(vals)

@@ -4,6 +4,7 @@ Plots use matplotlib's headless Agg backend: log-x (symlog, so step 0 is shown),
 gives one, and revisions whose weights duplicate another's marked with a red x. Revisions with no step (e.g. `main`)
 are listed in the summary but not plotted.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,18 +39,35 @@ def plot_task(path: Path, model: str, task: str, rows: list[dict]) -> Path | Non
         return None
     fig, axes = plt.subplots(len(keys), 1, figsize=(6.4, 2.6 * len(keys)), squeeze=False, sharex=True)
     for ax, key in zip(axes[:, 0], keys):
-        pts = [(r["step"], r["metrics"][key], _stderr(r["metrics"], key), r.get("duplicate_of")) for r in rows
-               if isinstance(r["metrics"].get(key), (int, float))]
+        pts = [
+            (r["step"], r["metrics"][key], _stderr(r["metrics"], key), r.get("duplicate_of"))
+            for r in rows
+            if isinstance(r["metrics"].get(key), (int, float))
+        ]
         x, y = [p[0] for p in pts], [p[1] for p in pts]
         ax.plot(x, y, marker="o", ms=3, lw=1.2, color="tab:blue")
         band = [(p[0], p[1] - p[2], p[1] + p[2]) for p in pts if p[2] is not None]
         if band:
-            ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], color="tab:blue",
-                            alpha=0.2, lw=0, label="± stderr")
+            ax.fill_between(
+                [b[0] for b in band],
+                [b[1] for b in band],
+                [b[2] for b in band],
+                color="tab:blue",
+                alpha=0.2,
+                lw=0,
+                label="± stderr",
+            )
         dups = [p for p in pts if p[3]]
         if dups:
-            ax.scatter([p[0] for p in dups], [p[1] for p in dups], marker="x", s=60, color="red", zorder=3,
-                       label="weights identical to another revision")
+            ax.scatter(
+                [p[0] for p in dups],
+                [p[1] for p in dups],
+                marker="x",
+                s=60,
+                color="red",
+                zorder=3,
+                label="weights identical to another revision",
+            )
         if "perplexity" in key and min(y) > 0 and all(b[1] > 0 for b in band):  # log only if all of it fits
             ax.set_yscale("log")
         ax.set_xscale("symlog", linthresh=1)
@@ -71,21 +89,33 @@ def summary_markdown(model: str, rows: list[dict]) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     lines = [f"# Sweep: {model}", ""]
     for task in tasks:
-        trows = sorted((r for r in rows if r["task"] == task),
-                       key=lambda r: (r["step"] is None, r["step"] or 0, r["revision"]))
+        trows = sorted(
+            (r for r in rows if r["task"] == task), key=lambda r: (r["step"] is None, r["step"] or 0, r["revision"])
+        )
         keys = metric_keys(trows)
-        lines += [f"## {task}", "", "| revision | step | commit | " + " | ".join(k.split(",")[0] for k in keys) +
-                  " | duplicate of |", "|---|---|---|" + "---|" * len(keys) + "---|"]
+        lines += [
+            f"## {task}",
+            "",
+            "| revision | step | commit | " + " | ".join(k.split(",")[0] for k in keys) + " | duplicate of |",
+            "|---|---|---|" + "---|" * len(keys) + "---|",
+        ]
         for r in trows:
             cells = []
             for k in keys:
                 v = (r.get("metrics") or {}).get(k)
                 err = _stderr(r.get("metrics") or {}, k)
-                cells.append("skipped" if r.get("metrics") is None else
-                             "" if not isinstance(v, (int, float)) else
-                             f"{v:.4f}" + (f" ± {err:.4f}" if err is not None else ""))
-            lines.append(f"| {r['revision']} | {'' if r['step'] is None else r['step']} | {r['commit'][:10]} | "
-                         + " | ".join(cells) + f" | {r.get('duplicate_of') or ''} |")
+                cells.append(
+                    "skipped"
+                    if r.get("metrics") is None
+                    else ""
+                    if not isinstance(v, (int, float))
+                    else f"{v:.4f}" + (f" ± {err:.4f}" if err is not None else "")
+                )
+            lines.append(
+                f"| {r['revision']} | {'' if r['step'] is None else r['step']} | {r['commit'][:10]} | "
+                + " | ".join(cells)
+                + f" | {r.get('duplicate_of') or ''} |"
+            )
         lines.append("")
     dups = sorted({(r["revision"], r["duplicate_of"]) for r in rows if r.get("duplicate_of")})
     lines += ["## Integrity", ""]

@@ -5,6 +5,7 @@ string (as lm-evaluation-harness's generate_until and OpenAI's `stop` do); the i
 While streaming, text is held back while it ends in an incomplete UTF-8 character (a character split across byte-level
 BPE tokens) or in what could be the start of a stop string, so nothing streamed is ever taken back.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -58,7 +59,7 @@ class RowTracker:
             self._finish("stop", s)
             full = full[:at]
         shown = full if self.finished else self._holdback(full)
-        piece = shown[len(self.text):]
+        piece = shown[len(self.text) :]
         self.text = shown
         return self.ids[start:], piece
 
@@ -70,7 +71,7 @@ class RowTracker:
         if self.tok is None:
             return None
         full = self.tok.decode(self.ids)
-        piece, self.text = full[len(self.text):], full
+        piece, self.text = full[len(self.text) :], full
         return piece
 
     def _find_stop(self, text: str):

@@ -3,6 +3,7 @@
 The 20B tokenizer has 50277 ids; the models' embeddings have more rows (20B: 50432, Pythia: 50304). An id the
 tokenizer cannot decode is an error here, never an empty string.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,10 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         bad = sorted({i for i in ids if not 0 <= i < self.vocab_size})
         if bad:
-            raise ValueError(f"token ids {bad[:10]} are outside the tokenizer's vocabulary (0..{self.vocab_size - 1}); "
-                             f"the model's embedding has padded rows the tokenizer cannot decode")
+            raise ValueError(
+                f"token ids {bad[:10]} are outside the tokenizer's vocabulary (0..{self.vocab_size - 1}); "
+                f"the model's embedding has padded rows the tokenizer cannot decode"
+            )
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -77,10 +80,10 @@ class IncrementalDecoder:
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete character: wait for the next token
             return ""
-        piece, self.emitted = text[len(self.emitted):], text
+        piece, self.emitted = text[len(self.emitted) :], text
         return piece
 
     def flush(self) -> str:
         text = self.tok.decode(self.ids)
-        piece, self.emitted = text[len(self.emitted):], text
+        piece, self.emitted = text[len(self.emitted) :], text
         return piece

@@ -16,6 +16,7 @@ the latest checkpoint with the same batches, optimizer state and loss scale, so 
 A resume on another base checkpoint, or with another total step count (unless allow_schedule_change), is refused
 before any file changes. A NaN/Inf loss raises NonFiniteLoss before anything from that step is saved.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,9 +39,25 @@ from neox_jax.tokenizer import Tokenizer
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora")
 # settings a resumed run must share with the run it continues (the rest may change: steps, saving, mesh, ...)
-EXACT = ("data", "tokenizer", "seq_len", "batch_size", "lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay",
-         "grad_clip", "dtype", "trainable", "heldout_fraction", "seed", "initial_loss_scale", "loss_scale_period",
-         *LORA_FIELDS)
+EXACT = (
+    "data",
+    "tokenizer",
+    "seq_len",
+    "batch_size",
+    "lr",
+    "warmup_steps",
+    "schedule",
+    "min_lr_ratio",
+    "weight_decay",
+    "grad_clip",
+    "dtype",
+    "trainable",
+    "heldout_fraction",
+    "seed",
+    "initial_loss_scale",
+    "loss_scale_period",
+    *LORA_FIELDS,
+)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -78,7 +95,7 @@ class RunConfig:
     eval_batches: int = 0  # 0: the whole held-out split
     seed: int = 0
     resume: bool = False
-    initial_loss_scale: float = 2.0 ** 15
+    initial_loss_scale: float = 2.0**15
     loss_scale_period: int = 2000
     transposed_copies: bool = True  # bfloat16 on CPU: transposed copies of the frozen kernels (finetune.py)
     progress: bool = True
@@ -116,9 +133,11 @@ def _saved_run(out: Path, settings: dict, resume: bool) -> dict | None:
     except json.JSONDecodeError as e:
         raise NeoXError(f"{path}: not valid JSON ({e})") from None
     if saved.get("base") is not None and saved["base"] != settings["base"]:
-        raise NeoXError(f"{path}: --resume with --checkpoint {settings['checkpoint']}, but the run started from "
-                        f"{saved.get('checkpoint')}, whose stored bytes differ ({saved['base'][:23]}... vs "
-                        f"{settings['base'][:23]}...); resume with the run's own base checkpoint")
+        raise NeoXError(
+            f"{path}: --resume with --checkpoint {settings['checkpoint']}, but the run started from "
+            f"{saved.get('checkpoint')}, whose stored bytes differ ({saved['base'][:23]}... vs "
+            f"{settings['base'][:23]}...); resume with the run's own base checkpoint"
+        )
     diff = [f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in EXACT if saved.get(k) != settings[k]]
     if diff:
         raise NeoXError(f"{path}: --resume needs the settings the run started with; changed: {'; '.join(diff)}")
@@ -128,9 +147,11 @@ def _saved_run(out: Path, settings: dict, resume: bool) -> dict | None:
 def _check_schedule(saved: dict | None, total: int, allow: bool) -> None:
     before = (saved or {}).get("total_steps")
     if before is not None and before != total and not allow:
-        raise NeoXError(f"--steps / --epochs: the run's learning-rate schedule spans {before} steps, this resume "
-                        f"asks for {total}, which reshapes it; pass --allow-schedule-change to continue with a "
-                        f"schedule over {total} steps")
+        raise NeoXError(
+            f"--steps / --epochs: the run's learning-rate schedule spans {before} steps, this resume "
+            f"asks for {total}, which reshapes it; pass --allow-schedule-change to continue with a "
+            f"schedule over {total} steps"
+        )
 
 
 def _rewrite_metrics(path: Path, last_step: int) -> None:
@@ -143,6 +164,7 @@ def _rewrite_metrics(path: Path, last_step: int) -> None:
 def plot_losses(metrics_file: Path, out: Path) -> Path | None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -195,12 +217,16 @@ def run(cfg: RunConfig) -> int:
     settings["base"] = checkpoint.identity(cfg.checkpoint)  # resume refuses another base model
     dtype = checkpoint.DTYPES[settings["dtype"]]
     out.mkdir(parents=True, exist_ok=True)
-    mgr = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep, create=True, enable_async_checkpointing=False))
+    mgr = ocp.CheckpointManager(
+        out / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True, enable_async_checkpointing=False),
+    )
     latest = mgr.latest_step()
     if latest is not None and not cfg.resume:
-        raise ValueError(f"{out} already holds checkpoints (up to step {latest}): pass --resume to continue that run, "
-                         f"or choose another --out")
+        raise ValueError(
+            f"{out} already holds checkpoints (up to step {latest}): pass --resume to continue that run, "
+            f"or choose another --out"
+        )
     if cfg.resume and latest is None:
         raise ValueError(f"--resume: {out / 'checkpoints'} holds no checkpoint to resume from")
     saved = _saved_run(out, settings, cfg.resume)
@@ -214,56 +240,81 @@ def run(cfg: RunConfig) -> int:
     mesh = make_mesh(cfg.mesh)
     check_divisible(model_cfg, mesh, cfg.batch_size)
     mode = train_mode(cfg)
-    model_cfg, trainable, frozen = finetune.load_for_training(cfg.checkpoint, mode, dtype, mesh,
-                                                                  cfg.transposed_copies, cfg.seed)
+    model_cfg, trainable, frozen = finetune.load_for_training(
+        cfg.checkpoint, mode, dtype, mesh, cfg.transposed_copies, cfg.seed
+    )
     n_train = sum(x.size for x in jax.tree.leaves(trainable))
-    print(f"data: {packed.num_tokens:,} tokens -> {len(packed.train)} windows of {cfg.seq_len + 1} "
-          f"(+{len(packed.heldout)} held out; {packed.dropped_tokens} tail tokens dropped), "
-          f"{batches.batches_per_epoch} batches of {cfg.batch_size} per epoch; {total} steps on mesh "
-          f"{dict(mesh.shape)}; training {n_train:,} of {model_cfg.num_params:,} parameters ({cfg.trainable}, "
-          f"{settings['dtype']}"
-          + ("; transposed copies of the frozen weights for the backward pass (--no-transposed-copies to save "
-             "their memory)" if finetune.wants_backward_kernels(dtype, mesh, cfg.transposed_copies) else "")
-          + ")", flush=True)
+    print(
+        f"data: {packed.num_tokens:,} tokens -> {len(packed.train)} windows of {cfg.seq_len + 1} "
+        f"(+{len(packed.heldout)} held out; {packed.dropped_tokens} tail tokens dropped), "
+        f"{batches.batches_per_epoch} batches of {cfg.batch_size} per epoch; {total} steps on mesh "
+        f"{dict(mesh.shape)}; training {n_train:,} of {model_cfg.num_params:,} parameters ({cfg.trainable}, "
+        f"{settings['dtype']}"
+        + (
+            "; transposed copies of the frozen weights for the backward pass (--no-transposed-copies to save "
+            "their memory)"
+            if finetune.wants_backward_kernels(dtype, mesh, cfg.transposed_copies)
+            else ""
+        )
+        + ")",
+        flush=True,
+    )
 
-    tx = finetune.make_optimizer(finetune.make_schedule(cfg.lr, total, cfg.warmup_steps, cfg.schedule,
-                                                        cfg.min_lr_ratio), cfg.grad_clip, cfg.weight_decay)
+    tx = finetune.make_optimizer(
+        finetune.make_schedule(cfg.lr, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio),
+        cfg.grad_clip,
+        cfg.weight_decay,
+    )
     dynamic = dtype == jnp.float16
     shardings = finetune.state_shardings(model_cfg, mesh, mode, tx)
-    state = finetune.init_state(trainable, tx, shardings, dynamic=dynamic, initial_scale=cfg.initial_loss_scale,
-                                seed=cfg.seed)
+    state = finetune.init_state(
+        trainable, tx, shardings, dynamic=dynamic, initial_scale=cfg.initial_loss_scale, seed=cfg.seed
+    )
     del trainable  # donated to the state
     pos = data.Position()
     metrics_file = out / "metrics.jsonl"
     if cfg.resume:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-        restored = mgr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                               meta=ocp.args.JsonRestore()))
+        restored = mgr.restore(
+            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
         state, pos = restored["state"], data.Position.from_dict(restored["meta"]["position"])
         print(f"resumed from {out / 'checkpoints' / str(latest)} (epoch {pos.epoch}, batch {pos.index})", flush=True)
     # every check has passed: only now may the run's record files change
     _rewrite_metrics(metrics_file, 0 if not cfg.resume else latest)  # lines past the checkpoint will be run again
     records.write_json(out / "run.json", {**settings, "total_steps": total})
-    train_step = finetune.make_train_step(model_cfg, tx, dtype, mesh, mode, dynamic=dynamic,
-                                          scale_period=cfg.loss_scale_period,
-                                          transposed_copies=cfg.transposed_copies)
-    eval_step = (finetune.make_eval_step(model_cfg, dtype, mesh, mode, cfg.transposed_copies)
-                 if cfg.eval_every else None)
+    train_step = finetune.make_train_step(
+        model_cfg,
+        tx,
+        dtype,
+        mesh,
+        mode,
+        dynamic=dynamic,
+        scale_period=cfg.loss_scale_period,
+        transposed_copies=cfg.transposed_copies,
+    )
+    eval_step = finetune.make_eval_step(model_cfg, dtype, mesh, mode, cfg.transposed_copies) if cfg.eval_every else None
 
     def evaluate(params) -> float:
         total_loss, count = 0.0, 0.0
         for i, (w, wt) in enumerate(data.eval_batches(packed.heldout, cfg.batch_size)):
             if cfg.eval_batches and i >= cfg.eval_batches:
                 break
-            s, n = eval_step(params, frozen, jax.device_put(w, batch_sharding(mesh)),
-                             jax.device_put(wt, batch_sharding(mesh, 1)))
+            s, n = eval_step(
+                params, frozen, jax.device_put(w, batch_sharding(mesh)), jax.device_put(wt, batch_sharding(mesh, 1))
+            )
             total_loss, count = total_loss + float(s), count + float(n)
         return total_loss / count
 
     def save(step: int, last: dict) -> None:
         if step not in mgr.all_steps():
-            mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(
-                {"position": pos.to_dict(), "step": step, "loss": last.get("loss")})))
+            mgr.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    meta=ocp.args.JsonSave({"position": pos.to_dict(), "step": step, "loss": last.get("loss")}),
+                ),
+            )
             mgr.wait_until_finished()
 
     step = int(state["step"])
@@ -283,18 +334,29 @@ def run(cfg: RunConfig) -> int:
                 raise NonFiniteLoss(
                     f"loss is {m['loss']} at step {step + 1} (epoch {pos.epoch}, batch {pos.index}): stopping without "
                     f"saving; {good} in {out / 'checkpoints'} (try a lower --lr, --dtype bfloat16/float32, or check "
-                    f"the data)")
+                    f"the data)"
+                )
             state, step, epoch, pos = new_state, step + 1, pos.epoch, batches.advance(pos)
-            last = {"step": step, "epoch": epoch, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                    "loss_scale": m["loss_scale"], "skipped": bool(m["skipped"]),
-                    "tokens_per_s": cfg.batch_size * cfg.seq_len / dt}
+            last = {
+                "step": step,
+                "epoch": epoch,
+                "loss": m["loss"],
+                "lr": m["lr"],
+                "grad_norm": m["grad_norm"],
+                "loss_scale": m["loss_scale"],
+                "skipped": bool(m["skipped"]),
+                "tokens_per_s": cfg.batch_size * cfg.seq_len / dt,
+            }
             if eval_step is not None and (step % cfg.eval_every == 0 or step == total):
                 last["eval_loss"] = evaluate(state["params"])
             mf.write(json.dumps(last) + "\n")
             mf.flush()
             bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                            **({"eval": f"{last['eval_loss']:.4f}"} if "eval_loss" in last else {}))
+            bar.set_postfix(
+                loss=f"{m['loss']:.4f}",
+                tok_s=f"{last['tokens_per_s']:.0f}",
+                **({"eval": f"{last['eval_loss']:.4f}"} if "eval_loss" in last else {}),
+            )
             if cfg.stop_after is not None and step == cfg.stop_after:
                 os.kill(os.getpid(), signal.SIGTERM)  # test hook: the real signal path
             stopped = stop.signum
@@ -305,11 +367,19 @@ def run(cfg: RunConfig) -> int:
     bar.close()
     save(step, last)
     mgr.close()
-    ft = finetune.save_finetuned(out, model_cfg, mode, state["params"], {
-        "base_checkpoint": str(Path(cfg.checkpoint).absolute()), "step": step, "dtype": settings["dtype"]})
+    ft = finetune.save_finetuned(
+        out,
+        model_cfg,
+        mode,
+        state["params"],
+        {"base_checkpoint": str(Path(cfg.checkpoint).absolute()), "step": step, "dtype": settings["dtype"]},
+    )
     plot = plot_losses(metrics_file, out / "loss.png") if metrics_file.stat().st_size else None
     what = f"stopped by {signal.Signals(stopped).name} at step {step}/{total}" if stopped else f"finished {step} steps"
-    print(f"{what}; last loss {last.get('loss', float('nan')):.4f}\n  checkpoints: {out / 'checkpoints'} (latest "
-          f"{step}{'; continue with --resume' if stopped else ''})\n  fine-tuned params: {ft}\n  metrics: "
-          f"{metrics_file}" + (f"\n  plot: {plot}" if plot else ""), flush=True)
+    print(
+        f"{what}; last loss {last.get('loss', float('nan')):.4f}\n  checkpoints: {out / 'checkpoints'} (latest "
+        f"{step}{'; continue with --resume' if stopped else ''})\n  fine-tuned params: {ft}\n  metrics: "
+        f"{metrics_file}" + (f"\n  plot: {plot}" if plot else ""),
+        flush=True,
+    )
     return 128 + stopped if stopped else 0

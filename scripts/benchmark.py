@@ -1,4 +1,5 @@
 """`neox-jax benchmark` from a checkout (neox_jax/cli/benchmark.py): python scripts/benchmark.py NAME [args]."""
+
 import sys
 from pathlib import Path
 

@@ -11,6 +11,7 @@
 
 THE WEIGHTS ARE RANDOM: the text it makes is noise. Everything else is the real thing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,12 @@ def train_tokenizer(path: Path, vocab_size: int = 320) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS.splitlines() * 4, trainer)
     tok.save(str(path))
 
@@ -53,9 +58,19 @@ def build_hf_model(out: Path, vocab_size: int):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=256, rotary_pct=0.25, max_position_embeddings=256,
-                        use_parallel_residual=True, hidden_act="gelu", bos_token_id=0, eos_token_id=0)
+    cfg = GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        rotary_pct=0.25,
+        max_position_embeddings=256,
+        use_parallel_residual=True,
+        hidden_act="gelu",
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPTNeoXForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -137,9 +152,28 @@ def main() -> None:
     banner("5. fine-tune the biases (BitFit) for 30 steps: neox-jax finetune")
     (work / "text.txt").write_text(CORPUS * 20)
     run_dir = work / "finetune-run"
-    run("scripts/finetune.py", "--checkpoint", str(ckpt), "--data", str(work / "text.txt"), "--out", str(run_dir),
-        "--steps", "30", "--seq-len", "32", "--batch-size", "8", "--lr", "3e-2", "--save-every", "15",
-        "--eval-every", "15", "--no-progress")
+    run(
+        "scripts/finetune.py",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(work / "text.txt"),
+        "--out",
+        str(run_dir),
+        "--steps",
+        "30",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-2",
+        "--save-every",
+        "15",
+        "--eval-every",
+        "15",
+        "--no-progress",
+    )
     import json
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -157,8 +191,19 @@ def main() -> None:
     banner("7. evaluate with lm-evaluation-harness (neox-jax backend)")
     shared = ROOT.parent / "shared" / "data"
     if (shared / "lambada_openai").is_dir() and (shared / "piqa").is_dir():
-        run("scripts/evaluate.py", "--checkpoint", str(ckpt), "--tasks", "lambada_openai,piqa", "--limit", "16",
-            "--batch-size", "8", "--output", str(work / "eval.json"))
+        run(
+            "scripts/evaluate.py",
+            "--checkpoint",
+            str(ckpt),
+            "--tasks",
+            "lambada_openai,piqa",
+            "--limit",
+            "16",
+            "--batch-size",
+            "8",
+            "--output",
+            str(work / "eval.json"),
+        )
     else:
         print(f"skipped: the local task data ({shared}) is absent; see README 'Evaluation' for real use")
 

@@ -1,4 +1,5 @@
 """`neox-jax evaluate` from a checkout (neox_jax/cli/evaluate.py): python scripts/evaluate.py --help."""
+
 import sys
 from pathlib import Path
 

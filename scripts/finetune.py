@@ -1,4 +1,5 @@
 """`neox-jax finetune` from a checkout (neox_jax/cli/finetune.py): python scripts/finetune.py --help."""
+
 import sys
 from pathlib import Path
 

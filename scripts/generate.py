@@ -1,4 +1,5 @@
 """`neox-jax generate` from a checkout (neox_jax/cli/generate.py): python scripts/generate.py --help."""
+
 import sys
 from pathlib import Path
 

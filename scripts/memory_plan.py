@@ -1,4 +1,5 @@
 """`neox-jax memory-plan` from a checkout (neox_jax/cli/memory_plan.py): python scripts/memory_plan.py --help."""
+
 import sys
 from pathlib import Path
 

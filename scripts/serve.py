@@ -1,4 +1,5 @@
 """`neox-jax serve` from a checkout (neox_jax/cli/serve.py): python scripts/serve.py --help."""
+
 import sys
 from pathlib import Path
 

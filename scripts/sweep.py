@@ -1,4 +1,5 @@
 """`neox-jax sweep` as a script: python scripts/sweep.py --model EleutherAI/pythia-160m --pythia-steps log ..."""
+
 import sys
 from pathlib import Path
 

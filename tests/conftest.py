@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random Hugging Face GPT-NeoX references, built in the test itself, and a CLI runner."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 def run_cli(*args, check=True, env=None, timeout=600):
     """Runs `python ARGS...` from the repo root with the repo importable; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=full_env,
-                       timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=full_env, timeout=timeout
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"command failed ({r.returncode}): {args}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
     return r
@@ -40,9 +42,19 @@ def make_hf_model(seed=0, **overrides):
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    kw = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-              rotary_pct=0.25, max_position_embeddings=128, use_parallel_residual=True, hidden_act="gelu",
-              bos_token_id=0, eos_token_id=0)
+    kw = dict(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        rotary_pct=0.25,
+        max_position_embeddings=128,
+        use_parallel_residual=True,
+        hidden_act="gelu",
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     kw.update(overrides)
     torch.manual_seed(seed)
     model = GPTNeoXForCausalLM(GPTNeoXConfig(**kw)).eval()
@@ -71,8 +83,12 @@ def tiny_ckpt(hf_tiny, tmp_path_factory):
 
 
 BPE_VOCAB = 300  # ids of the shared byte-level tokenizer (test models give their embeddings more rows)
-BPE_CORPUS = ["The quick brown fox jumps over the lazy dog.", "Einstein was born in the German Empire.",
-              "Über naïve café: déjà vu, 東京 and Zürich.", "Hello, world! 1 2 3 4 5 6 7 8 9 10"] * 20
+BPE_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Einstein was born in the German Empire.",
+    "Über naïve café: déjà vu, 東京 and Zürich.",
+    "Hello, world! 1 2 3 4 5 6 7 8 9 10",
+] * 20
 
 
 @pytest.fixture(scope="session")
@@ -84,9 +100,15 @@ def bpe_tokenizer(tmp_path_factory):
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(BPE_CORPUS, trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB, special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tk.train_from_iterator(
+        BPE_CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=BPE_VOCAB,
+            special_tokens=["<|endoftext|>", "<|padding|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     assert tk.get_vocab_size() == BPE_VOCAB
     path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
     tk.save(str(path))

@@ -1,6 +1,7 @@
 """One process of a multi-process run (tests/test_sharding.py starts two): for each --mesh, loads a checkpoint onto
 that global mesh and computes logits for fixed ids; process 0 (only) writes them all to --out (.npz, one array per
 mesh). Not a test module itself."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,11 @@ def main() -> None:
     for spec in args.mesh:
         model = neox_jax.load(args.ckpt, mesh=sharding.make_mesh(spec))
         out[spec] = model.logits(ids)
-        print(f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local of "
-              f"{jax.device_count()} devices, mesh {spec}, logits {out[spec].shape}", flush=True)
+        print(
+            f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local of "
+            f"{jax.device_count()} devices, mesh {spec}, logits {out[spec].shape}",
+            flush=True,
+        )
     if distributed.is_main():
         np.savez(args.out, **out)
         distributed.main_print(f"wrote {args.out}")

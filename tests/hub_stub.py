@@ -7,6 +7,7 @@
 Errors carry X-Error-Code as the Hub's do (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo), which is what
 huggingface_hub turns into its typed errors. Listens on 127.0.0.1 (a free port), one thread per request, started and
 stopped by the test; `requests` counts what it served."""
+
 from __future__ import annotations
 
 import hashlib
@@ -122,8 +123,13 @@ class HubStub:
                         s["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
                     siblings.append(s)
                 cfg = json.loads(files["config.json"]) if "config.json" in files else {}
-                body = {"id": repo, "sha": commit, "private": False, "siblings": siblings,
-                        "config": {"model_type": cfg.get("model_type")}}
+                body = {
+                    "id": repo,
+                    "sha": commit,
+                    "private": False,
+                    "siblings": siblings,
+                    "config": {"model_type": cfg.get("model_type")},
+                }
                 self._send(200, {"Content-Type": "application/json"}, json.dumps(body).encode(), head)
 
             def _resolve(self, repo, rev, name, head):
@@ -142,7 +148,7 @@ class HubStub:
                     data = bytes([data[0] ^ 0xFF]) + data[1:]
                 rng = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
                 if rng and not head:
-                    return self._send(206, headers, data[int(rng.group(1)):])
+                    return self._send(206, headers, data[int(rng.group(1)) :])
                 self._send(200, headers, data, head)
 
             def do_HEAD(self):

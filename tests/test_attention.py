@@ -1,14 +1,15 @@
 """Attention through jax.nn.dot_product_attention ("xla") equals the plain path under every mask the model uses, keeps
 a float32 softmax for half-precision params, matches transformers at 1,024+ tokens with left padding, and leaves the
 scorer and the training step unchanged in value."""
+
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import hf_logits, make_hf_model
 
+from conftest import hf_logits, make_hf_model
 from neox_jax import attention, scoring
 from neox_jax import finetune as ft
 from neox_jax import model as M
@@ -108,19 +109,27 @@ def test_xla_equals_plain_packed_rows():
     pos = jnp.asarray(np.tile(np.arange(t // 4), 4)[None].repeat(2, 0))
     mask = scoring.tree_mask(jnp.asarray(doc), jnp.asarray(branch))
     rows = jnp.asarray([[0, 50, 63, 255], [3, 3, 130, 199]])
-    run = jax.jit(lambda p, r, attention: scoring.hidden_states(cfg, p, ids, pos, mask, r, attention)[0],
-                  static_argnames="attention")
+    run = jax.jit(
+        lambda p, r, attention: scoring.hidden_states(cfg, p, ids, pos, mask, r, attention)[0],
+        static_argnames="attention",
+    )
     for r in (None, rows):
-        np.testing.assert_allclose(np.asarray(run(params, r, attention="plain")), np.asarray(run(params, r, "xla")),
-                                   atol=2e-5)
+        np.testing.assert_allclose(
+            np.asarray(run(params, r, attention="plain")), np.asarray(run(params, r, "xla")), atol=2e-5
+        )
 
 
 def test_scorer_unchanged():
     cfg, params = _tiny()
     cfg = cfg.replace(max_position_embeddings=64)
     rng = np.random.RandomState(0)
-    reqs = [(rng.randint(0, cfg.vocab_size, rng.randint(1, 90)).tolist(),
-             rng.randint(0, cfg.vocab_size, rng.randint(1, 9)).tolist()) for _ in range(6)]
+    reqs = [
+        (
+            rng.randint(0, cfg.vocab_size, rng.randint(1, 90)).tolist(),
+            rng.randint(0, cfg.vocab_size, rng.randint(1, 9)).tolist(),
+        )
+        for _ in range(6)
+    ]
     kw = {"max_length": 64, "batch_rows": 8, "pack_length": 64}  # one batch shape: one compile per attention
     plain = scoring.score_requests(cfg, params, reqs, attention="plain", **kw)
     xla = scoring.score_requests(cfg, params, reqs, attention="xla", **kw)
@@ -134,8 +143,12 @@ def test_train_step_unchanged(dtype):
     cfg, params = _tiny()
     trainable, frozen = ft.split_params(params, "all")
     windows = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 33)), jnp.int32)
-    got = {impl: jax.jit(ft.loss_and_grads, static_argnums=(0, 4), static_argnames="attention")(
-        cfg, trainable, frozen, windows, dtype, attention=impl) for impl in ("plain", "xla")}
+    got = {
+        impl: jax.jit(ft.loss_and_grads, static_argnums=(0, 4), static_argnames="attention")(
+            cfg, trainable, frozen, windows, dtype, attention=impl
+        )
+        for impl in ("plain", "xla")
+    }
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(float(got["plain"][0]), float(got["xla"][0]), rtol=tol)
     for a, b in zip(jax.tree.leaves(got["plain"][1]), jax.tree.leaves(got["xla"][1])):
@@ -166,8 +179,12 @@ def test_long_context_matches_hf():
     ref = hf_logits(hf, ids, mask)
     real = mask.astype(bool)
     m = jnp.asarray(mask)
-    run = jax.jit(lambda p, attention: M.model_from_params(cfg, p, attention=attention)(
-        jnp.asarray(ids), M.positions_from_mask(m), m.astype(bool))[0], static_argnames="attention")
+    run = jax.jit(
+        lambda p, attention: M.model_from_params(cfg, p, attention=attention)(
+            jnp.asarray(ids), M.positions_from_mask(m), m.astype(bool)
+        )[0],
+        static_argnames="attention",
+    )
     params = _params_from_hf(cfg, hf, jnp.float32)
     for impl in (None, "xla"):
         ours = np.asarray(run(params, attention=impl))

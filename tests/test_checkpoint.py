@@ -1,4 +1,5 @@
 """Checkpoint layout, validation on restore, and crash safety."""
+
 import json
 import shutil
 
@@ -47,8 +48,10 @@ def test_shape_mismatch_is_named(saved, tmp_path):
     meta = json.loads((bad / "metadata.json").read_text())
     meta["config"]["intermediate_size"] = 128  # the stored arrays say 256
     (bad / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(checkpoint.CheckpointError,
-                       match=r"layers\.0.*\['mlp'\]\['dense_h_to_4h'\]\['kernel'\]: expected shape \(64, 128\)"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"layers\.0.*\['mlp'\]\['dense_h_to_4h'\]\['kernel'\]: expected shape \(64, 128\)",
+    ):
         checkpoint.restore_params(bad)
 
 

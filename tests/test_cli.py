@@ -1,5 +1,6 @@
 """The `neox-jax` command: every subcommand registered and documented, the converters loaded under a name a user's
 own convert.py cannot shadow, lm-eval's flag spellings, and the API's string shorthands (dtype aliases, mesh specs)."""
+
 from __future__ import annotations
 
 import sys
@@ -50,11 +51,32 @@ def test_stray_convert_py_is_never_imported(hf_tiny, tmp_path, monkeypatch, caps
 def test_evaluate_accepts_lm_eval_spellings():
     from neox_jax.cli.evaluate import _output_file
 
-    a = build_parser("evaluate").parse_args([
-        "evaluate", "--pretrained", "ck", "--tasks", "piqa", "--batch_size", "auto", "--num_fewshot", "2",
-        "--output_path", "out", "--log_samples", "--bootstrap_iters", "0"])
-    assert (a.checkpoint, a.batch_size, a.num_fewshot, a.output, a.log_samples, a.bootstrap_iters) == \
-        ("ck", "auto", 2, "out", True, 0)
+    a = build_parser("evaluate").parse_args(
+        [
+            "evaluate",
+            "--pretrained",
+            "ck",
+            "--tasks",
+            "piqa",
+            "--batch_size",
+            "auto",
+            "--num_fewshot",
+            "2",
+            "--output_path",
+            "out",
+            "--log_samples",
+            "--bootstrap_iters",
+            "0",
+        ]
+    )
+    assert (a.checkpoint, a.batch_size, a.num_fewshot, a.output, a.log_samples, a.bootstrap_iters) == (
+        "ck",
+        "auto",
+        2,
+        "out",
+        True,
+        0,
+    )
     assert _output_file("out").name == "results.json" and _output_file("r.json").name == "r.json"
 
 

@@ -1,4 +1,5 @@
 """NeoXConfig: presets, both HF config.json layouts, the 20B parameter count without allocating."""
+
 import jax
 import numpy as np
 import pytest
@@ -8,11 +9,26 @@ from neox_jax.model import abstract_params
 
 # config.json as the published EleutherAI/pythia-160m carries it (transformers 4 layout)
 PYTHIA_160M_T4 = {
-    "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "gelu",
-    "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 2048, "model_type": "gpt_neox", "num_attention_heads": 12, "num_hidden_layers": 12,
-    "rotary_emb_base": 10000, "rotary_pct": 0.25, "tie_word_embeddings": False, "torch_dtype": "float16",
-    "transformers_version": "4.24.0", "use_cache": True, "use_parallel_residual": True, "vocab_size": 50304,
+    "architectures": ["GPTNeoXForCausalLM"],
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "hidden_act": "gelu",
+    "hidden_size": 768,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 2048,
+    "model_type": "gpt_neox",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "rotary_emb_base": 10000,
+    "rotary_pct": 0.25,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.24.0",
+    "use_cache": True,
+    "use_parallel_residual": True,
+    "vocab_size": 50304,
 }
 
 
@@ -42,12 +58,15 @@ def test_round_trip_through_hf_dict():
         assert NeoXConfig.from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ({"model_type": "llama"}, "expected 'gpt_neox'"),
-    ({"hidden_act": "swish"}, "hidden_act"),
-    ({"num_attention_heads": 7}, "not divisible"),
-    ({"tie_word_embeddings": True}, "untied"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ({"model_type": "llama"}, "expected 'gpt_neox'"),
+        ({"hidden_act": "swish"}, "hidden_act"),
+        ({"num_attention_heads": 7}, "not divisible"),
+        ({"tie_word_embeddings": True}, "untied"),
+    ],
+)
 def test_bad_configs(bad, msg):
     with pytest.raises(ValueError, match=msg):
         NeoXConfig.from_hf_config({**PYTHIA_160M_T4, **bad})

@@ -1,5 +1,6 @@
 """Bad input to `neox-jax convert hf`: a one-line error naming the file and tensor, non-zero exit, no output. Run in
 process (neox_jax.cli.main); test_help_explains runs the command itself."""
+
 import json
 
 import pytest
@@ -42,8 +43,9 @@ def _convert_fails(capsys, src, out, *must_contain):
 
 def test_missing_tensor(hf_dir, tmp_path, capsys):
     _edit_tensors(hf_dir, lambda t: t.pop("gpt_neox.layers.1.mlp.dense_h_to_4h.bias"))
-    _convert_fails(capsys, hf_dir, tmp_path / "out", "missing tensors", "gpt_neox.layers.1.mlp.dense_h_to_4h.bias",
-                   str(hf_dir))
+    _convert_fails(
+        capsys, hf_dir, tmp_path / "out", "missing tensors", "gpt_neox.layers.1.mlp.dense_h_to_4h.bias", str(hf_dir)
+    )
 
 
 def test_extra_tensor(hf_dir, tmp_path, capsys):
@@ -53,8 +55,15 @@ def test_extra_tensor(hf_dir, tmp_path, capsys):
 
 def test_wrong_shape(hf_dir, tmp_path, capsys):
     _edit_tensors(hf_dir, lambda t: t.update({"gpt_neox.layers.0.attention.dense.weight": torch.zeros(64, 32)}))
-    _convert_fails(capsys, hf_dir, tmp_path / "out", "model.safetensors", "gpt_neox.layers.0.attention.dense.weight",
-                   "expected shape [64, 64]", "found [64, 32]")
+    _convert_fails(
+        capsys,
+        hf_dir,
+        tmp_path / "out",
+        "model.safetensors",
+        "gpt_neox.layers.0.attention.dense.weight",
+        "expected shape [64, 64]",
+        "found [64, 32]",
+    )
 
 
 def test_truncated_safetensors(hf_dir, tmp_path, capsys):

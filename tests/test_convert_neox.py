@@ -1,5 +1,6 @@
 """`python -m convert neox`: slim shards written from a tiny random HF GPT-NeoX (TP 1, 2, 4, both residuals) convert to
 HF's logits; the 20B layout plan; the YAML read as GPT-NeoX reads it; bad input refused with a clear error."""
+
 import os
 import shutil
 import signal
@@ -21,8 +22,10 @@ from neox_jax.config import PRESETS, NeoXConfig
 
 STEP = "global_step150000"
 IDS = np.random.RandomState(0).randint(0, 128, (2, 13))
-RESIDUALS = {"parallel": dict(use_parallel_residual=True, hidden_act="gelu_fast"),  # 20B: bias-gelu-fusion
-             "sequential": dict(use_parallel_residual=False, hidden_act="gelu")}
+RESIDUALS = {
+    "parallel": dict(use_parallel_residual=True, hidden_act="gelu_fast"),  # 20B: bias-gelu-fusion
+    "sequential": dict(use_parallel_residual=False, hidden_act="gelu"),
+}
 
 
 class RunsCode:
@@ -61,8 +64,14 @@ def slim_tp2(models, tiny_tokenizer, tmp_path_factory):
     model, root = models["parallel"], tmp_path_factory.mktemp("slim")
     cfg = NeoXConfig.from_hf_config(model.config.to_dict())
     state = hf_state(model)
-    src = write_slim(root / "src", cfg, state.__getitem__, 2, tokenizer=tiny_tokenizer,
-                     mp_rank_payload={"args": RunsCode(root / "MP_RANK_LOADED")})
+    src = write_slim(
+        root / "src",
+        cfg,
+        state.__getitem__,
+        2,
+        tokenizer=tiny_tokenizer,
+        mp_rank_payload={"args": RunsCode(root / "MP_RANK_LOADED")},
+    )
     return model, src
 
 
@@ -137,8 +146,15 @@ def test_slim_shards_give_hf_logits(residual, models, tiny_tokenizer, tmp_path):
     state, ref = hf_state(model), hf_logits(model, IDS)
     marker = tmp_path / "MP_RANK_LOADED"
     for tp in (1, 2, 4):
-        src = write_slim(tmp_path / f"src{tp}", cfg, state.__getitem__, tp, tokenizer=tiny_tokenizer, seed=tp,
-                         mp_rank_payload={"args": RunsCode(marker)})
+        src = write_slim(
+            tmp_path / f"src{tp}",
+            cfg,
+            state.__getitem__,
+            tp,
+            tokenizer=tiny_tokenizer,
+            seed=tp,
+            mp_rank_payload={"args": RunsCode(marker)},
+        )
         assert convert(src, tmp_path / f"ckpt{tp}", "--dtype", "float32") == 0
         ours = neox_jax.load(tmp_path / f"ckpt{tp}")
         assert ours.config == cfg and ours.tokenizer is not None
@@ -183,8 +199,12 @@ def test_pickle_that_runs_code_is_refused(slim_tp2, tmp_path, capsys):
     assert str(f) in err and "refused" in err and "attention.dense.weight" in err
     assert not marker.exists()
     # the payload is live: an unsafe loader would have run it
-    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(f)!r}, weights_only=False)"],
-                   cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}, check=True)
+    subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.load({str(f)!r}, weights_only=False)"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"},
+        check=True,
+    )
     assert marker.read_text() == "code ran"
 
 
@@ -240,8 +260,13 @@ def test_killed_conversion_leaves_nothing_finished_and_rerun_succeeds(slim_tp2, 
     last.unlink()
     os.mkfifo(last)  # opening it blocks: the conversion stops there, every earlier group written
     out = tmp_path / "ckpt"
-    proc = subprocess.Popen([sys.executable, "-m", "convert", "neox", str(src), str(out), "--quiet"], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convert", "neox", str(src), str(out), "--quiet"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 300
         while not list(tmp_path.glob("ckpt.tmp-*/params/final_layer_norm")):

@@ -1,5 +1,6 @@
 """`python -m convert to-hf`: a neox-jax checkpoint written back as a Hugging Face directory that transformers loads
 with the same logits (HF -> Orbax -> HF round trip), sharded, in half precision, with the tokenizer."""
+
 import json
 import shutil
 
@@ -16,8 +17,9 @@ IDS = np.random.RandomState(1).randint(0, 128, (2, 15))
 @pytest.fixture(scope="module")
 def hf_and_ckpt(tmp_path_factory):
     """A non-default reference (sequential residual, tanh GELU, half the head rotated, F != 4D) and its checkpoint."""
-    model = make_hf_model(seed=5, use_parallel_residual=False, hidden_act="gelu_fast", rotary_pct=0.5,
-                          intermediate_size=96)
+    model = make_hf_model(
+        seed=5, use_parallel_residual=False, hidden_act="gelu_fast", rotary_pct=0.5, intermediate_size=96
+    )
     root = tmp_path_factory.mktemp("to_hf")
     model.save_pretrained(root / "hf")
     assert main(["hf", str(root / "hf"), str(root / "ckpt"), "--quiet"]) == 0

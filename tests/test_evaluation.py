@@ -1,6 +1,7 @@
 """neox-jax through lm-evaluation-harness gives lm-eval's own `hf` backend's numbers, on a tiny random GPT-NeoX with
 the real 20B tokenizer, over the local-data tasks (lambada_openai, piqa, wsc, hellaswag, winogrande and ANLI on
 invented fixtures), a rolling-window perplexity task and a generate_until task."""
+
 from __future__ import annotations
 
 import json
@@ -41,16 +42,32 @@ def eval_models(tmp_path_factory, tokenizer_file):
     so lambada contexts get truncated and tiny shakespeare takes several rolling windows."""
     import torch
 
-    model = make_hf_model(seed=3, vocab_size=50304, hidden_size=32, num_attention_heads=4, intermediate_size=128,
-                          max_position_embeddings=128)
+    model = make_hf_model(
+        seed=3,
+        vocab_size=50304,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    )
     with torch.no_grad():
         model.get_output_embeddings().weight[50277:] = 0
     d = tmp_path_factory.mktemp("eval") / "hf"
     model.save_pretrained(d)
     shutil.copyfile(tokenizer_file, d / "tokenizer.json")
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False, "model_max_length": 128}))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "GPTNeoXTokenizer",
+                "bos_token": "<|endoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "add_bos_token": False,
+                "add_eos_token": False,
+                "model_max_length": 128,
+            }
+        )
+    )
     ckpt = d.parent / "ckpt"
     convert_hf(d, ckpt)
     return d, ckpt
@@ -71,8 +88,9 @@ def _run(lm, tm, names, limit):
     specs = task_specs(names)
     missing = [n for n in names if specs[n] == n and n != "shakespeare_gen"]
     assert not missing, f"local data not found for {missing}"
-    return simple_evaluate(model=lm, tasks=list(specs.values()), limit=limit, task_manager=tm, log_samples=True,
-                           bootstrap_iters=0)
+    return simple_evaluate(
+        model=lm, tasks=list(specs.values()), limit=limit, task_manager=tm, log_samples=True, bootstrap_iters=0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +101,10 @@ def both(eval_models, task_manager):
     from neox_jax.evaluation import NeoXLM
 
     hf_dir, ckpt = eval_models
-    lms = {"neox-jax": NeoXLM(pretrained=str(ckpt), batch_size=4),
-           "hf": HFLM(pretrained=str(hf_dir), device="cpu", batch_size=4, dtype="float32")}
+    lms = {
+        "neox-jax": NeoXLM(pretrained=str(ckpt), batch_size=4),
+        "hf": HFLM(pretrained=str(hf_dir), device="cpu", batch_size=4, dtype="float32"),
+    }
     out = {}
     for name, lm in lms.items():
         out[name] = {}
@@ -116,8 +136,9 @@ def test_same_metrics_as_hf_backend(both, task):
             if isinstance(rb[0], str):  # generate_until: the same text
                 assert ra == rb
             else:  # (log-likelihood, is_greedy) pairs, or a rolling log-likelihood
-                np.testing.assert_allclose(np.ravel(np.asarray(ra[0], float)), np.ravel(np.asarray(rb[0], float)),
-                                           rtol=1e-5, atol=1e-4)
+                np.testing.assert_allclose(
+                    np.ravel(np.asarray(ra[0], float)), np.ravel(np.asarray(rb[0], float)), rtol=1e-5, atol=1e-4
+                )
 
 
 def test_generation_stops(both, tokenizer_file):
@@ -148,12 +169,12 @@ def test_packed_scores_equal_one_request_at_a_time():
     reqs += [reqs[3], ([7], rng.randint(0, cfg.vocab_size, length).tolist())]  # a duplicate; a full-length one
     model = NeoX(cfg, params)
 
-    inputs = [(c + k)[-(length + 1):][:-1] for c, k in reqs]
+    inputs = [(c + k)[-(length + 1) :][:-1] for c, k in reqs]
     grid = np.array([x + [0] * (length - len(x)) for x in inputs])  # right padding: causally invisible
     logits = model.logits(grid)  # one forward, [N, length, V]
     want = []
     for x, (_, cont), lg in zip(inputs, reqs, logits):
-        lg = lg[len(x) - len(cont):len(x)]
+        lg = lg[len(x) - len(cont) : len(x)]
         logp = lg - np.logaddexp.reduce(lg, axis=-1, keepdims=True)
         want.append((logp[np.arange(len(cont)), cont].sum(), bool((lg.argmax(-1) == cont).all())))
     for p in (params, stack_layers(params)):
@@ -167,8 +188,9 @@ def test_greedy_test_breaks_ties_like_argmax():
     and its log-probabilities are log_softmax's."""
     from neox_jax.scoring import logprob_and_greedy
 
-    logits = np.array([[0.0, 3.0, 3.0, 1.0], [0.0, 3.0, 3.0, 1.0], [5.0, 1.0, 2.0, 5.0], [0.0, 1.0, 2.0, 7.0]],
-                      np.float32)
+    logits = np.array(
+        [[0.0, 3.0, 3.0, 1.0], [0.0, 3.0, 3.0, 1.0], [5.0, 1.0, 2.0, 5.0], [0.0, 1.0, 2.0, 7.0]], np.float32
+    )
     targets = np.array([1, 2, 0, 2])
     lp, greedy = logprob_and_greedy(logits, targets)
     assert np.asarray(greedy).tolist() == (logits.argmax(-1) == targets).tolist() == [True, False, True, False]
@@ -192,8 +214,9 @@ def test_chunked_sum_exp_matches_one_pass(vocab):
     targets = np.arange(15).reshape(3, 5) * 7
     lp, _ = logprob_and_greedy(jnp.asarray(x), jnp.asarray(targets))
     want = x - np.logaddexp.reduce(x.astype(np.float64), axis=-1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(lp), np.take_along_axis(want, targets[..., None], -1)[..., 0], rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(lp), np.take_along_axis(want, targets[..., None], -1)[..., 0], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_cli_on_a_mesh_matches_hf(both, eval_models, tmp_path):
@@ -204,9 +227,24 @@ def test_cli_on_a_mesh_matches_hf(both, eval_models, tmp_path):
     if len(jax.devices()) < 8:
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
     out = tmp_path / "res" / "results.json"
-    r = run_cli("scripts/evaluate.py", "--checkpoint", eval_models[1], "--tasks", "lambada_openai,piqa",
-                "--limit", "12", "--mesh", "data=2,model=4", "--batch-size", "4", "--bootstrap-iters", "0",
-                "--output", out, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    r = run_cli(
+        "scripts/evaluate.py",
+        "--checkpoint",
+        eval_models[1],
+        "--tasks",
+        "lambada_openai,piqa",
+        "--limit",
+        "12",
+        "--mesh",
+        "data=2,model=4",
+        "--batch-size",
+        "4",
+        "--bootstrap-iters",
+        "0",
+        "--output",
+        out,
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
     assert "| Task | Metric | Value |" in r.stdout and "| piqa | acc | " in r.stdout
     assert f"results written to {out}" in r.stdout and not out.with_name("results.json.tmp").exists()
     results = json.loads(out.read_text())["results"]
@@ -229,20 +267,23 @@ def test_half_precision_close_to_float32(eval_models, data_env):
     scores = {}
     for dtype in ("float32", "bfloat16"):
         lm = NeoXLM(pretrained=str(eval_models[1]), dtype=dtype, batch_size=2)
-        scores[dtype] = [lp for lp, _ in lm._loglikelihood_tokens([(r, *lm._encode_pair(*r)) for r in reqs],
-                                                                  disable_tqdm=True)]
+        scores[dtype] = [
+            lp for lp, _ in lm._loglikelihood_tokens([(r, *lm._encode_pair(*r)) for r in reqs], disable_tqdm=True)
+        ]
     np.testing.assert_allclose(scores["bfloat16"], scores["float32"], rtol=0.05)
 
 
 def test_neox_jax_imports_without_lm_eval():
-    code = ("import sys\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] == 'lm_eval': raise ImportError('no ' + name)\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "import neox_jax, neox_jax.tasks, neox_jax.scoring\n"
-            "try:\n"
-            "    import neox_jax.evaluation\n"
-            "except ImportError as e:\n"
-            "    print(e)\n")
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'lm_eval': raise ImportError('no ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import neox_jax, neox_jax.tasks, neox_jax.scoring\n"
+        "try:\n"
+        "    import neox_jax.evaluation\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
     assert "pip install 'neox-jax[eval]'" in run_cli("-c", code).stdout

@@ -1,5 +1,6 @@
 """Bias fine-tuning: gradients equal PyTorch autograd, sharded == single device, fp16 loss scaling, the loss falls,
 interrupted + resumed == uninterrupted, frozen tensors untouched, merge == load(finetuned=), NaN stops cleanly."""
+
 import json
 import shutil
 import string
@@ -35,21 +36,20 @@ def small_tokenizer(tmp_path_factory):
 
     tok = HFTok(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<|endoftext|>"], limit_alphabet=200,
-                                  initial_alphabet=list(string.printable))
+    trainer = trainers.BpeTrainer(
+        vocab_size=128, special_tokens=["<|endoftext|>"], limit_alphabet=200, initial_alphabet=list(string.printable)
+    )
     tok.train_from_iterator([string.printable, _text(1, 20000)], trainer)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
     return path
 
 
-def _setup(ckpt, mesh, dtype=jnp.float32, mode="biases", lr=1e-3, total=10, dynamic=None, scale=2.0 ** 15,
-           period=2000):
+def _setup(ckpt, mesh, dtype=jnp.float32, mode="biases", lr=1e-3, total=10, dynamic=None, scale=2.0**15, period=2000):
     cfg, trainable, frozen = ft.load_for_training(ckpt, mode, dtype, mesh)
     tx = ft.make_optimizer(ft.make_schedule(lr, total, 0, "constant"))
     dynamic = dtype == jnp.float16 if dynamic is None else dynamic
-    state = ft.init_state(trainable, tx, ft.state_shardings(cfg, mesh, mode, tx), dynamic=dynamic,
-                          initial_scale=scale)
+    state = ft.init_state(trainable, tx, ft.state_shardings(cfg, mesh, mode, tx), dynamic=dynamic, initial_scale=scale)
     step = ft.make_train_step(cfg, tx, dtype, mesh, mode, dynamic=dynamic, scale_period=period, donate=False)
     return cfg, state, frozen, step
 
@@ -63,6 +63,7 @@ def _host(tree):
 
 
 # ---- library level ---------------------------------------------------------------------------------------------------
+
 
 def test_trainable_subsets():
     params = neox_jax.model.abstract_params(neox_jax.preset("tiny"))
@@ -91,10 +92,14 @@ def test_bias_grads_equal_torch(tiny_ckpt):
     n, h = cfg.num_attention_heads, cfg.head_dim
     for i in range(cfg.num_hidden_layers):
         layer = model.gpt_neox.layers[i]
-        pairs = [(grads["layers"][i]["attention"]["query_key_value"]["bias"],
-                  layer.attention.query_key_value.bias.grad.numpy().reshape(n, 3, h)),
-                 (grads["layers"][i]["attention"]["dense"]["bias"], layer.attention.dense.bias.grad.numpy()),
-                 (grads["layers"][i]["mlp"]["dense_h_to_4h"]["bias"], layer.mlp.dense_h_to_4h.bias.grad.numpy())]
+        pairs = [
+            (
+                grads["layers"][i]["attention"]["query_key_value"]["bias"],
+                layer.attention.query_key_value.bias.grad.numpy().reshape(n, 3, h),
+            ),
+            (grads["layers"][i]["attention"]["dense"]["bias"], layer.attention.dense.bias.grad.numpy()),
+            (grads["layers"][i]["mlp"]["dense_h_to_4h"]["bias"], layer.mlp.dense_h_to_4h.bias.grad.numpy()),
+        ]
         for ours, theirs in pairs:
             rel = np.linalg.norm(np.asarray(ours) - theirs) / np.linalg.norm(theirs)
             assert rel <= 1e-4, (i, rel)
@@ -149,8 +154,8 @@ def test_matmul_f32_gradient_runs_in_operand_dtype():
         ref_dx, ref_dw = (g16 @ w64.T), (x64.T @ g16)
         # the products are exact in float32; the only error is the final rounding to bfloat16 (and, without w_t,
         # XLA may skip rounding g: allow bfloat16's own precision)
-        np.testing.assert_allclose(np.asarray(dx, np.float64), ref_dx, rtol=2 ** -7, atol=1e-2)
-        np.testing.assert_allclose(np.asarray(dw, np.float64), ref_dw, rtol=2 ** -7, atol=1e-2)
+        np.testing.assert_allclose(np.asarray(dx, np.float64), ref_dx, rtol=2**-7, atol=1e-2)
+        np.testing.assert_allclose(np.asarray(dw, np.float64), ref_dw, rtol=2**-7, atol=1e-2)
     # float32: exactly the plain dot's gradient
     x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
     ours = jax.vjp(matmul_f32, x32, w32)[1](g)
@@ -196,7 +201,7 @@ def test_fp16_overflow_is_skipped_and_scale_lowered(tiny_ckpt):
     _, ckpt = tiny_ckpt
     mesh = make_mesh("data=1,model=1", jax.devices()[:1])
     # a loss scale of 2^30 makes the float16 backward pass overflow (cotangents > 65504): a real overflow
-    cfg, state, frozen, step = _setup(ckpt, mesh, jnp.float16, scale=2.0 ** 30, period=2)
+    cfg, state, frozen, step = _setup(ckpt, mesh, jnp.float16, scale=2.0**30, period=2)
     assert frozen["layers"][0]["attention"]["dense"]["kernel"].dtype == jnp.float16
     assert "kernel_t" not in frozen["layers"][0]["attention"]["dense"]  # float16 products are float32 on CPU anyway
     assert state["params"]["layers"][0]["attention"]["dense"]["bias"].dtype == jnp.float32  # master copy
@@ -205,17 +210,19 @@ def test_fp16_overflow_is_skipped_and_scale_lowered(tiny_ckpt):
     state, m = step(state, frozen, w)
     assert bool(m["skipped"]) and np.isfinite(float(m["loss"]))
     after = _host(state)
-    assert float(after["loss_scale"]["scale"]) == 2.0 ** 29
+    assert float(after["loss_scale"]["scale"]) == 2.0**29
     jax.tree.map(np.testing.assert_array_equal, after["params"], before["params"])  # update skipped
     jax.tree.map(np.testing.assert_array_equal, after["opt_state"], before["opt_state"])
     # with a workable scale the steps apply, and after `period` finite steps the scale doubles
-    state = {**state, "loss_scale": ft.init_loss_scale(True, 2.0 ** 10)}
+    state = {**state, "loss_scale": ft.init_loss_scale(True, 2.0**10)}
     for _ in range(2):
         state, m = step(state, frozen, w)
         assert not bool(m["skipped"])
-    assert float(state["loss_scale"]["scale"]) == 2.0 ** 11
-    assert not np.array_equal(_host(state["params"])["layers"][0]["attention"]["dense"]["bias"],
-                              before["params"]["layers"][0]["attention"]["dense"]["bias"])
+    assert float(state["loss_scale"]["scale"]) == 2.0**11
+    assert not np.array_equal(
+        _host(state["params"])["layers"][0]["attention"]["dense"]["bias"],
+        before["params"]["layers"][0]["attention"]["dense"]["bias"],
+    )
 
 
 def test_data_pipeline(tmp_path, small_tokenizer):
@@ -235,8 +242,9 @@ def test_data_pipeline(tmp_path, small_tokenizer):
         seen.append(b.get(pos)[:, 0])
         pos = b.advance(pos)
     assert pos == data.Position(1, 0) and len(set(np.concatenate(seen))) == 9
-    assert np.array_equal(data.Batches(np.arange(10)[:, None], 3, seed=7).get(data.Position(1, 2)),
-                          b.get(data.Position(1, 2)))  # a fresh object gives the same batch: resumable
+    assert np.array_equal(
+        data.Batches(np.arange(10)[:, None], 3, seed=7).get(data.Position(1, 2)), b.get(data.Position(1, 2))
+    )  # a fresh object gives the same batch: resumable
     assert not np.array_equal(b.order(0), b.order(1))
     (tmp_path / "bad.jsonl").write_text('{"txt": "x"}\n')
     with pytest.raises(data.DataError, match="bad.jsonl:1: expected an object with a string 'text'"):
@@ -244,6 +252,7 @@ def test_data_pipeline(tmp_path, small_tokenizer):
 
 
 # ---- the CLI: runs, resume, merge, NaN -------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def runs(tiny_ckpt, small_tokenizer, tmp_path_factory):
@@ -253,10 +262,36 @@ def runs(tiny_ckpt, small_tokenizer, tmp_path_factory):
     d = tmp_path_factory.mktemp("runs")
     text = SHAKESPEARE.read_text()[:300_000] if SHAKESPEARE.is_file() else _text(0, 60_000)
     (d / "train.txt").write_text(text)
-    common = ["scripts/finetune.py", "--checkpoint", ckpt, "--tokenizer", small_tokenizer, "--data", d / "train.txt",
-              "--seq-len", 32, "--batch-size", 8, "--steps", 24, "--lr", 1e-2, "--warmup-steps", 3,
-              "--mesh", "data=2,model=4" if len(jax.devices()) >= 8 else "data=1", "--save-every", 5, "--keep", 2,
-              "--eval-every", 8, "--eval-batches", 8, "--no-progress"]
+    common = [
+        "scripts/finetune.py",
+        "--checkpoint",
+        ckpt,
+        "--tokenizer",
+        small_tokenizer,
+        "--data",
+        d / "train.txt",
+        "--seq-len",
+        32,
+        "--batch-size",
+        8,
+        "--steps",
+        24,
+        "--lr",
+        1e-2,
+        "--warmup-steps",
+        3,
+        "--mesh",
+        "data=2,model=4" if len(jax.devices()) >= 8 else "data=1",
+        "--save-every",
+        5,
+        "--keep",
+        2,
+        "--eval-every",
+        8,
+        "--eval-batches",
+        8,
+        "--no-progress",
+    ]
     a = run_cli(*common, "--out", d / "A")
     b1 = run_cli(*common, "--out", d / "B", "--stop-after", 11, check=False)
     b2 = run_cli(*common, "--out", d / "B", "--resume")
@@ -316,8 +351,9 @@ def test_merge_equals_load_finetuned(runs, tmp_path, capsys):
     assert main(["convert", "merge", str(runs["ckpt"]), str(runs["A"]), str(out), "--quiet"]) == 0
     assert "wrote" in capsys.readouterr().out
     ids = _windows(128, (2, 20), seed=3)
-    np.testing.assert_array_equal(neox_jax.load(out).logits(ids),
-                                  neox_jax.load(runs["ckpt"], finetuned=runs["A"]).logits(ids))
+    np.testing.assert_array_equal(
+        neox_jax.load(out).logits(ids), neox_jax.load(runs["ckpt"], finetuned=runs["A"]).logits(ids)
+    )
     assert checkpoint.read_metadata(out)["source"]["kind"] == "merge"
 
 

@@ -1,6 +1,7 @@
 """Generation: greedy equals transformers, decode equals the full forward, sampling, stops, streaming, errors, no
 recompiles, and the scripts/generate.py CLI. One tiny model (vocab 320) with a byte-level BPE tokenizer (300 ids)
 trained here, so the padded embedding rows exist and must never be emitted."""
+
 import json
 import shutil
 
@@ -50,8 +51,9 @@ def hf_greedy(tok_ckpt):
     ids = torch.tensor([[1] * (width - len(p)) + p for p in PROMPTS])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
-                              pad_token_id=1)[:, width:].tolist()
+        return model.generate(
+            ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=1
+        )[:, width:].tolist()
 
 
 @pytest.mark.parametrize("variant", ["backend-layout", "stored-layout", "stacked-layers"])
@@ -69,7 +71,7 @@ def test_bfloat16_decode_agrees_with_bfloat16_forward(tok_ckpt):
     r = half.generate(["The quick"], max_new_tokens=8, stop_token_ids=[])  # on CPU one prompt decodes as two rows
     gen, prompt = r.token_ids[0], r.prompt_ids[0]
     assert len(gen) == 8 and max(gen) < TOK_VOCAB
-    want = half.logits([prompt + gen])[0, len(prompt) - 1:-1, :TOK_VOCAB].argmax(-1).tolist()
+    want = half.logits([prompt + gen])[0, len(prompt) - 1 : -1, :TOK_VOCAB].argmax(-1).tolist()
     assert sum(a == b for a, b in zip(gen, want)) >= 6  # bf16 rounding may flip a near tie
 
 
@@ -79,8 +81,15 @@ def test_prefill_then_decode_equals_full_forward(lm):
     pmask = np.array([[0, 0, 0, 1, 1, 1], [1] * 6])
     cont = np.random.RandomState(0).randint(0, MODEL_VOCAB, (2, 5))
     full_ids, full_mask = np.concatenate([prompt, cont], 1), np.concatenate([pmask, np.ones_like(cont)], 1)
-    ref = np.asarray(forward(cfg, params, jnp.asarray(full_ids), positions_from_mask(jnp.asarray(full_mask)),
-                             jnp.asarray(full_mask, bool))[0])
+    ref = np.asarray(
+        forward(
+            cfg,
+            params,
+            jnp.asarray(full_ids),
+            positions_from_mask(jnp.asarray(full_mask)),
+            jnp.asarray(full_mask, bool),
+        )[0]
+    )
 
     def run(params, ids, positions, valid, cache, index):
         model = model_from_params(cfg, params)
@@ -99,8 +108,9 @@ def test_prefill_then_decode_equals_full_forward(lm):
     nxt = np.asarray(pos[:, -1]) + 1
     for t in range(cont.shape[1]):
         valid[:, 6 + t] = True
-        logits, cache = run(params, jnp.asarray(cont[:, t:t + 1]), jnp.asarray(nxt[:, None] + t), jnp.asarray(valid),
-                            cache, 6 + t)
+        logits, cache = run(
+            params, jnp.asarray(cont[:, t : t + 1]), jnp.asarray(nxt[:, None] + t), jnp.asarray(valid), cache, 6 + t
+        )
         got.append(np.asarray(logits))
     got = np.concatenate(got, 1)
     real = full_mask == 1
@@ -128,7 +138,7 @@ def test_decode_loop_agrees_with_forward(lm):
     r = lm.generate([[3, 4, 5], [6]], max_new_tokens=10, stop_token_ids=[])
     for prompt, gen in zip(r.prompt_ids, r.token_ids):
         seq = np.array([prompt + gen])
-        logits = lm.logits(seq)[0, len(prompt) - 1:-1, :TOK_VOCAB]
+        logits = lm.logits(seq)[0, len(prompt) - 1 : -1, :TOK_VOCAB]
         assert logits.argmax(-1).tolist() == gen
 
 
@@ -172,7 +182,7 @@ def test_stop_token_ids_end_at_first_occurrence(lm):
     cut = full.index(stop_id) + 1
     assert r.token_ids[0] == full[:cut]
     assert r.finish_reasons[0] == "stop" and r.stopped_by[0] == stop_id
-    assert r.texts[0] == lm.tokenizer.decode(full[:cut - 1])
+    assert r.texts[0] == lm.tokenizer.decode(full[: cut - 1])
 
 
 def test_stop_strings_end_at_right_place(lm):
@@ -181,12 +191,12 @@ def test_stop_strings_end_at_right_place(lm):
     stop = text[5:7]
     assert stop and stop not in text[:5]
     r = lm.generate(["Hello", "The quick"], max_new_tokens=16, stop_token_ids=[], stop=[stop, "\x00never"])
-    assert r.texts[0] == text[:text.index(stop)]
+    assert r.texts[0] == text[: text.index(stop)]
     assert r.finish_reasons[0] == "stop" and r.stopped_by[0] == stop
     ids = r.token_ids[0]  # the fewest ids whose text holds the stop string
     assert stop in lm.tokenizer.decode(ids) and stop not in lm.tokenizer.decode(ids[:-1])
     other = base.texts[1]  # the other row ends at its own first occurrence (or runs to the length limit)
-    assert r.texts[1] == (other[:other.index(stop)] if stop in other else other)
+    assert r.texts[1] == (other[: other.index(stop)] if stop in other else other)
 
 
 def test_stream_pieces_add_up(lm):
@@ -205,8 +215,9 @@ def test_stream_pieces_add_up(lm):
 def test_stream_text_waits_for_whole_characters_and_stop_strings(lm):
     tok = lm.tokenizer
     text = "Zürich 東京 stop here"
-    byte_ids = [i for w in tok._tok.pre_tokenizer.pre_tokenize_str(text) for i in
-                [tok._tok.token_to_id(c) for c in w[0]]]  # one token per byte: characters span tokens
+    byte_ids = [
+        i for w in tok._tok.pre_tokenizer.pre_tokenize_str(text) for i in [tok._tok.token_to_id(c) for c in w[0]]
+    ]  # one token per byte: characters span tokens
     assert None not in byte_ids and tok.decode(byte_ids) == text
     row = RowTracker(tok, [], ["stop here", "東京X"], max_new=100)
     shown, want = "", "Zürich 東京 "
@@ -232,8 +243,9 @@ def test_no_recompile_for_same_bucket_and_batch(lm):
 
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:  # same buckets, other lengths and sampling values
-        gen.generate(["The quick brown", "x"], **{**kw, "temperature": 0.7, "top_p": 0.5, "stop_token_ids": [5]},
-                     seed=9)
+        gen.generate(
+            ["The quick brown", "x"], **{**kw, "temperature": 0.7, "top_p": 0.5, "stop_token_ids": [5]}, seed=9
+        )
         assert compiles == []
         jax.jit(lambda x: x * 3.25 + 1)(np.float32(2))  # the listener does see a compile
         assert len(compiles) == 1
@@ -242,21 +254,24 @@ def test_no_recompile_for_same_bucket_and_batch(lm):
     assert gen.compiles == before
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(prompts=[""]), "empty"),
-    (dict(prompts=[[]]), "empty"),
-    (dict(prompts=[[1] * 200]), "max_position_embeddings"),
-    (dict(prompts=["hi"], max_new_tokens=0), "max_new_tokens"),
-    (dict(prompts=["hi"], temperature=-1.0), "temperature"),
-    (dict(prompts=["hi"], temperature=float("nan")), "temperature"),
-    (dict(prompts=["hi"], top_k=0), "top_k"),
-    (dict(prompts=["hi"], top_k=TOK_VOCAB + 1, temperature=1.0), "top_k"),
-    (dict(prompts=["hi"], top_p=1.5), "top_p"),
-    (dict(prompts=["hi"], top_p=0.0), "top_p"),
-    (dict(prompts=["hi"], repetition_penalty=0.0), "repetition_penalty"),
-    (dict(prompts=[[MODEL_VOCAB]]), "outside"),
-    (dict(prompts=["hi"], stop=[""]), "stop"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(prompts=[""]), "empty"),
+        (dict(prompts=[[]]), "empty"),
+        (dict(prompts=[[1] * 200]), "max_position_embeddings"),
+        (dict(prompts=["hi"], max_new_tokens=0), "max_new_tokens"),
+        (dict(prompts=["hi"], temperature=-1.0), "temperature"),
+        (dict(prompts=["hi"], temperature=float("nan")), "temperature"),
+        (dict(prompts=["hi"], top_k=0), "top_k"),
+        (dict(prompts=["hi"], top_k=TOK_VOCAB + 1, temperature=1.0), "top_k"),
+        (dict(prompts=["hi"], top_p=1.5), "top_p"),
+        (dict(prompts=["hi"], top_p=0.0), "top_p"),
+        (dict(prompts=["hi"], repetition_penalty=0.0), "repetition_penalty"),
+        (dict(prompts=[[MODEL_VOCAB]]), "outside"),
+        (dict(prompts=["hi"], stop=[""]), "stop"),
+    ],
+)
 def test_bad_inputs_give_clear_errors(lm, kwargs, match):
     prompts = kwargs.pop("prompts")
     with pytest.raises(ValueError, match=match):
@@ -274,8 +289,21 @@ def test_cli_json_and_stream(tok_ckpt, lm, tmp_path):
     _, ckpt = tok_ckpt
     env = {"NEOX_JAX_COMPILE_CACHE": str(tmp_path / "jaxcache")}
     prompts = ["Hello", "Über"]
-    r = run_cli("scripts/generate.py", "--checkpoint", ckpt, "--prompt", prompts[0], "--prompt", prompts[1],
-                "--max-new-tokens", "6", "--ignore-eos", "--json", "--stream", env=env)
+    r = run_cli(
+        "scripts/generate.py",
+        "--checkpoint",
+        ckpt,
+        "--prompt",
+        prompts[0],
+        "--prompt",
+        prompts[1],
+        "--max-new-tokens",
+        "6",
+        "--ignore-eos",
+        "--json",
+        "--stream",
+        env=env,
+    )
     out = json.loads(r.stdout)  # with --json the stream goes to stderr
     assert [c["prompt"] for c in out["completions"]] == prompts
     assert all(len(c["token_ids"]) == 6 and c["finish_reason"] == "length" for c in out["completions"])
@@ -304,8 +332,25 @@ def test_cli_quantize_flag(tok_ckpt, capsys):
     from neox_jax.cli import main
 
     _, ckpt = tok_ckpt
-    assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "5", "--ignore-eos",
-                 "--quantize", "int8", "--json", "--no-compile-cache"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(ckpt),
+                "--prompt",
+                "Hello",
+                "--max-new-tokens",
+                "5",
+                "--ignore-eos",
+                "--quantize",
+                "int8",
+                "--json",
+                "--no-compile-cache",
+            ]
+        )
+        == 0
+    )
     got = json.loads(capsys.readouterr().out)["completions"][0]["token_ids"]
     want = neox_jax.load(ckpt, quantize="int8").generate(["Hello"], max_new_tokens=5, stop_token_ids=[])
     assert got == want.token_ids[0]

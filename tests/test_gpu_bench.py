@@ -1,5 +1,6 @@
 """`scripts/benchmark.py gpu --tiny`: the GPU benchmark's code, run on CPU with tiny shapes, writes its JSON and table;
 with no budget left every stage is skipped and says why."""
+
 import json
 import runpy
 import sys
@@ -15,9 +16,16 @@ def test_tiny_run_writes_json_and_table(tmp_path):
     assert "jax" in data["versions"]
     (row,) = data["rows"]
     assert row["model"] == "tiny" and row["skipped"] == {} and row["fused_attention"] == "xla"
-    for key in ("decode1_ms_per_step", "decode1_roofline_ms", "decode16_tokens_per_s", "prefill_xla_tokens_per_s",
-                "prefill_plain_tokens_per_s", "program_peak_gib", "torch_decode1_ms_per_step",
-                "torch_prefill_tokens_per_s"):
+    for key in (
+        "decode1_ms_per_step",
+        "decode1_roofline_ms",
+        "decode16_tokens_per_s",
+        "prefill_xla_tokens_per_s",
+        "prefill_plain_tokens_per_s",
+        "program_peak_gib",
+        "torch_decode1_ms_per_step",
+        "torch_prefill_tokens_per_s",
+    ):
         assert row[key] > 0, key
     assert 0 < row["decode1_roofline_pct"] < 1000
     table = (tmp_path / "gpu.md").read_text()

@@ -1,5 +1,6 @@
 """Hub id + revision -> verified, recorded conversion, against a loopback stand-in for the Hub (tests/hub_stub.py).
 No test touches the real network: HF_ENDPOINT points at the stub, HF_HUB_CACHE / NEOX_JAX_CACHE at tmp_path."""
+
 from __future__ import annotations
 
 import errno
@@ -78,8 +79,12 @@ def test_settings_read_at_call_time(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     s = Settings.from_env()
-    assert (s.cache_dir, s.token, s.endpoint, s.offline) == (tmp_path / "home" / "hub", "hf_secret",
-                                                               "http://127.0.0.1:9", True)
+    assert (s.cache_dir, s.token, s.endpoint, s.offline) == (
+        tmp_path / "home" / "hub",
+        "hf_secret",
+        "http://127.0.0.1:9",
+        True,
+    )
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "c"))
     assert Settings.from_env().cache_dir == tmp_path / "c"
 

@@ -1,4 +1,5 @@
 """run_with_cache / run_with_hooks against transformers (eager attention, torch forward hooks), both residual modes."""
+
 import numpy as np
 import pytest
 
@@ -40,15 +41,22 @@ def _torch_run(hf, ids, mask, pre_hooks=(), fwd_hooks=()):
     seen, handles = {}, []
     for i, layer in enumerate(hf.gpt_neox.layers):
         for name, mod in (("attn_out", layer.attention), ("mlp_out", layer.mlp), ("resid_post", layer)):
-            handles.append(mod.register_forward_hook(
-                lambda m, a, out, key=(name, i): seen.__setitem__(key, (out[0] if isinstance(out, tuple) else out))))
+            handles.append(
+                mod.register_forward_hook(
+                    lambda m, a, out, key=(name, i): seen.__setitem__(key, (out[0] if isinstance(out, tuple) else out))
+                )
+            )
     handles += [mod.register_forward_pre_hook(fn) for mod, fn in pre_hooks]
     handles += [mod.register_forward_hook(fn) for mod, fn in fwd_hooks]
     try:
         with torch.no_grad():
-            out = hf(torch.tensor(ids), attention_mask=torch.tensor(mask),
-                     position_ids=torch.tensor(np.asarray(positions_from_mask(mask))),
-                     output_hidden_states=True, output_attentions=True)
+            out = hf(
+                torch.tensor(ids),
+                attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(np.asarray(positions_from_mask(mask))),
+                output_hidden_states=True,
+                output_attentions=True,
+            )
     finally:
         for h in handles:
             h.remove()
@@ -86,7 +94,7 @@ def test_head_ablation_equals_torch_hook_on_dense_input(pair):
 
     def torch_ablate(module, args):
         x = args[0].clone()
-        x[..., head * hd:(head + 1) * hd] = 0
+        x[..., head * hd : (head + 1) * hd] = 0
         return (x,)
 
     def ablate(z):  # [B, T, N, H]
@@ -121,10 +129,14 @@ def test_names_filter_forms_and_bad_names(pair):
     with pytest.raises(NeoXError, match="close names in it: blocks.1.attn.hook_pattern"):
         cache["blocks.1.attn.hook_patern"]
     cfg = model.config
-    assert interp.select_names(cfg, r"blocks\.\d+\.hook_resid_pre") == ("blocks.0.hook_resid_pre",
-                                                                       "blocks.1.hook_resid_pre")
-    assert interp.select_names(cfg, lambda n: n.endswith("mlp.hook_post")) == ("blocks.0.mlp.hook_post",
-                                                                             "blocks.1.mlp.hook_post")
+    assert interp.select_names(cfg, r"blocks\.\d+\.hook_resid_pre") == (
+        "blocks.0.hook_resid_pre",
+        "blocks.1.hook_resid_pre",
+    )
+    assert interp.select_names(cfg, lambda n: n.endswith("mlp.hook_post")) == (
+        "blocks.0.mlp.hook_post",
+        "blocks.1.mlp.hook_post",
+    )
     assert ("blocks.0.hook_resid_mid" in interp.hook_names(cfg)) == (not cfg.use_parallel_residual)
     with pytest.raises(NeoXError, match="blocks.0.hook_resid_pre"):
         model.run_with_cache(ids, ["blocks.0.hook_resid_pr"])

@@ -1,5 +1,6 @@
 """Logit lens, direct logit attribution and the attention plot; run_with_cache on half precision, int8, stacked layers,
 a fine-tuned run and a mesh."""
+
 import jax
 import numpy as np
 import pytest
@@ -77,8 +78,9 @@ def test_finetuned_run(tiny_ckpt, model, tmp_path):
     assert np.abs(np.asarray(cache["blocks.0.hook_attn_out"]) - np.asarray(base)).max() > 0.05
 
 
-@pytest.mark.skipif(jax.device_count() < 8,
-                    reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+@pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8"
+)
 def test_mesh_equals_one_device(tiny_ckpt, model):
     sharded = neox_jax.load(tiny_ckpt[1], mesh=sharding.make_mesh("data=2,model=4"))
     mask = np.ones_like(IDS)

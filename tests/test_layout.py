@@ -1,5 +1,6 @@
 """The house: no import circle between neox_jax's modules (counting imports inside functions too), and the int8
 kernels a leaf."""
+
 from __future__ import annotations
 
 import ast
@@ -30,7 +31,7 @@ def test_no_import_circle():
 
     def visit(m, path):
         if state.get(m) == 1:
-            raise AssertionError("import circle: " + " -> ".join(path[path.index(m):] + [m]))
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(m) :] + [m]))
         if state.get(m) == 2:
             return
         state[m] = 1

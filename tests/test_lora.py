@@ -1,6 +1,7 @@
 """LoRA against PEFT: the same adapter weights give the same logits (a PEFT-made adapter on every block linear with
 non-zero B, and one exported from a run here), the same gradients; merged == unmerged; a resumed run (with dropout)
 equals an uninterrupted one; unsupported adapters are refused by name; adapters shard like their matrices."""
+
 import copy
 import json
 import string
@@ -30,8 +31,14 @@ def _ids(vocab, shape, seed=0):
 def _peft_model(hf, targets, r=4, alpha=16, rslora=True, seed=1):
     """A PEFT LoRA model over a copy of the tiny HF model, A and B random (init_lora_weights=False: B non-zero)."""
     torch.manual_seed(seed)
-    conf = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora,
-                           init_lora_weights=False, lora_dropout=0.0)
+    conf = peft.LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        use_rslora=rslora,
+        init_lora_weights=False,
+        lora_dropout=0.0,
+    )
     return peft.get_peft_model(copy.deepcopy(hf), conf).eval()
 
 
@@ -56,7 +63,8 @@ def test_peft_adapter_logits_equal_peft(peft_adapter):
     assert spec.targets == lora.TARGETS and spec.rslora and spec.scale == 16 / 2
     base = neox_jax.load(ckpt)
     unmerged = jax.jit(lambda p, i: forward(base.config, p, i, lora=spec)[0])(
-        ft.merge_params(jax.tree.map(jnp.asarray, adapters), base.params), ids)
+        ft.merge_params(jax.tree.map(jnp.asarray, adapters), base.params), ids
+    )
     np.testing.assert_allclose(np.asarray(unmerged), ref, rtol=1e-4, atol=1e-4)
     assert not np.allclose(base.logits(ids), ref, atol=1e-2)  # the adapter matters
 
@@ -70,7 +78,8 @@ def test_lora_grads_equal_peft(peft_adapter):
     _, _, frozen = ft.load_for_training(ckpt, spec, jnp.float32, mesh)
     ids = _ids(cfg.vocab_size, (2, 17), 1)
     loss, grads = jax.jit(lambda t, f, w: ft.loss_and_grads(cfg, t, f, w, jnp.float32, lora_spec=spec))(
-        jax.tree.map(jnp.asarray, adapters), frozen, ids)
+        jax.tree.map(jnp.asarray, adapters), frozen, ids
+    )
     model.zero_grad()
     x = torch.tensor(ids, dtype=torch.long)
     logits = model(x[:, :-1]).logits
@@ -86,24 +95,36 @@ def test_lora_grads_equal_peft(peft_adapter):
     # a bfloat16 base (with the transposed kernel copies CPU training keeps) and float32 adapters: float32's
     # gradients to bfloat16 precision (B scaled down 10x: PEFT's random B at scale 8 makes the loss sharp enough that
     # bfloat16 activations alone move some gradients by 5%)
-    small = jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(x) * (0.1 if p[-1].key == "lora_B" else 1.0),
-                                             adapters)
+    small = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(x) * (0.1 if p[-1].key == "lora_B" else 1.0), adapters
+    )
     _, grads32 = jax.jit(lambda t, f, w: ft.loss_and_grads(cfg, t, f, w, jnp.float32, lora_spec=spec))(
-        small, frozen, ids)
+        small, frozen, ids
+    )
     frozen16 = ft.load_for_training(ckpt, spec, jnp.bfloat16, mesh)[2]
     assert "kernel_t" in frozen16["layers"][0]["attention"]["dense"]
     _, grads16 = jax.jit(lambda t, f, w: ft.loss_and_grads(cfg, t, f, w, jnp.bfloat16, lora_spec=spec))(
-        small, frozen16, ids)
+        small, frozen16, ids
+    )
     ours32, ours16 = (lora_peft.to_peft_tensors(jax.tree.map(np.asarray, g)) for g in (grads32, grads16))
     assert all(g.dtype == np.float32 for g in ours16.values())
     rel = {k: float(np.linalg.norm(g - ours32[k]) / np.linalg.norm(ours32[k])) for k, g in ours16.items()}
-    total = np.sqrt(sum(np.sum((g - ours32[k]) ** 2) for k, g in ours16.items())
-                    / sum(np.sum(g ** 2) for g in ours32.values()))
+    total = np.sqrt(
+        sum(np.sum((g - ours32[k]) ** 2) for k, g in ours16.items()) / sum(np.sum(g**2) for g in ours32.values())
+    )
     assert total <= 2e-2 and max(rel.values()) <= 5e-2, (total, rel)
 
 
-@pytest.mark.parametrize("key,value", [("use_dora", True), ("bias", "all"), ("modules_to_save", ["embed_out"]),
-                                       ("layers_to_transform", [0]), ("alpha_pattern", {"dense": 4})])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("use_dora", True),
+        ("bias", "all"),
+        ("modules_to_save", ["embed_out"]),
+        ("layers_to_transform", [0]),
+        ("alpha_pattern", {"dense": 4}),
+    ],
+)
 def test_unsupported_adapter_refused_by_name(peft_adapter, tmp_path, key, value):
     _, d, ckpt = peft_adapter
     bad = tmp_path / "bad"
@@ -122,8 +143,7 @@ def test_adapter_on_other_modules_refused(peft_adapter, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / lora_peft.CONFIG).write_text(json.dumps(lora_peft.peft_config(lora.LoraSpec(rank=4))))
-    save_file({"base_model.model.embed_out.lora_A.weight": np.zeros((4, 64), np.float32)},
-              str(bad / lora_peft.WEIGHTS))
+    save_file({"base_model.model.embed_out.lora_A.weight": np.zeros((4, 64), np.float32)}, str(bad / lora_peft.WEIGHTS))
     with pytest.raises(NeoXError, match="embed_out.lora_A.weight"):
         neox_jax.load(ckpt, adapter=bad)
 
@@ -139,8 +159,7 @@ def test_adapters_shard_like_their_matrices(tiny_ckpt):
     for mesh in (make_mesh("data=1,model=1", jax.devices()[:1]), make_mesh("data=2,model=4")):
         cfg, trainable, frozen = ft.load_for_training(ckpt, spec, jnp.float32, mesh, seed=3)
         # a non-zero B, the same on both meshes, so every adapter's gradient flows
-        trainable = jax.tree_util.tree_map_with_path(
-            lambda p, x: x + 0.01 if p[-1].key == "lora_B" else x, trainable)
+        trainable = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.01 if p[-1].key == "lora_B" else x, trainable)
         tx = ft.make_optimizer(ft.make_schedule(1e-3, 10, 0, "constant"))
         state = ft.init_state(trainable, tx, ft.state_shardings(cfg, mesh, spec, tx), dynamic=False)
         step = ft.make_train_step(cfg, tx, jnp.float32, mesh, spec, dynamic=False, donate=False)
@@ -157,6 +176,7 @@ def test_adapters_shard_like_their_matrices(tiny_ckpt):
 
 # ---- runs: resume, export to PEFT, merge ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def lora_runs(tiny_ckpt, tmp_path_factory):
     """Run A: 12 LoRA steps (qkv + dense_4h_to_h, r 4, dropout 0.1); run B: the same, stopped by SIGTERM after
@@ -171,17 +191,64 @@ def lora_runs(tiny_ckpt, tmp_path_factory):
     (d / "train.txt").write_text("\n".join(" ".join(rng.choice(words, 6)) + "." for _ in range(600)))
     tok = HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.train_from_iterator([string.printable, (d / "train.txt").read_text()], trainers.BpeTrainer(
-        vocab_size=128, special_tokens=["<|endoftext|>"], initial_alphabet=list(string.printable)))
+    tok.train_from_iterator(
+        [string.printable, (d / "train.txt").read_text()],
+        trainers.BpeTrainer(vocab_size=128, special_tokens=["<|endoftext|>"], initial_alphabet=list(string.printable)),
+    )
     tok.save(str(d / "tokenizer.json"))
-    common = {"checkpoint": str(ckpt), "data": [str(d / "train.txt")], "tokenizer": str(d / "tokenizer.json"),
-              "seq_len": 16, "batch_size": 4, "steps": 12, "lr": 1e-2, "save_every": 4, "keep": 2, "trainable": "lora",
-              "lora_rank": 4, "lora_alpha": 8, "lora_targets": "query_key_value,dense_4h_to_h", "lora_dropout": 0.1,
-              "progress": False, "mesh": "data=2,model=4" if len(jax.devices()) >= 8 else "data=1"}
-    flags = ["--checkpoint", ckpt, "--data", d / "train.txt", "--tokenizer", d / "tokenizer.json", "--out", d / "A",
-             "--seq-len", 16, "--batch-size", 4, "--steps", 12, "--lr", 1e-2, "--save-every", 4, "--keep", 2,
-             "--trainable", "lora", "--lora-rank", 4, "--lora-alpha", 8, "--lora-targets",
-             "query_key_value,dense_4h_to_h", "--lora-dropout", 0.1, "--no-progress", "--mesh", common["mesh"]]
+    common = {
+        "checkpoint": str(ckpt),
+        "data": [str(d / "train.txt")],
+        "tokenizer": str(d / "tokenizer.json"),
+        "seq_len": 16,
+        "batch_size": 4,
+        "steps": 12,
+        "lr": 1e-2,
+        "save_every": 4,
+        "keep": 2,
+        "trainable": "lora",
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "lora_targets": "query_key_value,dense_4h_to_h",
+        "lora_dropout": 0.1,
+        "progress": False,
+        "mesh": "data=2,model=4" if len(jax.devices()) >= 8 else "data=1",
+    }
+    flags = [
+        "--checkpoint",
+        ckpt,
+        "--data",
+        d / "train.txt",
+        "--tokenizer",
+        d / "tokenizer.json",
+        "--out",
+        d / "A",
+        "--seq-len",
+        16,
+        "--batch-size",
+        4,
+        "--steps",
+        12,
+        "--lr",
+        1e-2,
+        "--save-every",
+        4,
+        "--keep",
+        2,
+        "--trainable",
+        "lora",
+        "--lora-rank",
+        4,
+        "--lora-alpha",
+        8,
+        "--lora-targets",
+        "query_key_value,dense_4h_to_h",
+        "--lora-dropout",
+        0.1,
+        "--no-progress",
+        "--mesh",
+        common["mesh"],
+    ]
     assert cli(["finetune", *map(str, flags)]) == 0  # run A through the command line
     assert run(RunConfig(out=str(d / "B"), stop_after=5, **common)) == 128 + 15
     assert run(RunConfig(out=str(d / "B"), resume=True, **common)) == 0
@@ -220,14 +287,16 @@ def test_merge_equals_unmerged(lora_runs, tmp_path):
     meta, adapters = ft.load_finetuned(lora_runs["A"])
     base = neox_jax.load(lora_runs["ckpt"])
     unmerged = jax.jit(lambda p, i: forward(base.config, p, i, lora=ft.mode_from_meta(meta))[0])(
-        ft.merge_params(adapters, base.params), ids)
+        ft.merge_params(adapters, base.params), ids
+    )
     merged = neox_jax.load(merged_dir).logits(ids)
     np.testing.assert_allclose(merged, np.asarray(unmerged), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(merged, neox_jax.load(lora_runs["ckpt"], finetuned=lora_runs["A"]).logits(ids))
 
 
-@pytest.mark.parametrize("command", [["generate", "--max-new-tokens", "2"], ["evaluate", "--tasks", "piqa"],
-                                     ["serve", "--port", "1"]])
+@pytest.mark.parametrize(
+    "command", [["generate", "--max-new-tokens", "2"], ["evaluate", "--tasks", "piqa"], ["serve", "--port", "1"]]
+)
 def test_commands_take_adapter(tiny_ckpt, tmp_path, capsys, command):
     """generate / evaluate / serve --adapter DIR reach neox_jax.load(adapter=DIR): a directory without an adapter is
     named (before anything listens or compiles)."""

@@ -1,4 +1,5 @@
 """Logits of converted checkpoints equal the Hugging Face reference (a random tiny GPTNeoXForCausalLM)."""
+
 import numpy as np
 import pytest
 
@@ -110,5 +111,6 @@ def test_selected_rows_equal_full_forward(parallel, stacked):
     full = model.hidden_states(ids, pos, valid, attn_mask=mask)[0]
     picked = model.hidden_states(ids, pos, valid, attn_mask=mask, rows=rows)[0]
     assert picked.shape == (2, 4, cfg.hidden_size)
-    np.testing.assert_allclose(np.asarray(picked), np.take_along_axis(np.asarray(full), np.asarray(rows)[..., None], 1),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(picked), np.take_along_axis(np.asarray(full), np.asarray(rows)[..., None], 1), atol=1e-5
+    )

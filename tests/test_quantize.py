@@ -1,5 +1,6 @@
 """int8 / LLM.int8 inference: the matmul against a plain NumPy reference, quantized logits against float32, the
 outlier decomposition on injected outlier features, greedy generation, int8 checkpoints through Orbax, sharding."""
+
 import json
 
 import jax
@@ -15,6 +16,7 @@ from neox_jax.cli import main
 from neox_jax.model import abstract_params
 
 # ---- plain NumPy reference of the algorithm (2-D: x [M, K], W [K, O]) ---------------------------------------------
+
 
 def _inv127(absmax):
     return np.where(absmax > 0, np.float32(127) / np.where(absmax > 0, absmax, 1), 0).astype(np.float32)
@@ -83,12 +85,15 @@ def test_outlier_decomposition_reduces_matmul_error():
     spec, x, w = _operands("qkv", np.float32, seed=1)
     q, s = Q.quantize_weight(jnp.asarray(w), spec)
     exact = np.asarray(jnp.einsum(spec, x, Q.dequantize_weight(q, s, spec), precision="highest"))  # same weights
-    err = {t: np.abs(np.asarray(Q.int8_einsum(spec, jnp.asarray(x), q, s, jnp.float32(t))) - exact).max()
-           for t in (6.0, np.inf)}
+    err = {
+        t: np.abs(np.asarray(Q.int8_einsum(spec, jnp.asarray(x), q, s, jnp.float32(t))) - exact).max()
+        for t in (6.0, np.inf)
+    }
     assert err[6.0] * 5 < err[np.inf], err
 
 
 # ---- the model ------------------------------------------------------------------------------------------------------
+
 
 def _ids(shape=(2, 16), vocab=128, seed=0):
     return np.random.RandomState(seed).randint(0, vocab, shape)
@@ -124,8 +129,10 @@ def test_outlier_path_reduces_error_on_injected_outlier_features(float_model):
             layer[ln] = {k: v.at[feats].multiply(30.0) for k, v in layer[ln].items()}
     ids = _ids(seed=1)
     ref = NeoX(cfg, params).logits(ids)
-    err = {t: _rel(NeoX(cfg, Q.quantize_tree(params, "llm.int8", threshold=t)).logits(ids), ref)
-           for t in (6.0, float("inf"))}  # inf: plain vector-wise int8, no outlier path
+    err = {
+        t: _rel(NeoX(cfg, Q.quantize_tree(params, "llm.int8", threshold=t)).logits(ids), ref)
+        for t in (6.0, float("inf"))
+    }  # inf: plain vector-wise int8, no outlier path
     assert err[6.0] < 0.03 and err[6.0] * 2 < err[float("inf")], err
 
 
@@ -141,9 +148,9 @@ def test_quantized_greedy_generation(tiny_ckpt, float_model):
         for _ in range(new):
             window = np.zeros((1, len(prompt) + new), np.int64)
             mask = np.zeros_like(window)
-            window[0, -len(ids):], mask[0, -len(ids):] = ids, 1
+            window[0, -len(ids) :], mask[0, -len(ids) :] = ids, 1
             ids.append(int(m.logits(window, mask)[0, -1].argmax()))
-        return ids[len(prompt):]
+        return ids[len(prompt) :]
 
     w8 = neox_jax.load(tiny_ckpt[1], quantize="int8")
     out = w8.generate([prompt], max_new_tokens=new, stop_token_ids=[]).token_ids[0]
@@ -182,6 +189,7 @@ def test_int8_checkpoint_roundtrips_through_orbax(tiny_ckpt, float_model, tmp_pa
 
     # weight-only int8, saved in process
     from neox_jax.checkpoint import save_params
+
     w8 = Q.quantize_tree(float_model.params, "int8")
     back = neox_jax.load(save_params(tmp_path / "w8", float_model.config, w8))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back.params, w8)
@@ -211,8 +219,7 @@ def test_sharded_int8_equals_unsharded(float_model):
     token_diff = np.abs(a - b).max(-1)
     assert (token_diff > 1e-4).mean() <= 0.05 and _rel(a, b) < 1e-2, token_diff
     w8 = Q.quantize_tree(params, "int8")  # weight-only: no activation rounding, so sharded matches tightly
-    np.testing.assert_allclose(NeoX(cfg, shard_params(w8, cfg, mesh)).logits(ids), NeoX(cfg, w8).logits(ids),
-                               atol=1e-4)
+    np.testing.assert_allclose(NeoX(cfg, shard_params(w8, cfg, mesh)).logits(ids), NeoX(cfg, w8).logits(ids), atol=1e-4)
 
 
 def test_20b_int8_memory_from_eval_shape():

@@ -1,5 +1,6 @@
 """Restore faults: checksums recorded and verified, metadata checked against what is stored, parse errors and missing
 or damaged files named in one line (docs/reliability.md)."""
+
 import json
 import shutil
 
@@ -10,8 +11,14 @@ from neox_jax import checkpoint
 from neox_jax.config import NeoXConfig
 from neox_jax.model import init_params
 
-CFG = NeoXConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 max_position_embeddings=32)
+CFG = NeoXConfig(
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=32,
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,23 +90,29 @@ def test_groups_disagreeing_with_config_are_refused(ckpt):
         neox_jax.load(ckpt)
 
 
-@pytest.mark.parametrize("text, match", [
-    ("{not json", r"metadata\.json: not valid JSON"),
-    ("[1, 2]", r"metadata\.json: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("{not json", r"metadata\.json: not valid JSON"),
+        ("[1, 2]", r"metadata\.json: expected a JSON object"),
+    ],
+)
 def test_unparsable_metadata_names_the_file(ckpt, text, match):
     (ckpt / "metadata.json").write_text(text)
     with pytest.raises(checkpoint.CheckpointError, match=match):
         neox_jax.load(ckpt)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda m: m.pop("config"), r"`config` is missing"),
-    (lambda m: m["config"].update(hidden_size="big"), r"bad `config`: NeoXConfig\.hidden_size"),
-    (lambda m: m["config"].update(colour=1), r"bad `config`: unknown NeoXConfig fields"),
-    (lambda m: m.update(dtype="float8"), r"`dtype` is 'float8'"),
-    (lambda m: m.update(checksums={"files": []}), r"bad `checksums`"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m.pop("config"), r"`config` is missing"),
+        (lambda m: m["config"].update(hidden_size="big"), r"bad `config`: NeoXConfig\.hidden_size"),
+        (lambda m: m["config"].update(colour=1), r"bad `config`: unknown NeoXConfig fields"),
+        (lambda m: m.update(dtype="float8"), r"`dtype` is 'float8'"),
+        (lambda m: m.update(checksums={"files": []}), r"bad `checksums`"),
+    ],
+)
 def test_broken_metadata_fields_name_the_file(ckpt, edit, match):
     _edit_meta(ckpt, edit)
     with pytest.raises(checkpoint.CheckpointError, match=r"metadata\.json: " + match):

@@ -1,5 +1,6 @@
 """Generate / evaluate faults through the `neox-jax` command, in-process: each ends in one line on stderr and exit 1
 before any work starts; --debug shows the traceback (docs/reliability.md)."""
+
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,8 +13,14 @@ from neox_jax.errors import NeoXError
 from neox_jax.model import init_params
 from neox_jax.sampling import SamplingParams
 
-CFG = NeoXConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                 max_position_embeddings=32)
+CFG = NeoXConfig(
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=32,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +36,7 @@ def _one_line_error(capsys, argv) -> str:
 
 
 # ---- generate --------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("t", [1e-45, 1e-30, 5e-5])
 def test_tiny_temperature_is_refused_with_the_valid_range(t):
@@ -49,7 +57,7 @@ def test_smallest_allowed_temperature_samples_finite_ids():
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(jnp.argmax(logits, -1)))
 
 
-@pytest.mark.parametrize("seed", [2 ** 70, 2 ** 63, -1, 1.5, "3", True])
+@pytest.mark.parametrize("seed", [2**70, 2**63, -1, 1.5, "3", True])
 def test_seed_outside_int64_or_not_an_int_is_refused(seed):
     with pytest.raises(NeoXError, match=r"seed must be an int in \[0, 2\*\*63\)"):
         SamplingParams(seed=seed)
@@ -57,7 +65,7 @@ def test_seed_outside_int64_or_not_an_int_is_refused(seed):
 
 def test_seed_accepts_numpy_ints_and_the_largest_int64():
     assert SamplingParams(seed=np.int64(7)).seed == 7 and type(SamplingParams(seed=np.int64(7)).seed) is int
-    SamplingParams(seed=2 ** 63 - 1)
+    SamplingParams(seed=2**63 - 1)
 
 
 def test_generate_empty_prompt_file(ckpt, tmp_path, capsys):
@@ -78,7 +86,7 @@ def test_generate_bad_checkpoint_path(tmp_path, capsys):
 
 def test_generate_checks_sampling_before_loading(tmp_path, capsys):
     """A bad --seed is named even with a checkpoint that would fail to load: the settings are checked first."""
-    err = _one_line_error(capsys, ["generate", "--checkpoint", str(tmp_path / "nope"), "--seed", str(2 ** 70)])
+    err = _one_line_error(capsys, ["generate", "--checkpoint", str(tmp_path / "nope"), "--seed", str(2**70)])
     assert "seed must be an int" in err
 
 
@@ -89,6 +97,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 
 
 # ---- evaluate --------------------------------------------------------------------------------------------------------
+
 
 def _evaluate(ckpt, *extra):
     return ["evaluate", "--checkpoint", str(ckpt), "--tasks", "lambada_openai", *map(str, extra)]

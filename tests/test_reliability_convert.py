@@ -1,5 +1,6 @@
 """Convert faults: the shard index must match the shards; stale temporary directories of dead runs are removed (live
 ones kept); SIGTERM and SIGKILL mid-convert; disk full; the output appearing meanwhile (docs/reliability.md)."""
+
 import json
 import os
 import shutil
@@ -16,8 +17,14 @@ from neox_jax.config import NeoXConfig
 from neox_jax.errors import NeoXError
 from neox_jax.model import init_params
 
-CFG = NeoXConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 max_position_embeddings=32)
+CFG = NeoXConfig(
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=32,
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +132,14 @@ sys.exit(main(["hf", sys.argv[1], sys.argv[2], "--quiet"]))
 
 
 def _start_slow_convert(src, out):
-    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SLOW_CONVERT), str(src), str(out)], cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SLOW_CONVERT), str(src), str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = p.stdout.readline()  # blocks until the first group is on disk
     assert line.startswith("wrote"), (line, p.stderr.read() if p.poll() is not None else "")
     return p
@@ -183,16 +195,23 @@ def small_disk(tmp_path):
     d.mkdir()
     if os.geteuid() != 0:
         pytest.skip("disk-full tests mount a 1 MB tmpfs, which needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True,
-                       check=False)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True, check=False
+    )
     if r.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     yield d
     subprocess.run(["umount", str(d)], check=True)
 
 
-BIG = NeoXConfig(vocab_size=2048, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
-                 max_position_embeddings=32)  # about 2.5 MB of float32: does not fit in 1 MB
+BIG = NeoXConfig(
+    vocab_size=2048,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=256,
+    max_position_embeddings=32,
+)  # about 2.5 MB of float32: does not fit in 1 MB
 
 
 def test_disk_full_is_one_line_and_removes_tmp(small_disk):
@@ -218,7 +237,8 @@ def test_disk_full_through_the_convert_command(src, small_disk, capsys):
 
     (small_disk / "filler").write_bytes(b"\0" * (1024 * 1024 - 60 * 1024))  # less free space than one layer
     assert main(["hf", str(src), str(small_disk / "out"), "--quiet"]) == 1
-    err = "\n".join(ln for ln in capsys.readouterr().err.strip().splitlines()
-                     if not ln.startswith("warning: "))  # the reference has no tokenizer.json: one warning line
+    err = "\n".join(
+        ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("warning: ")
+    )  # the reference has no tokenizer.json: one warning line
     assert len(err.splitlines()) == 1 and "disk full" in err and "Traceback" not in err
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]

@@ -1,5 +1,6 @@
 """Fine-tune resume faults: another base checkpoint, a changed step count, a torn metrics line; a refused resume
 changes no file (docs/reliability.md)."""
+
 import json
 import shutil
 import string
@@ -12,8 +13,14 @@ from neox_jax.config import NeoXConfig
 from neox_jax.errors import NeoXError
 from neox_jax.model import init_params
 
-CFG = NeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                 max_position_embeddings=64)
+CFG = NeoXConfig(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
 WORDS = ["the", "king", "queen", "lord", "speak", "hear", "love", "death", "night", "day", "sword", "crown"]
 
 
@@ -28,8 +35,10 @@ def setup(tmp_path_factory):
     (d / "train.txt").write_text(text)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    tok.train_from_iterator([string.printable, text], trainers.BpeTrainer(
-        vocab_size=128, special_tokens=["<|endoftext|>"], initial_alphabet=list(string.printable)))
+    tok.train_from_iterator(
+        [string.printable, text],
+        trainers.BpeTrainer(vocab_size=128, special_tokens=["<|endoftext|>"], initial_alphabet=list(string.printable)),
+    )
     tok.save(str(d / "tokenizer.json"))
     for name, seed in (("baseA", 0), ("baseB", 1)):
         checkpoint.save_params(d / name, CFG, init_params(CFG, seed=seed), tokenizer_file=d / "tokenizer.json")
@@ -38,8 +47,18 @@ def setup(tmp_path_factory):
 
 
 def _cfg(d, run, **kw):
-    base = {"checkpoint": str(d / "baseA"), "data": [str(d / "train.txt")], "out": str(d / run), "seq_len": 16,
-            "batch_size": 8, "steps": 2, "lr": 1e-3, "mesh": "data=-1", "save_every": 1, "progress": False}
+    base = {
+        "checkpoint": str(d / "baseA"),
+        "data": [str(d / "train.txt")],
+        "out": str(d / run),
+        "seq_len": 16,
+        "batch_size": 8,
+        "steps": 2,
+        "lr": 1e-3,
+        "mesh": "data=-1",
+        "save_every": 1,
+        "progress": False,
+    }
     return train.RunConfig(**{**base, **kw})
 
 
@@ -62,8 +81,11 @@ def test_run_records_the_base_identity_and_schedule(setup):
 def test_resume_on_another_base_is_refused_and_changes_nothing(setup, tmp_path):
     run = _run_copy(setup, tmp_path)
     before = _files(run)
-    with pytest.raises(NeoXError, match=r"run\.json: --resume with --checkpoint .*baseB, but the run started from "
-                                        r".*baseA, whose stored bytes differ"):
+    with pytest.raises(
+        NeoXError,
+        match=r"run\.json: --resume with --checkpoint .*baseB, but the run started from "
+        r".*baseA, whose stored bytes differ",
+    ):
         train.run(_cfg(setup, run, checkpoint=str(setup / "baseB"), resume=True))
     assert _files(run) == before
 
@@ -73,8 +95,17 @@ def test_resume_failing_after_the_run_json_checks_changes_nothing(setup, tmp_pat
     run = _run_copy(setup, tmp_path)
     before = _files(run)
     with pytest.raises(NeoXError):
-        train.run(_cfg(setup, run, resume=True, steps=3, allow_schedule_change=True,
-                       data=[str(tmp_path / "gone.txt")], tokenizer=str(setup / "tokenizer.json")))
+        train.run(
+            _cfg(
+                setup,
+                run,
+                resume=True,
+                steps=3,
+                allow_schedule_change=True,
+                data=[str(tmp_path / "gone.txt")],
+                tokenizer=str(setup / "tokenizer.json"),
+            )
+        )
     assert _files(run) == before
 
 

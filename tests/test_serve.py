@@ -2,6 +2,7 @@
 equal model.generate, 16 concurrent clients, a row's ids independent of its company (float32 and bfloat16), errors,
 429, client disconnects, nothing compiled after warm-up, and SIGTERM. One tiny model (vocab 320) with a byte-level
 BPE tokenizer (300 ids) trained here. Every request has a client timeout and max_retries=0."""
+
 import json
 import os
 import signal
@@ -17,9 +18,9 @@ import jax
 import numpy as np
 import openai
 import pytest
-from conftest import ROOT, make_hf_model, run_cli
 
 import neox_jax
+from conftest import ROOT, make_hf_model, run_cli
 from neox_jax.serve import ServerThread, Service
 from neox_jax.serve import rows as R
 from neox_jax.serve.chat import compile_template
@@ -27,11 +28,30 @@ from neox_jax.serve.engine import Engine
 from neox_jax.serve.scheduler import Request, Scheduler
 
 MODEL_VOCAB, TOK_VOCAB, MAX_LEN = 320, 300, 32
-CORPUS = ["The quick brown fox jumps over the lazy dog.", "Einstein was born in the German Empire.",
-          "Über naïve café: déjà vu, 東京 and Zürich.", "Hello, world! 1 2 3 4 5 6 7 8 9 10"] * 20
-WORDS = ["The", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "Einstein", "was", "born", "German", "Empire",
-         "Hello", "world"]
-PROMPTS = [" ".join(WORDS[i % 14:i % 14 + 1 + i % 4]) for i in range(16)]  # 16 different prompts of 1-4 words
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Einstein was born in the German Empire.",
+    "Über naïve café: déjà vu, 東京 and Zürich.",
+    "Hello, world! 1 2 3 4 5 6 7 8 9 10",
+] * 20
+WORDS = [
+    "The",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "Einstein",
+    "was",
+    "born",
+    "German",
+    "Empire",
+    "Hello",
+    "world",
+]
+PROMPTS = [" ".join(WORDS[i % 14 : i % 14 + 1 + i % 4]) for i in range(16)]  # 16 different prompts of 1-4 words
 TIMEOUT = 60.0
 
 
@@ -42,9 +62,15 @@ def ckpt(tmp_path_factory):
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=TOK_VOCAB, special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tk.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=TOK_VOCAB,
+            special_tokens=["<|endoftext|>", "<|padding|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     src = tmp_path_factory.mktemp("hf_serve")
     make_hf_model(seed=7, vocab_size=MODEL_VOCAB).save_pretrained(src)
     tk.save(str(src / "tokenizer.json"))
@@ -122,9 +148,10 @@ def test_stop_strings_and_echo_logprobs(served, client, lm, ref):
     full = ref_text(lm, ref, 1, REF_NEW)[0]
     assert len(full) >= 5
     stop = full[3:5]
-    r = client.completions.create(model=name, prompt=PROMPTS[1], max_tokens=REF_NEW, temperature=0, stop=[stop],
-                                  extra_body={"ignore_eos": True})
-    assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(
+        model=name, prompt=PROMPTS[1], max_tokens=REF_NEW, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    )
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
     # echo + logprobs (what lm-eval's local-completions asks for loglikelihoods) equals the forward pass
     ids = lm.tokenizer.encode(PROMPTS[2])
     r = client.completions.create(model=name, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=2)
@@ -141,8 +168,9 @@ def test_sixteen_concurrent_clients_get_their_own_greedy_text(served, client, lm
     out = [None] * 16
 
     def ask(i):
-        out[i] = client.completions.create(model=served.svc.name, prompt=PROMPTS[i], max_tokens=REF_NEW,
-                                           temperature=0, stream=i % 2 == 1)
+        out[i] = client.completions.create(
+            model=served.svc.name, prompt=PROMPTS[i], max_tokens=REF_NEW, temperature=0, stream=i % 2 == 1
+        )
         if i % 2:
             out[i] = "".join(c.choices[0].text for c in out[i])
         else:
@@ -178,8 +206,13 @@ def test_ids_do_not_depend_on_the_company(ckpt, dtype, served):
     else:  # its own small engine in bfloat16
         half = neox_jax.load(ckpt, dtype="bfloat16")
         from neox_jax.serve.metrics import Metrics
-        sched = Scheduler(Engine(half.config, half.params, slots=16, max_model_len=16, vocab_limit=TOK_VOCAB,
-                                 chunk=4), half.tokenizer, Metrics(16, 32), max_queue=32)
+
+        sched = Scheduler(
+            Engine(half.config, half.params, slots=16, max_model_len=16, vocab_limit=TOK_VOCAB, chunk=4),
+            half.tokenizer,
+            Metrics(16, 32),
+            max_queue=32,
+        )
         sched.start()
         assert sched.ready.wait(600)
     tok = sched.tok
@@ -209,20 +242,36 @@ def test_nothing_compiles_after_warm_up(served, client):
     before = (served.counter.n, served.svc.scheduler.engine.compiles)
     for i, n in enumerate((1, 7, 15, 20, 28)):  # every prompt bucket, sampling and greedy, logprobs, echo
         prompt = list(range(3, 3 + n))
-        client.completions.create(model=served.svc.name, prompt=prompt, max_tokens=MAX_LEN - n,
-                                  temperature=0.7 * (i % 2), top_p=0.9, seed=i, logprobs=i % 3, echo=i % 2 == 0,
-                                  extra_body={"top_k": 3, "repetition_penalty": 1.2, "min_tokens": 1})
+        client.completions.create(
+            model=served.svc.name,
+            prompt=prompt,
+            max_tokens=MAX_LEN - n,
+            temperature=0.7 * (i % 2),
+            top_p=0.9,
+            seed=i,
+            logprobs=i % 3,
+            echo=i % 2 == 0,
+            extra_body={"top_k": 3, "repetition_penalty": 1.2, "min_tokens": 1},
+        )
     assert (served.counter.n, served.svc.scheduler.engine.compiles) == before
 
 
-BAD = [({"prompt": "x", "max_tokens": -1}, "max_tokens"), ({"prompt": "x", "max_tokens": 10_000}, "context length"),
-       ({"prompt": "x", "max_tokens": MAX_LEN}, "context length"),
-       ({"prompt": "x", "temperature": -0.5}, "temperature"), ({"prompt": "x", "temperature": 1e-9}, "too small"),
-       ({"prompt": "x", "seed": 2 ** 64}, "seed"),
-       ({"prompt": "x", "top_p": 0}, "top_p"), ({"prompt": "x", "top_p": 1.5}, "top_p"),
-       ({"prompt": "x", "model": "gpt-4"}, "does not exist"), ({"prompt": "x", "n": 2}, "'n'"),
-       ({"prompt": []}, "prompt"), ({"prompt": [[1, 99999]]}, "outside"), ({"prompt": "x", "logprobs": 9}, "logprobs"),
-       ({"prompt": "x", "max_tokens": "many"}, "max_tokens")]
+BAD = [
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10_000}, "context length"),
+    ({"prompt": "x", "max_tokens": MAX_LEN}, "context length"),
+    ({"prompt": "x", "temperature": -0.5}, "temperature"),
+    ({"prompt": "x", "temperature": 1e-9}, "too small"),
+    ({"prompt": "x", "seed": 2**64}, "seed"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"prompt": "x", "model": "gpt-4"}, "does not exist"),
+    ({"prompt": "x", "n": 2}, "'n'"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [[1, 99999]]}, "outside"),
+    ({"prompt": "x", "logprobs": 9}, "logprobs"),
+    ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+]
 
 
 def http(url, body=None, timeout=TIMEOUT):
@@ -287,8 +336,14 @@ def test_client_disconnect_frees_its_slot(served, client, monkeypatch):
     orig = sched.engine.decode
     monkeypatch.setattr(sched.engine, "decode", lambda force: (time.sleep(0.05), orig(force))[1])
     aborted = served.svc.metrics.requests.labels("abort")._value.get()
-    stream = client.completions.create(model=served.svc.name, prompt="Hello", max_tokens=MAX_LEN - 4,
-                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=served.svc.name,
+        prompt="Hello",
+        max_tokens=MAX_LEN - 4,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     next(iter(stream))
     assert any(r is not None for r in sched.slots)
     stream.close()  # the client goes away mid-generation
@@ -305,8 +360,9 @@ def test_chat_completions_with_a_template(served, client, lm, ref):
     svc = served.svc
     svc.chat_template = compile_template("{% for m in messages %}{{ m.content }}{% endfor %}")
     try:
-        r = client.chat.completions.create(model=svc.name, messages=[{"role": "user", "content": PROMPTS[3]}],
-                                           max_tokens=6, temperature=0)
+        r = client.chat.completions.create(
+            model=svc.name, messages=[{"role": "user", "content": PROMPTS[3]}], max_tokens=6, temperature=0
+        )
     finally:
         svc.chat_template = None
     assert r.choices[0].message.content == ref_text(lm, ref, 3, 6)[0]
@@ -315,8 +371,13 @@ def test_chat_completions_with_a_template(served, client, lm, ref):
 def test_metrics_text(served, client):
     client.completions.create(model=served.svc.name, prompt="Hello", max_tokens=2)
     text = http(served.url + "/metrics")[1]
-    for name in ("neox_jax:request_success_total", "neox_jax:generation_tokens_total", "neox_jax:num_requests_waiting",
-                 "neox_jax:num_requests_running", "neox_jax:time_to_first_token_seconds_count"):
+    for name in (
+        "neox_jax:request_success_total",
+        "neox_jax:generation_tokens_total",
+        "neox_jax:num_requests_waiting",
+        "neox_jax:num_requests_running",
+        "neox_jax:time_to_first_token_seconds_count",
+    ):
         assert name in text
 
 
@@ -329,10 +390,31 @@ def _free_port() -> int:
 def test_sigterm_finishes_in_flight_and_exits_0(ckpt):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NEOX_JAX_COMPILE_CACHE": "0"}
-    proc = subprocess.Popen([sys.executable, "scripts/serve.py", "--checkpoint", str(ckpt), "--port", str(port),
-                             "--max-model-len", "16", "--max-batch", "2", "--chunk", "1", "--drain-timeout", "20",
-                             "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "scripts/serve.py",
+            "--checkpoint",
+            str(ckpt),
+            "--port",
+            str(port),
+            "--max-model-len",
+            "16",
+            "--max-batch",
+            "2",
+            "--chunk",
+            "1",
+            "--drain-timeout",
+            "20",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         end = time.monotonic() + 600
@@ -345,8 +427,9 @@ def test_sigterm_finishes_in_flight_and_exits_0(ckpt):
             time.sleep(0.5)
         assert proc.poll() is None, proc.stdout.read()
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
-        stream = client.completions.create(model="tiny", prompt=[5, 6], max_tokens=12, stream=True,
-                                           extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model="tiny", prompt=[5, 6], max_tokens=12, stream=True, extra_body={"ignore_eos": True}
+        )
         chunks = [next(iter(stream))]
         proc.send_signal(signal.SIGTERM)  # in flight: it must still finish
         chunks += list(stream)
@@ -362,8 +445,19 @@ def test_sigterm_finishes_in_flight_and_exits_0(ckpt):
 
 def test_seeded_sampling_is_reproducible(served, client):
     def ask(seed):
-        return client.completions.create(model=served.svc.name, prompt=PROMPTS[4], max_tokens=12, temperature=1.0,
-                                         top_p=0.95, seed=seed, extra_body={"ignore_eos": True}).choices[0].text
+        return (
+            client.completions.create(
+                model=served.svc.name,
+                prompt=PROMPTS[4],
+                max_tokens=12,
+                temperature=1.0,
+                top_p=0.95,
+                seed=seed,
+                extra_body={"ignore_eos": True},
+            )
+            .choices[0]
+            .text
+        )
 
     first = ask(3)
     assert ask(3) == first
@@ -379,8 +473,12 @@ def test_sharded_engine_gives_the_same_ids(ckpt, served):
 
     mesh = sharding.make_mesh("data=2,model=2", jax.devices()[:4])
     lm = neox_jax.load(ckpt, mesh=mesh)
-    sched = Scheduler(Engine(lm.config, lm.params, slots=2, max_model_len=16, vocab_limit=TOK_VOCAB, chunk=4,
-                             mesh=mesh), lm.tokenizer, Metrics(2, 8), max_queue=8)
+    sched = Scheduler(
+        Engine(lm.config, lm.params, slots=2, max_model_len=16, vocab_limit=TOK_VOCAB, chunk=4, mesh=mesh),
+        lm.tokenizer,
+        Metrics(2, 8),
+        max_queue=8,
+    )
     sched.start()
     try:
         assert sched.ready.wait(600)

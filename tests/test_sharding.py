@@ -1,6 +1,7 @@
 """Sharded inference on 8 (fake CPU) devices: restore straight onto a mesh, logits and greedy generation equal to one
 device, shardings as the rules say (params and KV cache), clear errors for sizes that cannot split, two processes
 forming one mesh (logits, and scripts/generate.py with the multi-host flags), and 20B's per-device bytes."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,12 @@ from neox_jax import checkpoint, distributed, sharding
 from neox_jax.config import preset
 from neox_jax.model import init_params
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason=(
-    f"needs 8 devices, found {jax.device_count()}: run with XLA_FLAGS=--xla_force_host_platform_device_count=8"))
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8,
+    reason=(
+        f"needs 8 devices, found {jax.device_count()}: run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    ),
+)
 
 MESHES = ["data=1,model=8", "data=2,model=4", "data=4,model=2", "data=8,model=1"]
 # heads, mlp and vocab all divide by 8; head_dim 8, rotary_dims 2; vocab 320 > the tokenizer's 300 ids
@@ -33,8 +38,9 @@ def mesh_ckpt(tmp_path_factory, bpe_tokenizer):
     """A float32 checkpoint of random weights, every tensor (biases and layernorms too) perturbed so each matters,
     with a byte-level tokenizer."""
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
-                          init_params(CFG, seed=1))
+    params = jax.tree.map(
+        lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32), init_params(CFG, seed=1)
+    )
     d = tmp_path_factory.mktemp("mesh")
     return checkpoint.save_params(d / "ckpt", CFG, params, tokenizer_file=bpe_tokenizer)
 
@@ -146,8 +152,11 @@ def test_vocab_that_cannot_split_names_the_sizes_that_work():
 
 def test_batch_that_cannot_split_suggests_sizes(mesh_ckpt, batch):
     model = neox_jax.load(mesh_ckpt, mesh=sharding.make_mesh("data=4,model=2"))
-    with pytest.raises(ValueError, match=r"batch size 6 is not divisible by the mesh's data=4.*multiple of 4 "
-                                         r"\(e\.g\. \[4, 8, 12\]\).*data in \[1, 2\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch size 6 is not divisible by the mesh's data=4.*multiple of 4 "
+        r"\(e\.g\. \[4, 8, 12\]\).*data in \[1, 2\]",
+    ):
         model.logits(batch[0][:6])
 
 
@@ -183,12 +192,15 @@ def test_kv_cache_bytes_length_need_not_divide_the_model_axis():
     assert got == 2 * cfg.num_hidden_layers * 2 * 7 * (cfg.num_attention_heads // 4) * cfg.head_dim * 2
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(num_processes=2, process_id=0), "need --coordinator"),
-    (dict(coordinator="localhost", num_processes=2, process_id=0), "expected HOST:PORT"),
-    (dict(coordinator="127.0.0.1:1234", num_processes=2), "both --num-processes and --process-id"),
-    (dict(coordinator="127.0.0.1:1234", num_processes=2, process_id=2), r"must be in \[0, 2\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_processes=2, process_id=0), "need --coordinator"),
+        (dict(coordinator="localhost", num_processes=2, process_id=0), "expected HOST:PORT"),
+        (dict(coordinator="127.0.0.1:1234", num_processes=2), "both --num-processes and --process-id"),
+        (dict(coordinator="127.0.0.1:1234", num_processes=2, process_id=2), r"must be in \[0, 2\)"),
+    ],
+)
 def test_distributed_flags_checked_before_starting(kwargs, match, monkeypatch):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -224,10 +236,26 @@ def test_two_processes_form_one_mesh(mesh_ckpt, tmp_path):
     meshes = ["data=2,model=4", "data=1,model=8"]  # data across the processes; model across the processes
 
     def one(i):
-        return run_cli("tests/distributed_worker.py", mesh_ckpt, *[a for m in meshes for a in ("--mesh", m)],
-                       "--ids", tmp_path / "ids.npy", "--out", out, "--coordinator", f"127.0.0.1:{port}",
-                       "--num-processes", 2, "--process-id", i, "--init-timeout", 60,
-                       env=env, timeout=240, check=False)
+        return run_cli(
+            "tests/distributed_worker.py",
+            mesh_ckpt,
+            *[a for m in meshes for a in ("--mesh", m)],
+            "--ids",
+            tmp_path / "ids.npy",
+            "--out",
+            out,
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            2,
+            "--process-id",
+            i,
+            "--init-timeout",
+            60,
+            env=env,
+            timeout=240,
+            check=False,
+        )
 
     with ThreadPoolExecutor(2) as ex:
         results = list(ex.map(one, [0, 1]))
@@ -249,10 +277,33 @@ def test_two_processes_generate_cli(mesh_ckpt, one_device):
     prompts = ["Hello", "The quick"]
 
     def one(i):
-        return run_cli("scripts/generate.py", "--checkpoint", mesh_ckpt, "--prompt", prompts[0], "--prompt", prompts[1],
-                       "--max-new-tokens", 6, "--ignore-eos", "--json", "--no-compile-cache",
-                       "--mesh", "data=2,model=4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
-                       "--process-id", i, "--init-timeout", 60, env=env, timeout=240, check=False)
+        return run_cli(
+            "scripts/generate.py",
+            "--checkpoint",
+            mesh_ckpt,
+            "--prompt",
+            prompts[0],
+            "--prompt",
+            prompts[1],
+            "--max-new-tokens",
+            6,
+            "--ignore-eos",
+            "--json",
+            "--no-compile-cache",
+            "--mesh",
+            "data=2,model=4",
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            2,
+            "--process-id",
+            i,
+            "--init-timeout",
+            60,
+            env=env,
+            timeout=240,
+            check=False,
+        )
 
     with ThreadPoolExecutor(2) as ex:
         results = list(ex.map(one, [0, 1]))
@@ -260,7 +311,7 @@ def test_two_processes_generate_cli(mesh_ckpt, one_device):
         assert r.returncode == 0, f"process {i} failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-3000:]}"
     assert not re.sub(r"\d+", "", _without_gloo(results[1].stdout)).strip()  # nothing but gloo's numbers
     text = _without_gloo(results[0].stdout)
-    out = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    out = json.loads(text[text.index("{") : text.rindex("}") + 1])
     want = one_device.generate(prompts, max_new_tokens=6, stop_token_ids=[])
     assert [c["token_ids"] for c in out["completions"]] == want.token_ids
     assert [c["text"] for c in out["completions"]] == want.texts

@@ -1,5 +1,6 @@
 """`neox-jax sweep` against the loopback Hub stand-in: three revisions of a tiny GPT-NeoX with the real tokenizer,
 the third a byte-identical copy of the second, evaluated on a few LAMBADA documents from the local data."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,14 @@ def revision_dirs(tmp_path_factory, tokenizer_file):
 
     dirs = {}
     for seed, rev in ((1, "step0"), (2, "step1000")):
-        model = make_hf_model(seed=seed, vocab_size=50304, hidden_size=32, num_attention_heads=4,
-                              intermediate_size=128, max_position_embeddings=128)
+        model = make_hf_model(
+            seed=seed,
+            vocab_size=50304,
+            hidden_size=32,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=128,
+        )
         with torch.no_grad():
             model.get_output_embeddings().weight[50277:] = 0
         d = tmp_path_factory.mktemp(rev)
@@ -78,9 +85,14 @@ def standalone(hf_dir, tmp_path):
 
     ckpt = tmp_path / f"standalone-{hf_dir.name}"
     hub_converter().convert_source(hf_dir, ckpt, progress=False)
-    res = simple_evaluate(model=NeoXLM(pretrained=str(ckpt), batch_size=4),
-                          tasks=list(task_specs(["lambada_openai"]).values()), limit=6, bootstrap_iters=10,
-                          task_manager=TaskManager(include_defaults=False), log_samples=False)
+    res = simple_evaluate(
+        model=NeoXLM(pretrained=str(ckpt), batch_size=4),
+        tasks=list(task_specs(["lambada_openai"]).values()),
+        limit=6,
+        bootstrap_iters=10,
+        task_manager=TaskManager(include_defaults=False),
+        log_samples=False,
+    )
     return res["results"]["lambada_openai"]
 
 
@@ -106,7 +118,10 @@ def test_sweep_rows_duplicates_plot_and_resume(stub, revision_dirs, tmp_path, mo
     monkeypatch.setattr(neox_jax, "load", real_load)
     rows = rows_of(out)
     assert [(r["revision"], r["step"], r["task"]) for r in rows] == [
-        ("step0", 0, "lambada_openai"), ("step1000", 1000, "lambada_openai"), ("step2000", 2000, "lambada_openai")]
+        ("step0", 0, "lambada_openai"),
+        ("step1000", 1000, "lambada_openai"),
+        ("step2000", 2000, "lambada_openai"),
+    ]
     assert set(rows[0]) == {"revision", "step", "commit", "task", "metrics", "fingerprint", "duplicate_of", "seconds"}
     assert [r["commit"] for r in rows] == [stub.commit(REPO, r["revision"]) for r in rows]
     assert [r["duplicate_of"] for r in rows] == [None, None, "step1000"]
@@ -115,8 +130,10 @@ def test_sweep_rows_duplicates_plot_and_resume(stub, revision_dirs, tmp_path, mo
         want = standalone(revision_dirs[r["revision"]], tmp_path)
         assert r["metrics"]["acc,none"] == want["acc,none"]
         assert r["metrics"]["perplexity,none"] == pytest.approx(want["perplexity,none"], rel=1e-6)
-    assert rows[0]["metrics"]["acc,none"] != rows[1]["metrics"]["acc,none"] or \
-        rows[0]["metrics"]["perplexity,none"] != rows[1]["metrics"]["perplexity,none"]
+    assert (
+        rows[0]["metrics"]["acc,none"] != rows[1]["metrics"]["acc,none"]
+        or rows[0]["metrics"]["perplexity,none"] != rows[1]["metrics"]["perplexity,none"]
+    )
     assert rows[2]["metrics"] == rows[1]["metrics"]
     png = out / "lambada_openai.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
@@ -162,7 +179,7 @@ def test_revision_lists():
 
     assert revisions_from(steps="0:30000:10000") == ["step0", "step10000", "step20000", "step30000"]
     log = revisions_from(pythia="log")
-    assert log[:11] == [f"step{2 ** i}" if i >= 0 else "step0" for i in range(-1, 10)]
+    assert log[:11] == [f"step{2**i}" if i >= 0 else "step0" for i in range(-1, 10)]
     assert log[-1] == "step143000" and "step1000" in log and "step128000" in log and len(log) == len(set(log))
     assert len(revisions_from(pythia="all")) == 154
     assert revisions_from(revisions="main, step3") == ["main", "step3"]

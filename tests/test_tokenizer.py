@@ -1,4 +1,5 @@
 """The GPT-NeoX-20B tokenizer (from ../shared/data) and incremental decoding."""
+
 import pytest
 
 from neox_jax.tokenizer import IncrementalDecoder, Tokenizer

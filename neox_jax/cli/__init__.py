@@ -6,6 +6,7 @@ Each subcommand module defines
     run(args) -> int                            the body: library calls, returns the exit code
 and is named in COMMANDS below. `scripts/NAME.py` and `python -m neox_jax NAME` reach the same code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,17 +43,22 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     not import every subcommand's dependencies)."""
     from neox_jax import __version__
 
-    p = argparse.ArgumentParser(prog="neox-jax", description="GPT-NeoX (20B and the Pythia suite) in pure JAX.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="neox-jax",
+        description="GPT-NeoX (20B and the Pythia suite) in pure JAX.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"neox-jax {__version__}")
     p.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         mod = _module(name)
-        sp = sub.add_parser(name, help=mod.HELP, description=mod.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the full traceback of any error")
+        sp = sub.add_parser(
+            name, help=mod.HELP, description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        sp.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of any error"
+        )
         if only is None or only == name:
             mod.add_arguments(sp)
         sp.set_defaults(_run=mod.run)

@@ -10,6 +10,7 @@ The benchmarks live in the source checkout (git clone, then `pip install -e ".[a
 the references (torch, transformers, lm-eval's hf backend) and the checkout's layout, and measure the project rather
 than serve its users.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     folder = bench_dir()
     if not folder.is_dir():
-        raise NeoXError(f"no benchmarks here: {folder} is absent (they ship with the source, not the wheel: "
-                        f"git clone the project and run `neox-jax benchmark` from an editable install)")
+        raise NeoXError(
+            f"no benchmarks here: {folder} is absent (they ship with the source, not the wheel: "
+            f"git clone the project and run `neox-jax benchmark` from an editable install)"
+        )
     names = available()
     if args.name is None:
         print("available:", ", ".join(names) or "(none)")

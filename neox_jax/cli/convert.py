@@ -10,6 +10,7 @@
 
 Needs the `convert` extra (torch, safetensors): pip install "neox-jax[convert]".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,10 @@ from pathlib import Path
 
 from neox_jax.errors import NeoXError
 
-HELP = ("convert checkpoints: hf, neox (slim shards), to-hf, merge (fine-tuned), quantize (int8), verify (sha256), "
-        "to-peft (LoRA)")
+HELP = (
+    "convert checkpoints: hf, neox (slim shards), to-hf, merge (fine-tuned), quantize (int8), verify (sha256), "
+    "to-peft (LoRA)"
+)
 
 # the converter modules of the `convert/` folder, each with register(subparsers); one per line, in --help order
 CONVERTERS = (
@@ -48,10 +51,12 @@ def converters():
         except ModuleNotFoundError as e:
             if e.name != PACKAGE:
                 raise
-            raise NeoXError(f"the converters are not installed (no {PACKAGE} package, no {folder}); reinstall "
-                            f"neox-jax") from None
-    spec = importlib.util.spec_from_file_location(PACKAGE, folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
+            raise NeoXError(
+                f"the converters are not installed (no {PACKAGE} package, no {folder}); reinstall neox-jax"
+            ) from None
+    spec = importlib.util.spec_from_file_location(
+        PACKAGE, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
     pkg = importlib.util.module_from_spec(spec)
     sys.modules[PACKAGE] = pkg
     spec.loader.exec_module(pkg)
@@ -73,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if summary:
         gb = summary.get("bytes", 0) / 1e9
-        print(f"wrote {summary['out']}: {summary.get('params', 0):,} parameters, {gb:.3f} GB "
-              f"({summary.get('dtype', '')}) in {summary.get('seconds', 0):.1f} s")
+        print(
+            f"wrote {summary['out']}: {summary.get('params', 0):,} parameters, {gb:.3f} GB "
+            f"({summary.get('dtype', '')}) in {summary.get('seconds', 0):.1f} s"
+        )
     return 0

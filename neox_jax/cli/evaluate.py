@@ -11,6 +11,7 @@ Prints lm-eval's table and a `Task | Metric | Value ± Stderr` table, and writes
 (--output FILE.json, or a folder: FOLDER/results.json); --log_samples writes each task's per-document records beside
 it as samples_TASK.jsonl.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,32 +35,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from neox_jax.checkpoint import DTYPE_CHOICES
     from neox_jax.tasks import data
 
-    p.add_argument("--checkpoint", "--pretrained", required=True,
-                   help="neox-jax checkpoint directory (neox-jax convert ...)")
+    p.add_argument(
+        "--checkpoint", "--pretrained", required=True, help="neox-jax checkpoint directory (neox-jax convert ...)"
+    )
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. lambada_openai,piqa")
     _flag(p, "--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: the task's)")
-    p.add_argument("--limit", type=float, default=None,
-                   help="only the first N documents of each task (< 1: a fraction); for quick checks, not scores")
+    p.add_argument(
+        "--limit",
+        type=float,
+        default=None,
+        help="only the first N documents of each task (< 1: a fraction); for quick checks, not scores",
+    )
     _flag(p, "--batch-size", default="8", help="rows per forward call, or auto (default 8)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="parameter dtype (default: as stored)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="parameter dtype (default: as stored)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. 'data=2,model=4' (default: no mesh)")
     p.add_argument("--tokenizer", default=None, metavar="FILE", help="tokenizer.json (default: the checkpoint's)")
     p.add_argument("--finetuned", default=None, help="fine-tuning run directory whose trained parameters to use")
-    p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="a PEFT LoRA adapter directory, folded into the weights (docs/lora.md)")
-    p.add_argument("--quantize", choices=("int8", "llm.int8"), default=None,
-                   help="int8 weights: weight-only, or LLM.int8 with outlier features in float (docs/int8.md)")
+    p.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="a PEFT LoRA adapter directory, folded into the weights (docs/lora.md)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("int8", "llm.int8"),
+        default=None,
+        help="int8 weights: weight-only, or LLM.int8 with outlier features in float (docs/int8.md)",
+    )
     _flag(p, "--max-length", type=int, default=None, help="context length (default: the model's)")
     _flag(p, "--include-path", default=None, help="a folder of extra lm-eval task YAMLs")
-    _flag(p, "--data-dir", default=None,
-          help=f"local data folder(s), joined by '{os.pathsep}' (default: ${data.ENV_VAR}, else ../shared/data "
-               f"beside the checkout)")
-    p.add_argument("--hub", action="store_true",
-                   help="use lm-eval's built-in tasks (Hub data) even if local data exists")
+    _flag(
+        p,
+        "--data-dir",
+        default=None,
+        help=f"local data folder(s), joined by '{os.pathsep}' (default: ${data.ENV_VAR}, else ../shared/data "
+        f"beside the checkout)",
+    )
+    p.add_argument(
+        "--hub", action="store_true", help="use lm-eval's built-in tasks (Hub data) even if local data exists"
+    )
     _flag(p, "--bootstrap-iters", type=int, default=100000, help="bootstrap iterations for stderrs (lm-eval's)")
-    p.add_argument("--output", "--output-path", "--output_path", "-o", dest="output", default=None,
-                   help="write the results JSON here (a .json file, or a folder for FOLDER/results.json)")
+    p.add_argument(
+        "--output",
+        "--output-path",
+        "--output_path",
+        "-o",
+        dest="output",
+        default=None,
+        help="write the results JSON here (a .json file, or a folder for FOLDER/results.json)",
+    )
     _flag(p, "--log-samples", action="store_true", help="also write per-document records (needs --output)")
 
 
@@ -137,19 +162,40 @@ def run(a: argparse.Namespace) -> int:
 
     t0 = time.time()
     try:
-        lm = NeoXLM(pretrained=a.checkpoint, dtype=a.dtype, batch_size=a.batch_size, mesh=a.mesh,
-                    finetuned=a.finetuned, adapter=a.adapter, quantize=a.quantize, max_length=a.max_length,
-                    tokenizer=a.tokenizer)
+        lm = NeoXLM(
+            pretrained=a.checkpoint,
+            dtype=a.dtype,
+            batch_size=a.batch_size,
+            mesh=a.mesh,
+            finetuned=a.finetuned,
+            adapter=a.adapter,
+            quantize=a.quantize,
+            max_length=a.max_length,
+            tokenizer=a.tokenizer,
+        )
     except ValueError as e:  # a bad batch size, a model that cannot split over the mesh, no tokenizer
         raise NeoXError(str(e)) from e
     print(f"loaded {lm.model} in {time.time() - t0:.1f}s")
-    results = simple_evaluate(model=lm, tasks=[specs[n] for n in names], num_fewshot=a.num_fewshot, limit=a.limit,
-                              task_manager=tm, bootstrap_iters=a.bootstrap_iters, log_samples=a.log_samples)
+    results = simple_evaluate(
+        model=lm,
+        tasks=[specs[n] for n in names],
+        num_fewshot=a.num_fewshot,
+        limit=a.limit,
+        task_manager=tm,
+        bootstrap_iters=a.bootstrap_iters,
+        log_samples=a.log_samples,
+    )
     samples = results.pop("samples", None) or {}
-    results["config"]["neox_jax"] = {"checkpoint": str(a.checkpoint), "dtype": a.dtype, "mesh": a.mesh,
-                                     "finetuned": a.finetuned, "adapter": a.adapter, "quantize": a.quantize,
-                                     "batch_size": lm.batch_rows,
-                                     "local_tasks": {n: str(data.find(n, a.data_dir)) for n in local}}
+    results["config"]["neox_jax"] = {
+        "checkpoint": str(a.checkpoint),
+        "dtype": a.dtype,
+        "mesh": a.mesh,
+        "finetuned": a.finetuned,
+        "adapter": a.adapter,
+        "quantize": a.quantize,
+        "batch_size": lm.batch_rows,
+        "local_tasks": {n: str(data.find(n, a.data_dir)) for n in local},
+    }
     print(make_table(results))
     print(reference_table(results))
     print(f"evaluated in {time.time() - t0:.1f}s")

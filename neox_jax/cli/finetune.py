@@ -9,6 +9,7 @@ adapters (interchangeable with PEFT), on a device mesh, in mixed precision, resu
     neox-jax finetune ... --trainable lora --lora-rank 8 --lora-alpha 16 --out runs/lora   # LoRA (docs/lora.md)
     neox-jax convert to-peft ckpt/pythia-160m runs/lora adapters/lora   # for peft.PeftModel.from_pretrained
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,65 +25,141 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     d = RunConfig("", [], "")
     p.add_argument("--checkpoint", required=True, help="neox-jax checkpoint directory (neox-jax convert ...)")
-    p.add_argument("--data", required=True, nargs="+", metavar="FILE",
-                   help="plain text files (one document each) and/or .jsonl files (one {\"text\": ...} per line)")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory: checkpoints, finetuned params, "
-                   "metrics.jsonl, loss.png")
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="FILE",
+        help='plain text files (one document each) and/or .jsonl files (one {"text": ...} per line)',
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="RUN_DIR",
+        help="run directory: checkpoints, finetuned params, metrics.jsonl, loss.png",
+    )
     p.add_argument("--tokenizer", help="tokenizer.json to use (default: the checkpoint's)")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training window (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="global batch size, split over the mesh's data axis (default %(default)s)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="global batch size, split over the mesh's data axis (default %(default)s)",
+    )
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="number of optimizer steps")
     length.add_argument("--epochs", type=float, help="number of passes over the training windows (default 1)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps (default 0)")
-    p.add_argument("--schedule", choices=("cosine", "linear", "constant"), default=d.schedule,
-                   help="decay after warm-up (default %(default)s)")
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
-                   help="final lr as a fraction of --lr for cosine / linear (default %(default)s)")
+    p.add_argument(
+        "--schedule",
+        choices=("cosine", "linear", "constant"),
+        default=d.schedule,
+        help="decay after warm-up (default %(default)s)",
+    )
+    p.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=d.min_lr_ratio,
+        help="final lr as a fraction of --lr for cosine / linear (default %(default)s)",
+    )
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip,
-                   help="clip gradients to this global norm; 0 turns clipping off (default %(default)s)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES,
-                   help="dtype of the frozen weights and the forward pass (default: as stored); trainable params keep "
-                        "float32 master copies; float16 uses dynamic loss scaling")
-    p.add_argument("--mesh", default=d.mesh, help="device mesh, e.g. 'data=2,model=4' (batch over data, weights "
-                   "over model); -1 = the remaining devices (default %(default)s)")
-    p.add_argument("--trainable", choices=("biases", "all", "lora"), default=d.trainable,
-                   help="biases: of query_key_value, attention.dense and dense_h_to_4h (BitFit); all: everything; "
-                        "lora: new low-rank adapters on the block linears, the base frozen (docs/lora.md)")
+    p.add_argument(
+        "--grad-clip",
+        type=float,
+        default=d.grad_clip,
+        help="clip gradients to this global norm; 0 turns clipping off (default %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        help="dtype of the frozen weights and the forward pass (default: as stored); trainable params keep "
+        "float32 master copies; float16 uses dynamic loss scaling",
+    )
+    p.add_argument(
+        "--mesh",
+        default=d.mesh,
+        help="device mesh, e.g. 'data=2,model=4' (batch over data, weights "
+        "over model); -1 = the remaining devices (default %(default)s)",
+    )
+    p.add_argument(
+        "--trainable",
+        choices=("biases", "all", "lora"),
+        default=d.trainable,
+        help="biases: of query_key_value, attention.dense and dense_h_to_4h (BitFit); all: everything; "
+        "lora: new low-rank adapters on the block linears, the base frozen (docs/lora.md)",
+    )
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank r (default %(default)s)")
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha,
-                   help="LoRA alpha: the update is scaled by alpha / r (default %(default)s)")
-    p.add_argument("--lora-targets", default=d.lora_targets, metavar="NAMES",
-                   help="comma-separated linears to adapt, of query_key_value, dense, dense_h_to_4h, dense_4h_to_h "
-                        "(default %(default)s, as PEFT's for GPT-NeoX)")
-    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout,
-                   help="dropout on the adapters' input while training (default %(default)s)")
+    p.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=d.lora_alpha,
+        help="LoRA alpha: the update is scaled by alpha / r (default %(default)s)",
+    )
+    p.add_argument(
+        "--lora-targets",
+        default=d.lora_targets,
+        metavar="NAMES",
+        help="comma-separated linears to adapt, of query_key_value, dense, dense_h_to_4h, dense_4h_to_h "
+        "(default %(default)s, as PEFT's for GPT-NeoX)",
+    )
+    p.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=d.lora_dropout,
+        help="dropout on the adapters' input while training (default %(default)s)",
+    )
     p.add_argument("--rslora", action="store_true", help="rank-stabilised LoRA: scale alpha / sqrt(r)")
-    p.add_argument("--save-every", type=int, default=d.save_every,
-                   help="checkpoint every N steps (default %(default)s)")
+    p.add_argument(
+        "--save-every", type=int, default=d.save_every, help="checkpoint every N steps (default %(default)s)"
+    )
     p.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep (default %(default)s)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="held-out loss every N steps and at the end; 0 = no held-out split (default)")
-    p.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
-                   help="fraction of windows held out when --eval-every is set (default %(default)s)")
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches,
-                   help="at most this many held-out batches per evaluation; 0 = all (default)")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=d.eval_every,
+        help="held-out loss every N steps and at the end; 0 = no held-out split (default)",
+    )
+    p.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=d.eval_fraction,
+        help="fraction of windows held out when --eval-every is set (default %(default)s)",
+    )
+    p.add_argument(
+        "--eval-batches",
+        type=int,
+        default=d.eval_batches,
+        help="at most this many held-out batches per evaluation; 0 = all (default)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="data order and RNG seed (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--allow-schedule-change", action="store_true",
-                   help="on --resume, accept a --steps / --epochs that changes the run's total step count (and so "
-                        "reshapes its learning-rate schedule); refused otherwise")
-    p.add_argument("--initial-loss-scale", type=float, default=d.initial_loss_scale,
-                   help="float16 only: starting loss scale (default 2^15)")
-    p.add_argument("--loss-scale-period", type=int, default=d.loss_scale_period,
-                   help="float16 only: double the loss scale after this many finite steps (default %(default)s)")
-    p.add_argument("--no-transposed-copies", dest="transposed_copies", action="store_false",
-                   help="bfloat16 on CPU: do not keep a transposed copy of the frozen weights for the backward "
-                        "pass; saves one copy of the frozen weights, but the backward matmuls then run in float32 "
-                        "(pythia-160m BitFit: ~1.6x slower steps)")
+    p.add_argument(
+        "--allow-schedule-change",
+        action="store_true",
+        help="on --resume, accept a --steps / --epochs that changes the run's total step count (and so "
+        "reshapes its learning-rate schedule); refused otherwise",
+    )
+    p.add_argument(
+        "--initial-loss-scale",
+        type=float,
+        default=d.initial_loss_scale,
+        help="float16 only: starting loss scale (default 2^15)",
+    )
+    p.add_argument(
+        "--loss-scale-period",
+        type=int,
+        default=d.loss_scale_period,
+        help="float16 only: double the loss scale after this many finite steps (default %(default)s)",
+    )
+    p.add_argument(
+        "--no-transposed-copies",
+        dest="transposed_copies",
+        action="store_false",
+        help="bfloat16 on CPU: do not keep a transposed copy of the frozen weights for the backward "
+        "pass; saves one copy of the frozen weights, but the backward matmuls then run in float32 "
+        "(pythia-160m BitFit: ~1.6x slower steps)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # test hook: SIGTERM after this step
 

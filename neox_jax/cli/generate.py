@@ -14,6 +14,7 @@ runs the same prompts and only process 0 prints. --json prints one JSON object
 (prompts, completions, token ids, finish reasons, timing) on stdout; streamed text then goes to stderr.
 JAX's persistent compilation cache is on (see neox_jax/compile_cache.py), so a second run skips the compiles.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="neox-jax checkpoint directory (neox-jax convert ...)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch); default: the Einstein sentence")
     p.add_argument("--prompt-file", type=Path, help="a text file with one prompt per line (blank lines skipped)")
-    p.add_argument("--tokenizer", default=None, metavar="FILE",
-                   help="tokenizer.json to use (default: the checkpoint's)")
+    p.add_argument(
+        "--tokenizer", default=None, metavar="FILE", help="tokenizer.json to use (default: the checkpoint's)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
@@ -44,19 +46,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); not part of the output")
-    p.add_argument("--stop-token-id", type=int, action="append", default=None,
-                   help="a stop token id (repeatable; default: the tokenizer's end-of-text)")
+    p.add_argument(
+        "--stop-token-id",
+        type=int,
+        action="append",
+        default=None,
+        help="a stop token id (repeatable; default: the tokenizer's end-of-text)",
+    )
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text (only --stop-token-id ids)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast the parameters (default: as stored)")
-    p.add_argument("--finetuned", default=None, metavar="RUN_DIR",
-                   help="apply the trained parameters of a fine-tuning run (neox-jax finetune --out)")
-    p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), folded into "
-                        "the weights (docs/lora.md)")
-    p.add_argument("--quantize", choices=["int8", "llm.int8"], default=None,
-                   help="int8 weights: weight-only, or LLM.int8 with outlier features in float (docs/int8.md)")
-    p.add_argument("--chunk-size", type=int, default=1,
-                   help="decode steps per streamed piece (default 1: each token as it is made; more is faster on CPU)")
+    p.add_argument(
+        "--finetuned",
+        default=None,
+        metavar="RUN_DIR",
+        help="apply the trained parameters of a fine-tuning run (neox-jax finetune --out)",
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), folded into "
+        "the weights (docs/lora.md)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "llm.int8"],
+        default=None,
+        help="int8 weights: weight-only, or LLM.int8 with outlier features in float (docs/int8.md)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=1,
+        help="decode steps per streamed piece (default 1: each token as it is made; more is faster on CPU)",
+    )
     p.add_argument("--stream", action="store_true", help="print tokens as they are made")
     p.add_argument("--json", action="store_true", help="print one JSON object with everything")
     compile_cache.add_argument(p)
@@ -108,19 +131,36 @@ def run(args: argparse.Namespace) -> int:
     # the sampling settings are checked before the model loads (NeoXError naming the setting)
     SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     try:  # a ValueError here is e.g. a model that cannot split over the mesh: the message says which sizes work
-        model = neox_jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh, finetuned=args.finetuned,
-                              adapter=args.adapter, quantize=args.quantize, tokenizer=args.tokenizer)
+        model = neox_jax.load(
+            args.checkpoint,
+            dtype=args.dtype,
+            mesh=mesh,
+            finetuned=args.finetuned,
+            adapter=args.adapter,
+            quantize=args.quantize,
+            tokenizer=args.tokenizer,
+        )
     except ValueError as e:
         raise NeoXError(str(e)) from e
     if model.tokenizer is None:
-        raise NeoXError(f"{args.checkpoint}: no tokenizer.json; text prompts need one (pass --tokenizer FILE, or "
-                        f"convert from a folder that has it)")
+        raise NeoXError(
+            f"{args.checkpoint}: no tokenizer.json; text prompts need one (pass --tokenizer FILE, or "
+            f"convert from a folder that has it)"
+        )
     gen = model.generator()
     stop_ids = [] if args.ignore_eos else None
     if args.stop_token_id:
         stop_ids = list(args.stop_token_id) + ([] if args.ignore_eos else [model.tokenizer.eos_id])
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, stop_token_ids=stop_ids)
+    kw = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        stop_token_ids=stop_ids,
+    )
     out = (sys.stderr if args.json else sys.stdout) if talk else io.StringIO()
     try:
         results = _run_prompts(gen, prompts, kw, args.stream, args.chunk_size, out)
@@ -130,9 +170,16 @@ def run(args: argparse.Namespace) -> int:
     i = 0
     for r in results:
         for j in range(len(r.token_ids)):
-            completions.append({"prompt": prompts[i], "prompt_tokens": len(r.prompt_ids[j]), "text": r.texts[j],
-                                "token_ids": r.token_ids[j], "finish_reason": r.finish_reasons[j],
-                                "stopped_by": r.stopped_by[j]})
+            completions.append(
+                {
+                    "prompt": prompts[i],
+                    "prompt_tokens": len(r.prompt_ids[j]),
+                    "text": r.texts[j],
+                    "token_ids": r.token_ids[j],
+                    "finish_reason": r.finish_reasons[j],
+                    "stopped_by": r.stopped_by[j],
+                }
+            )
             i += 1
         timings.append(r.timing.to_dict())
     timing = {k: sum(t[k] for t in timings) for k in timings[0]}
@@ -140,14 +187,28 @@ def run(args: argparse.Namespace) -> int:
     if not talk:
         return 0
     if args.json:
-        print(json.dumps({"checkpoint": str(args.checkpoint), "dtype": str(model.dtype), "sampling": {
-            k: v for k, v in kw.items() if k != "max_new_tokens"}, "max_new_tokens": args.max_new_tokens,
-            "completions": completions, "timing": timing}, indent=2, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "checkpoint": str(args.checkpoint),
+                    "dtype": str(model.dtype),
+                    "sampling": {k: v for k, v in kw.items() if k != "max_new_tokens"},
+                    "max_new_tokens": args.max_new_tokens,
+                    "completions": completions,
+                    "timing": timing,
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
     elif not args.stream:
         for c in completions:
             print(f"{c['prompt']}\x1b[1m{c['text']}\x1b[0m" if sys.stdout.isatty() else c["prompt"] + c["text"])
             print(f"  [{c['finish_reason']}, {len(c['token_ids'])} tokens]")
-    print(f"compile {timing['compile_s']:.2f} s, prefill {timing['prefill_s'] * 1e3:.1f} ms, "
-          f"first token {timing['first_token_s'] * 1e3:.1f} ms, decode {timing['decode_tokens_per_s']:.1f} tokens/s "
-          f"({model!r})", file=sys.stderr)
+    print(
+        f"compile {timing['compile_s']:.2f} s, prefill {timing['prefill_s'] * 1e3:.1f} ms, "
+        f"first token {timing['first_token_s'] * 1e3:.1f} ms, decode {timing['decode_tokens_per_s']:.1f} tokens/s "
+        f"({model!r})",
+        file=sys.stderr,
+    )
     return 0

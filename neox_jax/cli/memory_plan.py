@@ -17,6 +17,7 @@ Nothing is allocated; no GPU needed. Per device:
 Fits when the sum is at most the card's memory (start JAX with XLA_PYTHON_CLIENT_MEM_FRACTION=.95: by default it
 takes 75% of the card).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,19 @@ HELP = "which GPU setups a model fits on, per dtype (params, KV cache, prefill);
 GIB = 2**30
 # (setup, GPUs, GiB per GPU)
 SETUPS = [
-    ("1x 24 GB (RTX 3090 / 4090, A10G, L4)", 1, 24), ("1x 40 GB (A100-40G)", 1, 40),
-    ("1x 48 GB (A6000, L40S)", 1, 48), ("1x 80 GB (A100-80G, H100)", 1, 80), ("1x 141 GB (H200)", 1, 141),
-    ("2x 16 GB (V100-16G, T4)", 2, 16), ("2x 24 GB", 2, 24), ("2x 40 GB", 2, 40), ("2x 48 GB", 2, 48),
-    ("4x 16 GB", 4, 16), ("4x 24 GB", 4, 24), ("8x 16 GB", 8, 16), ("8x 24 GB", 8, 24),
+    ("1x 24 GB (RTX 3090 / 4090, A10G, L4)", 1, 24),
+    ("1x 40 GB (A100-40G)", 1, 40),
+    ("1x 48 GB (A6000, L40S)", 1, 48),
+    ("1x 80 GB (A100-80G, H100)", 1, 80),
+    ("1x 141 GB (H200)", 1, 141),
+    ("2x 16 GB (V100-16G, T4)", 2, 16),
+    ("2x 24 GB", 2, 24),
+    ("2x 40 GB", 2, 40),
+    ("2x 48 GB", 2, 48),
+    ("4x 16 GB", 4, 16),
+    ("4x 24 GB", 4, 24),
+    ("8x 16 GB", 8, 16),
+    ("8x 24 GB", 8, 24),
 ]
 DTYPES = {"fp16": ("float16", None), "bf16": ("bfloat16", None), "int8": ("float16", 1)}
 
@@ -41,8 +51,11 @@ def plan(cfg, gpus: int, batch: int, length: int) -> dict[str, float]:
     mesh = sharding.abstract_mesh({"data": 1, "model": gpus})
     m = gpus
     kv = sharding.kv_cache_bytes_per_device(cfg, mesh, batch, length, "float16")
-    prefill = (2 * batch * cfg.num_attention_heads // m * length * length * 4 + batch * length * cfg.vocab_size // m * 4
-               + 2 * batch * length * cfg.intermediate_size // m * 4)
+    prefill = (
+        2 * batch * cfg.num_attention_heads // m * length * length * 4
+        + batch * length * cfg.vocab_size // m * 4
+        + 2 * batch * length * cfg.intermediate_size // m * 4
+    )
     out = {"kv": kv / GIB, "prefill": prefill / GIB}
     for name, (dtype, weight_bytes) in DTYPES.items():
         out[name] = sharding.param_bytes_per_device(cfg, mesh, dtype, weight_bytes) / GIB
@@ -65,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
         cfg = preset(args.preset)
     except ValueError as e:
         raise NeoXError(str(e)) from e
-    print(f"{args.preset}: {cfg.num_params / 1e9:.2f}B params = {cfg.num_params * 2 / 1e9:.1f} GB in fp16; "
-          f"batch {args.batch} x {args.length} tokens; GiB per GPU (params + KV cache + prefill + "
-          f"{args.reserve:g} reserve), mesh model=<GPUs>\n")
+    print(
+        f"{args.preset}: {cfg.num_params / 1e9:.2f}B params = {cfg.num_params * 2 / 1e9:.1f} GB in fp16; "
+        f"batch {args.batch} x {args.length} tokens; GiB per GPU (params + KV cache + prefill + "
+        f"{args.reserve:g} reserve), mesh model=<GPUs>\n"
+    )
     print("| setup | fp16 | bf16 | int8 | KV cache | prefill |")
     print("|---|---|---|---|---|---|")
     for label, gpus, gib in SETUPS:
@@ -83,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"| {label} | {' | '.join(cells)} | {r['kv']:.2f} | {r['prefill']:.2f} |")
     one = plan(cfg, 1, args.batch, args.length)
     eight = plan(cfg, 8, args.batch, args.length)
-    print(f"\nparams per device: fp16 {one['fp16']:.1f} GiB on one GPU, {eight['fp16']:.2f} GiB over model=8 "
-          f"({one['fp16'] / eight['fp16']:.2f}x less); int8 {one['int8']:.1f} GiB on one GPU")
+    print(
+        f"\nparams per device: fp16 {one['fp16']:.1f} GiB on one GPU, {eight['fp16']:.2f} GiB over model=8 "
+        f"({one['fp16'] / eight['fp16']:.2f}x less); int8 {one['int8']:.1f} GiB on one GPU"
+    )
     print(lora_line(cfg, args.lora_rank, one["fp16"]))
     return 0
 
@@ -96,7 +113,11 @@ def lora_line(cfg, rank: int, base_gib: float) -> str:
     parts = []
     for targets in (lora.DEFAULT_TARGETS, lora.TARGETS):
         b = lora.training_bytes(cfg, lora.LoraSpec(rank, targets=targets))
-        parts.append(f"{'+'.join(targets) if len(targets) == 1 else 'all four block linears'}: {b['params']:,} "
-                     f"adapter params, {b['total'] / 2**20:.0f} MiB with gradients and AdamW state")
-    return (f"LoRA fine-tuning, r={rank} (on top of the frozen base, {base_gib:.1f} GiB in fp16 on one GPU): "
-            + "; ".join(parts))
+        parts.append(
+            f"{'+'.join(targets) if len(targets) == 1 else 'all four block linears'}: {b['params']:,} "
+            f"adapter params, {b['total'] / 2**20:.0f} MiB with gradients and AdamW state"
+        )
+    return (
+        f"LoRA fine-tuning, r={rank} (on top of the frozen base, {base_gib:.1f} GiB in fp16 on one GPU): "
+        + "; ".join(parts)
+    )

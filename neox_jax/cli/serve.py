@@ -14,6 +14,7 @@ Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/comp
 GET /metrics. SIGTERM stops taking requests, lets running ones finish for --drain-timeout seconds, cancels the
 rest and exits 0 (Ctrl-C does the same and exits 130). See docs/serving.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,28 +27,51 @@ HELP = "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batchi
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from neox_jax import compile_cache, distributed
 
-    p.add_argument("--checkpoint", required=True,
-                   help="a neox-jax checkpoint directory, or a hub id org/name (converted once, cached)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a neox-jax checkpoint directory, or a hub id org/name (converted once, cached)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="decode slots: requests generating at once (default 8)")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting for a slot before new ones get 429 (default 64)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="positions per slot: prompt + max_tokens (default: the model's max_position_embeddings)")
-    p.add_argument("--chunk", type=int, default=8,
-                   help="decode steps between admissions / stream updates (default 8)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="cast the parameters (default: as stored)")
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting for a slot before new ones get 429 (default 64)"
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="positions per slot: prompt + max_tokens (default: the model's max_position_embeddings)",
+    )
+    p.add_argument("--chunk", type=int, default=8, help="decode steps between admissions / stream updates (default 8)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="cast the parameters (default: as stored)",
+    )
     p.add_argument("--quantize", choices=["int8", "llm.int8"], default=None, help="int8 weights (neox_jax/quantize.py)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
-    p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="a PEFT LoRA adapter directory, folded into the weights (docs/lora.md)")
+    p.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="a PEFT LoRA adapter directory, folded into the weights (docs/lora.md)",
+    )
     p.add_argument("--served-model-name", default=None, help="the `model` clients name (default: the directory name)")
-    p.add_argument("--chat-template", default=None, metavar="FILE",
-                   help="a jinja chat template for /v1/chat/completions (default: the checkpoint's, if any)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests may run on after SIGTERM before they are cancelled (default 30)")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a jinja chat template for /v1/chat/completions (default: the checkpoint's, if any)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may run on after SIGTERM before they are cancelled (default 30)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     distributed.add_arguments(p)
     compile_cache.add_argument(p)
@@ -82,16 +106,34 @@ def run(args: argparse.Namespace) -> int:
         lm = neox_jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh, quantize=args.quantize, adapter=args.adapter)
         tok = Tokenizer.from_file(args.tokenizer) if args.tokenizer else None
         template = Path(args.chat_template).read_text() if args.chat_template else None
-        svc = Service.from_model(lm, max_batch=args.max_batch, max_queue=args.max_queue,
-                                 max_model_len=args.max_model_len, chunk=args.chunk, name=args.served_model_name,
-                                 tokenizer=tok, chat_template=template)
+        svc = Service.from_model(
+            lm,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            max_model_len=args.max_model_len,
+            chunk=args.chunk,
+            name=args.served_model_name,
+            tokenizer=tok,
+            chat_template=template,
+        )
     except (ValueError, FileNotFoundError) as e:
         raise NeoXError(str(e)) from None
-    logging.getLogger("neox_jax.serve").info("serving %s as %r on http://%s:%d (%d slots x %d positions)", lm,
-                                             svc.name, args.host, args.port, svc.scheduler.engine.slots,
-                                             svc.max_model_len)
-    config = uvicorn.Config(build_app(svc, args.drain_timeout), host=args.host, port=args.port,
-                            log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout)
+    logging.getLogger("neox_jax.serve").info(
+        "serving %s as %r on http://%s:%d (%d slots x %d positions)",
+        lm,
+        svc.name,
+        args.host,
+        args.port,
+        svc.scheduler.engine.slots,
+        svc.max_model_len,
+    )
+    config = uvicorn.Config(
+        build_app(svc, args.drain_timeout),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.drain_timeout,
+    )
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that a clean exit 0
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:

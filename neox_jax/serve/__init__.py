@@ -11,6 +11,7 @@
 
 Run it with `neox-jax serve --checkpoint CKPT` (docs/serving.md).
 """
+
 from neox_jax.serve.service import ServerThread, Service
 
 __all__ = ["ServerThread", "Service"]

@@ -9,6 +9,7 @@
 The async handlers never call JAX: they put requests on the scheduler's queue and await their deltas on an asyncio
 queue that the scheduler thread feeds (loop.call_soon_threadsafe). A client that disconnects cancels its requests.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -57,13 +58,24 @@ class Run:
             def deliver(d: Delta):
                 with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
                     loop.call_soon_threadsafe(self.queue.put_nowait, (i, d))
+
             return deliver
 
         self.reqs = []
         for i, ids in enumerate(prompts):
             row = {**st.row, "max_new": np.int32(st.max_tokens), "key": R.seed_key(st.seed + i)}
-            self.reqs.append(Request(ids, st.max_tokens, row, st.stops, st.stop_ids, deliver_to(i),
-                                     logprobs=st.logprobs, prompt_logprobs=st.echo and st.logprobs is not None))
+            self.reqs.append(
+                Request(
+                    ids,
+                    st.max_tokens,
+                    row,
+                    st.stops,
+                    st.stop_ids,
+                    deliver_to(i),
+                    logprobs=st.logprobs,
+                    prompt_logprobs=st.echo and st.logprobs is not None,
+                )
+            )
 
     def submit(self) -> None:
         """Queues every prompt, or none: a full queue (429) or a stopping server (503) cancels those already in."""
@@ -139,6 +151,7 @@ async def completions(request: HttpRequest) -> Response:
         return text, lp
 
     if st.stream:
+
         async def events():
             started = [False] * len(prompts)
             async for i, d in run.deltas():
@@ -147,12 +160,26 @@ async def completions(request: HttpRequest) -> Response:
                 made[i] += len(d.ids)
                 text, lp = piece(i, d, echo)
                 if text or lp or d.finish_reason:
-                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": svc.name,
-                                "choices": [{"index": i, "text": text, "logprobs": lp,
-                                             "finish_reason": d.finish_reason}]})
+                    yield _sse(
+                        {
+                            "id": rid,
+                            "object": "text_completion",
+                            "created": created,
+                            "model": svc.name,
+                            "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": d.finish_reason}],
+                        }
+                    )
             if st.include_usage:
-                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": svc.name,
-                            "choices": [], "usage": _usage(prompts, sum(made))})
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": svc.name,
+                        "choices": [],
+                        "usage": _usage(prompts, sum(made)),
+                    }
+                )
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -168,10 +195,20 @@ async def completions(request: HttpRequest) -> Response:
         text, _ = piece(i, d, echo)
         texts[i] += text
         reasons[i] = d.finish_reason or reasons[i]
-    choices = [{"index": i, "text": texts[i], "logprobs": lps[i].data if lps[i] else None,
-                "finish_reason": reasons[i]} for i in range(len(prompts))]
-    return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": svc.name,
-                         "choices": choices, "usage": _usage(prompts, sum(made))})
+    choices = [
+        {"index": i, "text": texts[i], "logprobs": lps[i].data if lps[i] else None, "finish_reason": reasons[i]}
+        for i in range(len(prompts))
+    ]
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": svc.name,
+            "choices": choices,
+            "usage": _usage(prompts, sum(made)),
+        }
+    )
 
 
 async def health(request: HttpRequest) -> Response:
@@ -185,8 +222,20 @@ async def health(request: HttpRequest) -> Response:
 
 async def models(request: HttpRequest) -> Response:
     svc = request.app.state.svc
-    return JSONResponse({"object": "list", "data": [{"id": svc.name, "object": "model", "created": svc.created,
-                                                     "owned_by": "neox-jax", "max_model_len": svc.max_model_len}]})
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": svc.name,
+                    "object": "model",
+                    "created": svc.created,
+                    "owned_by": "neox-jax",
+                    "max_model_len": svc.max_model_len,
+                }
+            ],
+        }
+    )
 
 
 async def metrics(request: HttpRequest) -> Response:
@@ -200,15 +249,20 @@ async def not_found(request: HttpRequest, exc) -> Response:
 
 def build_app(svc, drain_timeout: float = 30.0) -> Starlette:
     """svc: a Service (see neox_jax.serve.service): scheduler, tokenizer, metrics, name, limits."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         svc.scheduler.start()
         yield
         await asyncio.to_thread(svc.scheduler.shutdown, drain_timeout)
 
-    routes = [Route("/health", health), Route("/v1/models", models), Route("/metrics", metrics),
-              Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/chat/completions", chat.chat_completions, methods=["POST"])]
+    routes = [
+        Route("/health", health),
+        Route("/v1/models", models),
+        Route("/metrics", metrics),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
+    ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.state.svc = svc
     return app

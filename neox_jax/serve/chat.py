@@ -1,5 +1,6 @@
 """POST /v1/chat/completions: messages -> a prompt through the checkpoint's chat template (jinja, as transformers
 renders it), then a completion. Without a template the route answers 404 and says how to give one."""
+
 from __future__ import annotations
 
 import json
@@ -65,9 +66,17 @@ def _chat_logprobs(tok, ids, entries, k: int):
     out = []
     for t, (lp, top_ids, top_lps) in zip(ids, entries):
         s = tok.decode([t])
-        out.append({"token": s, "logprob": lp, "bytes": list(s.encode()),
-                    "top_logprobs": [{"token": tok.decode([i]), "logprob": v, "bytes": list(tok.decode([i]).encode())}
-                                     for i, v in zip(top_ids[:k], top_lps[:k])]})
+        out.append(
+            {
+                "token": s,
+                "logprob": lp,
+                "bytes": list(s.encode()),
+                "top_logprobs": [
+                    {"token": tok.decode([i]), "logprob": v, "bytes": list(tok.decode([i]).encode())}
+                    for i, v in zip(top_ids[:k], top_lps[:k])
+                ],
+            }
+        )
     return out
 
 
@@ -77,9 +86,12 @@ async def chat_completions(request: HttpRequest) -> Response:
     svc = request.app.state.svc
     try:
         if svc.chat_template is None:
-            raise P.ApiError("this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json's "
-                             "chat_template); use /v1/completions, or start the server with --chat-template FILE",
-                             status=404, code="chat_template_missing")
+            raise P.ApiError(
+                "this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json's "
+                "chat_template); use /v1/completions, or start the server with --chat-template FILE",
+                status=404,
+                code="chat_template_missing",
+            )
         body = await read_json(request)
         P.check_model(body, svc.name)
         text = render(svc.chat_template, body.get("messages"), svc.tok)
@@ -89,8 +101,13 @@ async def chat_completions(request: HttpRequest) -> Response:
         if not isinstance(want_lp, bool):
             raise P.ApiError("'logprobs' must be a boolean in chat completions", param="logprobs")
         top = body.get("top_logprobs") or 0
-        st = P.settings_of({**body, "logprobs": top if want_lp else None, "echo": False}, svc.tok, svc.vocab_size,
-                           max_tokens_key=key, default_max=max(1, svc.max_model_len - len(prompt)))
+        st = P.settings_of(
+            {**body, "logprobs": top if want_lp else None, "echo": False},
+            svc.tok,
+            svc.vocab_size,
+            max_tokens_key=key,
+            default_max=max(1, svc.max_model_len - len(prompt)),
+        )
         P.check_length(len(prompt), st.max_tokens, svc.max_model_len)
         run = Run(svc, request, [prompt], st)
         run.submit()
@@ -100,19 +117,35 @@ async def chat_completions(request: HttpRequest) -> Response:
     head = {"id": rid, "created": created, "model": svc.name}
 
     if st.stream:
+
         async def events():
             made = 0
-            yield _sse({**head, "object": "chat.completion.chunk",
-                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                     "logprobs": None, "finish_reason": None}]})
+            yield _sse(
+                {
+                    **head,
+                    "object": "chat.completion.chunk",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
             async for _, d in run.deltas():
                 made += len(d.ids)
                 lp = {"content": _chat_logprobs(svc.tok, d.ids, d.logprobs, st.logprobs)} if d.logprobs else None
                 delta = {"content": d.text} if d.text else {}
                 if delta or d.finish_reason or lp:
-                    yield _sse({**head, "object": "chat.completion.chunk",
-                                "choices": [{"index": 0, "delta": delta, "logprobs": lp,
-                                             "finish_reason": d.finish_reason}]})
+                    yield _sse(
+                        {
+                            **head,
+                            "object": "chat.completion.chunk",
+                            "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}],
+                        }
+                    )
             if st.include_usage:
                 yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage([prompt], made)})
             yield "data: [DONE]\n\n"
@@ -128,7 +161,18 @@ async def chat_completions(request: HttpRequest) -> Response:
         reason = d.finish_reason or reason
         if d.logprobs:
             lps += _chat_logprobs(svc.tok, d.ids, d.logprobs, st.logprobs)
-    return JSONResponse({**head, "object": "chat.completion",
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": {"content": lps} if want_lp else None, "finish_reason": reason}],
-                         "usage": _usage([prompt], made)})
+    return JSONResponse(
+        {
+            **head,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": {"content": lps} if want_lp else None,
+                    "finish_reason": reason,
+                }
+            ],
+            "usage": _usage([prompt], made),
+        }
+    )

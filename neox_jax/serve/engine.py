@@ -18,6 +18,7 @@ State (device): {"cache", "kv_valid" [B, S] bool, "tokens" [B] (the last chosen 
 "positions" [B] (its position = its slot), "made" [B] (tokens made), "done" [B], "seen" [B, V] (for the repetition
 penalty), "rows": per-row settings (see rows.empty_rows)}.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,11 +48,16 @@ def buckets(max_model_len: int) -> list[int]:
 
 
 def _init_state(cfg, layout, slots, length, vocab, stacked, mesh):
-    state = {"cache": init_cache(cfg, slots, length, layout.cache_dtype, stacked),
-             "kv_valid": jnp.zeros((slots, length), bool), "tokens": jnp.zeros(slots, jnp.int32),
-             "positions": jnp.zeros(slots, jnp.int32), "made": jnp.zeros(slots, jnp.int32),
-             "done": jnp.ones(slots, bool), "seen": jnp.zeros((slots, vocab), bool),
-             "rows": jax.tree.map(jnp.asarray, R.empty_rows(slots, vocab))}
+    state = {
+        "cache": init_cache(cfg, slots, length, layout.cache_dtype, stacked),
+        "kv_valid": jnp.zeros((slots, length), bool),
+        "tokens": jnp.zeros(slots, jnp.int32),
+        "positions": jnp.zeros(slots, jnp.int32),
+        "made": jnp.zeros(slots, jnp.int32),
+        "done": jnp.ones(slots, bool),
+        "seen": jnp.zeros((slots, vocab), bool),
+        "rows": jax.tree.map(jnp.asarray, R.empty_rows(slots, vocab)),
+    }
     return sharding.constrain_state(state, mesh)
 
 
@@ -74,8 +80,9 @@ def _admit(cfg, layout, vocab_limit, mesh, params, state, ids, length, slot, row
     first = {"tokens": tok, "logprobs": lp, "top_ids": top_ids, "top_logprobs": top_lp}
 
     def prompt_lps(hidden):  # the log-probability of each prompt token after the ones before it: [P - 1]
-        allp = jax.nn.log_softmax(jnp.where(jnp.arange(cfg.vocab_size) < vocab_limit,
-                                            model.logits(hidden)[0, :-1], -jnp.inf), axis=-1)  # [P-1, V]
+        allp = jax.nn.log_softmax(
+            jnp.where(jnp.arange(cfg.vocab_size) < vocab_limit, model.logits(hidden)[0, :-1], -jnp.inf), axis=-1
+        )  # [P-1, V]
         top_lp, top_ids = jax.lax.top_k(allp, R.TOP_LOGPROBS)
         return jnp.take_along_axis(allp, ids[0, 1:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
 
@@ -85,16 +92,21 @@ def _admit(cfg, layout, vocab_limit, mesh, params, state, ids, length, slot, row
 
     # the logits of every prompt position only for echo + logprobs (a runtime switch: one program per bucket)
     first["prompt_logprobs"], first["prompt_top_ids"], first["prompt_top_logprobs"] = jax.lax.cond(
-        prompt_logprobs, prompt_lps, none, hidden)
+        prompt_logprobs, prompt_lps, none, hidden
+    )
     at = (0, slot, 0, 0, 0) if stacked else (slot, 0, 0, 0)
     big = jax.tree.map(lambda b, c: jax.lax.dynamic_update_slice(b, c.astype(b.dtype), at), state["cache"], cache)
     t = tok[0]
-    new = {"cache": big, "kv_valid": state["kv_valid"].at[slot].set(jnp.pad(valid, (0, s - p))),
-           "tokens": state["tokens"].at[slot].set(t), "positions": state["positions"].at[slot].set(length),
-           "made": state["made"].at[slot].set(1),
-           "done": state["done"].at[slot].set(row["stop_mask"][t] | (row["max_new"] <= 1)),
-           "seen": state["seen"].at[slot].set(seen.at[t].set(True)),
-           "rows": jax.tree.map(lambda a, x: a.at[slot].set(x), state["rows"], row)}
+    new = {
+        "cache": big,
+        "kv_valid": state["kv_valid"].at[slot].set(jnp.pad(valid, (0, s - p))),
+        "tokens": state["tokens"].at[slot].set(t),
+        "positions": state["positions"].at[slot].set(length),
+        "made": state["made"].at[slot].set(1),
+        "done": state["done"].at[slot].set(row["stop_mask"][t] | (row["max_new"] <= 1)),
+        "seen": state["seen"].at[slot].set(seen.at[t].set(True)),
+        "rows": jax.tree.map(lambda a, x: a.at[slot].set(x), state["rows"], row),
+    }
     return sharding.constrain_state(new, mesh), first
 
 
@@ -119,22 +131,35 @@ def _decode(cfg, layout, vocab_limit, chunk, mesh, params, state, force_done):
         pos = st["positions"]
         kv_valid = st["kv_valid"].at[rows_ix, pos].set(st["kv_valid"][rows_ix, pos] | live)
         hidden, cache = jax.vmap(one_row, in_axes=(0, 0, 0, axis), out_axes=(0, axis))(
-            st["tokens"], pos, kv_valid, st["cache"])  # [B, D]
+            st["tokens"], pos, kv_valid, st["cache"]
+        )  # [B, D]
         logits = model.logits(hidden[:, None])[:, 0]  # [B, V] float32
         tok, lp, top_ids, top_lp = R.choose_rows(logits, st["rows"], st["made"], st["seen"], vocab_limit)
         tok = jnp.where(live, tok, st["tokens"])
         made = st["made"] + live
         stop = st["rows"]["stop_mask"][rows_ix, tok] | (made >= st["rows"]["max_new"])
-        new = {"cache": cache, "kv_valid": kv_valid, "tokens": tok, "positions": pos + live, "made": made,
-               "done": st["done"] | (live & stop), "rows": st["rows"],
-               "seen": st["seen"].at[rows_ix, tok].set(st["seen"][rows_ix, tok] | live)}
-        out = {k: jax.lax.dynamic_update_index_in_dim(out[k], v, i, axis=1)
-               for k, v in (("tokens", tok), ("logprobs", lp), ("top_ids", top_ids), ("top_logprobs", top_lp))}
+        new = {
+            "cache": cache,
+            "kv_valid": kv_valid,
+            "tokens": tok,
+            "positions": pos + live,
+            "made": made,
+            "done": st["done"] | (live & stop),
+            "rows": st["rows"],
+            "seen": st["seen"].at[rows_ix, tok].set(st["seen"][rows_ix, tok] | live),
+        }
+        out = {
+            k: jax.lax.dynamic_update_index_in_dim(out[k], v, i, axis=1)
+            for k, v in (("tokens", tok), ("logprobs", lp), ("top_ids", top_ids), ("top_logprobs", top_lp))
+        }
         return i + 1, sharding.constrain_state(new, mesh), out
 
-    out = {"tokens": jnp.zeros((b, chunk), jnp.int32), "logprobs": jnp.zeros((b, chunk), jnp.float32),
-           "top_ids": jnp.zeros((b, chunk, R.TOP_LOGPROBS), jnp.int32),
-           "top_logprobs": jnp.zeros((b, chunk, R.TOP_LOGPROBS), jnp.float32)}
+    out = {
+        "tokens": jnp.zeros((b, chunk), jnp.int32),
+        "logprobs": jnp.zeros((b, chunk), jnp.float32),
+        "top_ids": jnp.zeros((b, chunk, R.TOP_LOGPROBS), jnp.int32),
+        "top_logprobs": jnp.zeros((b, chunk, R.TOP_LOGPROBS), jnp.float32),
+    }
     state = {**state, "done": state["done"] | force_done}
     steps, state, out = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), state, out))
     return sharding.constrain_state(state, mesh), out, steps
@@ -143,11 +168,22 @@ def _decode(cfg, layout, vocab_limit, chunk, mesh, params, state, force_done):
 class Engine:
     """Owns the device state and the compiled programs; called from one thread only (the scheduler's)."""
 
-    def __init__(self, cfg: NeoXConfig, params: Params, *, slots: int, max_model_len: int, vocab_limit: int,
-                 chunk: int = 8, pad_id: int = 0, mesh=None):
+    def __init__(
+        self,
+        cfg: NeoXConfig,
+        params: Params,
+        *,
+        slots: int,
+        max_model_len: int,
+        vocab_limit: int,
+        chunk: int = 8,
+        pad_id: int = 0,
+        mesh=None,
+    ):
         if not 1 <= max_model_len <= cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len {max_model_len} must be in [1, max_position_embeddings "
-                             f"{cfg.max_position_embeddings}]")
+            raise ValueError(
+                f"max_model_len {max_model_len} must be in [1, max_position_embeddings {cfg.max_position_embeddings}]"
+            )
         self.cfg, self.mesh, self.chunk, self.pad_id = cfg, mesh, chunk, pad_id
         self.layout = core.layout_for(params, jax.default_backend())
         self.params = core.transpose_kernels(params) if self.layout.transposed else params
@@ -168,29 +204,56 @@ class Engine:
         return self._programs[key]
 
     def _init_program(self):
-        fn = jax.jit(functools.partial(_init_state, self.cfg, self.layout, self.slots, self.max_model_len,
-                                       self.cfg.vocab_size, is_stacked(self.params), self.mesh))
+        fn = jax.jit(
+            functools.partial(
+                _init_state,
+                self.cfg,
+                self.layout,
+                self.slots,
+                self.max_model_len,
+                self.cfg.vocab_size,
+                is_stacked(self.params),
+                self.mesh,
+            )
+        )
         return self._compiled(("init",), fn)
 
     def _admit_program(self, p: int):
-        fn = jax.jit(functools.partial(_admit, self.cfg, self.layout, self.vocab_limit, self.mesh),
-                     donate_argnums=(1,))
+        fn = jax.jit(functools.partial(_admit, self.cfg, self.layout, self.vocab_limit, self.mesh), donate_argnums=(1,))
         row = jax.tree.map(lambda x: x[0], R.empty_rows(1, self.cfg.vocab_size))
-        args = (self.params, self._state_for_lowering(), jax.ShapeDtypeStruct((1, p), jnp.int32), np.int32(0),
-                np.int32(0), row, np.bool_(False))
+        args = (
+            self.params,
+            self._state_for_lowering(),
+            jax.ShapeDtypeStruct((1, p), jnp.int32),
+            np.int32(0),
+            np.int32(0),
+            row,
+            np.bool_(False),
+        )
         return self._compiled(("admit", p), fn, *args)
 
     def _decode_program(self):
-        fn = jax.jit(functools.partial(_decode, self.cfg, self.layout, self.vocab_limit, self.chunk, self.mesh),
-                     donate_argnums=(1,))
+        fn = jax.jit(
+            functools.partial(_decode, self.cfg, self.layout, self.vocab_limit, self.chunk, self.mesh),
+            donate_argnums=(1,),
+        )
         return self._compiled(("decode",), fn, self.params, self._state_for_lowering(), np.zeros(self.slots, bool))
 
     def _state_for_lowering(self):
         """The state itself once allocated (lowering reads its shardings, on a mesh), else its shapes."""
         if self.state is not None:
             return self.state
-        return jax.eval_shape(lambda: _init_state(self.cfg, self.layout, self.slots, self.max_model_len,
-                                                  self.cfg.vocab_size, is_stacked(self.params), None))
+        return jax.eval_shape(
+            lambda: _init_state(
+                self.cfg,
+                self.layout,
+                self.slots,
+                self.max_model_len,
+                self.cfg.vocab_size,
+                is_stacked(self.params),
+                None,
+            )
+        )
 
     def warm_up(self) -> None:
         """Compiles every program a request inside the buckets can need, and allocates the state."""
@@ -210,8 +273,9 @@ class Engine:
         grid = np.full((1, p), self.pad_id, np.int32)
         grid[0, :n] = ids
         prog = self._admit_program(p)
-        self.state, first = prog(self.params, self.state, grid, np.int32(n), np.int32(slot), row,
-                                 np.bool_(prompt_logprobs))
+        self.state, first = prog(
+            self.params, self.state, grid, np.int32(n), np.int32(slot), row, np.bool_(prompt_logprobs)
+        )
         return jax.tree.map(sharding.to_host, first)
 
     def decode(self, force_done: np.ndarray) -> tuple[dict, np.ndarray]:

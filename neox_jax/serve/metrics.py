@@ -1,5 +1,6 @@
 """The server's Prometheus metrics (prometheus_client), in a registry of the server's own (no process-wide state).
 Names follow vLLM's where one exists, with the prefix `neox_jax:`."""
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -13,20 +14,25 @@ class Metrics:
 
     def __init__(self, slots: int, max_queue: int):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("neox_jax:request_success", "requests ended, by finish reason",
-                                ["finish_reason"], registry=r)
-        self.rejected = Counter("neox_jax:request_rejected", "requests refused because the queue was full",
-                                registry=r)
-        self.errors = Counter("neox_jax:request_errors", "requests answered with an error status", ["status"],
-                              registry=r)
+        self.requests = Counter(
+            "neox_jax:request_success", "requests ended, by finish reason", ["finish_reason"], registry=r
+        )
+        self.rejected = Counter("neox_jax:request_rejected", "requests refused because the queue was full", registry=r)
+        self.errors = Counter(
+            "neox_jax:request_errors", "requests answered with an error status", ["status"], registry=r
+        )
         self.prompt_tokens = Counter("neox_jax:prompt_tokens", "prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("neox_jax:generation_tokens", "tokens generated", registry=r)
         self.queue_depth = Gauge("neox_jax:num_requests_waiting", "requests waiting for a slot", registry=r)
         self.occupancy = Gauge("neox_jax:num_requests_running", "decode slots in use", registry=r)
         Gauge("neox_jax:num_slots", "decode slots (the batch)", registry=r).set(slots)
         Gauge("neox_jax:max_queue", "the waiting queue's bound", registry=r).set(max_queue)
-        self.ttft = Histogram("neox_jax:time_to_first_token_seconds", "arrival to first token (queueing included)",
-                              buckets=TTFT_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "neox_jax:time_to_first_token_seconds",
+            "arrival to first token (queueing included)",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,6 +5,7 @@ prompt), `max_tokens` (default 16), `temperature` (default 1), `top_p`, `stop`, 
 `echo`; `n` / `best_of` above 1 are refused; and vLLM's `top_k`, `repetition_penalty`, `min_tokens`, `ignore_eos`,
 `stop_token_ids`. Any bad value is an `ApiError` (status 400) naming the field.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,14 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
 class ApiError(Exception):
-    def __init__(self, message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.message, self.status, self.param, self.kind, self.code = message, status, param, kind, code
 
@@ -33,6 +40,7 @@ class ApiError(Exception):
 @dataclasses.dataclass
 class Settings:
     """One request's checked settings (shared by its prompts)."""
+
     max_tokens: int
     row: dict  # numpy per-row sampling settings, as rows.empty_rows (without max_new / key / stop_mask filled)
     stops: list[str]
@@ -63,18 +71,22 @@ def _number(body, name, default, lo=None, hi=None, lo_open=False, integer=False)
 def check_model(body: dict, served: str) -> None:
     model = body.get("model")
     if model is not None and model != served:
-        raise ApiError(f"The model '{model}' does not exist; this server serves '{served}'", param="model",
-                       code="model_not_found")
+        raise ApiError(
+            f"The model '{model}' does not exist; this server serves '{served}'", param="model", code="model_not_found"
+        )
 
 
 def prompts_of(body: dict, tok, vocab_size: int) -> list[list[int]]:
     p = body.get("prompt")
-    if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)
-                                                                  for t in p)):
+    if isinstance(p, str) or (
+        isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+    ):
         p = [p]
     if not isinstance(p, list) or not p:
-        raise ApiError("'prompt' must be a string, a list of strings, a list of token ids or a list of token-id "
-                       "lists (non-empty)", param="prompt")
+        raise ApiError(
+            "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists (non-empty)",
+            param="prompt",
+        )
     out = []
     for i, x in enumerate(p):
         if isinstance(x, str):
@@ -83,23 +95,27 @@ def prompts_of(body: dict, tok, vocab_size: int) -> list[list[int]]:
             ids = list(x)
             bad = [t for t in ids if not 0 <= t < min(vocab_size, tok.vocab_size)]
             if bad:
-                raise ApiError(f"prompt {i}: token ids {bad[:5]} outside [0, {min(vocab_size, tok.vocab_size)})",
-                               param="prompt")
+                raise ApiError(
+                    f"prompt {i}: token ids {bad[:5]} outside [0, {min(vocab_size, tok.vocab_size)})", param="prompt"
+                )
         else:
-            raise ApiError(f"prompt {i} must be a string or a list of token ids, got {type(x).__name__}",
-                           param="prompt")
+            raise ApiError(
+                f"prompt {i} must be a string or a list of token ids, got {type(x).__name__}", param="prompt"
+            )
         if not ids:
             raise ApiError(f"prompt {i} is empty (no tokens)", param="prompt")
         out.append(ids)
     return out
 
 
-def settings_of(body: dict, tok, vocab_size: int, max_tokens_key: str = "max_tokens",
-                default_max: int | None = DEFAULT_MAX_TOKENS) -> Settings:
+def settings_of(
+    body: dict, tok, vocab_size: int, max_tokens_key: str = "max_tokens", default_max: int | None = DEFAULT_MAX_TOKENS
+) -> Settings:
     for name in ("n", "best_of"):
         if _number(body, name, 1, lo=1, integer=True) != 1:
-            raise ApiError(f"'{name}' > 1 is not supported; send the request several times (with different seeds)",
-                           param=name)
+            raise ApiError(
+                f"'{name}' > 1 is not supported; send the request several times (with different seeds)", param=name
+            )
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0) != 0:
             raise ApiError(f"'{name}' is not supported (use repetition_penalty)", param=name)
@@ -110,8 +126,11 @@ def settings_of(body: dict, tok, vocab_size: int, max_tokens_key: str = "max_tok
     max_tokens = _number(body, max_tokens_key, default_max, lo=1, integer=True)
     temperature = _number(body, "temperature", 1.0, lo=0)
     if 0 < temperature < MIN_TEMPERATURE:  # logits / temperature overflows float32: NaN probabilities
-        raise ApiError(f"'temperature' {temperature} is too small to sample with in float32: use 0 (greedy, the same "
-                       f"choice) or >= {MIN_TEMPERATURE:g}", param="temperature")
+        raise ApiError(
+            f"'temperature' {temperature} is too small to sample with in float32: use 0 (greedy, the same "
+            f"choice) or >= {MIN_TEMPERATURE:g}",
+            param="temperature",
+        )
     top_p = _number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True)
     top_k = _number(body, "top_k", -1, lo=-1, integer=True)
     if top_k > vocab_size:
@@ -122,8 +141,9 @@ def settings_of(body: dict, tok, vocab_size: int, max_tokens_key: str = "max_tok
         raise ApiError(f"'min_tokens' {min_tokens} exceeds max_tokens {max_tokens}", param="min_tokens")
     seed = _number(body, "seed", None, lo=-SEED_LIMIT, hi=SEED_LIMIT - 1, integer=True)  # int64, as OpenAI's
     logprobs = body.get("logprobs")
-    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
-                                 or not 0 <= logprobs <= R.TOP_LOGPROBS):
+    if logprobs is not None and (
+        isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= R.TOP_LOGPROBS
+    ):
         raise ApiError(f"'logprobs' must be an integer in [0, {R.TOP_LOGPROBS}], got {logprobs!r}", param="logprobs")
     stops = body.get("stop")
     stops = [] if stops is None else [stops] if isinstance(stops, str) else stops
@@ -138,25 +158,44 @@ def settings_of(body: dict, tok, vocab_size: int, max_tokens_key: str = "max_tok
     stop_ids = sorted(set(stop_ids) | (set() if ignore_eos else {tok.eos_id}))
     stream, echo = body.get("stream", False), body.get("echo", False)
     if not isinstance(stream, bool) or not isinstance(echo, bool):
-        raise ApiError("'stream' and 'echo' must be booleans",
-                       param="stream" if not isinstance(stream, bool) else "echo")
+        raise ApiError(
+            "'stream' and 'echo' must be booleans", param="stream" if not isinstance(stream, bool) else "echo"
+        )
     opts = body.get("stream_options") or {}
     seed = secrets.randbits(62) if seed is None else seed
     row = {k: v[0] for k, v in R.empty_rows(1, vocab_size).items()}
-    row.update(temperature=np.float32(temperature), top_p=np.float32(top_p), top_k=np.int32(max(top_k, 0)),
-               repetition_penalty=np.float32(rep), min_tokens=np.int32(min_tokens),
-               logprobs=np.bool_(logprobs is not None),
-               key=R.seed_key(seed))
+    row.update(
+        temperature=np.float32(temperature),
+        top_p=np.float32(top_p),
+        top_k=np.int32(max(top_k, 0)),
+        repetition_penalty=np.float32(rep),
+        min_tokens=np.int32(min_tokens),
+        logprobs=np.bool_(logprobs is not None),
+        key=R.seed_key(seed),
+    )
     row["stop_mask"][stop_ids] = True
-    return Settings(max_tokens, row, stops, stop_ids, logprobs, echo, stream,
-                    bool(isinstance(opts, dict) and opts.get("include_usage")), seed)
+    return Settings(
+        max_tokens,
+        row,
+        stops,
+        stop_ids,
+        logprobs,
+        echo,
+        stream,
+        bool(isinstance(opts, dict) and opts.get("include_usage")),
+        seed,
+    )
 
 
 def check_length(n_prompt: int, max_tokens: int, max_model_len: int, i: int = 0) -> None:
     if n_prompt + max_tokens > max_model_len:
-        raise ApiError(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                       f"{n_prompt + max_tokens} tokens ({n_prompt} in prompt {i}, {max_tokens} for the completion). "
-                       f"Please reduce the prompt or max_tokens.", param="max_tokens", code="context_length_exceeded")
+        raise ApiError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{n_prompt + max_tokens} tokens ({n_prompt} in prompt {i}, {max_tokens} for the completion). "
+            f"Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
 
 
 def new_id(prefix: str) -> str:
@@ -190,7 +229,7 @@ class LogprobBuilder:
                 continue
             lp, top_ids, top_lps = e
             part["token_logprobs"].append(lp)
-            top = {self.tok.decode([i]): v for i, v in zip(top_ids[:self.k], top_lps[:self.k])}
+            top = {self.tok.decode([i]): v for i, v in zip(top_ids[: self.k], top_lps[: self.k])}
             top.setdefault(s, lp)  # the chosen token is always listed (as vLLM does)
             part["top_logprobs"].append(top)
         for key, v in part.items():

@@ -6,6 +6,7 @@ draw depends on its own seed and how many tokens it has made only (fold_in(key(s
 Log-probabilities are those of the model's distribution (log_softmax of the raw logits over the ids the tokenizer can
 decode), as the OpenAI completions API reports them.
 """
+
 from __future__ import annotations
 
 import jax
@@ -18,11 +19,17 @@ TOP_LOGPROBS = 5  # the most `logprobs` a request may ask for (OpenAI's limit)
 
 def empty_rows(batch: int, vocab: int) -> dict:
     """The per-row sampling settings of `batch` free slots (numpy; the scheduler fills a row per request)."""
-    return {"temperature": np.zeros(batch, np.float32), "top_p": np.ones(batch, np.float32),
-            "top_k": np.zeros(batch, np.int32), "repetition_penalty": np.ones(batch, np.float32),
-            "min_tokens": np.zeros(batch, np.int32), "max_new": np.ones(batch, np.int32),
-            "logprobs": np.zeros(batch, bool),
-            "stop_mask": np.zeros((batch, vocab), bool), "key": np.zeros((batch, 2), np.uint32)}
+    return {
+        "temperature": np.zeros(batch, np.float32),
+        "top_p": np.ones(batch, np.float32),
+        "top_k": np.zeros(batch, np.int32),
+        "repetition_penalty": np.ones(batch, np.float32),
+        "min_tokens": np.zeros(batch, np.int32),
+        "max_new": np.ones(batch, np.int32),
+        "logprobs": np.zeros(batch, bool),
+        "stop_mask": np.zeros((batch, vocab), bool),
+        "key": np.zeros((batch, 2), np.uint32),
+    }
 
 
 def seed_key(seed: int) -> np.ndarray:

@@ -4,6 +4,7 @@ hands each request its new tokens through the request's own `deliver` callback (
 queue). A request that finishes (stop id, stop string, max_tokens) or is cancelled (client gone) frees its slot
 before the next chunk.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,6 +37,7 @@ class ShuttingDown(Exception):
 class Delta:
     """What one step added to a request: accepted ids, their text, their logprobs ([(logprob, top ids, top
     logprobs)] per id, when asked), and the finish reason once it ended ("stop", "length", "abort")."""
+
     ids: list[int]
     text: str
     logprobs: list | None = None
@@ -112,8 +114,13 @@ class Scheduler:
         try:
             t = time.perf_counter()
             self.engine.warm_up()
-            log.info("compiled %d programs in %.1f s (prompt buckets %s, %d slots)", self.engine.compiles,
-                     time.perf_counter() - t, self.engine.buckets, self.engine.slots)
+            log.info(
+                "compiled %d programs in %.1f s (prompt buckets %s, %d slots)",
+                self.engine.compiles,
+                time.perf_counter() - t,
+                self.engine.buckets,
+                self.engine.slots,
+            )
             self.ready.set()
             while not self._stop.is_set():
                 self._step()
@@ -173,21 +180,39 @@ class Scheduler:
         plp = None
         if req.prompt_logprobs:
             n = len(req.prompt_ids) - 1
-            plp = list(zip(first["prompt_logprobs"][:n].tolist(), first["prompt_top_ids"][:n].tolist(),
-                           first["prompt_top_logprobs"][:n].tolist()))
-        self._push(slot, req, first["tokens"][:1], {k: v[:, None] for k, v in first.items() if "prompt" not in k}, 1,
-                   row=0, prompt_logprobs=plp)
+            plp = list(
+                zip(
+                    first["prompt_logprobs"][:n].tolist(),
+                    first["prompt_top_ids"][:n].tolist(),
+                    first["prompt_top_logprobs"][:n].tolist(),
+                )
+            )
+        self._push(
+            slot,
+            req,
+            first["tokens"][:1],
+            {k: v[:, None] for k, v in first.items() if "prompt" not in k},
+            1,
+            row=0,
+            prompt_logprobs=plp,
+        )
         self.metrics.occupancy.set(sum(r is not None for r in self.slots))
 
-    def _push(self, slot: int, req: Request, new, out: dict, n: int, row: int | None = None,
-              prompt_logprobs=None) -> None:
+    def _push(
+        self, slot: int, req: Request, new, out: dict, n: int, row: int | None = None, prompt_logprobs=None
+    ) -> None:
         row = slot if row is None else row
         ids, text = req.tracker.push(np.asarray(new).tolist())
         lps = None
         if req.logprobs is not None:
             k = len(ids)
-            lps = list(zip(out["logprobs"][row, :k].tolist(), out["top_ids"][row, :k].tolist(),
-                           out["top_logprobs"][row, :k].tolist()))
+            lps = list(
+                zip(
+                    out["logprobs"][row, :k].tolist(),
+                    out["top_ids"][row, :k].tolist(),
+                    out["top_logprobs"][row, :k].tolist(),
+                )
+            )
         self.metrics.generation_tokens.inc(len(ids))
         reason = None
         if req.tracker.finished or n == 0:  # n == 0: the device has stopped the row (it agrees with the tracker)

@@ -5,6 +5,7 @@ way to run the app in a background thread (tests, benchmarks, notebooks).
     with ServerThread(svc, port=0) as srv:      # uvicorn on 127.0.0.1, a free port
         print(srv.url)                          # http://127.0.0.1:PORT  (ready: compiled)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,9 +33,18 @@ class Service:
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     @classmethod
-    def from_model(cls, lm, *, max_batch: int = 8, max_queue: int = 64, max_model_len: int | None = None,
-                   chunk: int = 8, name: str | None = None, tokenizer: Tokenizer | None = None,
-                   chat_template: str | None = None) -> Service:
+    def from_model(
+        cls,
+        lm,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        max_model_len: int | None = None,
+        chunk: int = 8,
+        name: str | None = None,
+        tokenizer: Tokenizer | None = None,
+        chat_template: str | None = None,
+    ) -> Service:
         """lm: a neox_jax.NeoX. chat_template: jinja source (default: the checkpoint's, if it has one)."""
         tok = tokenizer or lm.tokenizer
         if tok is None:
@@ -42,33 +52,61 @@ class Service:
         cfg = lm.config
         max_model_len = max_model_len or cfg.max_position_embeddings
         if not 2 <= max_model_len <= cfg.max_position_embeddings:
-            raise NeoXError(f"--max-model-len {max_model_len}: expected 2..{cfg.max_position_embeddings} (the "
-                            f"model's max_position_embeddings)")
+            raise NeoXError(
+                f"--max-model-len {max_model_len}: expected 2..{cfg.max_position_embeddings} (the "
+                f"model's max_position_embeddings)"
+            )
         if max_batch < 1 or max_queue < 1:
             raise NeoXError(f"--max-batch {max_batch} and --max-queue {max_queue} must be >= 1")
-        engine = Engine(cfg, lm.params, slots=max_batch, max_model_len=max_model_len,
-                        vocab_limit=min(cfg.vocab_size, tok.vocab_size), chunk=chunk, pad_id=tok.pad_id, mesh=lm.mesh)
+        engine = Engine(
+            cfg,
+            lm.params,
+            slots=max_batch,
+            max_model_len=max_model_len,
+            vocab_limit=min(cfg.vocab_size, tok.vocab_size),
+            chunk=chunk,
+            pad_id=tok.pad_id,
+            mesh=lm.mesh,
+        )
         metrics = Metrics(engine.slots, max_queue)
         if chat_template is None and lm.path:
             chat_template = chat.find_template(lm.path)
         name = name or (Path(lm.path).name if lm.path else "neox-jax")
-        return cls(Scheduler(engine, tok, metrics, max_queue), tok, metrics, name, cfg.vocab_size, max_model_len,
-                   chat.compile_template(chat_template) if chat_template else None)
+        return cls(
+            Scheduler(engine, tok, metrics, max_queue),
+            tok,
+            metrics,
+            name,
+            cfg.vocab_size,
+            max_model_len,
+            chat.compile_template(chat_template) if chat_template else None,
+        )
 
 
 class ServerThread:
     """uvicorn serving the app in a daemon thread on host:port (port 0: a free one); `stop()` (or leaving the with
     block) asks it to exit and joins it."""
 
-    def __init__(self, svc: Service, host: str = "127.0.0.1", port: int = 0, drain_timeout: float = 10.0,
-                 ready_timeout: float = 600.0):
+    def __init__(
+        self,
+        svc: Service,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        drain_timeout: float = 10.0,
+        ready_timeout: float = 600.0,
+    ):
         import uvicorn
 
         from neox_jax.serve.app import build_app
 
         self.svc = svc
-        config = uvicorn.Config(build_app(svc, drain_timeout), host=host, port=port, log_level="warning",
-                                timeout_graceful_shutdown=drain_timeout)
+        config = uvicorn.Config(
+            build_app(svc, drain_timeout),
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=drain_timeout,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.ready_timeout = ready_timeout

@@ -5,6 +5,7 @@ its data is found locally (data.py says where it looks), else the name itself, w
 (Hub) task. `TASKS_DIR` can also be given to lm-eval's `--include_path` to override the built-ins wholesale.
 `check_data_dir` and `check_offline` fail before any work when a task would otherwise go to the network by mistake.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,7 @@ def check_data_dir(data_dir) -> None:
 
 def offline_var() -> str | None:
     """The Hugging Face offline variable that is set (to 1 / true / yes / on), or None."""
-    return next((v for v in OFFLINE_VARS if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")),
-                None)
+    return next((v for v in OFFLINE_VARS if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")), None)
 
 
 def hub_dataset(name: str, task_manager) -> str | None:
@@ -67,12 +67,16 @@ def check_offline(specs: dict[str, str], data_dir=None, task_manager=None) -> No
     var = offline_var()
     if var is None:
         return
-    remote = [n for n, spec in specs.items() if spec == n and not Path(n).is_file()
-              and not hub_cached(hub_dataset(n, task_manager))]
+    remote = [
+        n
+        for n, spec in specs.items()
+        if spec == n and not Path(n).is_file() and not hub_cached(hub_dataset(n, task_manager))
+    ]
     if remote:
         where = ", ".join(str(p) for p in data.data_dirs(data_dir)) or "(no data directory)"
         local = [n for n in remote if n in LOCAL_TASKS]
-        raise NeoXError(f"task(s) {', '.join(remote)} would download data from the Hugging Face Hub, but {var} is "
-                        f"set and the data is not in the Hugging Face cache"
-                        + (f"; local data for {', '.join(local)} was not found under {where} (--data-dir)"
-                           if local else ""))
+        raise NeoXError(
+            f"task(s) {', '.join(remote)} would download data from the Hugging Face Hub, but {var} is "
+            f"set and the data is not in the Hugging Face cache"
+            + (f"; local data for {', '.join(local)} was not found under {where} (--data-dir)" if local else "")
+        )

@@ -15,6 +15,7 @@ source checkout. Each task takes the first directory that holds its files:
     tinyshakespeare/input.txt                    plain text
 Self-contained (lm-eval loads it by file path): no neox_jax import.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -59,8 +60,9 @@ def _files(task: str, data_dir) -> list[Path]:
     d = find(task, data_dir)
     if d is None:
         where = ", ".join(str(p) for p in data_dirs(data_dir)) or f"(none: set {ENV_VAR} or pass --data-dir)"
-        raise FileNotFoundError(f"{task}: local data not found: expected {' and '.join(FILES[task])} under one of "
-                                f"{where}")
+        raise FileNotFoundError(
+            f"{task}: local data not found: expected {' and '.join(FILES[task])} under one of {where}"
+        )
     return [d / f for f in FILES[task]]
 
 
@@ -130,8 +132,13 @@ def wsc(data_dir=None, **_):
     for n, r in enumerate(_jsonl(path)):
         _need(path, n, r, ["text", "target", "idx", "label"])
         t = r["target"]
-        ex = {"text": r["text"], "span1_index": t["span1_index"], "span2_index": t["span2_index"],
-              "span1_text": t["span1_text"], "span2_text": t["span2_text"]}
+        ex = {
+            "text": r["text"],
+            "span1_index": t["span1_index"],
+            "span2_index": t["span2_index"],
+            "span1_text": t["span1_text"],
+            "span2_text": t["span2_text"],
+        }
         _fix_wsc_span(ex, "span1")
         _fix_wsc_span(ex, "span2")
         out.append({**ex, "idx": r["idx"], "label": int(bool(r["label"]))})
@@ -154,11 +161,17 @@ def hellaswag(data_dir=None, **_):
         raise ValueError(f"{path}: {len(lines)} lines, expected 6 per item (context, label, 4 endings)")
     out = []
     for i in range(0, len(lines), 6):
-        ctx, label, *endings = lines[i:i + 6]
+        ctx, label, *endings = lines[i : i + 6]
         if label.strip() not in ("0", "1", "2", "3"):
             raise ValueError(f"{path}:{i + 2}: label {label!r}, expected 0..3")
-        out.append({"query": _hellaswag_preprocess(ctx), "choices": [_hellaswag_preprocess(e) for e in endings],
-                    "label": label.strip(), "gold": int(label)})
+        out.append(
+            {
+                "query": _hellaswag_preprocess(ctx),
+                "choices": [_hellaswag_preprocess(e) for e in endings],
+                "label": label.strip(),
+                "gold": int(label),
+            }
+        )
     return _dataset("validation", out)
 
 
@@ -169,8 +182,9 @@ def winogrande(data_dir=None, **_):
         _need(path, n, r, ["sentence", "option1", "option2", "answer"])
         if str(r["answer"]) not in ("1", "2") or "_" not in r["sentence"]:
             raise ValueError(f"{path}: item {n}: answer must be 1 or 2 and the sentence must hold a '_'")
-        out.append({"sentence": r["sentence"], "option1": r["option1"], "option2": r["option2"],
-                    "answer": str(r["answer"])})
+        out.append(
+            {"sentence": r["sentence"], "option1": r["option1"], "option2": r["option2"], "answer": str(r["answer"])}
+        )
     return _dataset("validation", out)
 
 
@@ -188,8 +202,15 @@ def _anli(task: str, data_dir):
         label = ANLI_LABELS.get(r["label"], r["label"])
         if label not in (0, 1, 2):
             raise ValueError(f"{path}: item {n}: label {r['label']!r}, expected e / n / c")
-        out.append({"uid": str(r.get("uid", n)), "premise": premise, "hypothesis": r["hypothesis"], "label": label,
-                    "reason": r.get("reason", "")})
+        out.append(
+            {
+                "uid": str(r.get("uid", n)),
+                "premise": premise,
+                "hypothesis": r["hypothesis"],
+                "label": label,
+                "reason": r.get("reason", ""),
+            }
+        )
     return _dataset("test", out)
 
 

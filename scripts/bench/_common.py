@@ -1,4 +1,5 @@
 """Helpers shared by the benchmarks: peak RSS, medians, Markdown tables, JSON output."""
+
 from __future__ import annotations
 
 import json

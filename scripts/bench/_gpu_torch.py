@@ -1,5 +1,6 @@
 """The transformers side of `benchmark.py gpu`: GPTNeoXForCausalLM randomly initialised on the device, same shape and
 dtype, timed like neox-jax (32-token prompts, greedy, no early stop; the prefill of a 2047-token prompt)."""
+
 from __future__ import annotations
 
 import gc
@@ -9,7 +10,7 @@ GIB = 2**30
 
 
 def device(allow_cpu: bool) -> str | None:
-    """"cuda" when torch sees a GPU; "cpu" when allowed (--tiny); else None (no reference)."""
+    """ "cuda" when torch sees a GPU; "cpu" when allowed (--tiny); else None (no reference)."""
     try:
         import torch
         import transformers  # noqa: F401
@@ -74,8 +75,16 @@ def _measure(cfg, dtype: str, dev: str, args) -> dict:
         for b in (1, 16):
             ids = torch.randint(0, cfg.vocab_size, (b, 32), generator=gen).to(dev)
             pre = timed(lambda ids=ids: model(ids, logits_to_keep=1))
-            total = timed(lambda ids=ids: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                                         min_new_tokens=new, do_sample=False, pad_token_id=0))
+            total = timed(
+                lambda ids=ids: model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+            )
             step_ms = max(0.0, total - pre) / (new - 1) * 1e3  # generate = prefill + (new - 1) decode steps
             out[f"torch_decode{b}_ms_per_step"] = step_ms
             if b > 1 and step_ms:

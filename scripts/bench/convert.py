@@ -7,6 +7,7 @@ with 16 layers, converts each with `convert.neox.convert_neox` in a fresh subpro
 RSS and the MB/s it read. The reference, also in a subprocess, is what merge scripts commonly do: torch.load every
 shard file whole (no mmap) and keep it; its peak grows with the model. --quick: hidden 256, vocab 1024.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,9 @@ def peak_rss_mb():
     return ru_maxrss_mb()
 """
 
-CHILD_CONVERT = PEAK + """
+CHILD_CONVERT = (
+    PEAK
+    + """
 import json, sys, time
 from convert.neox import convert_neox
 base = peak_rss_mb()
@@ -46,8 +49,11 @@ s = convert_neox(sys.argv[1], sys.argv[2], progress=False)
 print(json.dumps({"seconds": s["seconds"], "source_bytes": s["source_bytes"], "mb_per_s": s["source_mb_per_s"],
                   "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": base, "tensor_parallel": s["tensor_parallel"]}))
 """
+)
 
-CHILD_LOAD_ALL = PEAK + """
+CHILD_LOAD_ALL = (
+    PEAK
+    + """
 import json, sys, time
 from pathlib import Path
 import torch
@@ -57,6 +63,7 @@ size = sum(p.stat().st_size for p in Path(sys.argv[1]).glob("global_step*/layer_
 print(json.dumps({"seconds": time.time() - t0, "source_bytes": size, "mb_per_s": size / 1e6 / (time.time() - t0),
                   "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": base}))
 """
+)
 
 
 def make_source(path: Path, hidden: int, layers: int, tp: int, vocab: int, seed: int = 0) -> None:
@@ -66,8 +73,14 @@ def make_source(path: Path, hidden: int, layers: int, tp: int, vocab: int, seed:
     from neox_jax.checkpoint import group_names
     from neox_jax.config import NeoXConfig
 
-    cfg = NeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=max(1, hidden // 128), intermediate_size=4 * hidden, hidden_act="gelu_fast")
+    cfg = NeoXConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 128),
+        intermediate_size=4 * hidden,
+        hidden_act="gelu_fast",
+    )
     shapes = {e.hf_name: e.hf_shape for g in group_names(cfg) for e in group_entries(cfg, g)}
     rng = np.random.default_rng(seed)
 
@@ -78,16 +91,23 @@ def make_source(path: Path, hidden: int, layers: int, tp: int, vocab: int, seed:
 
 
 def run_child(code: str, *args) -> dict:
-    return run_json([sys.executable, "-c", code, *map(str, args)], "child",
-                    env={"PYTHONPATH": f"{ROOT}:{BENCH}", "JAX_PLATFORMS": "cpu"})
+    return run_json(
+        [sys.executable, "-c", code, *map(str, args)],
+        "child",
+        env={"PYTHONPATH": f"{ROOT}:{BENCH}", "JAX_PLATFORMS": "cpu"},
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes (hidden 256, vocab 4096) to check the script")
     p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=8192,
-                   help="vocab rows (default 8192, so the blocks, not the embedding, make the model grow)")
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=8192,
+        help="vocab rows (default 8192, so the blocks, not the embedding, make the model grow)",
+    )
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--layers", type=int, nargs="+", default=[4, 16])
     p.add_argument("--workdir", default=None, help="where the synthetic shards and outputs go (default: a temp dir)")
@@ -104,13 +124,24 @@ def main() -> None:
             make_source(src, a.hidden, layers, a.tp, a.vocab)
             print(f"wrote {layers}-layer synthetic shards in {time.time() - t0:.0f} s", file=sys.stderr)
             size_mb = sum(f.stat().st_size for f in src.glob("global_step*/layer_*.pt")) / 1e6
-            for name, code, extra in (("neox-jax convert (mmap, one layer)", CHILD_CONVERT, [work / f"ckpt_{layers}"]),
-                                      ("reference: torch.load all shards", CHILD_LOAD_ALL, [])):
+            for name, code, extra in (
+                ("neox-jax convert (mmap, one layer)", CHILD_CONVERT, [work / f"ckpt_{layers}"]),
+                ("reference: torch.load all shards", CHILD_LOAD_ALL, []),
+            ):
                 r = run_child(code, src, *extra)
-                rows.append({"method": name, "layers": layers, "hidden": a.hidden, "tp": a.tp,
-                             "shards_MB": round(size_mb, 1), "peak_rss_MB": round(r["peak_rss_mb"]),
-                             "rss_after_imports_MB": round(r["rss_after_imports_mb"]),
-                             "MB_per_s": round(r["mb_per_s"], 1), "seconds": round(r["seconds"], 2)})
+                rows.append(
+                    {
+                        "method": name,
+                        "layers": layers,
+                        "hidden": a.hidden,
+                        "tp": a.tp,
+                        "shards_MB": round(size_mb, 1),
+                        "peak_rss_MB": round(r["peak_rss_mb"]),
+                        "rss_after_imports_MB": round(r["rss_after_imports_mb"]),
+                        "MB_per_s": round(r["mb_per_s"], 1),
+                        "seconds": round(r["seconds"], 2),
+                    }
+                )
                 print(rows[-1], file=sys.stderr)
             shutil.rmtree(work / f"ckpt_{layers}", ignore_errors=True)
             shutil.rmtree(src, ignore_errors=True)
@@ -123,10 +154,21 @@ def main() -> None:
     cols = ["method", "layers", "shards_MB", "peak_rss_MB", "rss_after_imports_MB", "MB_per_s", "seconds"]
     print(markdown_table(rows, cols))
     verdict = "flat (within 10%)" if growth <= 1.10 else "NOT flat"
-    print(f"\nneox-jax peak RSS x{growth:.3f} while the shards grew x{model_growth:.2f}: {verdict}"
-          + (" [--quick sizes]" if a.quick else ""))
-    path = write_json("convert", {"quick": a.quick, "rows": rows, "peak_rss_growth": growth,
-                                  "shards_growth": model_growth, "machine": _machine()}, a.out)
+    print(
+        f"\nneox-jax peak RSS x{growth:.3f} while the shards grew x{model_growth:.2f}: {verdict}"
+        + (" [--quick sizes]" if a.quick else "")
+    )
+    path = write_json(
+        "convert",
+        {
+            "quick": a.quick,
+            "rows": rows,
+            "peak_rss_growth": growth,
+            "shards_growth": model_growth,
+            "machine": _machine(),
+        },
+        a.out,
+    )
     print(f"wrote {path}")
 
 

@@ -9,6 +9,7 @@ $NEOX_JAX_DATA_DIR), twice. Timed: the seconds spent inside the model's request 
 loglikelihood_rolling, generate_until), so lm-eval's own bookkeeping, identical for both, is left out; the first pass
 includes neox-jax's compiles, the second is steady state. The metrics of both backends are printed side by side.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,19 @@ def make_hf_dir(out: Path, shape: str, tokenizer: Path) -> Path:
     model = GPTNeoXForCausalLM(GPTNeoXConfig(**hf_cfg)).eval()
     model.save_pretrained(out)
     shutil.copyfile(tokenizer, out / "tokenizer.json")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False,
-        "model_max_length": cfg.max_position_embeddings}))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "GPTNeoXTokenizer",
+                "bos_token": "<|endoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "add_bos_token": False,
+                "add_eos_token": False,
+                "model_max_length": cfg.max_position_embeddings,
+            }
+        )
+    )
     return out
 
 
@@ -85,8 +95,10 @@ def main() -> None:
     names = [t for t in a.tasks.split(",") if t]
     specs = task_specs(names)
     if tok is None or any(specs[n] == n for n in names):
-        sys.exit(f"needs the reference data (20B_tokenizer.json and the tasks' files) under ../shared/data or "
-                 f"${data.ENV_VAR}; found: {data.data_dirs()}")
+        sys.exit(
+            f"needs the reference data (20B_tokenizer.json and the tasks' files) under ../shared/data or "
+            f"${data.ENV_VAR}; found: {data.data_dirs()}"
+        )
     limits = {n: 4 if a.quick else (a.limit or LIMITS.get(n, 50)) for n in names}
     passes = a.passes  # the first pass of neox-jax includes its compiles: the second shows steady state
 
@@ -105,20 +117,36 @@ def main() -> None:
         hf_dir = make_hf_dir(tmp / "hf", shape, tok)
         convert_hf(hf_dir, tmp / "ckpt", "float32", progress=False)
         tm = TaskManager(include_defaults=False)
-        lms = {"neox-jax": NeoXLM(pretrained=str(tmp / "ckpt"), batch_size=a.batch_size),
-               "hf": HFLM(pretrained=str(hf_dir), device="cpu", batch_size=a.batch_size, dtype="float32")}
+        lms = {
+            "neox-jax": NeoXLM(pretrained=str(tmp / "ckpt"), batch_size=a.batch_size),
+            "hf": HFLM(pretrained=str(hf_dir), device="cpu", batch_size=a.batch_size, dtype="float32"),
+        }
         rows, metrics = [], {}
         for backend, lm in lms.items():
             stats = timed(lm)
             for n in range(passes):
                 stats.update(seconds=0.0, requests=0)
                 for task in names:
-                    r = simple_evaluate(model=lm, tasks=[specs[task]], limit=limits[task], task_manager=tm,
-                                        bootstrap_iters=0, log_samples=False)
-                    metrics.setdefault(task, {})[backend] = {k: v for k, v in r["results"][task].items()
-                                                             if "," in k and "stderr" not in k}
-                rows.append({"backend": backend, "pass": n + 1, "requests": stats["requests"],
-                             "seconds": stats["seconds"], "requests/s": stats["requests"] / stats["seconds"]})
+                    r = simple_evaluate(
+                        model=lm,
+                        tasks=[specs[task]],
+                        limit=limits[task],
+                        task_manager=tm,
+                        bootstrap_iters=0,
+                        log_samples=False,
+                    )
+                    metrics.setdefault(task, {})[backend] = {
+                        k: v for k, v in r["results"][task].items() if "," in k and "stderr" not in k
+                    }
+                rows.append(
+                    {
+                        "backend": backend,
+                        "pass": n + 1,
+                        "requests": stats["requests"],
+                        "seconds": stats["seconds"],
+                        "requests/s": stats["requests"] / stats["seconds"],
+                    }
+                )
                 print(rows[-1], flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,12 +154,25 @@ def main() -> None:
     for r in rows:
         r["speedup vs hf"] = r["requests/s"] / rate[("hf", r["pass"])]
     table = markdown_table(rows, ["backend", "pass", "requests", "seconds", "requests/s", "speedup vs hf"])
-    print(f"\n{shape}, float32, CPU ({os.cpu_count()} cores), batch_size {a.batch_size}, "
-          f"docs per task {limits}\n{table}\n")
+    print(
+        f"\n{shape}, float32, CPU ({os.cpu_count()} cores), batch_size {a.batch_size}, "
+        f"docs per task {limits}\n{table}\n"
+    )
     for task, m in metrics.items():
         print(task, json.dumps(m))
-    out = write_json("eval", {"shape": shape, "dtype": "float32", "batch_size": a.batch_size, "limits": limits,
-                              "rows": rows, "metrics": metrics, "peak_rss_mb": peak_rss_mb()}, a.out_dir)
+    out = write_json(
+        "eval",
+        {
+            "shape": shape,
+            "dtype": "float32",
+            "batch_size": a.batch_size,
+            "limits": limits,
+            "rows": rows,
+            "metrics": metrics,
+            "peak_rss_mb": peak_rss_mb(),
+        },
+        a.out_dir,
+    )
     print(f"wrote {out}")
 
 

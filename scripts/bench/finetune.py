@@ -20,6 +20,7 @@ in the same process: `floor_ms` = gflop / that rate, the step time if everything
 `of_floor` = floor_ms / step_ms says how much of the step the matmuls are. (XLA's cost analysis of the
 JAX step, which also counts attention and elementwise work, comes to 3% more than `gflop` for pythia-70m and -160m.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,11 +41,13 @@ BIAS_SUFFIXES = ("attention.query_key_value.bias", "attention.dense.bias", "mlp.
 
 def _rss_mb() -> float:
     import psutil
+
     return psutil.Process().memory_info().rss / 2**20
 
 
 def _windows(vocab, batch, seq, seed=0):
     import numpy as np
+
     return np.random.RandomState(seed).randint(0, vocab, (batch, seq + 1)).astype(np.int32)
 
 
@@ -66,6 +69,7 @@ def matmul_gflops(mm, m: int, k: int, n: int) -> float:
 
 def lora_spec(args):
     from neox_jax.lora import LoraSpec
+
     return LoraSpec(args.lora_rank, args.lora_alpha, tuple(args.lora_targets.split(",")))
 
 
@@ -103,10 +107,16 @@ def worker_jax(shape, mode, batch, seq, dtype_name, steps, warmup, args) -> dict
 
     def mm():
         product(x, w).block_until_ready()
-    return {"times": times[warmup:], "compile_s": times[0], "base_mb": base, "loss": float(m["loss"]),
-            "matmul_gflops": matmul_gflops(mm, *x.shape, w.shape[1]),
-            "device_peak_mb": stats.get("peak_bytes_in_use", 0) / 2**20 or None,
-            "trainable": sum(x.size for x in jax.tree.leaves(state["params"]))}
+
+    return {
+        "times": times[warmup:],
+        "compile_s": times[0],
+        "base_mb": base,
+        "loss": float(m["loss"]),
+        "matmul_gflops": matmul_gflops(mm, *x.shape, w.shape[1]),
+        "device_peak_mb": stats.get("peak_bytes_in_use", 0) / 2**20 or None,
+        "trainable": sum(x.size for x in jax.tree.leaves(state["params"])),
+    }
 
 
 def worker_torch(shape, mode, batch, seq, dtype_name, steps, warmup, args) -> dict:
@@ -121,8 +131,10 @@ def worker_torch(shape, mode, batch, seq, dtype_name, steps, warmup, args) -> di
     if mode == "lora":  # float32 adapters on the frozen base (PEFT's default autocast_adapter_dtype)
         import peft
 
-        model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha,
-                                                           target_modules=args.lora_targets.split(",")))
+        model = peft.get_peft_model(
+            model,
+            peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=args.lora_targets.split(",")),
+        )
         params = [p for p in model.parameters() if p.requires_grad]
     else:
         params = []
@@ -151,16 +163,43 @@ def worker_torch(shape, mode, batch, seq, dtype_name, steps, warmup, args) -> di
     def mm():
         with torch.no_grad():
             torch.mm(x, w)
-    return {"times": times[warmup:], "compile_s": times[0], "base_mb": base, "loss": float(loss),
-            "matmul_gflops": matmul_gflops(mm, *x.shape, w.shape[1]),
-            "device_peak_mb": None, "trainable": sum(p.numel() for p in params)}
+
+    return {
+        "times": times[warmup:],
+        "compile_s": times[0],
+        "base_mb": base,
+        "loss": float(loss),
+        "matmul_gflops": matmul_gflops(mm, *x.shape, w.shape[1]),
+        "device_peak_mb": None,
+        "trainable": sum(p.numel() for p in params),
+    }
 
 
 def run_worker(impl, shape, mode, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, shape, mode, "--batch-size", str(args.batch_size),
-           "--seq-len", str(args.seq_len), "--dtype", args.dtype, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--lora-rank", str(args.lora_rank), "--lora-alpha", str(args.lora_alpha),
-           "--lora-targets", args.lora_targets]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        shape,
+        mode,
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--dtype",
+        args.dtype,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--lora-rank",
+        str(args.lora_rank),
+        "--lora-alpha",
+        str(args.lora_alpha),
+        "--lora-targets",
+        args.lora_targets,
+    ]
     return run_json(cmd, f"{impl} {shape} {mode}", env={"PYTHONPATH": str(ROOT)}, cwd=ROOT)
 
 
@@ -198,28 +237,68 @@ def main() -> None:
                 r = run_worker(impl, shape, mode, args)
                 med = sorted(r["times"])[len(r["times"]) // 2]
                 gflop = step_gflop(preset(shape), mode, args.batch_size * args.seq_len)
-                rows.append({"shape": shape, "trainable": mode, "impl": impl, "trainable_params": r["trainable"],
-                             "tokens_per_s": args.batch_size * args.seq_len / med, "step_ms": med * 1e3,
-                             "first_step_s": r["compile_s"], "peak_rss_mb": r["peak_rss_mb"],
-                             "train_mb": r["peak_rss_mb"] - r["base_mb"], "device_peak_mb": r["device_peak_mb"],
-                             "loss": r["loss"], "gflop": gflop, "matmul_gflops": r["matmul_gflops"],
-                             "floor_ms": gflop / r["matmul_gflops"] * 1e3,
-                             "of_floor": gflop / r["matmul_gflops"] / med})
-                print(f"{shape} {mode} {impl}: {rows[-1]['tokens_per_s']:.0f} tokens/s, "
-                      f"peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+                rows.append(
+                    {
+                        "shape": shape,
+                        "trainable": mode,
+                        "impl": impl,
+                        "trainable_params": r["trainable"],
+                        "tokens_per_s": args.batch_size * args.seq_len / med,
+                        "step_ms": med * 1e3,
+                        "first_step_s": r["compile_s"],
+                        "peak_rss_mb": r["peak_rss_mb"],
+                        "train_mb": r["peak_rss_mb"] - r["base_mb"],
+                        "device_peak_mb": r["device_peak_mb"],
+                        "loss": r["loss"],
+                        "gflop": gflop,
+                        "matmul_gflops": r["matmul_gflops"],
+                        "floor_ms": gflop / r["matmul_gflops"] * 1e3,
+                        "of_floor": gflop / r["matmul_gflops"] / med,
+                    }
+                )
+                print(
+                    f"{shape} {mode} {impl}: {rows[-1]['tokens_per_s']:.0f} tokens/s, "
+                    f"peak RSS {r['peak_rss_mb']:.0f} MB",
+                    file=sys.stderr,
+                    flush=True,
+                )
     for r in rows:
-        other = next(o for o in rows if o["shape"] == r["shape"] and o["trainable"] == r["trainable"]
-                     and o["impl"] != r["impl"])
+        other = next(
+            o for o in rows if o["shape"] == r["shape"] and o["trainable"] == r["trainable"] and o["impl"] != r["impl"]
+        )
         r["speed_vs_other"] = r["tokens_per_s"] / other["tokens_per_s"]
-    cols = ["shape", "trainable", "impl", "trainable_params", "tokens_per_s", "speed_vs_other", "step_ms",
-            "first_step_s", "peak_rss_mb", "train_mb", "gflop", "matmul_gflops", "floor_ms", "of_floor"]
+    cols = [
+        "shape",
+        "trainable",
+        "impl",
+        "trainable_params",
+        "tokens_per_s",
+        "speed_vs_other",
+        "step_ms",
+        "first_step_s",
+        "peak_rss_mb",
+        "train_mb",
+        "gflop",
+        "matmul_gflops",
+        "floor_ms",
+        "of_floor",
+    ]
     table = markdown_table(rows, cols)
-    setup = {"batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": args.dtype, "steps": args.steps,
-             "warmup": args.warmup, "quick": args.quick, "cpu_count": os.cpu_count()}
+    setup = {
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "quick": args.quick,
+        "cpu_count": os.cpu_count(),
+    }
     if "lora" in args.modes:
         setup.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
-    print(f"fine-tuning, batch {args.batch_size} x seq {args.seq_len}, {args.dtype}, AdamW + clip 1.0, "
-          f"median of {args.steps} steps:\n\n{table}")
+    print(
+        f"fine-tuning, batch {args.batch_size} x seq {args.seq_len}, {args.dtype}, AdamW + clip 1.0, "
+        f"median of {args.steps} steps:\n\n{table}"
+    )
     path = write_json("finetune", {"setup": setup, "rows": rows, "markdown": table}, args.out_dir)
     print(f"\nwrote {path}")
 

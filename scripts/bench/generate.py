@@ -12,6 +12,7 @@ call in the process: compiles included) and warm (32-token prompt), peak RSS. Th
 decode step (every parameter but the embedding table, which is only gathered) / memory bandwidth measured in this run
 (a large numpy copy, read + write bytes), the fastest batch-1 decode memory allows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,14 @@ class TorchEngine:
             self.model(ids, logits_to_keep=1)
             t1 = time.perf_counter()
             if new > 1:
-                self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                                    do_sample=False, pad_token_id=0)
+                self.model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
             t2 = time.perf_counter()
         # generate = prefill + (new - 1) decode steps: its decode time is the total less the prefill just measured
         return t1 - t0, max(0.0, (t2 - t1) - (t1 - t0)), t1 - t0
@@ -151,7 +158,7 @@ def worker(args) -> dict:
         engine.run(p, new)
         out[f"decode{b}_tokens_per_s"] = b * (new - 1) / med([engine.run(p, new)[1] for _ in range(reps)])
     if "prefill" in only:
-        for b, n in ([(1, 128), (4, 32)] if q else [(1, 512), (8, 128)]):
+        for b, n in [(1, 128), (4, 32)] if q else [(1, 512), (8, 128)]:
             p = ids(b, n)
             engine.run(p, 1)
             out[f"prefill_{b}x{n}_tokens_per_s"] = b * n / med([engine.run(p, 1)[0] for _ in range(reps)])
@@ -184,8 +191,9 @@ def long_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["engine"] != "neox-jax":
             continue
-        ref = next((x for x in rows if x["engine"] == "torch" and x["model"] == r["model"]
-                    and x["dtype"] == r["dtype"]), {})
+        ref = next(
+            (x for x in rows if x["engine"] == "torch" and x["model"] == r["model"] and x["dtype"] == r["dtype"]), {}
+        )
         for k, v in r.items():
             if k in ("model", "dtype", "engine", "setup_s") or not isinstance(v, (int, float)):
                 continue
@@ -231,15 +239,30 @@ def main() -> None:
     for model in args.models.split(","):
         for dtype in args.dtypes.split(","):
             for engine in args.engines.split(","):
-                cmd = [sys.executable, __file__, "--worker", engine, model, dtype, "--repeats", str(args.repeats),
-                       "--threads", str(args.threads), "--only", ",".join(args.only)] + (["--quick"] if args.quick
-                                                                                          else [])
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    engine,
+                    model,
+                    dtype,
+                    "--repeats",
+                    str(args.repeats),
+                    "--threads",
+                    str(args.threads),
+                    "--only",
+                    ",".join(args.only),
+                ] + (["--quick"] if args.quick else [])
                 with tempfile.TemporaryDirectory() as cache:  # JAX's persistent compilation cache, empty at first
-                    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads),
-                           "NEOX_JAX_COMPILE_CACHE": cache}
+                    env = {
+                        **os.environ,
+                        "PYTHONPATH": str(ROOT),
+                        "OMP_NUM_THREADS": str(args.threads),
+                        "NEOX_JAX_COMPILE_CACHE": cache,
+                    }
                     row = {"model": model, "dtype": dtype, "engine": engine, **run_worker(cmd, env)}
                     if engine == "neox-jax" and "ttft" in args.only:  # a second process, the cache now filled
-                        row.update(run_worker(cmd[:cmd.index("--only")] + ["--only", "ttft", "--cached"], env))
+                        row.update(run_worker(cmd[: cmd.index("--only")] + ["--only", "ttft", "--cached"], env))
                 if "decode1_ms_per_token" in row:
                     roof = weight_bytes_per_token(preset(model), dtype) / (bw * 1e9) * 1e3
                     row["roofline_ms"] = roof
@@ -248,8 +271,18 @@ def main() -> None:
                 print(f"  {engine} {model} {dtype}: {row}", file=sys.stderr)
     table = markdown_table(long_rows(rows), ["model", "dtype", "metric", "torch", "neox-jax", "speedup"])
     print(table)
-    path = write_json("generate", {"bandwidth_gbs": bw, "threads": args.threads, "quick": args.quick,
-                                   "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "table": table}, args.out)
+    path = write_json(
+        "generate",
+        {
+            "bandwidth_gbs": bw,
+            "threads": args.threads,
+            "quick": args.quick,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "rows": rows,
+            "table": table,
+        },
+        args.out,
+    )
     print(f"wrote {path}", file=sys.stderr)
 
 

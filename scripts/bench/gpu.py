@@ -16,6 +16,7 @@ A stage that would not fit in the time left is skipped (the guess: the stage's t
 depth; 20 s before the first), one that fails is recorded, and both say so. JSON + Markdown go to --out after every
 stage, so a run cut short still leaves what it measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,20 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {}
-    for name in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt",
-                 "flax", "orbax-checkpoint", "torch", "transformers", "nvidia-cudnn-cu12", "nvidia-cudnn-cu13"):
+    for name in (
+        "jax",
+        "jaxlib",
+        "jax-cuda12-plugin",
+        "jax-cuda12-pjrt",
+        "jax-cuda13-plugin",
+        "jax-cuda13-pjrt",
+        "flax",
+        "orbax-checkpoint",
+        "torch",
+        "transformers",
+        "nvidia-cudnn-cu12",
+        "nvidia-cudnn-cu13",
+    ):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -130,8 +143,9 @@ def program_peak_gib(gen) -> float:
     for compiled in gen._compiled.values():
         m = compiled.memory_analysis()
         if m is not None:
-            best = max(best, m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                       - m.alias_size_in_bytes)
+            best = max(
+                best, m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+            )
     return best / GIB
 
 
@@ -158,14 +172,18 @@ def jax_stages(cfg, dtype: str, device, args, bw: float, budget: Budget, row: di
     def decode_stage(b):
         prompts = rng.integers(0, cfg.vocab_size, (b, p)).tolist()
         gen.generate(prompts, max_new_tokens=new, stop_token_ids=[])  # compiles
-        s = min(gen.generate(prompts, max_new_tokens=new, stop_token_ids=[]).timing.decode_s
-                for _ in range(args.repeats))
+        s = min(
+            gen.generate(prompts, max_new_tokens=new, stop_token_ids=[]).timing.decode_s for _ in range(args.repeats)
+        )
         step_ms = s / (new - 1) * 1e3
         roof_ms = (weights + cache_bytes(cfg, b, slots, dtype)) / (bw * 1e9) * 1e3
         row[f"decode{b}_ms_per_step"], row[f"decode{b}_tokens_per_s"] = step_ms, b * 1e3 / step_ms
         row[f"decode{b}_roofline_ms"], row[f"decode{b}_roofline_pct"] = roof_ms, 100 * roof_ms / step_ms
-        print(f"    decode batch {b}: {step_ms:.2f} ms/step ({b * 1e3 / step_ms:.0f} tokens/s), roofline "
-              f"{roof_ms:.2f} ms ({100 * roof_ms / step_ms:.0f}%)", flush=True)
+        print(
+            f"    decode batch {b}: {step_ms:.2f} ms/step ({b * 1e3 / step_ms:.0f} tokens/s), roofline "
+            f"{roof_ms:.2f} ms ({100 * roof_ms / step_ms:.0f}%)",
+            flush=True,
+        )
 
     for b in (1, 16):
         budget.run(f"decode{b}", layers, lambda b=b: decode_stage(b), row["skipped"])
@@ -215,9 +233,16 @@ def main() -> None:
 
     t0 = time.perf_counter()
     device = jax.devices()[0]
-    header = {"devices": [str(d) for d in jax.devices()], "device_kind": device.device_kind,
-              "platform": device.platform, "versions": versions(), "dtype": dtype, "tiny": args.tiny,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "budget_s": args.budget_s}
+    header = {
+        "devices": [str(d) for d in jax.devices()],
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "versions": versions(),
+        "dtype": dtype,
+        "tiny": args.tiny,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "budget_s": args.budget_s,
+    }
     print(f"jax.devices(): {jax.devices()}\nversions: {header['versions']}", flush=True)
     torch_device = None if args.no_torch else gpu_torch.device(allow_cpu=args.tiny)
     header["torch_device"] = torch_device or "none (torch with CUDA not importable, or --no-torch)"
@@ -231,8 +256,10 @@ def main() -> None:
     def save():
         table = markdown_table(long_rows(rows), ["model", "metric", "neox-jax", "transformers", "roofline"])
         write_json("gpu", {**header, "rows": rows, "table": table}, args.out)
-        (Path(args.out) / "gpu.md").write_text(f"{header['device_kind']} ({header['platform']}), {dtype}, copy "
-                                               f"bandwidth {bw:.0f} GB/s, {header['date']}\n\n{table}\n")
+        (Path(args.out) / "gpu.md").write_text(
+            f"{header['device_kind']} ({header['platform']}), {dtype}, copy "
+            f"bandwidth {bw:.0f} GB/s, {header['date']}\n\n{table}\n"
+        )
 
     for name in args.models.split(","):
         cfg = preset(name)
@@ -249,8 +276,12 @@ def main() -> None:
         jax_stages(cfg, dtype, device, args, bw, budget, row, save)
         gc.collect()  # the params and programs of this model, before transformers' copy
         if torch_device is not None:
-            budget.run("transformers", cfg.num_hidden_layers, lambda row=row, cfg=cfg: row.update(
-                gpu_torch.measure(cfg, dtype, torch_device, args)), row["skipped"])
+            budget.run(
+                "transformers",
+                cfg.num_hidden_layers,
+                lambda row=row, cfg=cfg: row.update(gpu_torch.measure(cfg, dtype, torch_device, args)),
+                row["skipped"],
+            )
         save()
     save()
     print(markdown_table(long_rows(rows), ["model", "metric", "neox-jax", "transformers", "roofline"]))
@@ -258,10 +289,15 @@ def main() -> None:
 
 
 # neox-jax metric -> transformers' (its prefill runs its own fused attention, SDPA: beside ours)
-METRICS = {"decode1_ms_per_step": "torch_decode1_ms_per_step", "decode16_ms_per_step": "torch_decode16_ms_per_step",
-           "decode16_tokens_per_s": "torch_decode16_tokens_per_s", "prefill_fused_tokens_per_s":
-           "torch_prefill_tokens_per_s", "prefill_plain_tokens_per_s": None, "program_peak_gib": None,
-           "process_peak_gib": "torch_peak_gib"}
+METRICS = {
+    "decode1_ms_per_step": "torch_decode1_ms_per_step",
+    "decode16_ms_per_step": "torch_decode16_ms_per_step",
+    "decode16_tokens_per_s": "torch_decode16_tokens_per_s",
+    "prefill_fused_tokens_per_s": "torch_prefill_tokens_per_s",
+    "prefill_plain_tokens_per_s": None,
+    "program_peak_gib": None,
+    "process_peak_gib": "torch_peak_gib",
+}
 
 
 def long_rows(rows: list[dict]) -> list[dict]:
@@ -275,10 +311,19 @@ def long_rows(rows: list[dict]) -> list[dict]:
                 continue
             roof = ""
             if m.endswith("ms_per_step") and m.replace("ms_per_step", "roofline_ms") in r:
-                roof = f"{r[m.replace('ms_per_step', 'roofline_ms')]:.3g} ms " \
-                       f"({r[m.replace('ms_per_step', 'roofline_pct')]:.0f}% reached)"
-            out.append({"model": r["model"], "metric": m.replace("fused", f"fused ({fused})"),
-                        "neox-jax": r.get(key, ""), "transformers": r.get(ref, ""), "roofline": roof})
+                roof = (
+                    f"{r[m.replace('ms_per_step', 'roofline_ms')]:.3g} ms "
+                    f"({r[m.replace('ms_per_step', 'roofline_pct')]:.0f}% reached)"
+                )
+            out.append(
+                {
+                    "model": r["model"],
+                    "metric": m.replace("fused", f"fused ({fused})"),
+                    "neox-jax": r.get(key, ""),
+                    "transformers": r.get(ref, ""),
+                    "roofline": roof,
+                }
+            )
         for stage, why in r["skipped"].items():
             out.append({"model": r["model"], "metric": stage, "neox-jax": why})
         if "torch_skipped" in r:

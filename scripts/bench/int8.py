@@ -11,6 +11,7 @@ torch.ao dynamic int8 (`quantize_dynamic`, per-tensor weights, per-token int8 ac
 with its KV cache. Also prints the GPT-NeoX-20B parameter bytes of each JAX variant from jax.eval_shape.
 --quick: the tiny preset, 8 new tokens, 1 repeat.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,12 @@ from neox_jax.model import abstract_params, init_params  # noqa: E402
 from scripts.bench._common import markdown_table, peak_rss_mb, write_json  # noqa: E402
 
 VARIANTS = [  # name, dtype of the float params, quantization mode
-    ("float32", jnp.float32, None), ("float16", jnp.float16, None),
-    ("int8 + float32", jnp.float32, "int8"), ("llm.int8 + float32", jnp.float32, "llm.int8"),
-    ("int8 + float16", jnp.float16, "int8"), ("llm.int8 + float16", jnp.float16, "llm.int8"),
+    ("float32", jnp.float32, None),
+    ("float16", jnp.float16, None),
+    ("int8 + float32", jnp.float32, "int8"),
+    ("llm.int8 + float32", jnp.float32, "llm.int8"),
+    ("int8 + float16", jnp.float16, "int8"),
+    ("llm.int8 + float16", jnp.float16, "llm.int8"),
 ]
 
 
@@ -81,18 +85,31 @@ def torch_rows(cfg, prompt, new: int, repeats: int) -> list[dict]:
                 total += sum(t.numel() * t.element_size() for t in v if isinstance(t, torch.Tensor))
         return total
 
-    rows = [{"impl": "torch", "variant": "float32", "param_MB": nbytes(model) / 1e6,
-             "decode_ms_per_token": float(np.median([decode_ms(model) for _ in range(repeats + 1)][1:]))}]
+    rows = [
+        {
+            "impl": "torch",
+            "variant": "float32",
+            "param_MB": nbytes(model) / 1e6,
+            "decode_ms_per_token": float(np.median([decode_ms(model) for _ in range(repeats + 1)][1:])),
+        }
+    ]
     try:
         import warnings
 
         from torch.ao.quantization import quantize_dynamic
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             qmodel = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
             ms = float(np.median([decode_ms(qmodel) for _ in range(repeats + 1)][1:]))
-        rows.append({"impl": "torch", "variant": "dynamic int8 (torch.ao)", "param_MB": nbytes(qmodel) / 1e6,
-                     "decode_ms_per_token": ms})
+        rows.append(
+            {
+                "impl": "torch",
+                "variant": "dynamic int8 (torch.ao)",
+                "param_MB": nbytes(qmodel) / 1e6,
+                "decode_ms_per_token": ms,
+            }
+        )
     except Exception as e:  # torch.ao quantization is deprecated; report rather than fail
         rows.append({"impl": "torch", "variant": f"dynamic int8 unavailable: {type(e).__name__}"})
     return rows
@@ -120,20 +137,38 @@ def main() -> None:
         if mode is not None:
             params = Q.quantize_tree(params, mode)
         quant = Q.spec_of(params)
-        rows.append({"impl": "jax", "variant": name, "param_MB": Q.param_bytes(params) / 1e6,
-                     "neox20b_GB": Q.param_bytes(abstract_params(big, dtype, quant=quant)) / 1e9,
-                     "decode_ms_per_token": jax_decode_ms(cfg, params, prompt, a.new, a.repeats)})
+        rows.append(
+            {
+                "impl": "jax",
+                "variant": name,
+                "param_MB": Q.param_bytes(params) / 1e6,
+                "neox20b_GB": Q.param_bytes(abstract_params(big, dtype, quant=quant)) / 1e9,
+                "decode_ms_per_token": jax_decode_ms(cfg, params, prompt, a.new, a.repeats),
+            }
+        )
         print(f"  {name}: {rows[-1]['decode_ms_per_token']:.2f} ms/token", flush=True)
         del params
     if not a.no_torch:
         rows += torch_rows(cfg, prompt, a.new, a.repeats)
 
     cols = ["impl", "variant", "param_MB", "neox20b_GB", "decode_ms_per_token"]
-    print(f"\n{a.preset}: batch 1, prompt {a.prompt}, {a.new} decoded tokens, {jax.devices()[0].platform}; "
-          f"peak RSS {peak_rss_mb():.0f} MB")
+    print(
+        f"\n{a.preset}: batch 1, prompt {a.prompt}, {a.new} decoded tokens, {jax.devices()[0].platform}; "
+        f"peak RSS {peak_rss_mb():.0f} MB"
+    )
     print(markdown_table(rows, cols))
-    path = write_json("int8", {"preset": a.preset, "prompt": a.prompt, "new": a.new, "repeats": a.repeats,
-                               "device": str(jax.devices()[0]), "rows": rows}, a.out)
+    path = write_json(
+        "int8",
+        {
+            "preset": a.preset,
+            "prompt": a.prompt,
+            "new": a.new,
+            "repeats": a.repeats,
+            "device": str(jax.devices()[0]),
+            "rows": rows,
+        },
+        a.out,
+    )
     print(f"wrote {path}")
 
 

@@ -14,6 +14,7 @@ other (max |diff| of hidden states and attention patterns). TransformerLens is n
 (it pins its own torch / transformers): no row for it.
 --quick: the tiny preset, batch 2, length 16, 1 repeat.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,12 +81,21 @@ def main() -> None:
         _, cache = jax_cache(names)
         first = time.perf_counter() - t0
         ms = median_time(lambda names=names: jax_cache(names), a.repeats) * 1e3
-        rows.append({"impl": "neox-jax", "what": what, "names": len(cache), "first_call_s": first, "ms": ms,
-                     "cache_MB": sum(v.nbytes for v in cache.values()) / 1e6})
+        rows.append(
+            {
+                "impl": "neox-jax",
+                "what": what,
+                "names": len(cache),
+                "first_call_s": first,
+                "ms": ms,
+                "cache_MB": sum(v.nbytes for v in cache.values()) / 1e6,
+            }
+        )
         print(f"  {what}: {ms:.1f} ms", flush=True)
     model.logits(ids)
-    rows.append({"impl": "neox-jax", "what": "forward only", "ms": median_time(lambda: model.logits(ids),
-                                                                              a.repeats) * 1e3})
+    rows.append(
+        {"impl": "neox-jax", "what": "forward only", "ms": median_time(lambda: model.logits(ids), a.repeats) * 1e3}
+    )
     tids = torch.tensor(ids)
 
     def hf_cache(m):
@@ -95,26 +105,50 @@ def main() -> None:
 
     hs, att = hf_cache(hf)
     ms = median_time(lambda: hf_cache(hf), a.repeats) * 1e3
-    rows.append({"impl": "transformers", "what": "output_hidden_states + output_attentions (eager)",
-                 "names": len(hs) + len(att), "ms": ms, "cache_MB": sum(x.nbytes for x in hs + att) / 1e6})
+    rows.append(
+        {
+            "impl": "transformers",
+            "what": "output_hidden_states + output_attentions (eager)",
+            "names": len(hs) + len(att),
+            "ms": ms,
+            "cache_MB": sum(x.nbytes for x in hs + att) / 1e6,
+        }
+    )
     fast = hf_model(cfg, "sdpa")
     fast.load_state_dict(hf.state_dict())
     with torch.no_grad():
-        rows.append({"impl": "transformers", "what": "forward only (sdpa)",
-                     "ms": median_time(lambda: fast(tids).logits.numpy(), a.repeats) * 1e3})
+        rows.append(
+            {
+                "impl": "transformers",
+                "what": "forward only (sdpa)",
+                "ms": median_time(lambda: fast(tids).logits.numpy(), a.repeats) * 1e3,
+            }
+        )
     rows.append({"impl": "TransformerLens", "what": "not installed in this environment (not measured)"})
     diff_h = max(np.abs(cache[f"blocks.{i}.hook_resid_pre"] - hs[i]).max() for i in range(n))
     diff_h = max(diff_h, np.abs(cache["ln_final.hook_normalized"] - hs[n]).max())
     diff_p = max(np.abs(cache[f"blocks.{i}.attn.hook_pattern"] - att[i]).max() for i in range(n))
 
     cols = ["impl", "what", "names", "first_call_s", "ms", "cache_MB"]
-    print(f"\n{a.preset}: batch {a.batch} x {a.length} tokens, float32, {jax.devices()[0].platform}, "
-          f"torch threads {torch.get_num_threads()}; peak RSS {peak_rss_mb():.0f} MB")
+    print(
+        f"\n{a.preset}: batch {a.batch} x {a.length} tokens, float32, {jax.devices()[0].platform}, "
+        f"torch threads {torch.get_num_threads()}; peak RSS {peak_rss_mb():.0f} MB"
+    )
     print(markdown_table(rows, cols))
     print(f"max |diff| vs transformers: hidden states {diff_h:.2e}, attention patterns {diff_p:.2e}")
-    path = write_json("interp", {"preset": a.preset, "batch": a.batch, "length": a.length, "repeats": a.repeats,
-                                 "device": str(jax.devices()[0]), "rows": rows,
-                                 "max_diff": {"hidden_states": float(diff_h), "attentions": float(diff_p)}}, a.out)
+    path = write_json(
+        "interp",
+        {
+            "preset": a.preset,
+            "batch": a.batch,
+            "length": a.length,
+            "repeats": a.repeats,
+            "device": str(jax.devices()[0]),
+            "rows": rows,
+            "max_diff": {"hidden_states": float(diff_h), "attentions": float(diff_p)},
+        },
+        a.out,
+    )
     print(f"wrote {path}")
 
 

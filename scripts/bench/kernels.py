@@ -14,6 +14,7 @@ Measured in one process, torch on --threads threads, XLA on every core:
   scored) and for lm-eval's hf backend (output layer at every position), and the seconds they take at each
   framework's float32 matmul rate measured above: no backend can score them faster.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,8 +106,16 @@ def lambada_floor(torch_gflops: float, xla_gflops: float, docs: int = 200) -> li
     out = []
     for name, head_rows in (("neox-jax", scored), ("hf", fed)):
         gflop = 2 * (body * fed + d * v * head_rows + attn) / 1e9
-        out.append({"backend": name, "input tokens": fed, "scored": scored, "GFLOP": gflop,
-                    "s at torch rate": gflop / torch_gflops, "s at xla rate": gflop / xla_gflops})
+        out.append(
+            {
+                "backend": name,
+                "input tokens": fed,
+                "scored": scored,
+                "GFLOP": gflop,
+                "s at torch rate": gflop / torch_gflops,
+                "s at xla rate": gflop / xla_gflops,
+            }
+        )
     return out
 
 
@@ -118,15 +127,21 @@ def main() -> None:
     p.add_argument("--out", default="bench_out")
     args = p.parse_args()
 
-
     torch.set_num_threads(args.threads)
     reps = 2 if args.quick else args.repeats
     rng = np.random.default_rng(0)
     rows: list[dict] = []
 
     def add(kernel, unit, xla_s, torch_s, amount):
-        rows.append({"kernel": kernel, "unit": unit, "torch": amount / torch_s, "xla": amount / xla_s,
-                     "xla / torch": torch_s / xla_s})
+        rows.append(
+            {
+                "kernel": kernel,
+                "unit": unit,
+                "torch": amount / torch_s,
+                "xla": amount / xla_s,
+                "xla / torch": torch_s / xla_s,
+            }
+        )
 
     m, k, n = (128, 256, 1024) if args.quick else (512, 768, 3072)
     x32, w32 = rng.standard_normal((m, k), np.float32), rng.standard_normal((n, k), np.float32)  # w: [out, in]
@@ -152,15 +167,22 @@ def main() -> None:
     t_plain = best_and_median(lambda: plain(logits, one).block_until_ready(), reps)[1]
     t_chunk = best_and_median(lambda: chunked(logits, one).block_until_ready(), reps)[1]
     elems = logits.size / 1e9
-    rows.append({"kernel": f"vocab exp-sum {logits.shape[0]}x50304: one pass vs chunks", "unit": "Gelem/s",
-                 "xla": elems / t_chunk, "one pass": elems / t_plain})
+    rows.append(
+        {
+            "kernel": f"vocab exp-sum {logits.shape[0]}x50304: one pass vs chunks",
+            "unit": "Gelem/s",
+            "xla": elems / t_chunk,
+            "one pass": elems / t_plain,
+        }
+    )
 
     print(markdown_table(rows, ["kernel", "unit", "torch", "xla", "xla / torch", "one pass"]))
     floor = [] if args.quick else lambada_floor(rows[0]["torch"], rows[0]["xla"])  # quick rates mean nothing
     if floor:
         print(markdown_table(floor, ["backend", "input tokens", "scored", "GFLOP", "s at torch rate", "s at xla rate"]))
-    path = write_json("kernels", {"threads": args.threads, "quick": args.quick, "rows": rows, "lambada_floor": floor},
-                      args.out)
+    path = write_json(
+        "kernels", {"threads": args.threads, "quick": args.quick, "rows": rows, "lambada_floor": floor}, args.out
+    )
     print(f"wrote {path}")
 
 

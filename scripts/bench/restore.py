@@ -15,6 +15,7 @@ the run used glibc's defaults or MALLOC_ARENA_MAX=2 MALLOC_TRIM_THRESHOLD_=0 MAL
 memory goes back to the system: what is left is what the restore really holds at once).
 No PyTorch reference here: there is no sharded restore to compare against.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,12 +54,15 @@ def reset_peak_rss() -> None:
 
 def bench_config(quick: bool):
     from neox_jax.config import NeoXConfig
+
     if quick:  # ~6 MB
-        return NeoXConfig(vocab_size=1024, hidden_size=256, num_hidden_layers=2, num_attention_heads=8,
-                          intermediate_size=1024)
+        return NeoXConfig(
+            vocab_size=1024, hidden_size=256, num_hidden_layers=2, num_attention_heads=8, intermediate_size=1024
+        )
     # ~700 MB float32: per layer 192 MiB (qkv 48 MiB, mlp kernels 64 MiB each), embeddings 64 MiB each
-    return NeoXConfig(vocab_size=8192, hidden_size=2048, num_hidden_layers=3, num_attention_heads=16,
-                      intermediate_size=8192)
+    return NeoXConfig(
+        vocab_size=8192, hidden_size=2048, num_hidden_layers=3, num_attention_heads=16, intermediate_size=8192
+    )
 
 
 def write_checkpoints(cfg, root: Path, warmup_cfg) -> dict[str, Path]:
@@ -106,8 +110,13 @@ def measure(mode: str, ckpt: str, warmup: str) -> dict:
     seconds = time.perf_counter() - t
     on_devices = sum(s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards) / MB
     peak = _status_mb("VmHWM")
-    return {"rss_before_mb": before, "peak_rss_mb": peak, "on_devices_mb": on_devices,
-            "excess_mb": peak - before - on_devices, "seconds": seconds}
+    return {
+        "rss_before_mb": before,
+        "peak_rss_mb": peak,
+        "on_devices_mb": on_devices,
+        "excess_mb": peak - before - on_devices,
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
@@ -135,14 +144,27 @@ def main() -> None:
     try:
         print(f"writing synthetic checkpoints ({model_mb:.0f} MB float32 each) under {work} ...", flush=True)
         ckpts = write_checkpoints(cfg, work, bench_config(quick=True).replace(vocab_size=512, hidden_size=128))
-        env = {**os.environ, "PYTHONPATH": str(ROOT),
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+            "JAX_PLATFORMS": "cpu",
+        }
         rows = []
-        for mode, ckpt, malloc in (("mesh", "chunked", "default"), ("mesh", "chunked", "trim"),
-                                   ("mesh-1chunk", "1chunk", "trim"), ("host+shard", "chunked", "trim")):
+        for mode, ckpt, malloc in (
+            ("mesh", "chunked", "default"),
+            ("mesh", "chunked", "trim"),
+            ("mesh-1chunk", "1chunk", "trim"),
+            ("host+shard", "chunked", "trim"),
+        ):
             run_env = {**env, **(MALLOC_TRIM if malloc == "trim" else {})}
-            r = subprocess.run([sys.executable, __file__, "--measure", mode, str(ckpts[ckpt]), str(ckpts["warmup"])],
-                               env=run_env, capture_output=True, text=True, timeout=1800)
+            r = subprocess.run(
+                [sys.executable, __file__, "--measure", mode, str(ckpts[ckpt]), str(ckpts["warmup"])],
+                env=run_env,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
             if r.returncode:
                 sys.exit(f"{mode} failed:\n{r.stderr[-3000:]}")
             row = {"mode": mode, "malloc": malloc, **json.loads(r.stdout.strip().splitlines()[-1])}
@@ -153,13 +175,27 @@ def main() -> None:
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    cols = ["mode", "malloc", "rss_before_mb", "peak_rss_mb", "on_devices_mb", "excess_mb", "excess / model",
-            "excess / largest array", "seconds"]
-    print(f"\nmodel {model_mb:.0f} MB float32, one layer {layer_mb:.0f} MB, largest array {largest_mb:.0f} MB, "
-          f"mesh model=8 on CPU; excess = peak RSS - RSS before - bytes on the devices (after a warm-up load)\n")
+    cols = [
+        "mode",
+        "malloc",
+        "rss_before_mb",
+        "peak_rss_mb",
+        "on_devices_mb",
+        "excess_mb",
+        "excess / model",
+        "excess / largest array",
+        "seconds",
+    ]
+    print(
+        f"\nmodel {model_mb:.0f} MB float32, one layer {layer_mb:.0f} MB, largest array {largest_mb:.0f} MB, "
+        f"mesh model=8 on CPU; excess = peak RSS - RSS before - bytes on the devices (after a warm-up load)\n"
+    )
     print(markdown_table(rows, cols))
-    out = write_json("restore", {"model_mb": model_mb, "largest_array_mb": largest_mb, "layer_mb": layer_mb,
-                                 "quick": args.quick, "rows": rows}, args.out_dir)
+    out = write_json(
+        "restore",
+        {"model_mb": model_mb, "largest_array_mb": largest_mb, "layer_mb": layer_mb, "quick": args.quick, "rows": rows},
+        args.out_dir,
+    )
     print(f"\nwrote {out}")
 
 

@@ -9,6 +9,7 @@ official `openai` client over 127.0.0.1 (threads); the server runs in this proce
 generated tokens / wall time of the whole set; latency: per request, send to last token (p50 / p99). The transformers
 rows run the requests in static batches of --max-batch (left-padded; a request's latency is its batch's).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,18 +39,30 @@ def make_checkpoint(model: str, out: Path):
     from neox_jax.config import PRESETS
 
     c = PRESETS[model]
-    hf_cfg = GPTNeoXConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-                           num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
-                           rotary_pct=c.rotary_pct, max_position_embeddings=c.max_position_embeddings,
-                           use_parallel_residual=c.use_parallel_residual, hidden_act=c.hidden_act,
-                           bos_token_id=0, eos_token_id=0)
+    hf_cfg = GPTNeoXConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        intermediate_size=c.intermediate_size,
+        rotary_pct=c.rotary_pct,
+        max_position_embeddings=c.max_position_embeddings,
+        use_parallel_residual=c.use_parallel_residual,
+        hidden_act=c.hidden_act,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     hf = GPTNeoXForCausalLM(hf_cfg).eval()
     src = out / "hf"
     hf.save_pretrained(src)
     (src / "tokenizer.json").write_bytes((DATA / "20B_tokenizer.json").read_bytes())
-    subprocess.run([sys.executable, "-m", "convert", "hf", str(src), str(out / "ckpt"), "--quiet"], check=True,
-                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run(
+        [sys.executable, "-m", "convert", "hf", str(src), str(out / "ckpt"), "--quiet"],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     return hf, out / "ckpt"
 
 
@@ -57,13 +70,18 @@ def prompts(n: int, tokens: int, tok) -> list[list[int]]:
     """n different prompts of `tokens` ids each, from tinyshakespeare."""
     text = (DATA / "tinyshakespeare" / "input.txt").read_text()[:200_000]
     ids = tok.encode(text)
-    return [ids[i * 97:i * 97 + tokens] for i in range(n)]
+    return [ids[i * 97 : i * 97 + tokens] for i in range(n)]
 
 
 def stats(name, lat, wall, tokens) -> dict:
     lat = sorted(lat)
-    return {"engine": name, "tokens/s": tokens / wall, "p50 latency s": statistics.median(lat),
-            "p99 latency s": lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))], "wall s": wall}
+    return {
+        "engine": name,
+        "tokens/s": tokens / wall,
+        "p50 latency s": statistics.median(lat),
+        "p99 latency s": lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))],
+        "wall s": wall,
+    }
 
 
 def run_clients(url, name, reqs, max_tokens, concurrency):
@@ -73,8 +91,9 @@ def run_clients(url, name, reqs, max_tokens, concurrency):
 
     def one(p):
         t = time.perf_counter()
-        r = client.completions.create(model=name, prompt=p, max_tokens=max_tokens, temperature=0,
-                                      extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model=name, prompt=p, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert r.usage.completion_tokens == max_tokens, r.usage
         return time.perf_counter() - t
 
@@ -89,13 +108,19 @@ def run_transformers(hf, reqs, max_tokens, batch):
 
     lat, t0 = [], time.perf_counter()
     for i in range(0, len(reqs), batch):
-        group = reqs[i:i + batch]
+        group = reqs[i : i + batch]
         width = max(map(len, group))
         ids = torch.tensor([[1] * (width - len(p)) + p for p in group])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
         with torch.no_grad():
-            out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                              do_sample=False, pad_token_id=1)
+            out = hf.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=1,
+            )
         assert out.shape[1] == width + max_tokens
         lat += [time.perf_counter() - t0] * len(group)  # every request of a batch was sent at the start
     return lat, time.perf_counter() - t0
@@ -124,14 +149,17 @@ def main() -> None:
         lm = neox_jax.load(ckpt)
         reqs = prompts(args.requests, args.prompt_tokens, lm.tokenizer)
         max_len = args.prompt_tokens + args.max_tokens
-        svc = Service.from_model(lm, max_batch=args.max_batch, max_queue=max(64, args.requests), chunk=args.chunk,
-                                 max_model_len=max_len)
+        svc = Service.from_model(
+            lm, max_batch=args.max_batch, max_queue=max(64, args.requests), chunk=args.chunk, max_model_len=max_len
+        )
         t = time.perf_counter()
         rows = []
         total = args.requests * args.max_tokens
         with ServerThread(svc) as srv:
-            print(f"server up in {time.perf_counter() - t:.1f} s ({svc.scheduler.engine.compiles} programs)",
-                  file=sys.stderr)
+            print(
+                f"server up in {time.perf_counter() - t:.1f} s ({svc.scheduler.engine.compiles} programs)",
+                file=sys.stderr,
+            )
             run_clients(srv.url, svc.name, reqs[:2], args.max_tokens, 2)  # a first request through every layer
             for c in (1, 4, 16):
                 lat, wall = run_clients(srv.url, svc.name, reqs, args.max_tokens, c)
@@ -140,15 +168,24 @@ def main() -> None:
                 print(rows[-1], file=sys.stderr)
         run_transformers(hf, reqs[:2], 2, 2)  # warm-up
         lat, wall = run_transformers(hf, reqs, args.max_tokens, args.max_batch)
-        rows.append({**stats(f"transformers generate, static batches of {args.max_batch}", lat, wall, total),
-                     "clients": args.max_batch})
+        rows.append(
+            {
+                **stats(f"transformers generate, static batches of {args.max_batch}", lat, wall, total),
+                "clients": args.max_batch,
+            }
+        )
     base = rows[0]["tokens/s"]
     for r in rows:
         r["vs one at a time"] = r["tokens/s"] / base
-    print(f"\n{args.model} (random weights), {args.requests} requests x {args.prompt_tokens} prompt + "
-          f"{args.max_tokens} generated tokens, greedy, {args.max_batch} slots, {os.cpu_count()} CPUs\n")
-    print(markdown_table(rows, ["engine", "clients", "tokens/s", "vs one at a time", "p50 latency s",
-                                "p99 latency s", "wall s"]))
+    print(
+        f"\n{args.model} (random weights), {args.requests} requests x {args.prompt_tokens} prompt + "
+        f"{args.max_tokens} generated tokens, greedy, {args.max_batch} slots, {os.cpu_count()} CPUs\n"
+    )
+    print(
+        markdown_table(
+            rows, ["engine", "clients", "tokens/s", "vs one at a time", "p50 latency s", "p99 latency s", "wall s"]
+        )
+    )
     print("wrote", write_json("serve", {"args": vars(args), "rows": rows}, args.out))
 
 

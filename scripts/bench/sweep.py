@@ -9,6 +9,7 @@ Arm "separate": for each revision, `python -m convert hf REPO OUT --revision R` 
 --checkpoint OUT`, each a fresh process (the hand-written loop a sweep replaces). Reported: wall seconds of each arm,
 their ratio, and peak RSS (the sweep process; the largest of the separate processes), each read from wait4.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,10 @@ for p in (ROOT, ROOT / "tests"):
 
 from scripts.bench._common import markdown_table, write_json
 
-SHAPES = {"tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},
-          "small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 1024}}
+SHAPES = {
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},
+    "small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 1024},
+}
 REPO = "EleutherAI/pythia-benchtiny"
 
 
@@ -40,8 +43,15 @@ def make_revisions(root: Path, k: int, shape: str, tokenizer: Path) -> dict[str,
     out = {}
     for i in range(k):
         torch.manual_seed(i)
-        cfg = GPTNeoXConfig(vocab_size=50304, max_position_embeddings=2048, rotary_pct=0.25,
-                            use_parallel_residual=True, bos_token_id=0, eos_token_id=0, **SHAPES[shape])
+        cfg = GPTNeoXConfig(
+            vocab_size=50304,
+            max_position_embeddings=2048,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+            bos_token_id=0,
+            eos_token_id=0,
+            **SHAPES[shape],
+        )
         d = root / f"rev{i}"
         GPTNeoXForCausalLM(cfg).eval().save_pretrained(d)
         shutil.copyfile(tokenizer, d / "tokenizer.json")
@@ -81,38 +91,96 @@ def main() -> None:
         common = ["--tasks", a.tasks, "--limit", str(a.limit), "--bootstrap-iters", "1000"]
         py = sys.executable
         with HubStub({REPO: revs}) as stub:
-            base = {**os.environ, "PYTHONPATH": str(ROOT), "HF_ENDPOINT": stub.url, "HF_HUB_OFFLINE": "0",
-                    "NEOX_JAX_DATA_DIR": a.data_dir, "TQDM_DISABLE": "1"}
+            base = {
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "HF_ENDPOINT": stub.url,
+                "HF_HUB_OFFLINE": "0",
+                "NEOX_JAX_DATA_DIR": a.data_dir,
+                "TQDM_DISABLE": "1",
+            }
             env = {**base, "HF_HUB_CACHE": str(tmp / "hf-sweep"), "NEOX_JAX_CACHE": str(tmp / "nx-sweep")}
-            sweep_s, sweep_rss = run([py, "-m", "neox_jax", "sweep", "--model", REPO, "--revisions", ",".join(revs),
-                                      "--output", str(tmp / "sweep"), *common], env)
+            sweep_s, sweep_rss = run(
+                [
+                    py,
+                    "-m",
+                    "neox_jax",
+                    "sweep",
+                    "--model",
+                    REPO,
+                    "--revisions",
+                    ",".join(revs),
+                    "--output",
+                    str(tmp / "sweep"),
+                    *common,
+                ],
+                env,
+            )
             env = {**base, "HF_HUB_CACHE": str(tmp / "hf-sep"), "NEOX_JAX_CACHE": str(tmp / "nx-sep")}
             sep_s, sep_rss, per = 0.0, 0.0, []
             for rev in revs:
                 ckpt = tmp / "sep" / rev
                 c_s, c_rss = run([py, "-m", "convert", "hf", REPO, str(ckpt), "--revision", rev, "--quiet"], env)
-                e_s, e_rss = run([py, "scripts/evaluate.py", "--checkpoint", str(ckpt), *common,
-                                  "--output", str(tmp / "sep" / f"{rev}.json")], env)
+                e_s, e_rss = run(
+                    [
+                        py,
+                        "scripts/evaluate.py",
+                        "--checkpoint",
+                        str(ckpt),
+                        *common,
+                        "--output",
+                        str(tmp / "sep" / f"{rev}.json"),
+                    ],
+                    env,
+                )
                 sep_s, sep_rss = sep_s + c_s + e_s, max(sep_rss, c_rss, e_rss)
                 per.append(c_s + e_s)
         # same numbers from both arms (the sweep's rows vs the separate runs' results)
         rows = [json.loads(x) for x in (tmp / "sweep" / "results.jsonl").read_text().splitlines()]
         task0 = a.tasks.split(",")[0]
-        same = all(r["metrics"] == json.loads((tmp / "sep" / f"{r['revision']}.json").read_text())["results"][
-            r["task"]] for r in rows if r["task"] == task0)
+        same = all(
+            r["metrics"] == json.loads((tmp / "sep" / f"{r['revision']}.json").read_text())["results"][r["task"]]
+            for r in rows
+            if r["task"] == task0
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    table = [{"arm": f"sweep (1 process, {a.k} revisions)", "seconds": sweep_s, "s/revision": sweep_s / a.k,
-              "peak RSS MB": sweep_rss},
-             {"arm": f"separate ({2 * a.k} processes: convert + evaluate)", "seconds": sep_s,
-              "s/revision": sep_s / a.k, "peak RSS MB": sep_rss}]
+    table = [
+        {
+            "arm": f"sweep (1 process, {a.k} revisions)",
+            "seconds": sweep_s,
+            "s/revision": sweep_s / a.k,
+            "peak RSS MB": sweep_rss,
+        },
+        {
+            "arm": f"separate ({2 * a.k} processes: convert + evaluate)",
+            "seconds": sep_s,
+            "s/revision": sep_s / a.k,
+            "peak RSS MB": sep_rss,
+        },
+    ]
     print(markdown_table(table, ["arm", "seconds", "s/revision", "peak RSS MB"]))
-    print(f"\nseparate / sweep = {sep_s / sweep_s:.2f}x  (shape {a.shape}, tasks {a.tasks}, limit {a.limit}; "
-          f"same metrics in both arms: {same})")
-    write_json("sweep", {"k": a.k, "shape": a.shape, "tasks": a.tasks, "limit": a.limit, "sweep_seconds": sweep_s,
-                         "separate_seconds": sep_s, "ratio": sep_s / sweep_s, "sweep_peak_rss_mb": sweep_rss,
-                         "separate_peak_rss_mb": sep_rss, "separate_per_revision": per, "same_metrics": same},
-               a.out)
+    print(
+        f"\nseparate / sweep = {sep_s / sweep_s:.2f}x  (shape {a.shape}, tasks {a.tasks}, limit {a.limit}; "
+        f"same metrics in both arms: {same})"
+    )
+    write_json(
+        "sweep",
+        {
+            "k": a.k,
+            "shape": a.shape,
+            "tasks": a.tasks,
+            "limit": a.limit,
+            "sweep_seconds": sweep_s,
+            "separate_seconds": sep_s,
+            "ratio": sep_s / sweep_s,
+            "sweep_peak_rss_mb": sweep_rss,
+            "separate_peak_rss_mb": sep_rss,
+            "separate_per_revision": per,
+            "same_metrics": same,
+        },
+        a.out,
+    )
 
 
 if __name__ == "__main__":
