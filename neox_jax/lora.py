@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from neox_jax.errors import NeoXError
+from neox_jax.model import LoraAdapter
 
 F32 = jnp.float32
 TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -74,23 +75,7 @@ def is_lora(mode) -> bool:
     return isinstance(mode, LoraSpec)
 
 
-class Adapter:
-    """What model.Linear adds to its float32 product: scale * (dropout(x) @ A) @ B. key: None (no dropout: evaluation
-    and inference) or the PRNG key of this Linear for this step."""
-
-    def __init__(self, a, b, spec: LoraSpec, key=None):
-        self.a, self.b, self.spec, self.key = a, b, spec, key
-
-    def __call__(self, x, n_in: int):  # x [..., in dims] -> [..., out dims] float32
-        lead, r = x.shape[: x.ndim - n_in], self.a.shape[-1]
-        rows = x.reshape(-1, math.prod(self.a.shape[:-1])).astype(F32)  # [M, I]
-        p = self.spec.dropout
-        if p and self.key is not None:  # torch.nn.Dropout: zero with probability p, scale the rest by 1 / (1 - p)
-            keep = jax.random.bernoulli(self.key, 1.0 - p, rows.shape)
-            rows = jnp.where(keep, rows / (1.0 - p), 0.0)
-        h = jnp.dot(rows, self.a.reshape(-1, r).astype(F32), preferred_element_type=F32)  # [M, r]
-        y = jnp.dot(h, self.b.reshape(r, -1).astype(F32), preferred_element_type=F32) * self.spec.scale  # [M, O]
-        return y.reshape(*lead, *self.b.shape[1:])
+Adapter = LoraAdapter  # the product itself lives beside Linear, which calls it
 
 
 # ---- the adapter tree: {"layers": {i: {"attention": {"query_key_value": {"lora_A", "lora_B"}}, ...}}} -------------

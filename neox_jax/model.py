@@ -34,7 +34,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from neox_jax import attention, int8
-from neox_jax import lora as lora_lib
 from neox_jax.config import NeoXConfig
 
 Params = dict[str, Any]
@@ -134,6 +133,25 @@ def _matmul_f32_bwd(res, g):  # g [M, O] float32
 
 
 matmul_f32.defvjp(_matmul_f32_fwd, _matmul_f32_bwd)
+
+
+class LoraAdapter:
+    """What model.Linear adds to its float32 product: scale * (dropout(x) @ A) @ B. key: None (no dropout: evaluation
+    and inference) or the PRNG key of this Linear for this step."""
+
+    def __init__(self, a, b, spec, key=None):
+        self.a, self.b, self.spec, self.key = a, b, spec, key
+
+    def __call__(self, x, n_in: int):  # x [..., in dims] -> [..., out dims] float32
+        lead, r = x.shape[: x.ndim - n_in], self.a.shape[-1]
+        rows = x.reshape(-1, math.prod(self.a.shape[:-1])).astype(F32)  # [M, I]
+        p = self.spec.dropout
+        if p and self.key is not None:  # torch.nn.Dropout: zero with probability p, scale the rest by 1 / (1 - p)
+            keep = jax.random.bernoulli(self.key, 1.0 - p, rows.shape)
+            rows = jnp.where(keep, rows / (1.0 - p), 0.0)
+        h = jnp.dot(rows, self.a.reshape(-1, r).astype(F32), preferred_element_type=F32)  # [M, r]
+        y = jnp.dot(h, self.b.reshape(r, -1).astype(F32), preferred_element_type=F32) * self.spec.scale  # [M, O]
+        return y.reshape(*lead, *self.b.shape[1:])
 
 
 class Linear(nnx.Module):
@@ -564,7 +582,7 @@ def model_from_params(
                         "params hold LoRA adapters: pass lora=LoraSpec, or fold them in with lora.merge_adapters"
                     )
                 key = None if lora_key is None else jax.random.fold_in(lora_key, i)
-                module.lora = lora_lib.Adapter(extra["lora_A"], extra["lora_B"], lora, key)
+                module.lora = LoraAdapter(extra["lora_A"], extra["lora_B"], lora, key)
     return model
 
 

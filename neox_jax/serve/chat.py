@@ -81,7 +81,7 @@ def _chat_logprobs(tok, ids, entries, k: int):
 
 
 async def chat_completions(request: HttpRequest) -> Response:
-    from neox_jax.serve.app import Run, _sse, _usage, error, read_json
+    from neox_jax.serve.http import Run, _sse, _usage, error, read_json
 
     svc = request.app.state.svc
     try:
