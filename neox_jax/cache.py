@@ -12,6 +12,8 @@ XLA updates the buffers in place.
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 
 from neox_jax.config import NeoXConfig
@@ -36,3 +38,8 @@ def init_cache(cfg: NeoXConfig, batch: int, length: int, dtype=jnp.float32, stac
         "k": [jnp.zeros(shape, dtype) for _ in range(layers)],
         "v": [jnp.zeros(shape, dtype) for _ in range(layers)],
     }
+
+
+def cache_bytes(cfg: NeoXConfig, batch: int, length: int, dtype=jnp.float32) -> int:
+    """Bytes of the K and V caches of every layer on one device (the GPU benchmark's roofline reads them each step)."""
+    return 2 * cfg.num_hidden_layers * math.prod(cache_shape(cfg, batch, length)) * jnp.dtype(dtype).itemsize
