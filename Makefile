@@ -1,4 +1,4 @@
-# Two commands: `make demo` (set up + run the demo) and `make test` (set up + run the tests); `make lint` for ruff.
+# Two commands: `make demo` (set up + run the demo) and `make test` (set up + run the tests, two workers: CI has 2 cores).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
