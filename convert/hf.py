@@ -119,6 +119,19 @@ def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True, 
     }
 
 
+def tokenizer_config(max_length: int) -> dict:
+    """The tokenizer_config.json transformers needs beside a GPT-NeoX tokenizer.json (AutoTokenizer then loads it)."""
+    return {
+        "tokenizer_class": "GPTNeoXTokenizer",
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": max_length,
+    }
+
+
 def export_hf(ckpt, out, dtype=None, shard_bytes=2 * 2**30, progress=True) -> dict:
     """neox-jax checkpoint -> HF directory. Streams group by group; shards of at most shard_bytes."""
     import torch
@@ -173,19 +186,7 @@ def export_hf(ckpt, out, dtype=None, shard_bytes=2 * 2**30, progress=True) -> di
                 shutil.copyfile(ckpt / name, tmp / name)
         if (ckpt / "tokenizer.json").is_file() and not (ckpt / "tokenizer_config.json").is_file():
             (tmp / "tokenizer_config.json").write_text(
-                json.dumps(
-                    {
-                        "tokenizer_class": "GPTNeoXTokenizer",
-                        "bos_token": "<|endoftext|>",
-                        "eos_token": "<|endoftext|>",
-                        "unk_token": "<|endoftext|>",
-                        "add_bos_token": False,
-                        "add_eos_token": False,
-                        "model_max_length": cfg.max_position_embeddings,
-                    },
-                    indent=2,
-                )
-                + "\n"
+                json.dumps(tokenizer_config(cfg.max_position_embeddings), indent=2) + "\n"
             )
         staging.commit()
     return {"out": str(out), "params": cfg.num_params, "bytes": total, "seconds": time.time() - t0, "dtype": dtype}

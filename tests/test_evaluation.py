@@ -55,19 +55,9 @@ def eval_models(tmp_path_factory, tokenizer_file):
     d = tmp_path_factory.mktemp("eval") / "hf"
     model.save_pretrained(d)
     shutil.copyfile(tokenizer_file, d / "tokenizer.json")
-    (d / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "GPTNeoXTokenizer",
-                "bos_token": "<|endoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "add_bos_token": False,
-                "add_eos_token": False,
-                "model_max_length": 128,
-            }
-        )
-    )
+    from convert.hf import tokenizer_config
+
+    (d / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(128)))
     ckpt = d.parent / "ckpt"
     convert_hf(d, ckpt)
     return d, ckpt

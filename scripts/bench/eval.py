@@ -45,19 +45,9 @@ def make_hf_dir(out: Path, shape: str, tokenizer: Path) -> Path:
     model = GPTNeoXForCausalLM(GPTNeoXConfig(**hf_cfg)).eval()
     model.save_pretrained(out)
     shutil.copyfile(tokenizer, out / "tokenizer.json")
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "GPTNeoXTokenizer",
-                "bos_token": "<|endoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "add_bos_token": False,
-                "add_eos_token": False,
-                "model_max_length": cfg.max_position_embeddings,
-            }
-        )
-    )
+    from convert.hf import tokenizer_config
+
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(cfg.max_position_embeddings)))
     return out
 
 
