@@ -1,0 +1,1 @@
+"""Generation: the compiled programs and their host-side drivers."""
