@@ -208,9 +208,9 @@ def evaluate_task(model, task: str, spec: str, tm, cfg: SweepConfig) -> dict:
 def run_sweep(cfg: SweepConfig, log=print) -> dict:
     """Runs (or resumes) the sweep; returns {"evaluated": n pairs, "skipped": n already done, "rows": all rows}."""
     import neox_jax
-    from neox_jax.api import hub_converter
+    from neox_jax.store import converters
 
-    checkpoint_for = hub_converter().checkpoint_for
+    checkpoint_for = converters.module("hub").checkpoint_for
 
     out = Path(cfg.output)
     _check_settings(cfg, out)
