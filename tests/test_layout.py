@@ -85,5 +85,17 @@ def test_the_library_never_imports_the_command_line():
     assert {m: d for m, d in offenders.items() if d} == {}
 
 
+def test_the_model_stands_below_everything_else():
+    """model/ needs only errors, itself and the sharding rules: nothing that runs, stores or serves it."""
+    allowed = ("neox_jax.model", "neox_jax.errors", "neox_jax.parallel.sharding")
+    graph = _imports()
+    found = {
+        m: sorted(d for d in deps if not d.startswith(allowed))
+        for m, deps in graph.items()
+        if m.startswith("neox_jax.model")
+    }
+    assert {m: d for m, d in found.items() if d} == {}
+
+
 def test_int8_kernels_are_a_leaf():
     assert _imports()["neox_jax.model.int8"] == set()
