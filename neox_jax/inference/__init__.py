@@ -1,1 +1,1 @@
-"""Generation: the compiled programs and their host-side drivers."""
+"""Generation: the KV cache, the compiled prefill / decode programs, sampling, stop strings, the host-side driver."""
