@@ -280,8 +280,15 @@ def write_slots(cache, new, cache_index):
     """cache [B, N, S, H] with new [B, N, T, H] written at slots cache_index.. : a scalar (every row alike), or [B]
     int (each row at its own slot: speculative decoding rolls a row back by moving its index; later writes overwrite).
     The caller keeps cache_index + T <= S (dynamic_update_slice would clamp the start and shift the write)."""
-    if jnp.ndim(cache_index) == 1:
-        return jax.vmap(lambda c, a, i: jax.lax.dynamic_update_slice(c, a, (0, i, 0)))(cache, new, cache_index)
+    if jnp.ndim(cache_index) == 1 and cache.shape[0] == 1:  # one row: its own slot is the scalar case
+        cache_index = cache_index[0]
+    elif jnp.ndim(cache_index) == 1:
+        # an elementwise select over the slots (a vmapped dynamic_update_slice became a scatter that XLA CPU ran
+        # copying the cache, 2x slower): slot s of row b takes new token s - cache_index[b] when that is in 0..T-1
+        t, s = new.shape[2], cache.shape[2]
+        rel = jnp.arange(s)[None, :] - cache_index[:, None]  # [B, S]
+        picked = jnp.take_along_axis(new, jnp.clip(rel, 0, t - 1)[:, None, :, None], axis=2)  # [B, N, S, H]
+        return jnp.where(((rel >= 0) & (rel < t))[:, None, :, None], picked, cache)
     return jax.lax.dynamic_update_slice(cache, new, (0, 0, cache_index, 0))
 
 
