@@ -67,7 +67,7 @@ def _host(tree):
 
 
 def test_trainable_subsets():
-    params = neox_jax.model.abstract_params(neox_jax.preset("tiny"))
+    params = neox_jax.model.neox.abstract_params(neox_jax.preset("tiny"))
     t, f = ft.split_params(params, "biases")
     names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]}
     assert names == {f"['layers'][{i}]['{a}']['{b}']['bias']" for i in range(2) for a, b, _ in ft.BIAS_PATHS}
