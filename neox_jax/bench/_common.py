@@ -47,15 +47,6 @@ def require(modules, why: str) -> None:
         raise NeoXError(f"this benchmark needs {', '.join(missing)} ({why}): pip install 'neox-jax[test]'")
 
 
-def converter(name: str):
-    """A converter module (convert/NAME.py), by the name `neox-jax convert` loads it under (neox_jax_convert): in a
-    checkout and in a wheel alike, never a `convert` the working directory could shadow."""
-    from neox_jax.cli.convert import PACKAGE, converters
-
-    converters()
-    return importlib.import_module(f"{PACKAGE}.{name}")
-
-
 def child_env(**extra) -> dict:
     """The environment of a measurement subprocess: this neox_jax importable first, plus `extra`."""
     path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)

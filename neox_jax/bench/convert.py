@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neox_jax.bench._common import child_env, converter, markdown_table, require, run_json, write_json
+from neox_jax.bench._common import child_env, markdown_table, require, run_json, write_json
+from neox_jax.store import converters
 
 # Peak RSS of the child's own address space: /proc/self/status VmHWM starts afresh at exec, while getrusage's
 # ru_maxrss keeps the parent's high-water mark across fork + exec (this script's own RSS would leak into it).
@@ -39,8 +40,8 @@ CHILD_CONVERT = (
     PEAK
     + """
 import json, sys, time
-from neox_jax.bench._common import converter
-convert_neox = converter("neox").convert_neox
+from neox_jax.store import converters
+convert_neox = converters.module("neox").convert_neox
 base = peak_rss_mb()
 s = convert_neox(sys.argv[1], sys.argv[2], progress=False)
 print(json.dumps({"seconds": s["seconds"], "source_bytes": s["source_bytes"], "mb_per_s": s["source_mb_per_s"],
@@ -65,9 +66,9 @@ print(json.dumps({"seconds": time.time() - t0, "source_bytes": size, "mb_per_s":
 
 def make_source(path: Path, hidden: int, layers: int, tp: int, vocab: int, seed: int = 0) -> None:
     """Synthetic slim shards, one tensor generated at a time (this process never holds the model)."""
-    group_entries, write_slim = converter("mapping").group_entries, converter("neox_layout").write_slim
-    from neox_jax.checkpoint import group_names
-    from neox_jax.config import NeoXConfig
+    group_entries, write_slim = converters.module("mapping").group_entries, converters.module("neox_layout").write_slim
+    from neox_jax.model.config import NeoXConfig
+    from neox_jax.store.checkpoint import group_names
 
     cfg = NeoXConfig(
         vocab_size=vocab,

@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from neox_jax.bench._common import converter, markdown_table, peak_rss_mb, require, write_json
+from neox_jax.bench._common import markdown_table, peak_rss_mb, require, write_json
+from neox_jax.store import converters
 
 LIMITS = {"lambada_openai": 200, "piqa": 100, "hellaswag": 50, "tinyshakespeare": 8}
 REQUEST_METHODS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
@@ -31,7 +32,7 @@ def make_hf_dir(out: Path, shape: str, tokenizer: Path) -> Path:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from neox_jax.config import preset
+    from neox_jax.model.config import preset
 
     cfg = preset("pythia-160m")
     if shape == "tiny":
@@ -41,7 +42,7 @@ def make_hf_dir(out: Path, shape: str, tokenizer: Path) -> Path:
     model = GPTNeoXForCausalLM(GPTNeoXConfig(**hf_cfg)).eval()
     model.save_pretrained(out)
     shutil.copyfile(tokenizer, out / "tokenizer.json")
-    tokenizer_config = converter("hf").tokenizer_config
+    tokenizer_config = converters.module("hf").tokenizer_config
 
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(cfg.max_position_embeddings)))
     return out
@@ -76,7 +77,7 @@ def main() -> None:
     require(["torch", "transformers", "lm_eval"], "the model is built in transformers, the reference is lm-eval's hf")
     os.environ.setdefault("DISABLE_MULTIPROC", "1")
 
-    from neox_jax.tasks import data, task_specs
+    from neox_jax.evaluation.tasks import data, task_specs
 
     tok = next((d / "20B_tokenizer.json" for d in data.data_dirs() if (d / "20B_tokenizer.json").is_file()), None)
     names = [t for t in a.tasks.split(",") if t]
@@ -94,9 +95,9 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from neox_jax.evaluation import NeoXLM
+    from neox_jax.evaluation.harness import NeoXLM
 
-    convert_hf = converter("hf").convert_hf
+    convert_hf = converters.module("hf").convert_hf
 
     torch.set_num_threads(os.cpu_count())
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))

@@ -27,14 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from neox_jax.bench._common import child_env, converter, markdown_table, module_cmd, reference_skipped, write_json
+from neox_jax.bench._common import child_env, markdown_table, module_cmd, reference_skipped, write_json
+from neox_jax.store import converters
 
 METRICS = ("prefill", "decode1", "decode8", "ttft")
 
 
 def random_weights(cfg, seed=0):
     """{hf_name: float32 numpy array in HF's layout}: normal(0, 0.02) weights, layernorm weights near 1."""
-    group_entries = converter("mapping").group_entries
+    group_entries = converters.module("mapping").group_entries
 
     rng = np.random.default_rng(seed)
     groups = ["embed_in", *[f"layers.{i}" for i in range(cfg.num_hidden_layers)], "final_layer_norm", "embed_out"]
@@ -49,7 +50,7 @@ def random_weights(cfg, seed=0):
 def jax_params(cfg, weights, dtype):
     import jax.numpy as jnp
 
-    mapping = converter("mapping")
+    mapping = converters.module("mapping")
     group_entries, set_path = mapping.group_entries, mapping.set_path
 
     params: dict = {}
@@ -63,7 +64,7 @@ def jax_params(cfg, weights, dtype):
 
 class JaxEngine:
     def __init__(self, cfg, weights, dtype):
-        from neox_jax.generate import Generator
+        from neox_jax.inference.generate import Generator
 
         self.gen = Generator(cfg, jax_params(cfg, weights, dtype))
 
@@ -116,10 +117,10 @@ def peak_rss_mb() -> float:
 
 
 def worker(args) -> dict:
-    from neox_jax.config import preset
+    from neox_jax.model.config import preset
 
     if args.engine == "neox-jax":
-        from neox_jax import compile_cache
+        from neox_jax.store import compile_cache
 
         compile_cache.enable()  # NEOX_JAX_COMPILE_CACHE from the parent: a fresh directory per run, or 0
 
@@ -228,7 +229,7 @@ def main() -> None:
         args.engine, args.model, args.dtype = args.worker
         print(json.dumps(worker(args)))
         return
-    from neox_jax.config import preset
+    from neox_jax.model.config import preset
 
     bw = bandwidth_gbs(256 if args.quick else 1024)  # (the arrays are freed before the workers start)
     print(f"memory bandwidth (numpy copy): {bw:.1f} GB/s; threads {args.threads}", file=sys.stderr)

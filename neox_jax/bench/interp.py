@@ -26,8 +26,9 @@ import jax
 import numpy as np
 
 import neox_jax
-from neox_jax.bench._common import converter, markdown_table, median_time, peak_rss_mb, require, write_json
-from neox_jax.config import preset
+from neox_jax.bench._common import markdown_table, median_time, peak_rss_mb, require, write_json
+from neox_jax.model.config import preset
+from neox_jax.store import converters
 
 
 def hf_model(cfg, attn: str):
@@ -54,7 +55,7 @@ def main() -> None:
         a.preset, a.batch, a.length, a.repeats = "tiny", 2, 16, 1
     import torch
 
-    convert_hf = converter("hf").convert_hf
+    convert_hf = converters.module("hf").convert_hf
 
     cfg = preset(a.preset)
     hf = hf_model(cfg, "eager")

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from neox_jax.bench._common import child_env, markdown_table, require, write_json
-from neox_jax.tasks import data
+from neox_jax.evaluation.tasks import data
 
 NEEDS = ("20B_tokenizer.json", "tinyshakespeare/input.txt")
 
@@ -39,7 +39,7 @@ def make_checkpoint(model: str, out: Path, DATA: Path):
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from neox_jax.config import PRESETS
+    from neox_jax.model.config import PRESETS
 
     c = PRESETS[model]
     hf_cfg = GPTNeoXConfig(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from neox_jax.bench._common import PACKAGE_ROOT, child_env, markdown_table, require, write_json
 from neox_jax.errors import NeoXError
-from neox_jax.tasks import data
+from neox_jax.evaluation.tasks import data
 
 TESTS = PACKAGE_ROOT / "tests"  # tests/hub_stub.py: the loopback Hub, in a source checkout only
 
