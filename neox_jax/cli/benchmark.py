@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for n in todo:
             sys.argv = [f"neox-jax benchmark {n}", *args.args]  # each benchmark parses its own flags
-            runpy.run_module(f"{PACKAGE}.{n}", run_name="__main__", alter_sys=True)
+            runpy.run_module(f"{PACKAGE}.{n}", run_name="__main__")
     finally:
         sys.argv = argv
     return 0
