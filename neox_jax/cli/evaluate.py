@@ -98,11 +98,15 @@ def resolve_tasks(names: list[str], data_dir, hub: bool, include_path):
 
     specs = task_specs(names, data_dir, hub)
     local = [n for n in names if specs[n] != n]
+
+    def unresolved(n, tm) -> bool:  # not local, not in tm's index, not a task YAML by path (lm-eval expands ~)
+        return specs[n] == n and n not in tm.all_tasks and not Path(n).expanduser().is_file()
+
     tm = TaskManager(include_path=include_path, include_defaults=False)
-    if any(specs[n] == n and n not in tm.all_tasks and not Path(n).is_file() for n in names):
+    if any(unresolved(n, tm) for n in names):
         tm = TaskManager(include_path=include_path)
     known = set(tm.all_tasks) | set(LOCAL_TASKS)
-    unknown = [n for n in names if specs[n] == n and n not in tm.all_tasks and not Path(n).is_file()]
+    unknown = [n for n in names if unresolved(n, tm)]
     if unknown:
         hints = []
         for n in unknown:

@@ -108,7 +108,7 @@ def check_offline(specs: dict[str, str], data_dir=None, task_manager=None) -> No
         return
     remote = []
     for n, spec in specs.items():
-        if spec != n or Path(n).is_file():
+        if spec != n or Path(n).expanduser().is_file():  # a task YAML by path, as lm-eval reads it
             continue
         dataset = hub_dataset(n, task_manager)
         if dataset is not None and not hub_cached(dataset):
