@@ -84,17 +84,22 @@ def _run(lm, tm, names, limit):
 
 
 @pytest.fixture(scope="module")
-def both(eval_models, task_manager):
-    """{'neox-jax': {task: (metrics, samples)}, 'hf': ...} over every task, each backend in one process."""
+def lms(eval_models):
+    """{'neox-jax': NeoXLM, 'hf': lm-eval's HFLM} over the same tiny model."""
     from lm_eval.models.huggingface import HFLM
 
     from neox_jax.evaluation.harness import NeoXLM
 
     hf_dir, ckpt = eval_models
-    lms = {
+    return {
         "neox-jax": NeoXLM(pretrained=str(ckpt), batch_size=4),
         "hf": HFLM(pretrained=str(hf_dir), device="cpu", batch_size=4, dtype="float32"),
     }
+
+
+@pytest.fixture(scope="module")
+def both(lms, task_manager):
+    """{'neox-jax': {task: (metrics, samples)}, 'hf': ...} over every task, each backend in one process."""
     out = {}
     for name, lm in lms.items():
         out[name] = {}
@@ -277,3 +282,78 @@ def test_neox_jax_imports_without_lm_eval():
         "    print(e)\n"
     )
     assert "pip install 'neox-jax[eval]'" in run_cli("-c", code).stdout
+
+
+# A user's own task over local files, the way lm-eval documents it: datasets' packaged `json` builder
+JSON_TASK = """task: my_json_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+JSON_DOCS = [
+    {"question": "The cat sat on the", "choices": [" mat", " moon", " idea"], "answer": 0},
+    {"question": "Water boils at one hundred degrees", "choices": [" Celsius", " apples"], "answer": 0},
+    {"question": "To be, or not to be:", "choices": [" that is the question", " a banana", " blue"], "answer": 0},
+    {"question": "One, two, three,", "choices": [" seven", " four"], "answer": 1},
+]
+
+
+@pytest.fixture(scope="module")
+def json_task_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("json_task")
+    (d / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in JSON_DOCS))
+    (d / "my_json_mc.yaml").write_text(JSON_TASK.format(data=d / "docs.jsonl"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def cli_offline(eval_models, data_env, json_task_dir, tmp_path_factory):
+    """`python -m neox_jax evaluate` offline (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE) over the local json task and the
+    local lambada_openai, with --log_samples --output: (results JSON, output folder)."""
+    out = tmp_path_factory.mktemp("cli_offline") / "res.json"
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(out.parent / "cache")}
+    run_cli(
+        "-m", "neox_jax", "evaluate", "--checkpoint", eval_models[1], "--tasks", "my_json_mc,lambada_openai",
+        "--include-path", json_task_dir, "--limit", "12", "--batch-size", "4", "--bootstrap-iters", "0",
+        "--output", out, "--log_samples", env=offline,
+    )  # fmt: skip
+    return json.loads(out.read_text()), out.parent
+
+
+def test_log_samples_writes_one_file_per_task(cli_offline, both):
+    """--log_samples --output exits 0 and writes samples_TASK.jsonl beside the results: one line per document, each
+    holding that document's requests (one per choice, or the one continuation), as lm-eval's hf backend records."""
+    _, folder = cli_offline
+    assert sorted(p.name for p in folder.glob("samples_*.jsonl")) == [
+        "samples_lambada_openai.jsonl",
+        "samples_my_json_mc.jsonl",
+    ]
+    rows = [json.loads(line) for line in (folder / "samples_my_json_mc.jsonl").read_text().splitlines()]
+    assert [r["doc_id"] for r in rows] == list(range(len(JSON_DOCS)))
+    assert [len(r["resps"]) for r in rows] == [len(d["choices"]) for d in JSON_DOCS]
+    rows = [json.loads(line) for line in (folder / "samples_lambada_openai.jsonl").read_text().splitlines()]
+    assert [r["doc_id"] for r in rows] == [s["doc_id"] for s in both["hf"]["lambada_openai"][1]] and len(rows) == 12
+    assert all(len(r["resps"]) == 1 for r in rows)
+
+
+def test_local_json_task_runs_offline_like_hf(cli_offline, lms, json_task_dir, both):
+    """A `dataset_path: json` task with local data_files, from --include-path, evaluates offline (the pre-check lets
+    it through) and gives the metrics lm-eval's hf backend gives on the same model; so does the local lambada."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    results = cli_offline[0]["results"]
+    tm = TaskManager(include_path=str(json_task_dir), include_defaults=False)
+    ref = simple_evaluate(model=lms["hf"], tasks=["my_json_mc"], task_manager=tm, bootstrap_iters=0)["results"]
+    assert _metrics(ref["my_json_mc"]) and _metrics(results["my_json_mc"]) == _metrics(ref["my_json_mc"])
+    for key, want in _metrics(both["hf"]["lambada_openai"][0]).items():
+        assert results["lambada_openai"][key] == pytest.approx(want, rel=1e-4 if "perplexity" in key else 0), key
