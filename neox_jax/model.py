@@ -399,9 +399,7 @@ class Block(nnx.Module):
     def __call__(self, x, cos, sin, mask, kv, cache_index, rows=None):
         """rows [B, K] (see Attention): the block's output at those tokens only, [B, K, D]."""
         x = _hook(self, "hook_resid_pre", x)
-        attn, kv = self.attention(
-            self.input_layernorm(x), cos, sin, mask, kv, cache_index, rows
-        )
+        attn, kv = self.attention(self.input_layernorm(x), cos, sin, mask, kv, cache_index, rows)
         attn = _hook(self, "hook_attn_out", attn)
         if rows is not None:
             x = jnp.take_along_axis(x, rows[..., None], axis=1)  # [B, K, D]

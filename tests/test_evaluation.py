@@ -5,14 +5,12 @@ invented fixtures), a rolling-window perplexity task and a generate_until task."
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, run_cli
+from conftest import run_cli
 
 pytest.importorskip("lm_eval")
 
@@ -94,7 +92,8 @@ def test_generation_stops(both, tokenizer_file):
 
 def test_packed_scores_equal_one_request_at_a_time():
     """Shared contexts, duplicate requests, left truncation at max length, a one-token context, several trees per
-    row, stacked layers: the packed scorer gives what one unpadded forward per request gives."""
+    row, stacked layers, log-probabilities over fewer rows: the packed scorer gives what one unpadded forward per
+    request gives."""
     from neox_jax.api import NeoX
     from neox_jax.config import preset
     from neox_jax.model import init_params, stack_layers
@@ -113,15 +112,27 @@ def test_packed_scores_equal_one_request_at_a_time():
     inputs = [(c + k)[-(length + 1) :][:-1] for c, k in reqs]
     grid = np.array([x + [0] * (length - len(x)) for x in inputs])  # right padding: causally invisible
     logits = model.logits(grid)  # one forward, [N, length, V]
-    want = []
-    for x, (_, cont), lg in zip(inputs, reqs, logits):
-        lg = lg[len(x) - len(cont) : len(x)]
-        logp = lg - np.logaddexp.reduce(lg, axis=-1, keepdims=True)
-        want.append((logp[np.arange(len(cont)), cont].sum(), bool((lg.argmax(-1) == cont).all())))
+
+    def expected(rows):  # over the first `rows` logits (a tokenizer smaller than the embedding), -inf past them
+        want = []
+        for x, (_, cont), lg in zip(inputs, reqs, logits):
+            lg = np.where(np.arange(lg.shape[-1]) < rows, lg[len(x) - len(cont) : len(x)], -np.inf)
+            logp = lg - np.logaddexp.reduce(lg, axis=-1, keepdims=True)
+            want.append((logp[np.arange(len(cont)), cont].sum(), bool((lg.argmax(-1) == cont).all())))
+        return want
+
+    want = expected(cfg.vocab_size)
     for p in (params, stack_layers(params)):
         got = score_requests(cfg, p, reqs, max_length=length, batch_rows=3, pack_length=32)
         np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5)
         assert [g[1] for g in got] == [w[1] for w in want]
+    rows = cfg.vocab_size // 2  # logprob_vocab="tokenizer": normalised over these rows only
+    want = expected(rows)
+    got = score_requests(cfg, params, reqs, max_length=length, batch_rows=3, pack_length=32, logprob_rows=rows)
+    finite = [i for i, w in enumerate(want) if np.isfinite(w[0])]
+    assert 0 < len(finite) < len(want)  # some targets fall past the rows: log p = -inf, as the reference says
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5)
+    assert [g[1] for g in got] == [w[1] for w in want]
 
 
 def test_greedy_test_breaks_ties_like_argmax():

@@ -97,10 +97,9 @@ def run(args: argparse.Namespace) -> int:
         from neox_jax.serve.app import build_app
     except ImportError as e:
         raise NeoXError(f"serving needs the `serve` extra ({e}): pip install 'neox-jax[serve]'") from None
+    from neox_jax.serve.logs import log_to_stderr
     from neox_jax.serve.service import Service
     from neox_jax.tokenizer import Tokenizer
-
-    from neox_jax.serve.logs import log_to_stderr
 
     log_to_stderr(args.log_level)
     if args.num_processes not in (None, 1) or args.distributed:

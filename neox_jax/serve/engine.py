@@ -225,7 +225,10 @@ class Engine:
         return self._compiled(("init",), fn)
 
     def _admit_program(self, p: int):
-        fn = jax.jit(functools.partial(_admit, self.cfg, self.layout, self.vocab_limit, self.logprob_rows, self.mesh), donate_argnums=(1,))
+        fn = jax.jit(
+            functools.partial(_admit, self.cfg, self.layout, self.vocab_limit, self.logprob_rows, self.mesh),
+            donate_argnums=(1,),
+        )
         row = jax.tree.map(lambda x: x[0], R.empty_rows(1, self.cfg.vocab_size))
         args = (
             self.params,
@@ -240,7 +243,9 @@ class Engine:
 
     def _decode_program(self):
         fn = jax.jit(
-            functools.partial(_decode, self.cfg, self.layout, self.vocab_limit, self.logprob_rows, self.chunk, self.mesh),
+            functools.partial(
+                _decode, self.cfg, self.layout, self.vocab_limit, self.logprob_rows, self.chunk, self.mesh
+            ),
             donate_argnums=(1,),
         )
         return self._compiled(("decode",), fn, self.params, self._state_for_lowering(), np.zeros(self.slots, bool))
