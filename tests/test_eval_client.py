@@ -17,7 +17,7 @@ TASK, LIMIT = "piqa", 12
 def _evaluate(lm, task_manager):
     from lm_eval import simple_evaluate
 
-    from neox_jax.tasks import task_specs
+    from neox_jax.evaluation.tasks import task_specs
 
     spec = task_specs([TASK])[TASK]
     assert spec != TASK, "local piqa data not found"
@@ -29,7 +29,7 @@ def _evaluate(lm, task_manager):
 
 @pytest.fixture(scope="module")
 def in_process(eval_models, task_manager):
-    from neox_jax.evaluation import NeoXLM
+    from neox_jax.evaluation.harness import NeoXLM
 
     return _evaluate(NeoXLM(pretrained=str(eval_models[1]), batch_size=4), task_manager)
 
