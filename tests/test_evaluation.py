@@ -5,69 +5,18 @@ invented fixtures), a rolling-window perplexity task and a generate_until task."
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHARED_DATA, convert_hf, make_hf_model, run_cli
+from conftest import run_cli
 
 pytest.importorskip("lm_eval")
 
-FIXTURES = ROOT / "tests" / "fixtures"
 LIMITED = ["lambada_openai", "piqa", "hellaswag", "tinyshakespeare", "shakespeare_gen"]  # first 12 docs each
 FULL = ["wsc", "winogrande", "anli_r1", "anli_r2", "anli_r3"]  # every doc (winogrande, ANLI: the fixtures)
 PPL_METRICS = ("perplexity", "bits_per_byte")
-
-
-@pytest.fixture(scope="module")
-def data_env():
-    if not (SHARED_DATA / "lambada_openai").is_dir():
-        pytest.skip(f"reference data absent: {SHARED_DATA} (a fresh clone without ../shared/data)")
-    old = os.environ.get("NEOX_JAX_DATA_DIR")
-    os.environ["NEOX_JAX_DATA_DIR"] = os.pathsep.join([str(FIXTURES / "eval_data"), str(SHARED_DATA)])
-    yield
-    if old is None:
-        os.environ.pop("NEOX_JAX_DATA_DIR")
-    else:
-        os.environ["NEOX_JAX_DATA_DIR"] = old
-
-
-@pytest.fixture(scope="module")
-def eval_models(tmp_path_factory, tokenizer_file):
-    """(HF directory with tokenizer, converted neox-jax checkpoint): a random GPT-NeoX of Pythia's vocabulary (50304
-    rows; the 27 rows past the tokenizer's 50277 ids zeroed, so greedy decoding never picks them) and max length 128,
-    so lambada contexts get truncated and tiny shakespeare takes several rolling windows."""
-    import torch
-
-    model = make_hf_model(
-        seed=3,
-        vocab_size=50304,
-        hidden_size=32,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=128,
-    )
-    with torch.no_grad():
-        model.get_output_embeddings().weight[50277:] = 0
-    d = tmp_path_factory.mktemp("eval") / "hf"
-    model.save_pretrained(d)
-    shutil.copyfile(tokenizer_file, d / "tokenizer.json")
-    from convert.hf import tokenizer_config
-
-    (d / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(128)))
-    ckpt = d.parent / "ckpt"
-    convert_hf(d, ckpt)
-    return d, ckpt
-
-
-@pytest.fixture(scope="module")
-def task_manager(data_env):
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=str(FIXTURES / "eval_tasks"), include_defaults=False)
 
 
 def _run(lm, tm, names, limit):
@@ -148,7 +97,8 @@ def test_generation_stops(both, tokenizer_file):
 
 def test_packed_scores_equal_one_request_at_a_time():
     """Shared contexts, duplicate requests, left truncation at max length, a one-token context, several trees per
-    row, stacked layers: the packed scorer gives what one unpadded forward per request gives."""
+    row, stacked layers, log-probabilities over fewer rows: the packed scorer gives what one unpadded forward per
+    request gives."""
     from neox_jax.api import NeoX
     from neox_jax.evaluation.scoring import score_requests
     from neox_jax.model.config import preset
@@ -167,15 +117,27 @@ def test_packed_scores_equal_one_request_at_a_time():
     inputs = [(c + k)[-(length + 1) :][:-1] for c, k in reqs]
     grid = np.array([x + [0] * (length - len(x)) for x in inputs])  # right padding: causally invisible
     logits = model.logits(grid)  # one forward, [N, length, V]
-    want = []
-    for x, (_, cont), lg in zip(inputs, reqs, logits):
-        lg = lg[len(x) - len(cont) : len(x)]
-        logp = lg - np.logaddexp.reduce(lg, axis=-1, keepdims=True)
-        want.append((logp[np.arange(len(cont)), cont].sum(), bool((lg.argmax(-1) == cont).all())))
+
+    def expected(rows):  # over the first `rows` logits (a tokenizer smaller than the embedding), -inf past them
+        want = []
+        for x, (_, cont), lg in zip(inputs, reqs, logits):
+            lg = np.where(np.arange(lg.shape[-1]) < rows, lg[len(x) - len(cont) : len(x)], -np.inf)
+            logp = lg - np.logaddexp.reduce(lg, axis=-1, keepdims=True)
+            want.append((logp[np.arange(len(cont)), cont].sum(), bool((lg.argmax(-1) == cont).all())))
+        return want
+
+    want = expected(cfg.vocab_size)
     for p in (params, stack_layers(params)):
         got = score_requests(cfg, p, reqs, max_length=length, batch_rows=3, pack_length=32)
         np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5)
         assert [g[1] for g in got] == [w[1] for w in want]
+    rows = cfg.vocab_size // 2  # logprob_vocab="tokenizer": normalised over these rows only
+    want = expected(rows)
+    got = score_requests(cfg, params, reqs, max_length=length, batch_rows=3, pack_length=32, logprob_rows=rows)
+    finite = [i for i, w in enumerate(want) if np.isfinite(w[0])]
+    assert 0 < len(finite) < len(want)  # some targets fall past the rows: log p = -inf, as the reference says
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5)
+    assert [g[1] for g in got] == [w[1] for w in want]
 
 
 def test_greedy_test_breaks_ties_like_argmax():

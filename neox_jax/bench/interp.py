@@ -66,7 +66,7 @@ def main() -> None:
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (a.batch, a.length))
     n = cfg.num_hidden_layers
     hf_names = [f"blocks.{i}.{s}" for i in range(n) for s in ("hook_resid_pre", "attn.hook_pattern")]
-    hf_names.append("ln_final.hook_normalized")
+    hf_names.append("unembed.hook_in")  # the last hidden state
 
     def jax_cache(names):
         logits, cache = model.run_with_cache(ids, names)
@@ -123,7 +123,7 @@ def main() -> None:
         )
     rows.append({"impl": "TransformerLens", "what": "not installed in this environment (not measured)"})
     diff_h = max(np.abs(cache[f"blocks.{i}.hook_resid_pre"] - hs[i]).max() for i in range(n))
-    diff_h = max(diff_h, np.abs(cache["ln_final.hook_normalized"] - hs[n]).max())
+    diff_h = max(diff_h, np.abs(cache["unembed.hook_in"] - hs[n]).max())
     diff_p = max(np.abs(cache[f"blocks.{i}.attn.hook_pattern"] - att[i]).max() for i in range(n))
 
     cols = ["impl", "what", "names", "first_call_s", "ms", "cache_MB"]

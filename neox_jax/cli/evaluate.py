@@ -65,6 +65,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="int8 weights: weight-only, or LLM.int8 with outlier features in float (docs/int8.md)",
     )
     _flag(p, "--max-length", type=int, default=None, help="context length (default: the model's)")
+    _flag(
+        p,
+        "--logprob-vocab",
+        choices=("all", "tokenizer"),
+        default="all",
+        help="normalise log-probabilities over every output row (default, as lm-eval's hf backend) or over the "
+        "tokenizer's ids only (as `neox-jax serve --logprob-vocab tokenizer`)",
+    )
     _flag(p, "--include-path", default=None, help="a folder of extra lm-eval task YAMLs")
     _flag(
         p,
@@ -177,6 +185,7 @@ def run(a: argparse.Namespace) -> int:
             quantize=a.quantize,
             max_length=a.max_length,
             tokenizer=a.tokenizer,
+            logprob_vocab=a.logprob_vocab,
         )
     except ValueError as e:  # a bad batch size, a model that cannot split over the mesh, no tokenizer
         raise NeoXError(str(e)) from e
