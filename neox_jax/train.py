@@ -32,10 +32,11 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from neox_jax import checkpoint, data, finetune, lora, records
+from neox_jax import checkpoint, finetune, lora, records
 from neox_jax.errors import NeoXError
 from neox_jax.sharding import batch_sharding, check_divisible, make_mesh
 from neox_jax.tokenizer import Tokenizer
+from neox_jax.training import data
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora")
 # settings a resumed run must share with the run it continues (the rest may change: steps, saving, mesh, ...)

@@ -13,10 +13,11 @@ import pytest
 
 import neox_jax
 from conftest import SHARED_DATA, run_cli
-from neox_jax import checkpoint, data
+from neox_jax import checkpoint
 from neox_jax import finetune as ft
 from neox_jax.sharding import batch_sharding, make_mesh
 from neox_jax.tokenizer import Tokenizer
+from neox_jax.training import data
 
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 WORDS = "the king queen lord speak hear love death night day sword crown heart blood fair good".split()
