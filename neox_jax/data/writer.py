@@ -30,7 +30,7 @@ def pointers_of(sizes: np.ndarray, itemsize: int) -> np.ndarray:
     return out
 
 
-def _temp_beside(path: Path, suffix: str) -> Path:
+def temp_beside(path: Path, suffix: str) -> Path:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     return Path(name)
@@ -45,7 +45,7 @@ def write_index(path: str | os.PathLike, sizes, doc_idx, dtype) -> None:
         raise DataError(f"{path}: item sizes must be in [0, 2^31) (int32 in the index); found {sizes.max()}")
     doc_idx = np.asarray(doc_idx, np.int64)
     code, itemsize = dtype_code(dtype), np.dtype(dtype).itemsize
-    tmp = _temp_beside(path, ".idx.tmp")
+    tmp = temp_beside(path, ".idx.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(HEADER.pack(MAGIC, VERSION, code, len(sizes), len(doc_idx)))
@@ -76,7 +76,7 @@ class Writer:
         self._range = (info.min, info.max) if info else None
         self.sizes = array("q")
         self.doc_idx = array("q", [0])
-        self._tmp = _temp_beside(self.bin_path, ".bin.tmp")
+        self._tmp = temp_beside(self.bin_path, ".bin.tmp")
         self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed in close())
 
     def add_item(self, tokens) -> None:
