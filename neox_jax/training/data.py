@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from neox_jax.errors import DataError
-from neox_jax.tokenizer import Tokenizer
+from neox_jax.store.tokenizer import Tokenizer
 
 
 def read_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
