@@ -14,6 +14,7 @@ and renamed into place only when every input was read (writer.Writer): a crash o
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -106,18 +107,16 @@ def tokenize_files(
             raise DataError(f"{p}: no such input file")
     stats = TokenizeStats(str(out_prefix), dtype=str(dtype), text_bytes=sum(p.stat().st_size for p in paths))
     bar = tqdm(total=stats.text_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress)
-    tail = np.asarray([eod] if append_eod else [], np.int64)
 
     def flush(w: Writer, texts: list[str]) -> None:
-        for enc in tok.encode_batch(texts):
-            if not enc.ids:
-                stats.empty_skipped += 1
-                continue
-            ids = np.concatenate([np.asarray(enc.ids, np.int64), tail]) if append_eod else np.asarray(enc.ids)
-            w.add_item(ids)
-            w.end_document()
-            stats.documents += 1
-            stats.tokens += ids.size
+        ids = [e.ids for e in tok.encode_batch(texts)]  # lists of ints, one a document
+        kept = [x + [eod] if append_eod else x for x in ids if x]
+        stats.empty_skipped += len(ids) - len(kept)
+        sizes = [len(x) for x in kept]
+        flat = np.fromiter(itertools.chain.from_iterable(kept), np.int64, sum(sizes))
+        w.add_documents(flat, sizes)  # one write a batch
+        stats.documents += len(kept)
+        stats.tokens += flat.size
         texts.clear()
 
     with Writer(out_prefix, dtype, overwrite=overwrite) as w:

@@ -79,7 +79,7 @@ class Writer:
         self._tmp = temp_beside(self.bin_path, ".bin.tmp")
         self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed in close())
 
-    def add_item(self, tokens) -> None:
+    def add_item(self, tokens, record: bool = True) -> None:
         """One item: [n] tokens, stored as the writer's dtype (a value that does not fit is an error, not a cast)."""
         arr = np.asarray(tokens)
         if arr.ndim != 1:
@@ -92,7 +92,18 @@ class Writer:
                 )
             arr = arr.astype(self.dtype)
         self._file.write(arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
-        self.sizes.append(arr.size)
+        if record:
+            self.sizes.append(arr.size)
+
+    def add_documents(self, flat, sizes) -> None:
+        """Many items at once, each its own document: flat [sum(sizes)] tokens cut into items of `sizes` tokens."""
+        sizes = np.asarray(sizes, np.int64)
+        if sizes.sum() != len(flat):
+            raise DataError(f"{self.prefix}: {len(flat)} tokens, but the sizes add up to {int(sizes.sum())}")
+        self.add_item(flat, record=False)
+        start = len(self.sizes)
+        self.sizes.extend(sizes.tolist())
+        self.doc_idx.extend((start + np.flatnonzero(sizes) + 1).tolist())  # empty items join the next document
 
     def end_document(self) -> None:
         if len(self.sizes) > self.doc_idx[-1]:
