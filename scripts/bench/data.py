@@ -1,9 +1,9 @@
 """Megatron datasets: the batch at a step of a multi-GB file, and tokenizing throughput.
 
 batch     a sparse Pythia-layout dataset of --gb GB (items of 2049 uint16 tokens, a real .idx, the .bin a hole:
-          no disk used): open + the [1024, 2049] batch of its last step (past 2^31 tokens) + a copy into RAM,
-          in three fresh processes each (the median), for neox_jax.data.pythia_batch and megatron-core's IndexedDataset slice (the
-          reference reader); peak RSS shows neither reads the file
+          no disk used): open + the [1024, 2049] batch of its last step (past 2^31 tokens) + a copy into RAM, the
+          median of three fresh processes, for neox_jax.data.pythia_batch and megatron-core's IndexedDataset slice
+          (the reference reader); peak RSS shows neither reads the file
 tokenize  the same documents (synthetic words, --mb MB of jsonl) through the `tokenizers` batch encoder alone
           (texts in memory, the ceiling) and through `neox-jax data tokenize` (read jsonl, encode, write .bin/.idx)
 
