@@ -72,7 +72,9 @@ def dataset_files(ds: IndexedDataset) -> list[Path]:
 def verify(prefix: str | os.PathLike, checksums: str | os.PathLike | None, progress: bool = True) -> dict[str, str]:
     """Opens the dataset, checks every pointer, and (with a list) the sha256 of each of its files against the list:
     {file name: sha256}. Raises DataError naming each file that is unlisted or differs."""
-    ds = IndexedDataset(prefix)
+    from neox_jax.data.hub import open_any
+
+    ds = open_any(str(prefix))
     ds.check(progress)
     want = read_checksums(checksums) if checksums else {}
     found, bad = {}, []
