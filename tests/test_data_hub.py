@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-
 from hub_stub import HubStub
+
 from neox_jax.cli import main
 from neox_jax.data import files, pythia_batch, write_indexed
 
