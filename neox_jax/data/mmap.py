@@ -221,8 +221,16 @@ class IndexedDataset:
             )
         return np.frombuffer(self.read_bytes(start_byte, count * self.itemsize), self.dtype, count)
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        """Item i: [sizes[i]] tokens (read-only)."""
+    def __getitem__(self, i):
+        """Item i: [sizes[i]] tokens (read-only); a slice a:b gives the list of those items (GPT-NeoX's)."""
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                raise IndexError(f"{self.prefix}: slices of a dataset must be contiguous (step 1), got {i}")
+            if stop <= start:
+                return []
+            flat = self.span(start, stop)
+            return np.split(flat, np.cumsum(self.sizes[start:stop], dtype=np.int64)[:-1])
         return self.get(i)
 
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
