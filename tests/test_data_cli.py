@@ -60,6 +60,16 @@ def test_tokenize_inspect_batch_round_trip(tmp_path, corpus, bpe_tokenizer, caps
     assert rc == 1 and f"item 2 (step 1) holds {len(want[2])} tokens" not in err and "(step 1) holds" in err
 
 
+def test_tokenize_with_the_20b_tokenizer(tmp_path, corpus, tokenizer_file):
+    stats = tokenize_files([corpus], tmp_path / "d", tokenizer_file, append_eod=True, progress=False)
+    tk = Tokenizer.from_file(str(tokenizer_file))
+    assert tk.token_to_id("<|endoftext|>") == 0  # GPT-NeoX's EOD
+    want = [tk.encode(d).ids + [0] for d in DOCS if d]
+    ds = IndexedDataset(tmp_path / "d")
+    assert stats.dtype == "uint16" and ds.dtype == np.uint16  # 50277 ids < 65,500
+    assert [ds[i].tolist() for i in range(len(ds))] == want
+
+
 def test_tokenize_failure_leaves_nothing(tmp_path, corpus, bpe_tokenizer):
     def seen():
         return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out")))
