@@ -138,6 +138,9 @@ def shard(prefix: str | os.PathLike, out_dir: str | os.PathLike, shard_bytes: in
         raise DataError(f"--shard-bytes must be >= 1, got {shard_bytes}")
     out_dir, name = Path(out_dir), Path(ds.prefix).name
     out_dir.mkdir(parents=True, exist_ok=True)
+    idx = out_dir / f"{name}.idx"
+    if idx.exists() and idx.resolve() != ds.idx_path.resolve():
+        raise DataError(f"{idx}: already exists; shard writes into a folder without that dataset")
     count = max(1, -(-ds.nbytes // shard_bytes))
     last = count - 1
     digests = {}
@@ -159,7 +162,6 @@ def shard(prefix: str | os.PathLike, out_dir: str | os.PathLike, shard_bytes: in
             finally:
                 tmp.unlink(missing_ok=True)
             digests[path.name] = h.hexdigest()
-    idx = out_dir / f"{name}.idx"
     if idx.resolve() != ds.idx_path.resolve():
         tmp = temp_beside(idx, ".tmp")
         shutil.copyfile(ds.idx_path, tmp)
