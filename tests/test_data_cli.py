@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from neox_jax.cli import main
-from neox_jax.data import DataError, IndexedDataset
+from neox_jax.data import DataError, IndexedDataset, Writer
 from neox_jax.data.tokenize import tokenize_files
 
 DOCS = ["Hello, world!", "", "The king and the queen. " * 7, "é ü 日本", "1 2 3 4 5 6 7 8 9 10 " * 3]
@@ -87,6 +87,12 @@ def test_tokenize_failure_leaves_nothing(tmp_path, corpus, bpe_tokenizer):
         tokenize_files([bad], tmp_path / "out", bpe_tokenizer, overwrite=True, progress=False)
     assert seen() == ["out.bin", "out.idx"] and (tmp_path / "out.idx").read_bytes() == before
     IndexedDataset(tmp_path / "out").check()
+    (tmp_path / "sub").mkdir()
+    with Writer(tmp_path / "sub" / "w", np.uint16) as w:  # while writing (a crash here): one hidden temporary file
+        w.add_item(np.arange(5))
+        (tmp,) = (tmp_path / "sub").iterdir()
+        assert tmp.name.startswith(".w.bin.") and tmp.name.endswith(".bin.tmp")
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["w.bin", "w.idx"]
 
 
 def test_shard_verify_merge(tmp_path, corpus, bpe_tokenizer, capsys):
