@@ -1,8 +1,8 @@
 """Speculative decoding: a trained target alone vs the target with a trained draft, side by side in one run.
 
-    python scripts/benchmark.py speculative                 # train both (a few minutes on 2 cores), then measure
-    python scripts/benchmark.py speculative --work runs/spec --reuse   # measure again with the models trained before
-    python scripts/benchmark.py speculative --k 2,4,6 --max-new-tokens 128
+    neox-jax benchmark speculative                 # train both (a few minutes on 2 cores), then measure
+    neox-jax benchmark speculative --work runs/spec --reuse   # measure again with the models trained before
+    neox-jax benchmark speculative --k 2,4,6 --max-new-tokens 128
 
 Random weights agree only by chance, so the benchmark first trains a target (6 layers x 384) and a draft (2 x 128)
 from random init on tiny shakespeare with `neox-jax finetune --trainable all`, with a byte-level BPE tokenizer
@@ -23,13 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from neox_jax.bench._common import child_env, markdown_table, write_json
 
-from scripts.bench._common import markdown_table, write_json  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+DATA = Path("../shared/data/tinyshakespeare/input.txt")  # the shared reference data beside the checkout
 VOCAB = 2048
 SHAPES = {"target": (384, 6, 6), "draft": (128, 2, 2)}  # hidden, layers, heads
 
@@ -73,7 +69,7 @@ def finetune(ckpt: Path, data: Path, run_dir: Path, steps: int, batch: int, seq:
     cmd = [sys.executable, "-m", "neox_jax", "finetune", "--checkpoint", str(ckpt), "--data", str(data)]
     cmd += ["--out", str(run_dir), "--trainable", "all", "--steps", str(steps), "--batch-size", str(batch)]
     cmd += ["--seq-len", str(seq), "--lr", "2e-3", "--warmup-steps", str(steps // 10), "--no-progress"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     if r.returncode:
         sys.exit(f"finetune {ckpt} failed:\n{r.stderr[-3000:]}")
     return time.perf_counter() - t
@@ -98,7 +94,7 @@ def step_ms(model, prompt, tokens: int, repeats: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA, help="tiny shakespeare input.txt")
-    ap.add_argument("--work", type=Path, default=ROOT / "bench_out" / "speculative", help="checkpoints and runs")
+    ap.add_argument("--work", type=Path, default=Path("bench_out/speculative"), help="checkpoints and runs")
     ap.add_argument("--reuse", action="store_true", help="use the models trained by an earlier run in --work")
     ap.add_argument("--train-only", action="store_true", help="train the pair into --work, measure nothing")
     ap.add_argument("--target-steps", type=int, default=200)
