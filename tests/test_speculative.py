@@ -239,3 +239,22 @@ def test_refuses_another_tokenizer_and_bad_settings(pair, tmp_path):
         target.generate("Hello", draft=draft, draft_tokens=0)
     with pytest.raises(NeoXError, match="repetition_penalty is not supported"):
         target.generate("Hello", draft=draft, repetition_penalty=1.3)
+
+
+def test_cli_draft_flags(pair, bpe_tokenizer, tmp_path, capsys):
+    """`neox-jax generate --draft CKPT --draft-tokens K --json`: the target's tokens, and the statistics."""
+    import json
+
+    from neox_jax.cli import main
+    from neox_jax.store.checkpoint import save_params
+
+    target, draft = pair
+    for name, m in (("target", target), ("draft", draft)):
+        save_params(tmp_path / name, m.config, m.params, tokenizer_file=bpe_tokenizer)
+    argv = ["generate", "--checkpoint", str(tmp_path / "target"), "--prompt", "Hello", "--max-new-tokens", "9"]
+    argv += ["--ignore-eos", "--json", "--no-compile-cache", "--draft", str(tmp_path / "draft"), "--draft-tokens", "4"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = target.generate(["Hello"], max_new_tokens=9, stop_token_ids=[])
+    assert out["completions"][0]["token_ids"] == want.token_ids[0]
+    assert out["speculative"]["draft_tokens"] == 4 and out["speculative"]["target_steps"] >= 2
