@@ -216,11 +216,15 @@ def adjust_loss_scale(ls: dict, finite, period: int = 2000, factor: float = 2.0,
 # ---- the train step --------------------------------------------------------------------------------------------------
 
 
-def token_losses(cfg: NeoXConfig, params: dict, windows, attention=None, lora_spec=None, lora_key=None):
+def token_losses(
+    cfg: NeoXConfig, params: dict, windows, attention=None, lora_spec=None, lora_key=None, remat: str = "none"
+):
     """windows [B, T + 1] int -> per-token cross entropy [B, T] float32 (inputs w[:, :-1], targets w[:, 1:]).
     attention: None (per backend) or "plain" / "xla" / "cudnn" (neox_jax/attention.py); lora_spec, lora_key: params
-    with unmerged LoRA adapters (model.model_from_params)."""
-    logits = forward(cfg, params, windows[:, :-1], attention=attention, lora=lora_spec, lora_key=lora_key)[0]
+    with unmerged LoRA adapters (model.model_from_params); remat: activation checkpointing per block (model.REMAT)."""
+    logits = forward(
+        cfg, params, windows[:, :-1], attention=attention, lora=lora_spec, lora_key=lora_key, remat=remat
+    )[0]
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])  # logits [B, T, V] float32
 
 
@@ -234,14 +238,15 @@ def loss_and_grads(
     attention=None,
     lora_spec=None,
     lora_key=None,
+    remat: str = "none",
 ):
     """(mean loss, float32 gradients of the trainable masters); the loss is scaled by `scale` for differentiation
     and the gradients unscaled. lora_spec: the masters are LoRA adapters (they run in float32, uncast); lora_key: the
-    step's dropout key."""
+    step's dropout key; remat: activation checkpointing per block ("none", "dots", "full": model.REMAT)."""
 
     def scaled(p):
         p = p if lora_spec is not None else cast(p, dtype)
-        loss = token_losses(cfg, merge_params(p, frozen), windows, attention, lora_spec, lora_key).mean()
+        loss = token_losses(cfg, merge_params(p, frozen), windows, attention, lora_spec, lora_key, remat).mean()
         return loss * scale, loss
 
     grads, loss = jax.grad(scaled, has_aux=True)(trainable)
@@ -288,10 +293,11 @@ def make_train_step(
     scale_period: int = 2000,
     donate: bool = True,
     transposed_copies: bool = True,
+    remat: str = "none",
 ):
     """jit(step)(state, frozen, windows [B, T + 1]) -> (state, metrics): batch split over `data`, params and
     optimizer state per the sharding rules. A step with non-finite gradients changes nothing but the loss scale and
-    the step count (metrics["skipped"])."""
+    the step count (metrics["skipped"]). remat: activation checkpointing per block (model.REMAT)."""
     st_sh = state_shardings(cfg, mesh, mode, tx)
     rep = NamedSharding(mesh, P())
     spec = mode if lora.is_lora(mode) else None
@@ -300,7 +306,15 @@ def make_train_step(
         rng, key = jax.random.split(jax.random.wrap_key_data(state["rng"]))  # key: this step's LoRA dropout
         key = key if spec is not None and spec.dropout else None
         loss, grads = loss_and_grads(
-            cfg, state["params"], frozen, windows, dtype, state["loss_scale"]["scale"], lora_spec=spec, lora_key=key
+            cfg,
+            state["params"],
+            frozen,
+            windows,
+            dtype,
+            state["loss_scale"]["scale"],
+            lora_spec=spec,
+            lora_key=key,
+            remat=remat,
         )
         grad_norm = optax.global_norm(grads)
         # an inf or NaN anywhere makes the norm non-finite (so does a norm beyond float32's range, ~1.8e19): one
