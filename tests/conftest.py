@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from neox_jax.model.config import NeoXConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -80,6 +82,19 @@ def tiny_ckpt(hf_tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     convert_hf(src, out)
     return model, out
+
+
+def micro_config(**overrides) -> NeoXConfig:
+    """The smallest config the reliability tests need (faster to build and convert than preset("tiny"))."""
+    base = dict(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    return NeoXConfig(**{**base, **overrides})
 
 
 BPE_VOCAB = 300  # ids of the shared byte-level tokenizer (test models give their embeddings more rows)

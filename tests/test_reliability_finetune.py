@@ -8,19 +8,13 @@ import string
 import numpy as np
 import pytest
 
-from neox_jax import checkpoint, train
-from neox_jax.config import NeoXConfig
+from conftest import micro_config
 from neox_jax.errors import NeoXError
-from neox_jax.model import init_params
+from neox_jax.model.neox import init_params
+from neox_jax.store import checkpoint
+from neox_jax.training import run as train
 
-CFG = NeoXConfig(
-    vocab_size=128,
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=64,
-)
+CFG = micro_config(vocab_size=128, num_hidden_layers=1, max_position_embeddings=64)
 WORDS = ["the", "king", "queen", "lord", "speak", "hear", "love", "death", "night", "day", "sword", "crown"]
 
 
