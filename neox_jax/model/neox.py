@@ -599,8 +599,8 @@ def model_from_params(
     "kernel_t" entry (from `finetune.prepare_frozen`) becomes its `kernel_t`, not a parameter; its "lora_A" /
     "lora_B" entries (unmerged LoRA adapters) its `lora`, with lora (a lora.LoraSpec) giving the scale and dropout
     and lora_key (None: no dropout) the dropout's PRNG key, folded with each Linear's index. attention: the
-    attention without cache slots (None: per backend; "plain", "xla", "cudnn": see neox_jax/model/attention.py); remat: the
-    activation checkpointing of each block in a forward without a cache (REMAT)."""
+    attention without cache slots (None: per backend; "plain", "xla", "cudnn": see neox_jax/model/attention.py);
+    remat: the activation checkpointing of each block in a forward without a cache (REMAT)."""
     params, extras = _pop_extras(params)
     model = nnx.merge(graphdef(cfg, is_stacked(params), int8.spec_of(params)), params)
     if remat != "none":

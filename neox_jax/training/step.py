@@ -222,8 +222,9 @@ def token_losses(
     cfg: NeoXConfig, params: dict, windows, attention=None, lora_spec=None, lora_key=None, remat: str = "none"
 ):
     """windows [B, T + 1] int -> per-token cross entropy [B, T] float32 (inputs w[:, :-1], targets w[:, 1:]).
-    attention: None (per backend) or "plain" / "xla" / "cudnn" (neox_jax/model/attention.py); lora_spec, lora_key: params
-    with unmerged LoRA adapters (model.model_from_params); remat: activation checkpointing per block (model.REMAT)."""
+    attention: None (per backend) or "plain" / "xla" / "cudnn" (neox_jax/model/attention.py); lora_spec, lora_key:
+    params with unmerged LoRA adapters (model.model_from_params); remat: activation checkpointing per block
+    (model.neox.REMAT)."""
     logits = forward(cfg, params, windows[:, :-1], attention=attention, lora=lora_spec, lora_key=lora_key, remat=remat)[
         0
     ]
