@@ -432,6 +432,31 @@ class Block(nnx.Module):
         return _hook(self, "hook_mlp_out", self.mlp(normalized))
 
 
+def _take_extras(layers) -> list:
+    """Detaches the stacked Linears' kernel_t / lora (arrays are not nnx state): [(path, kernel_t, lora)]."""
+    found = []
+    for path, m in nnx.iter_modules(layers):
+        if isinstance(m, Linear) and (m.kernel_t is not None or m.lora is not None):
+            found.append((tuple(path), m.kernel_t, m.lora))
+            m.kernel_t = m.lora = None
+    return found
+
+
+def _put_extras(layers, extras: list, layer_extras=None, i=None) -> None:
+    """Re-attaches _take_extras' arrays: all layers' (layer_extras None) or layer i's slices, with the LoRA dropout
+    key folded with the layer index too."""
+    modules = dict((tuple(p), m) for p, m in nnx.iter_modules(layers))
+    for j, (path, kernel_t, lora) in enumerate(extras):
+        m = modules[path]
+        if layer_extras is None:
+            m.kernel_t, m.lora = kernel_t, lora
+            continue
+        m.kernel_t, ab = layer_extras[j]
+        if lora is not None:
+            key = None if lora.key is None else jax.random.fold_in(lora.key, i)
+            m.lora = LoraAdapter(ab[0], ab[1], lora.spec, key)
+
+
 class GPTNeoX(nnx.Module):
     hook = None  # see Attention.hook
     remat = "none"  # activation checkpointing of each block without a cache (REMAT; set by model_from_params)
@@ -502,17 +527,23 @@ class GPTNeoX(nnx.Module):
             if cache is not None:
                 cache = {"k": ks, "v": vs}
         else:  # stacked [L, ...] under lax.scan
+            extras = _take_extras(self.layers)  # kernel_t / LoRA arrays [L, ...]: scanned over with the weights
             graphdef, state = nnx.split(self.layers)
 
             def body(x, layer):
-                layer_state, kv = layer
-                x, kv = nnx.merge(graphdef, layer_state)(x, cos, sin, mask, kv, cache_index)
+                layer_state, kv, layer_extras, i = layer
+                block = nnx.merge(graphdef, layer_state)
+                _put_extras(block, extras, layer_extras, i)
+                x, kv = block(x, cos, sin, mask, kv, cache_index)
                 return x, kv
 
             kvs = None if cache is None else (cache["k"], cache["v"])
             if cache is None:  # under scan, CSE across iterations is impossible anyway (jax.checkpoint's docs)
                 body = remat_block(body, self.remat, prevent_cse=False)
-            x, kvs = jax.lax.scan(body, x, (state, kvs))
+            layer_extras = [(kt, lo and (lo.a, lo.b)) for _, kt, lo in extras]
+            n = jax.tree.leaves(state)[0].shape[0]
+            x, kvs = jax.lax.scan(body, x, (state, kvs, layer_extras, jnp.arange(n)))
+            _put_extras(self.layers, extras)
             if cache is not None:
                 cache = {"k": kvs[0], "v": kvs[1]}
             if rows is not None:  # every layer ran in full: pick the rows after
