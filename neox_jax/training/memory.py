@@ -24,6 +24,7 @@ and cuBLAS / cuDNN workspaces (RESERVE_GIB) and the allocator's fragmentation.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import jax
@@ -45,11 +46,34 @@ class TrainPlan:
     outputs: int
     alias: int
     temp: int
+    cpu_copies: int = 0  # of temp: float32 copies of half-precision weights that only XLA CPU makes (cpu_copies)
     compile_s: float = 0.0
 
     @property
     def peak(self) -> int:
+        """What XLA CPU's program needs at once, per device."""
         return self.arguments + self.outputs - self.alias + self.temp
+
+    @property
+    def gpu_peak(self) -> int:
+        """peak without the CPU-only float32 weight copies: the plan for a GPU."""
+        return self.peak - self.cpu_copies
+
+
+def cpu_copies(compiled, frozen) -> int:
+    """Bytes per device of the float32 copies XLA CPU carries of stacked half-precision frozen weights. Its float
+    normalisation widens a bfloat16 / float16 operand it cannot slice or multiply natively, and the widening of the
+    layer loop's weights is hoisted out of the loop: a float32 [L, ...] twin of each stacked weight (found in the
+    compiled HLO by its per-device shape). A GPU multiplies half precision natively and makes none."""
+    text = compiled.as_text()
+    total = 0
+    for x in jax.tree.leaves(frozen):
+        if x.ndim < 3 or x.dtype not in (jnp.bfloat16, jnp.float16):
+            continue
+        shard = x.sharding.shard_shape(x.shape)
+        if f"f32[{','.join(map(str, shard))}]" in text:
+            total += 4 * math.prod(shard)
+    return total
 
 
 def plan_devices(n: int) -> list:
@@ -81,7 +105,7 @@ def abstract_inputs(cfg, mode, tx, mesh, batch: int, length: int, dtype, remat: 
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, st_sh)
     frozen = ft.split_params(abstract_params(cfg, dtype), mode)[1]
     if ft.wants_backward_kernels(dtype, mesh, transposed_copies):
-        frozen = ft._add_kernels_t(frozen, lambda name, k: jax.eval_shape(ft.transpose_kernel, name, k))
+        frozen = ft._add_kernels_t(frozen, lambda name, k: jax.eval_shape(lambda k: ft.transpose_kernel(name, k), k))
     frozen = stacking.stack_abstract(frozen) if stacked else frozen
     fr_sh = ft.frozen_shardings(cfg, mesh, mode, dtype, transposed_copies, stacked)
     frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), frozen, fr_sh)
@@ -108,13 +132,14 @@ def train_plan(cfg, mode, batch: int, length: int, remat: str = "full", mesh="mo
         mesh = make_mesh(mesh, plan_devices(_devices_in(mesh)))
     check_divisible(cfg, mesh, batch)
     t0 = time.perf_counter()
-    compiled, _ = compile_train_step(cfg, mode, batch, length, remat, mesh, dtype)
+    compiled, inputs = compile_train_step(cfg, mode, batch, length, remat, mesh, dtype)
     ma = compiled.memory_analysis()
     return TrainPlan(
         ma.argument_size_in_bytes,
         ma.output_size_in_bytes,
         ma.alias_size_in_bytes,
         ma.temp_size_in_bytes,
+        cpu_copies(compiled, inputs[1]) if stacking.stacked_for(remat) else 0,
         time.perf_counter() - t0,
     )
 
@@ -127,3 +152,24 @@ def _devices_in(spec: str) -> int:
             raise NeoXError(f"--mesh {spec!r}: give every axis a size for planning (e.g. 'fsdp=4,model=2')")
         n *= int(value)
     return n
+
+
+TRAIN_MODES = ("bitfit", "lora", "full")
+
+
+def train_mode(name: str, lora_rank: int = 8):
+    """memory-plan's --train names -> training/step.py's modes: bitfit "biases", full "all", lora a LoraSpec
+    (PEFT's default targets, alpha = rank)."""
+    from neox_jax.model import lora
+
+    modes = {"bitfit": "biases", "full": "all", "lora": lora.LoraSpec(lora_rank, float(lora_rank))}
+    if name not in modes:
+        raise NeoXError(f"--train {name!r}: expected one of {TRAIN_MODES}")
+    return modes[name]
+
+
+def mesh_for(gpus: int, parallel: str) -> str:
+    """The mesh of `gpus` devices: tensor parallel (model=N) or fully sharded data parallel (fsdp=N)."""
+    if parallel not in ("model", "fsdp"):
+        raise NeoXError(f"--parallel {parallel!r}: expected model or fsdp")
+    return f"{parallel}={gpus}"
