@@ -132,11 +132,12 @@ def check_divisible(cfg: NeoXConfig, mesh, batch: int | None = None) -> None:
             f"(e.g. --mesh data={n_dev // ok[-1]},model={ok[-1]})"
         )
     if batch is not None and batch % d:
+        axes = "data x fsdp" if fsdp_size(mesh) > 1 else "data"
         up = -(-batch // d) * d
         multiples = sorted({k for k in (up - d, up, up + d) if k > 0})
         data_ok = [k for k in _divisors(n_dev) if batch % k == 0]
         raise ValueError(
-            f"batch size {batch} is not divisible by the mesh's data={d}: use a batch that is a "
+            f"batch size {batch} is not divisible by the mesh's {axes}={d}: use a batch that is a "
             f"multiple of {d} (e.g. {multiples}) or a mesh with data in {data_ok}"
         )
 
