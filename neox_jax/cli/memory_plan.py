@@ -141,19 +141,21 @@ def lora_line(cfg, rank: int, base_gib: float) -> str:
 
 
 def run_train(args: argparse.Namespace, cfg) -> int:
-    meshes = [args.mesh] if args.mesh else None
-    if meshes is None:
-        try:
-            counts = [int(g) for g in args.gpus.split(",")]
-        except ValueError:
-            from neox_jax.errors import NeoXError
-
-            raise NeoXError(f"--gpus {args.gpus!r}: expected comma-separated counts, e.g. 1,2,4,8") from None
+    """--train: one row per mesh, each the compiled train step's bytes per device (training/memory.py)."""
     import math
 
     import jax
 
-    need = max(math.prod(int(v.split("=")[1]) for v in m.split(",")) for m in meshes) if meshes else max(counts)
+    from neox_jax.errors import NeoXError
+
+    try:
+        counts = [int(g) for g in args.gpus.split(",")]
+        sizes = [int(v.partition("=")[2]) for v in args.mesh.split(",")] if args.mesh else counts
+    except ValueError:
+        raise NeoXError(
+            f"--gpus {args.gpus!r} / --mesh {args.mesh!r}: expected counts like 1,2,4,8 and a mesh like fsdp=4,model=2"
+        ) from None
+    need = math.prod(sizes) if args.mesh else max(counts)
     try:  # simulated CPU devices to compile the N-device program on (only possible before JAX starts)
         jax.config.update("jax_num_cpu_devices", need)
     except RuntimeError:
@@ -162,7 +164,7 @@ def run_train(args: argparse.Namespace, cfg) -> int:
 
     from neox_jax.training import memory
 
-    meshes = meshes or [memory.mesh_for(g, args.parallel) for g in counts]
+    meshes = [args.mesh] if args.mesh else [memory.mesh_for(g, args.parallel) for g in counts]
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]
     mode = memory.train_mode(args.train, args.lora_rank)
     print(
