@@ -190,7 +190,7 @@ class Engine:
         self.params = core.transpose_kernels(params) if self.layout.transposed else params
         self.slots = max(slots, self.layout.min_rows)
         if mesh is not None:  # the slots split over `data`: a multiple of its size
-            self.slots = -(-self.slots // mesh.shape["data"]) * mesh.shape["data"]
+            self.slots = -(-self.slots // sharding.data_size(mesh)) * sharding.data_size(mesh)
         self.max_model_len, self.vocab_limit = max_model_len, vocab_limit
         self.logprob_rows = cfg.vocab_size if logprob_rows is None else logprob_rows  # see rows.log_probs
         if not 1 <= vocab_limit <= self.logprob_rows <= cfg.vocab_size:
