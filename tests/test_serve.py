@@ -238,7 +238,9 @@ def test_ids_do_not_depend_on_the_company(ckpt, dtype, served):
 
 
 def test_nothing_compiles_after_warm_up(served, client):
-    assert served.svc.scheduler.engine.compiles == len(served.svc.scheduler.engine.buckets) + 2
+    eng = served.svc.scheduler.engine  # init, one admit per prompt bucket, one decode per (rows, width) bucket
+    assert eng.compiles == 1 + len(eng.buckets) + len(eng.row_buckets) * len(eng.length_buckets)
+    assert eng.row_buckets == [1, 2, 4, 8, 16] and eng.length_buckets == [MAX_LEN]
     before = (served.counter.n, served.svc.scheduler.engine.compiles)
     for i, n in enumerate((1, 7, 15, 20, 28)):  # every prompt bucket, sampling and greedy, logprobs, echo
         prompt = list(range(3, 3 + n))

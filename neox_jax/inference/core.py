@@ -287,6 +287,10 @@ class Programs:
     def __len__(self) -> int:
         return len(self._compiled)
 
+    def values(self) -> list:
+        """The compiled programs, in the order they were first asked for."""
+        return list(self._compiled.values())
+
     def get(self, key, jitted, *args, **kwargs):
         """The compiled `jitted` for key, lowered with args the first time."""
         if key not in self._compiled:

@@ -72,10 +72,45 @@ def _admit(cfg, layout, vocab_limit, mesh, params, state, ids, length, slot, row
     return state, first
 
 
-def _decode(cfg, layout, vocab_limit, chunk, mesh, params, state, force_done):
-    """Up to `chunk` steps; out[k][b, i]: row b's step i (valid for the steps it was live)."""
+def _decode(cfg, layout, vocab_limit, chunk, width, mesh, params, state, rows, force_done):
+    """Up to `chunk` steps for the R rows `rows` [R] (distinct slots) over the first `width` cache slots: those rows
+    are gathered into a compact state, decoded, and written back (the other rows untouched). out[k][r, i]: rows[r]'s
+    step i (valid for the steps it was live); force_done [R]."""
     static = sampling.per_row_static(vocab_limit)
-    return core.decode_chunk(cfg, static, layout, params, state, force_done, chunk, chunk, False, mesh)
+    stacked = is_stacked(params)
+
+    def take(path, x):  # [B, ...] -> [R, ...]; the cache [B, N, S, H] -> [R, N, width, H]
+        if getattr(path[0], "name", None) == "cache":
+            return x[:, rows, :, :width] if stacked else x[rows, :, :width]
+        return x[rows, :width] if getattr(path[0], "name", None) == "kv_valid" else x[rows]
+
+    def put(path, x, y):
+        if getattr(path[0], "name", None) == "cache":
+            return x.at[:, rows, :, :width].set(y) if stacked else x.at[rows, :, :width].set(y)
+        return x.at[rows, :width].set(y) if getattr(path[0], "name", None) == "kv_valid" else x.at[rows].set(y)
+
+    small = jax.tree_util.tree_map_with_path(take, state._replace(key=None))
+    small, out, steps = core.decode_chunk(cfg, static, layout, params, small, force_done, chunk, chunk, False, mesh)
+    state = jax.tree_util.tree_map_with_path(put, state._replace(key=None), small)
+    return core.constrain(state, mesh), out, steps
+
+
+def row_buckets(slots: int, min_rows: int, mesh) -> list[int]:
+    """Decode programs' row counts: powers of two (rounded for the layout and mesh) up to slots, and slots."""
+    out, n = [], 1
+    while not out or out[-1] < slots:
+        out.append(min(core.round_rows(n, min_rows, mesh), slots))
+        n *= 2
+    return sorted(set(out))
+
+
+def length_buckets(max_model_len: int) -> list[int]:
+    """Decode programs' attention widths: 64, 128, 256, ... below max_model_len, and max_model_len."""
+    out, n = [], 64
+    while n < max_model_len:
+        out.append(n)
+        n *= 2
+    return [*out, max_model_len]
 
 
 class Engine:
@@ -103,8 +138,11 @@ class Engine:
         self.slots = core.round_rows(slots, self.layout.min_rows, mesh)
         self.max_model_len, self.vocab_limit = max_model_len, vocab_limit
         self.buckets = buckets(max_model_len)
+        self.row_buckets = row_buckets(self.slots, self.layout.min_rows, mesh)
+        self.length_buckets = length_buckets(max_model_len)
         self.programs = core.Programs()
         self.state = None
+        self._lengths = np.zeros(self.slots, np.int64)  # each row's slots in use (host mirror: picks the width)
 
     @property
     def compiles(self) -> int:
@@ -121,13 +159,14 @@ class Engine:
         args = (self.params, self._state_for_lowering(), jax.ShapeDtypeStruct((1, p), jnp.int32))
         return self.programs.get(("admit", p), fn, *args, np.int32(0), np.int32(0), row, np.bool_(False))
 
-    def _decode_program(self):
+    def _decode_program(self, r: int, width: int):
         fn = jax.jit(
-            functools.partial(_decode, self.cfg, self.layout, self.vocab_limit, self.chunk, self.mesh),
+            functools.partial(_decode, self.cfg, self.layout, self.vocab_limit, self.chunk, width, self.mesh),
             donate_argnums=(1,),
         )
-        args = (self.params, self._state_for_lowering(), np.zeros(self.slots, bool))
-        return self.programs.get(("decode",), fn, *args)
+        rows = jnp.arange(r, dtype=jnp.int32)
+        args = (self.params, self._state_for_lowering(), rows, np.zeros(r, bool))
+        return self.programs.get(("decode", r, width), fn, *args)
 
     def _state_for_lowering(self):
         """The state itself once allocated (lowering reads its shardings, on a mesh), else its shapes."""
@@ -141,7 +180,9 @@ class Engine:
         self.state = self._init_program()()
         for p in self.buckets:
             self._admit_program(p)
-        self._decode_program()
+        for r in self.row_buckets:
+            for w in self.length_buckets:
+                self._decode_program(r, w)
 
     def reset(self) -> None:
         self.state = self._init_program()()
@@ -157,9 +198,23 @@ class Engine:
         self.state, first = prog(
             self.params, self.state, grid, np.int32(n), np.int32(slot), row, np.bool_(prompt_logprobs)
         )
+        self._lengths[slot] = n
         return jax.tree.map(sharding.to_host, first)
 
     def decode(self, force_done: np.ndarray) -> tuple[dict, np.ndarray]:
-        """One chunk; returns the outputs (numpy) and how many tokens each row has made in all."""
-        self.state, out, _ = self._decode_program()(self.params, self.state, force_done)
-        return jax.tree.map(sharding.to_host, out), sharding.to_host(self.state.made)
+        """One chunk for the rows not forced done: the smallest row bucket that holds them, over the smallest width
+        that holds their slots after the chunk. Returns the outputs of every slot (numpy; zeros for the rows not
+        run) and how many tokens each row has made in all."""
+        live = np.flatnonzero(~force_done)
+        r = next(b for b in self.row_buckets if b >= len(live))
+        rows = np.concatenate([live, np.flatnonzero(force_done)[: r - len(live)]]).astype(np.int32)
+        need = int(self._lengths[live].max(initial=0)) + self.chunk
+        width = next((w for w in self.length_buckets if w >= need), self.max_model_len)
+        self.state, out, _ = self._decode_program(r, width)(self.params, self.state, rows, force_done[rows])
+        made = sharding.to_host(self.state.made)
+        self._lengths = np.asarray(sharding.to_host(self.state.lengths), np.int64)
+        full = {}
+        for k, v in jax.tree.map(sharding.to_host, out).items():
+            full[k] = np.zeros((self.slots, *v.shape[1:]), v.dtype)
+            full[k][rows] = v
+        return full, made
