@@ -4,6 +4,7 @@ trained here, so the padded embedding rows exist and must never be emitted."""
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -362,3 +363,10 @@ def test_generate_stream_yields_one_event_per_token(lm):
     assert [len(e.token_ids[0]) for e in events] == [1] * 16
     assert sum((e.token_ids[0] for e in events), []) == stream.result.token_ids[0]
     assert lm.generate([[5, 17, 99]], max_new_tokens=16, stop_token_ids=[]).token_ids == stream.result.token_ids
+
+
+def test_one_sampler():
+    """generate, the server and speculative decoding share sampling.choose: the top-p cut is written once."""
+    root = Path(__file__).resolve().parents[1] / "neox_jax"
+    cuts = [p.relative_to(root).as_posix() for p in root.rglob("*.py") if "jnp.cumsum(probs" in p.read_text()]
+    assert cuts == ["inference/sampling.py"]

@@ -237,6 +237,39 @@ def test_ids_do_not_depend_on_the_company(ckpt, dtype, served):
         sched.shutdown(5)
 
 
+def test_compacted_rows_and_width_buckets_equal_generate(lm):
+    """Rows finishing at different times (the live rows gathered into 4, 2, 1-row programs, not contiguous) and a row
+    growing past the 64-slot width: every row's greedy ids == model.generate's."""
+    from neox_jax.serve.metrics import Metrics
+
+    eng = Engine(lm.config, lm.params, slots=4, max_model_len=80, vocab_limit=TOK_VOCAB, chunk=4)
+    assert eng.row_buckets == [1, 2, 4] and eng.length_buckets == [64, 80]
+    used = set()
+    decode = eng.decode
+
+    def spy(force_done):
+        out = decode(force_done)
+        used.add(eng.last_bucket)
+        return out
+
+    eng.decode = spy
+    sched = Scheduler(eng, lm.tokenizer, Metrics(4, 8), max_queue=8)
+    sched.start()
+    try:
+        assert sched.ready.wait(600)
+        prompts = [list(range(3, 3 + n)) for n in (5, 9, 40, 12)]
+        news = (3, 21, 30, 8)
+        want = lm.generate(prompts, max_new_tokens=max(news), stop_token_ids=[]).token_ids
+        reqs = [_collect_ids(sched, p, n) for p, n in zip(prompts, news)]
+        for r, *_ in reqs:
+            sched.submit(r)
+        assert all(d.wait(TIMEOUT) for *_, d in reqs)
+        assert [got for _, got, _ in reqs] == [w[:n] for w, n in zip(want, news)]
+        assert {r for r, _ in used} >= {1, 2, 4} and {w for _, w in used} == {64, 80}
+    finally:
+        sched.shutdown(5)
+
+
 def test_nothing_compiles_after_warm_up(served, client):
     eng = served.svc.scheduler.engine  # init, one admit per prompt bucket, one decode per (rows, width) bucket
     assert eng.compiles == 1 + len(eng.buckets) + len(eng.row_buckets) * len(eng.length_buckets)

@@ -143,6 +143,7 @@ class Engine:
         self.programs = core.Programs()
         self.state = None
         self._lengths = np.zeros(self.slots, np.int64)  # each row's slots in use (host mirror: picks the width)
+        self.last_bucket = None  # the (rows, width) of the last decode chunk
 
     @property
     def compiles(self) -> int:
@@ -210,6 +211,7 @@ class Engine:
         rows = np.concatenate([live, np.flatnonzero(force_done)[: r - len(live)]]).astype(np.int32)
         need = int(self._lengths[live].max(initial=0)) + self.chunk
         width = next((w for w in self.length_buckets if w >= need), self.max_model_len)
+        self.last_bucket = (r, width)  # (tests read it)
         self.state, out, _ = self._decode_program(r, width)(self.params, self.state, rows, force_done[rows])
         made = sharding.to_host(self.state.made)
         self._lengths = np.asarray(sharding.to_host(self.state.lengths), np.int64)
