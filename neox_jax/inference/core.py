@@ -139,7 +139,9 @@ def _logprobs(static, want, logits, tokens):
     def none(_):
         return jnp.zeros(b, jnp.float32), jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32)
 
-    return jax.lax.cond(jnp.any(want), lambda x: sampling.logprobs(x, tokens, static.vocab_limit, k), none, logits)
+    return jax.lax.cond(
+        jnp.any(want), lambda x: sampling.logprobs(x, tokens, k, static.vocab_limit, static.logprob_rows), none, logits
+    )
 
 
 def prefill_into(cfg, static, layout, params, state: DecodeState, row0, ids, mask, settings=None, mesh=None):

@@ -36,11 +36,12 @@ class Static(NamedTuple):
     repetition_penalty: bool
     vocab_limit: int  # ids >= this are never emitted
     per_row: bool = False  # rows mix settings (the server): see `choose`
+    logprob_rows: int | None = None  # what log-probabilities are normalised over (see `logprobs`)
 
 
-def per_row_static(vocab_limit: int) -> Static:
+def per_row_static(vocab_limit: int, logprob_rows: int | None = None) -> Static:
     """The server's: every row its own temperature (0: greedy), top-k, top-p, penalty, min_tokens, seed."""
-    return Static(greedy=False, top_k=0, top_p=True, repetition_penalty=True, vocab_limit=vocab_limit, per_row=True)
+    return Static(False, 0, True, True, vocab_limit, per_row=True, logprob_rows=logprob_rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,10 +176,17 @@ def _draw(key, logits, made):
     return jax.vmap(jax.random.categorical)(keys, logits)
 
 
-def logprobs(logits, tokens, vocab_limit: int, k: int):
-    """The model's log-probabilities (log_softmax of the raw logits over the ids the tokenizer can decode, as the
-    OpenAI API reports them): of tokens [B], and the top k ids / log-probabilities [B, k]."""
+def log_probs(logits, vocab_limit: int, logprob_rows: int | None = None):
+    """logits [..., V] -> log_softmax over the first `logprob_rows` rows (None: all V), and -inf at ids >= vocab_limit
+    (which the tokenizer cannot decode, so they are never listed)."""
     v = logits.shape[-1]
-    lps = jax.nn.log_softmax(jnp.where(jnp.arange(v) < vocab_limit, logits, -jnp.inf), axis=-1)
+    ids = jnp.arange(v)
+    lps = jax.nn.log_softmax(logits if logprob_rows in (None, v) else jnp.where(ids < logprob_rows, logits, -jnp.inf))
+    return jnp.where(ids < vocab_limit, lps, -jnp.inf)
+
+
+def logprobs(logits, tokens, k: int, vocab_limit: int, logprob_rows: int | None = None):
+    """The model's log-probabilities of tokens [B] (see log_probs), and the top k ids / log-probabilities [B, k]."""
+    lps = log_probs(logits, vocab_limit, logprob_rows)
     top_lp, top_ids = jax.lax.top_k(lps, k)
     return jnp.take_along_axis(lps, tokens[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp

@@ -86,6 +86,8 @@ def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
 
 
 class LayerNorm(nnx.Module):
+    hook = None  # see Attention.hook: hook_scale and hook_normalized, TransformerLens's (before weight and bias)
+
     def __init__(self, dim: int, eps: float, *, param_dtype):
         self.eps = eps
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
@@ -95,7 +97,11 @@ class LayerNorm(nnx.Module):
         x32 = x.astype(F32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.hook is None:
+            y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        else:  # TransformerLens: scale [..., 1] = sqrt(var + eps), normalized = centered / scale (an edit flows on)
+            scale = _hook(self, "hook_scale", jnp.sqrt(var + self.eps))
+            y = _hook(self, "hook_normalized", (x32 - mean) / scale)
         return (y * self.weight[...].astype(F32) + self.bias[...].astype(F32)).astype(x.dtype)
 
 
@@ -393,9 +399,7 @@ class Block(nnx.Module):
     def __call__(self, x, cos, sin, mask, kv, cache_index, rows=None):
         """rows [B, K] (see Attention): the block's output at those tokens only, [B, K, D]."""
         x = _hook(self, "hook_resid_pre", x)
-        attn, kv = self.attention(
-            _hook(self, "ln1.hook_normalized", self.input_layernorm(x)), cos, sin, mask, kv, cache_index, rows
-        )
+        attn, kv = self.attention(self.input_layernorm(x), cos, sin, mask, kv, cache_index, rows)
         attn = _hook(self, "hook_attn_out", attn)
         if rows is not None:
             x = jnp.take_along_axis(x, rows[..., None], axis=1)  # [B, K, D]
@@ -407,8 +411,7 @@ class Block(nnx.Module):
         return _hook(self, "hook_resid_post", x), kv
 
     def _mlp(self, x):  # [B, T, D] -> mlp(ln2(x)) [B, T, D]
-        normalized = _hook(self, "ln2.hook_normalized", self.post_attention_layernorm(x))
-        return _hook(self, "hook_mlp_out", self.mlp(normalized))
+        return _hook(self, "hook_mlp_out", self.mlp(self.post_attention_layernorm(x)))
 
 
 class GPTNeoX(nnx.Module):
@@ -487,10 +490,10 @@ class GPTNeoX(nnx.Module):
                 cache = {"k": kvs[0], "v": kvs[1]}
             if rows is not None:  # every layer ran in full: pick the rows after
                 x = jnp.take_along_axis(x, rows[..., None], axis=1)
-        return _hook(self, "ln_final.hook_normalized", self.final_layer_norm(x)), cache
+        return self.final_layer_norm(x), cache
 
     def logits(self, hidden):  # [B, T, D] -> [B, T, V] float32
-        return self.embed_out(hidden, out_dtype=F32)
+        return _hook(self, "unembed.hook_out", self.embed_out(_hook(self, "unembed.hook_in", hidden), out_dtype=F32))
 
     def __call__(self, input_ids, positions, kv_valid, cache=None, cache_index=0):
         hidden, cache = self.hidden_states(input_ids, positions, kv_valid, cache, cache_index)

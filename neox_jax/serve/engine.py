@@ -47,18 +47,19 @@ def _init_state(cfg, layout, slots, length, stacked, mesh):
     return core.empty_state(cfg, layout, slots, length, settings, stacked, True, None, mesh)
 
 
-def _admit(cfg, layout, vocab_limit, mesh, params, state, ids, length, slot, row, prompt_logprobs):
+def _admit(cfg, layout, vocab_limit, logprob_rows, mesh, params, state, ids, length, slot, row, prompt_logprobs):
     """ids [1, P] right-padded, length: its real tokens, slot: the row to fill, row: that row's settings,
     prompt_logprobs: bool, whether to score the prompt too."""
     p = ids.shape[1]
-    static = sampling.per_row_static(vocab_limit)
+    static = sampling.per_row_static(vocab_limit, logprob_rows)
     mask = (jnp.arange(p) < length)[None].astype(jnp.int32)  # [1, P]
     row1 = jax.tree.map(lambda x: jnp.asarray(x)[None], row)
     state, hidden, first = core.prefill_into(cfg, static, layout, params, state, slot, ids, mask, row1, mesh)
     model = model_from_params(cfg, params, layout.transposed)
 
     def prompt_lps(hidden):  # the log-probability of each prompt token after the ones before it: [P - 1]
-        lp, top_ids, top_lp = sampling.logprobs(model.logits(hidden)[0, :-1], ids[0, 1:], vocab_limit, R.TOP_LOGPROBS)
+        logits = model.logits(hidden)[0, :-1]  # [P - 1, V]
+        lp, top_ids, top_lp = sampling.logprobs(logits, ids[0, 1:], R.TOP_LOGPROBS, vocab_limit, logprob_rows)
         return lp, top_ids, top_lp
 
     def none(hidden):
@@ -72,11 +73,11 @@ def _admit(cfg, layout, vocab_limit, mesh, params, state, ids, length, slot, row
     return state, first
 
 
-def _decode(cfg, layout, vocab_limit, chunk, width, mesh, params, state, rows, force_done):
+def _decode(cfg, layout, vocab_limit, logprob_rows, chunk, width, mesh, params, state, rows, force_done):
     """Up to `chunk` steps for the R rows `rows` [R] (distinct slots) over the first `width` cache slots: those rows
     are gathered into a compact state, decoded, and written back (the other rows untouched). out[k][r, i]: rows[r]'s
     step i (valid for the steps it was live); force_done [R]."""
-    static = sampling.per_row_static(vocab_limit)
+    static = sampling.per_row_static(vocab_limit, logprob_rows)
     stacked = is_stacked(params)
 
     def take(path, x):  # [B, ...] -> [R, ...]; the cache [B, N, S, H] -> [R, N, width, H]
@@ -124,6 +125,7 @@ class Engine:
         slots: int,
         max_model_len: int,
         vocab_limit: int,
+        logprob_rows: int | None = None,
         chunk: int = 8,
         pad_id: int = 0,
         mesh=None,
@@ -137,6 +139,11 @@ class Engine:
         self.params = transpose_kernels(params) if self.layout.transposed else params
         self.slots = core.round_rows(slots, self.layout.min_rows, mesh)
         self.max_model_len, self.vocab_limit = max_model_len, vocab_limit
+        self.logprob_rows = cfg.vocab_size if logprob_rows is None else logprob_rows  # see sampling.log_probs
+        if not 1 <= vocab_limit <= self.logprob_rows <= cfg.vocab_size:
+            raise ValueError(
+                f"logprob_rows {self.logprob_rows} must be in [vocab_limit {vocab_limit}, vocab_size {cfg.vocab_size}]"
+            )
         self.buckets = buckets(max_model_len)
         self.row_buckets = row_buckets(self.slots, self.layout.min_rows, mesh)
         self.length_buckets = length_buckets(max_model_len)
@@ -155,14 +162,19 @@ class Engine:
         return self.programs.get(("init",), jax.jit(functools.partial(_init_state, *statics)))
 
     def _admit_program(self, p: int):
-        fn = jax.jit(functools.partial(_admit, self.cfg, self.layout, self.vocab_limit, self.mesh), donate_argnums=(1,))
+        fn = jax.jit(
+            functools.partial(_admit, self.cfg, self.layout, self.vocab_limit, self.logprob_rows, self.mesh),
+            donate_argnums=(1,),
+        )
         row = jax.tree.map(lambda x: x[0], R.empty_rows(1, self.cfg.vocab_size))
         args = (self.params, self._state_for_lowering(), jax.ShapeDtypeStruct((1, p), jnp.int32))
         return self.programs.get(("admit", p), fn, *args, np.int32(0), np.int32(0), row, np.bool_(False))
 
     def _decode_program(self, r: int, width: int):
         fn = jax.jit(
-            functools.partial(_decode, self.cfg, self.layout, self.vocab_limit, self.chunk, width, self.mesh),
+            functools.partial(
+                _decode, self.cfg, self.layout, self.vocab_limit, self.logprob_rows, self.chunk, width, self.mesh
+            ),
             donate_argnums=(1,),
         )
         rows = jnp.arange(r, dtype=jnp.int32)

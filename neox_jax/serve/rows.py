@@ -2,6 +2,11 @@
 repetition penalty, min_tokens, stop ids and seed, held as [B] / [B, V] arrays in the decode state, so one compiled
 program serves every mix. The sampler is generate's (neox_jax.inference.sampling.choose with a per_row Static): a
 row's random draw depends on its own seed and how many tokens it has made only (fold_in(key(seed), step)).
+Log-probabilities (sampling.logprobs) are those of the model's distribution, as the OpenAI completions API reports
+them: a log_softmax of the raw logits (before penalty, temperature, top-k / top-p) over `logprob_rows` rows, by
+default all of them (as lm-eval's hf backend, vLLM and neox_jax.scoring normalise), or over the ids the tokenizer can
+decode only (Pythia: 50277 of 50304; `neox-jax serve --logprob-vocab tokenizer`). Sampling and the top
+log-probabilities listed never include an id the tokenizer cannot decode, either way.
 """
 
 from __future__ import annotations
