@@ -148,24 +148,45 @@ def choose(static: Static, values: dict, logits, key, seen=None, made=None):
     )
 
 
-def _sample(static: Static, values: dict, x, key, made):
-    """Temperature, then the top-k / top-p cuts, then one draw per row (see choose)."""
+def _candidates(static: Static, values: dict, x):
+    """Temperature, then the top-k / top-p cuts: x [B, V] -> (candidate logits [B, K], their ids [B, K]), or
+    (x / temperature, None) when nothing is cut."""
     v = x.shape[-1]
     t = values["temperature"]
     x = x / _col(jnp.where(t > 0, t, 1.0) if static.per_row else t)
-    if static.top_k or static.top_p or static.per_row:
-        # candidates sorted by logit, descending: the top k, or the whole vocabulary
-        k = static.top_k or v
-        cand, ids = jax.lax.top_k(x, k)  # [B, K]
-        if static.per_row:  # each row's own top_k (0: off)
-            row_k = jnp.where(values["top_k"] > 0, values["top_k"], k)[:, None]
-            cand = jnp.where(jnp.arange(k)[None] < row_k, cand, -jnp.inf)
-        if static.top_p:  # keep the smallest prefix whose probability reaches top_p (always the first)
-            probs = jax.nn.softmax(cand, axis=-1)
-            before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly before each candidate
-            cand = jnp.where(before < _col(values["top_p"]), cand, -jnp.inf)
-        return jnp.take_along_axis(ids, _draw(key, cand, made)[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return _draw(key, x, made).astype(jnp.int32)
+    if not (static.top_k or static.top_p or static.per_row):
+        return x, None
+    # candidates sorted by logit, descending: the top k, or the whole vocabulary
+    k = static.top_k or v
+    cand, ids = jax.lax.top_k(x, k)  # [B, K]
+    if static.per_row:  # each row's own top_k (0: off)
+        row_k = jnp.where(values["top_k"] > 0, values["top_k"], k)[:, None]
+        cand = jnp.where(jnp.arange(k)[None] < row_k, cand, -jnp.inf)
+    if static.top_p:  # keep the smallest prefix whose probability reaches top_p (always the first)
+        probs = jax.nn.softmax(cand, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly before each candidate
+        cand = jnp.where(before < _col(values["top_p"]), cand, -jnp.inf)
+    return cand, ids
+
+
+def _sample(static: Static, values: dict, x, key, made):
+    """The cuts (see _candidates), then one draw per row (see choose)."""
+    cand, ids = _candidates(static, values, x)
+    if ids is None:
+        return _draw(key, cand, made).astype(jnp.int32)
+    return jnp.take_along_axis(ids, _draw(key, cand, made)[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def processed_logits(static: Static, values: dict, logits):
+    """logits [..., V] float32 (penalty and vocabulary mask already applied, or not wanted) -> the logits `choose`
+    draws from: temperature, top-k and top-p applied, the excluded ids -inf (their softmax is the distribution a
+    speculative acceptance test compares). Batch-uniform statics only."""
+    shape, v = logits.shape, logits.shape[-1]
+    cand, ids = _candidates(static, values, logits.reshape(-1, v))
+    if ids is not None:
+        rows = jnp.arange(cand.shape[0])[:, None]
+        cand = jnp.full((cand.shape[0], v), -jnp.inf, cand.dtype).at[rows, ids].set(cand)
+    return cand.reshape(shape)
 
 
 def _draw(key, logits, made):
