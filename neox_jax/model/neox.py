@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from neox_jax.model import attention, int8
 from neox_jax.model.config import NeoXConfig
@@ -83,6 +84,26 @@ def _hook(module, name: str, x):
 
 def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return (std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype)
+
+
+# Activation checkpointing per block (training: --remat). "full" keeps only each block's input and recomputes the
+# block in the backward pass; "dots" also keeps every Linear's output (LINEAR_OUT): the projections are not recomputed,
+# the elementwise work, layernorms and attention core (its [B, N, T, T] scores included) are. None: keep everything.
+LINEAR_OUT = "linear_out"
+REMAT = {
+    "none": None,
+    "dots": jax.checkpoint_policies.save_only_these_names(LINEAR_OUT),
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_block(fn, remat: str, prevent_cse: bool = True):
+    """fn (a block's forward) under jax.checkpoint with the REMAT policy `remat` ("none": fn itself)."""
+    if remat not in REMAT:
+        raise ValueError(f"unknown remat policy {remat!r}; expected one of {list(REMAT)}")
+    if remat == "none":
+        return fn
+    return jax.checkpoint(fn, policy=REMAT[remat], prevent_cse=prevent_cse)
 
 
 class LayerNorm(nnx.Module):
@@ -214,7 +235,7 @@ class Linear(nnx.Module):
             y = y + self.lora(x, self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(F32)
-        return y.astype(out_dtype or kernel.dtype)
+        return checkpoint_name(y.astype(out_dtype or kernel.dtype), LINEAR_OUT)  # kept by --remat dots
 
 
 def _linear(name: str, kernel_shape, bias_shape, **kw) -> Linear:
@@ -414,8 +435,34 @@ class Block(nnx.Module):
         return _hook(self, "hook_mlp_out", self.mlp(self.post_attention_layernorm(x)))
 
 
+def _take_extras(layers) -> list:
+    """Detaches the stacked Linears' kernel_t / lora (arrays are not nnx state): [(path, kernel_t, lora)]."""
+    found = []
+    for path, m in nnx.iter_modules(layers):
+        if isinstance(m, Linear) and (m.kernel_t is not None or m.lora is not None):
+            found.append((tuple(path), m.kernel_t, m.lora))
+            m.kernel_t = m.lora = None
+    return found
+
+
+def _put_extras(layers, extras: list, layer_extras=None, i=None) -> None:
+    """Re-attaches _take_extras' arrays: all layers' (layer_extras None) or layer i's slices, with the LoRA dropout
+    key folded with the layer index too."""
+    modules = dict((tuple(p), m) for p, m in nnx.iter_modules(layers))
+    for j, (path, kernel_t, lora) in enumerate(extras):
+        m = modules[path]
+        if layer_extras is None:
+            m.kernel_t, m.lora = kernel_t, lora
+            continue
+        m.kernel_t, ab = layer_extras[j]
+        if lora is not None:
+            key = None if lora.key is None else jax.random.fold_in(lora.key, i)
+            m.lora = LoraAdapter(ab[0], ab[1], lora.spec, key)
+
+
 class GPTNeoX(nnx.Module):
     hook = None  # see Attention.hook
+    remat = "none"  # activation checkpointing of each block without a cache (REMAT; set by model_from_params)
 
     def __init__(self, cfg: NeoXConfig, *, param_dtype=F32, rngs: nnx.Rngs, stacked: bool = False):
         self.embed_in = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
@@ -470,22 +517,36 @@ class GPTNeoX(nnx.Module):
             last = len(self.layers) - 1
             for i, block in enumerate(self.layers):
                 kv = None if cache is None else (cache["k"][i], cache["v"][i])
-                x, kv = block(x, cos, sin, mask, kv, cache_index, rows if i == last else None)
+                r = rows if i == last else None
+                if cache is None and self.remat != "none":  # the block's weights are closed over (traced inputs)
+                    x = remat_block(
+                        lambda x, cos, sin, mask, b=block, r=r: b(x, cos, sin, mask, None, 0, r)[0], self.remat
+                    )(x, cos, sin, mask)
+                    continue
+                x, kv = block(x, cos, sin, mask, kv, cache_index, r)
                 if kv is not None:
                     ks.append(kv[0])
                     vs.append(kv[1])
             if cache is not None:
                 cache = {"k": ks, "v": vs}
         else:  # stacked [L, ...] under lax.scan
+            extras = _take_extras(self.layers)  # kernel_t / LoRA arrays [L, ...]: scanned over with the weights
             graphdef, state = nnx.split(self.layers)
 
             def body(x, layer):
-                layer_state, kv = layer
-                x, kv = nnx.merge(graphdef, layer_state)(x, cos, sin, mask, kv, cache_index)
+                layer_state, kv, layer_extras, i = layer
+                block = nnx.merge(graphdef, layer_state)
+                _put_extras(block, extras, layer_extras, i)
+                x, kv = block(x, cos, sin, mask, kv, cache_index)
                 return x, kv
 
             kvs = None if cache is None else (cache["k"], cache["v"])
-            x, kvs = jax.lax.scan(body, x, (state, kvs))
+            if cache is None:  # under scan, CSE across iterations is impossible anyway (jax.checkpoint's docs)
+                body = remat_block(body, self.remat, prevent_cse=False)
+            layer_extras = [(kt, lo and (lo.a, lo.b)) for _, kt, lo in extras]
+            n = jax.tree.leaves(state)[0].shape[0]
+            x, kvs = jax.lax.scan(body, x, (state, kvs, layer_extras, jnp.arange(n)))
+            _put_extras(self.layers, extras)
             if cache is not None:
                 cache = {"k": kvs[0], "v": kvs[1]}
             if rows is not None:  # every layer ran in full: pick the rows after
@@ -560,15 +621,25 @@ def unstack_layers(params: Params) -> Params:
 
 
 def model_from_params(
-    cfg: NeoXConfig, params: Params, transposed: bool = False, attention: str | None = None, lora=None, lora_key=None
+    cfg: NeoXConfig,
+    params: Params,
+    transposed: bool = False,
+    attention: str | None = None,
+    lora=None,
+    lora_key=None,
+    remat: str = "none",
 ) -> GPTNeoX:
     """The module tree over `params`; transposed=True for params from `decode.transpose_kernels`. A Linear's
     "kernel_t" entry (from `finetune.prepare_frozen`) becomes its `kernel_t`, not a parameter; its "lora_A" /
     "lora_B" entries (unmerged LoRA adapters) its `lora`, with lora (a lora.LoraSpec) giving the scale and dropout
     and lora_key (None: no dropout) the dropout's PRNG key, folded with each Linear's index. attention: the
-    attention without cache slots (None: per backend; "plain", "xla", "cudnn": see neox_jax/model/attention.py)."""
+    attention without cache slots (None: per backend; "plain", "xla", "cudnn": see neox_jax/model/attention.py);
+    remat: the activation checkpointing of each block in a forward without a cache (REMAT)."""
     params, extras = _pop_extras(params)
     model = nnx.merge(graphdef(cfg, is_stacked(params), int8.spec_of(params)), params)
+    if remat != "none":
+        remat_block(None, remat)  # a clear error for an unknown policy
+        model.remat = remat
     if attention is not None:
         for _, module in nnx.iter_modules(model):
             if isinstance(module, Attention):
@@ -617,16 +688,17 @@ def forward(
     attention: str | None = None,
     lora=None,
     lora_key=None,
+    remat: str = "none",
 ):
     """Pure function: logits [B, T, V] float32 and the updated cache. Without positions / kv_valid every token is real
-    and positions count from 0. attention, lora, lora_key: see model_from_params (lora: params with unmerged LoRA
-    adapters)."""
+    and positions count from 0. attention, lora, lora_key, remat: see model_from_params (lora: params with unmerged
+    LoRA adapters)."""
     b, t = input_ids.shape
     if kv_valid is None:
         kv_valid = jnp.ones((b, t), bool)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    return model_from_params(cfg, params, attention=attention, lora=lora, lora_key=lora_key)(
+    return model_from_params(cfg, params, attention=attention, lora=lora, lora_key=lora_key, remat=remat)(
         input_ids, positions, kv_valid, cache, cache_index
     )
 

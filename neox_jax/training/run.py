@@ -36,11 +36,11 @@ from neox_jax.errors import NeoXError
 from neox_jax.model import lora
 from neox_jax.parallel.sharding import batch_sharding, check_divisible, make_mesh
 from neox_jax.store import checkpoint, records
-from neox_jax.store.tokenizer import Tokenizer
-from neox_jax.training import data
+from neox_jax.training import data, prefix, stacking
 from neox_jax.training import step as finetune
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora")
+PREFIX_FIELDS = ("start_step", "data_step_items")
 # settings a resumed run must share with the run it continues (the rest may change: steps, saving, mesh, ...)
 EXACT = (
     "data",
@@ -59,8 +59,13 @@ EXACT = (
     "seed",
     "initial_loss_scale",
     "loss_scale_period",
+    "remat",  # not the numbers but the state's layout: with remat the layers are stacked (training/stacking.py)
     *LORA_FIELDS,
+    *PREFIX_FIELDS,
 )
+
+
+BEFORE = {"remat": "none"}  # what a run.json written before a setting existed meant by its absence
 
 
 class NonFiniteLoss(RuntimeError):
@@ -96,11 +101,14 @@ class RunConfig:
     eval_every: int = 0
     eval_fraction: float = 0.05
     eval_batches: int = 0  # 0: the whole held-out split
+    start_step: int | None = None  # --data PREFIX: the Pythia step to start from (training/prefix.py)
+    data_step_items: int = 1024  # --data PREFIX: sequences a step of the dataset's order (Pythia's 1024)
     seed: int = 0
     resume: bool = False
     initial_loss_scale: float = 2.0**15
     loss_scale_period: int = 2000
     transposed_copies: bool = True  # bfloat16 on CPU: transposed copies of the frozen kernels (finetune.py)
+    remat: str = "none"  # activation checkpointing per block: none, dots, full (model.neox.REMAT)
     progress: bool = True
     stop_after: int | None = None  # test hook: SIGTERM ourselves after this step
     allow_schedule_change: bool = False  # resume with another total step count (reshapes the lr schedule)
@@ -122,6 +130,8 @@ def _resolved(cfg: RunConfig, ckpt_dtype: str) -> dict:
     d["heldout_fraction"] = cfg.eval_fraction if cfg.eval_every else 0.0  # decides which windows train
     if cfg.trainable != "lora":  # not part of other runs (and absent from their run.json)
         d.update(dict.fromkeys(LORA_FIELDS))
+    if not prefix.is_prefix(cfg.data):  # likewise for the dataset-prefix settings
+        d.update(dict.fromkeys(PREFIX_FIELDS))
     return d
 
 
@@ -141,6 +151,7 @@ def _saved_run(out: Path, settings: dict, resume: bool) -> dict | None:
             f"{saved.get('checkpoint')}, whose stored bytes differ ({saved['base'][:23]}... vs "
             f"{settings['base'][:23]}...); resume with the run's own base checkpoint"
         )
+    saved = {**BEFORE, **saved}
     diff = [f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in EXACT if saved.get(k) != settings[k]]
     if diff:
         raise NeoXError(f"{path}: --resume needs the settings the run started with; changed: {'; '.join(diff)}")
@@ -234,23 +245,20 @@ def run(cfg: RunConfig) -> int:
         raise ValueError(f"--resume: {out / 'checkpoints'} holds no checkpoint to resume from")
     saved = _saved_run(out, settings, cfg.resume)
 
-    tok = Tokenizer.from_file(cfg.tokenizer or cfg.checkpoint)
     model_cfg = checkpoint.read_config(cfg.checkpoint)
-    packed = data.prepare(cfg.data, tok, cfg.seq_len, settings["heldout_fraction"], model_cfg.vocab_size)
-    batches = data.Batches(packed.train, cfg.batch_size, cfg.seed)
+    batches, heldout, what = prefix.run_data(cfg, model_cfg.vocab_size, settings["heldout_fraction"])
     total = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * batches.batches_per_epoch)
     _check_schedule(saved, total, cfg.allow_schedule_change)
     mesh = make_mesh(cfg.mesh)
     check_divisible(model_cfg, mesh, cfg.batch_size)
     mode = train_mode(cfg)
+    stacked = stacking.stacked_for(cfg.remat)
     model_cfg, trainable, frozen = finetune.load_for_training(
-        cfg.checkpoint, mode, dtype, mesh, cfg.transposed_copies, cfg.seed
+        cfg.checkpoint, mode, dtype, mesh, cfg.transposed_copies, cfg.seed, stacked
     )
     n_train = sum(x.size for x in jax.tree.leaves(trainable))
     print(
-        f"data: {packed.num_tokens:,} tokens -> {len(packed.train)} windows of {cfg.seq_len + 1} "
-        f"(+{len(packed.heldout)} held out; {packed.dropped_tokens} tail tokens dropped), "
-        f"{batches.batches_per_epoch} batches of {cfg.batch_size} per epoch; {total} steps on mesh "
+        f"data: {what}, {batches.batches_per_epoch} batches of {cfg.batch_size} per epoch; {total} steps on mesh "
         f"{dict(mesh.shape)}; training {n_train:,} of {model_cfg.num_params:,} parameters ({cfg.trainable}, "
         f"{settings['dtype']}"
         + (
@@ -269,7 +277,7 @@ def run(cfg: RunConfig) -> int:
         cfg.weight_decay,
     )
     dynamic = dtype == jnp.float16
-    shardings = finetune.state_shardings(model_cfg, mesh, mode, tx)
+    shardings = finetune.state_shardings(model_cfg, mesh, mode, tx, stacked)
     state = finetune.init_state(
         trainable, tx, shardings, dynamic=dynamic, initial_scale=cfg.initial_loss_scale, seed=cfg.seed
     )
@@ -295,12 +303,17 @@ def run(cfg: RunConfig) -> int:
         dynamic=dynamic,
         scale_period=cfg.loss_scale_period,
         transposed_copies=cfg.transposed_copies,
+        remat=cfg.remat,
     )
-    eval_step = finetune.make_eval_step(model_cfg, dtype, mesh, mode, cfg.transposed_copies) if cfg.eval_every else None
+    eval_step = (
+        finetune.make_eval_step(model_cfg, dtype, mesh, mode, cfg.transposed_copies, stacked)
+        if cfg.eval_every
+        else None
+    )
 
     def evaluate(params) -> float:
         total_loss, count = 0.0, 0.0
-        for i, (w, wt) in enumerate(data.eval_batches(packed.heldout, cfg.batch_size)):
+        for i, (w, wt) in enumerate(data.eval_batches(heldout, cfg.batch_size)):
             if cfg.eval_batches and i >= cfg.eval_batches:
                 break
             s, n = eval_step(
@@ -339,6 +352,7 @@ def run(cfg: RunConfig) -> int:
                     f"saving; {good} in {out / 'checkpoints'} (try a lower --lr, --dtype bfloat16/float32, or check "
                     f"the data)"
                 )
+            items = batches.items(pos) if isinstance(batches, prefix.PrefixBatches) else None
             state, step, epoch, pos = new_state, step + 1, pos.epoch, batches.advance(pos)
             last = {
                 "step": step,
@@ -349,6 +363,7 @@ def run(cfg: RunConfig) -> int:
                 "loss_scale": m["loss_scale"],
                 "skipped": bool(m["skipped"]),
                 "tokens_per_s": cfg.batch_size * cfg.seq_len / dt,
+                **({"items": [items.start, items.stop]} if items else {}),  # the dataset sequences it trained on
             }
             if eval_step is not None and (step % cfg.eval_every == 0 or step == total):
                 last["eval_loss"] = evaluate(state["params"])
