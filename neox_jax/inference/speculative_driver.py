@@ -6,9 +6,9 @@ stream events as Generator, plus acceptance statistics.
     result.speculative  # {"acceptance_rate": ..., "tokens_per_target_step": ..., ...}
 
 The programs (neox_jax/inference/speculative.py) are compiled once per (batch, prompt bucket, cache length, k,
-sampling mode) and kept in the target Generator's program cache (core.Programs). The cache gets k extra slots (a round may write k
-tokens past the last one kept). Not supported with a draft: the repetition penalty (its distribution changes along
-the drafted tokens).
+sampling mode) and kept in the target Generator's program cache (core.Programs). The cache gets k extra slots (a
+round may write k tokens past the last one kept). Not supported with a draft: the repetition penalty (its
+distribution changes along the drafted tokens).
 """
 
 from __future__ import annotations
