@@ -1,0 +1,1 @@
+"""(temporary home until the house move)"""
