@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from neox_jax.checkpoint import (
+from neox_jax.errors import NeoXWarning
+from neox_jax.model.config import NeoXConfig
+from neox_jax.store.checkpoint import (
     DTYPE_CHOICES,
     DTYPES,
     CheckpointWriter,
@@ -25,9 +27,7 @@ from neox_jax.checkpoint import (
     iter_groups,
     read_metadata,
 )
-from neox_jax.config import NeoXConfig
-from neox_jax.errors import NeoXWarning
-from neox_jax.staging import Staging
+from neox_jax.store.staging import Staging
 
 from .mapping import IGNORED_SUFFIXES, get_path, group_entries, set_path
 from .sources import ConvertError, HFTensors
@@ -65,7 +65,7 @@ def read_hf_config(src: Path) -> NeoXConfig:
 
 
 def convert_hf(src, out, dtype="float32", allow_nonfinite=False, progress=True, hub: dict | None = None) -> dict:
-    """hub: where SRC came from (neox_jax.hub.HubFiles.source_record()), recorded in metadata.json `source`."""
+    """hub: where SRC came from (neox_jax.store.hub.HubFiles.source_record()), recorded in metadata.json `source`."""
     src, out = Path(src), Path(out)
     cfg = read_hf_config(src)
     tensors = HFTensors(src)

@@ -1,4 +1,5 @@
-"""Conversion from a hub id + revision: resolve and verify the files (neox_jax.hub), then convert the local snapshot
+"""Conversion from a hub id + revision: resolve and verify the files (neox_jax.store.hub), then convert the local
+snapshot
 with convert/hf.py, recording where it came from; and the converted-checkpoint cache behind
 `neox_jax.load("org/name", revision=...)`.
 
@@ -12,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from neox_jax import hub
-from neox_jax.checkpoint import CheckpointError, dtype_name
+from neox_jax.store import hub
+from neox_jax.store.checkpoint import CheckpointError, dtype_name
 
 from .hf import convert_hf
 from .sources import ConvertError

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from neox_jax.config import NeoXConfig
+from neox_jax.model.config import NeoXConfig
 
 # Non-persistent buffers that older transformers wrote into checkpoints: known, recomputed, never parameters.
 IGNORED_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".attention.rotary_emb.inv_freq")

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from neox_jax import lora
-from neox_jax.checkpoint import (
+from neox_jax.model import lora
+from neox_jax.model.config import NeoXConfig
+from neox_jax.store.checkpoint import (
     DTYPE_CHOICES,
     DTYPES,
     CheckpointError,
@@ -26,8 +27,7 @@ from neox_jax.checkpoint import (
     read_metadata,
     set_group,
 )
-from neox_jax.config import NeoXConfig
-from neox_jax.finetune import load_finetuned, merge_params, mode_from_meta, split_params
+from neox_jax.training.step import load_finetuned, merge_params, mode_from_meta, split_params
 
 
 def merge(ckpt, run_dir, out, dtype=None, progress=True) -> dict:

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from neox_jax.checkpoint import DTYPE_CHOICES, CheckpointWriter, dtype_name
-from neox_jax.config import NeoXConfig
+from neox_jax.model.config import NeoXConfig
+from neox_jax.store.checkpoint import DTYPE_CHOICES, CheckpointWriter, dtype_name
 
 from .hf import cast_checked
 from .mapping import group_entries, set_path

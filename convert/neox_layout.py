@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neox_jax.config import NeoXConfig
+from neox_jax.model.config import NeoXConfig
 
 CAT0, CAT1, REPLICATED, SUM, BUFFER = "concat dim 0", "concat dim 1", "replicated", "sum", "buffer"
 

@@ -22,7 +22,7 @@ import json
 import re
 from pathlib import Path
 
-from neox_jax.config import NeoXConfig
+from neox_jax.model.config import NeoXConfig
 
 from .sources import ConvertError
 

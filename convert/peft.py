@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import time
 
-from neox_jax import lora, lora_peft
-from neox_jax.checkpoint import read_metadata
-from neox_jax.config import NeoXConfig
-from neox_jax.finetune import load_finetuned, mode_from_meta
+from neox_jax.model import lora
+from neox_jax.model.config import NeoXConfig
+from neox_jax.store import peft as lora_peft
+from neox_jax.store.checkpoint import read_metadata
+from neox_jax.training.step import load_finetuned, mode_from_meta
 
 from .sources import ConvertError
 

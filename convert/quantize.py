@@ -1,7 +1,7 @@
 """neox-jax convert quantize CKPT OUT [--mode int8|llm.int8]: a float neox-jax checkpoint -> an int8 one.
 
 Streams group by group (one layer in memory at a time), so the host never holds the float model: read a group,
-quantize its block matrices (int8 kernels, float32 per-output-channel scales; see neox_jax/quantize.py), write it.
+quantize its block matrices (int8 kernels, float32 per-output-channel scales; see neox_jax/model/quantize.py), write it.
 Everything else (embeddings, layernorms, biases) keeps the source dtype. metadata.json records the quantization, so
 `neox_jax.load(OUT)` loads it quantized with no further argument.
 """
@@ -16,9 +16,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from neox_jax import quantize
-from neox_jax.checkpoint import CheckpointWriter, group_names, iter_groups, read_metadata
-from neox_jax.config import NeoXConfig
+from neox_jax.model import quantize
+from neox_jax.model.config import NeoXConfig
+from neox_jax.store.checkpoint import CheckpointWriter, group_names, iter_groups, read_metadata
 
 from .sources import ConvertError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from neox_jax.checkpoint import verify
+from neox_jax.store.checkpoint import verify
 
 
 def _run(a):

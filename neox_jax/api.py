@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neox_jax import checkpoint, sharding
-from neox_jax.config import NeoXConfig
-from neox_jax.generate import GenerateResult, Generator, Stream
-from neox_jax.model import Params, forward, positions_from_mask
-from neox_jax.tokenizer import Tokenizer
+from neox_jax.inference.generate import GenerateResult, Generator, Stream
+from neox_jax.model.config import NeoXConfig
+from neox_jax.model.neox import Params, forward, positions_from_mask
+from neox_jax.parallel import sharding
+from neox_jax.store import checkpoint
+from neox_jax.store.tokenizer import Tokenizer
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -77,7 +78,7 @@ class NeoX:
     ) -> GenerateResult:
         """prompts: a string, a list of strings, or token-id lists. Greedy at temperature 0; `stop` strings and
         `stop_token_ids` (default end-of-text) end a completion; also repetition_penalty, callback(StreamEvent).
-        Returns token_ids, texts, finish_reasons, timing (see neox_jax.generate)."""
+        Returns token_ids, texts, finish_reasons, timing (see neox_jax.inference.generate)."""
         return self.generator().generate(
             prompts, max_new_tokens, temperature, top_k, top_p, seed=seed, stop=stop, **kwargs
         )
@@ -103,16 +104,16 @@ class NeoX:
 
     def run_with_cache(self, ids, names_filter=None, mask=None, fwd_hooks=()):
         """(logits, cache {TransformerLens hook name: float32 activation}) of one compiled forward; names_filter: a
-        list of names, a regex or a predicate (default: every name). See neox_jax/interp.py and
+        list of names, a regex or a predicate (default: every name). See neox_jax/interp/run.py and
         docs/interpretability.md."""
-        from neox_jax import interp
+        from neox_jax.interp import run as interp
 
         return interp.run_with_cache(self, ids, names_filter, mask, fwd_hooks)
 
     def run_with_hooks(self, ids, fwd_hooks, mask=None):
         """logits [B, T, V] float32 of a forward with fwd_hooks [(name, fn), ...] applied inside it (ablation,
         patching, steering): fn(float32 activation) -> float32 activation of the same shape."""
-        from neox_jax import interp
+        from neox_jax.interp import run as interp
 
         return interp.run_with_hooks(self, ids, fwd_hooks, mask)
 
@@ -130,7 +131,7 @@ def _restore(path: Path, cfg: NeoXConfig, dtype, mesh) -> Params:
     reads only its slice from the checkpoint (Orbax), so the host never holds the whole model."""
     if mesh is None:
         return checkpoint.restore_params(path, dtype)
-    from neox_jax import quantize
+    from neox_jax.model import quantize
 
     quant = quantize.spec_from_metadata(checkpoint.read_metadata(path).get("quantization"))  # int8 checkpoints
     shardings = sharding.param_shardings(cfg, mesh, quant=quant)  # fails here, before reading, if it cannot split
@@ -138,16 +139,17 @@ def _restore(path: Path, cfg: NeoXConfig, dtype, mesh) -> Params:
 
 
 def _apply_finetuned(params: Params, cfg: NeoXConfig, run_dir) -> Params:
-    """Replaces the trainable parameters with those of a fine-tuning run (RUN_DIR/finetuned, see neox_jax.finetune)."""
-    from neox_jax.finetune import apply_finetuned
+    """Replaces the trainable parameters with those of a fine-tuning run (RUN_DIR/finetuned, see
+    neox_jax.training.step)."""
+    from neox_jax.training.step import apply_finetuned
 
     return apply_finetuned(params, cfg, run_dir)
 
 
 def _quantize(params: Params, cfg: NeoXConfig, mode: str) -> Params:
-    """int8 / llm.int8 weights (neox_jax/quantize.py), one group at a time so each float group is freed as it is
+    """int8 / llm.int8 weights (neox_jax/model/quantize.py), one group at a time so each float group is freed as it is
     replaced. An int8 checkpoint (already quantized) just switches mode."""
-    from neox_jax import quantize
+    from neox_jax.model import quantize
 
     if mode not in quantize.MODES:
         raise ValueError(f"quantize={mode!r}: expected one of {quantize.MODES}")
@@ -190,23 +192,25 @@ def load(
     """Loads a neox-jax checkpoint directory (made by `neox-jax convert ...`), or a hub id `org/name`.
 
     A hub id (with `revision`: a branch, tag or commit, e.g. "step143000" for Pythia; default "main") is downloaded
-    and verified (neox_jax.hub), converted once into $NEOX_JAX_CACHE (default ~/.cache/neox-jax) keyed by commit and
+    and verified (neox_jax.store.hub), converted once into $NEOX_JAX_CACHE (default ~/.cache/neox-jax) keyed by commit
+    and
     dtype (default float32), and loaded from there afterwards. Conversion needs the `convert` extra (torch only for
     pytorch_model.bin files).
 
     dtype: float32 / float16 / bfloat16 (or fp32 / fp16 / bf16) to cast the parameters to (default: as stored).
-    mesh: a jax.sharding.Mesh, or a string such as "data=2,model=4" or "model=-1" (see neox_jax.sharding.make_mesh),
+    mesh: a jax.sharding.Mesh, or a string such as "data=2,model=4" or "model=-1" (see
+    neox_jax.parallel.sharding.make_mesh),
     to restore the params onto, sharded.
     finetuned: a fine-tuning run directory whose trained parameters replace the checkpoint's (a LoRA run's adapters
     are folded into the weights).
     adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), folded into the weights
-    as W + scale * A @ B in float32, then cast to the weights' dtype (see neox_jax/lora_peft.py).
-    quantize: None, "int8" (weight-only) or "llm.int8" (see neox_jax/quantize.py). An int8 checkpoint (made by
+    as W + scale * A @ B in float32, then cast to the weights' dtype (see neox_jax/store/peft.py).
+    quantize: None, "int8" (weight-only) or "llm.int8" (see neox_jax/model/quantize.py). An int8 checkpoint (made by
     `neox-jax convert quantize`) loads quantized without it; passing the other mode switches modes.
     tokenizer: a tokenizer.json to use instead of the checkpoint's own.
     verify: re-hash every stored file against the checksums in metadata.json first (reads the whole checkpoint
     once more; without it, load checks groups, layer count, file sizes, shapes and dtypes, which is cheap)."""
-    from neox_jax import hub
+    from neox_jax.store import hub
 
     if hub.is_hub_id(path):
         dtype = dtype or "float32"
@@ -230,7 +234,8 @@ def load(
     if finetuned is not None:
         params = _apply_finetuned(params, cfg, finetuned)
     if adapter is not None:
-        from neox_jax import lora, lora_peft
+        from neox_jax.model import lora
+        from neox_jax.store import peft as lora_peft
 
         spec, adapters = lora_peft.read_adapter(adapter, cfg)
         params = lora.merge_adapters(params, adapters, spec.scale)

@@ -102,7 +102,7 @@ def main() -> None:
     hf_dir = work / "hf-tiny"
     hf_dir.mkdir()
     train_tokenizer(hf_dir / "tokenizer.json")
-    from neox_jax.tokenizer import Tokenizer
+    from neox_jax.store.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(hf_dir / "tokenizer.json")
     vocab = (tok.vocab_size // 64 + 1) * 64  # padded embedding rows the tokenizer never produces, as Pythia / 20B have

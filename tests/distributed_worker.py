@@ -8,7 +8,7 @@ import argparse
 
 import numpy as np
 
-from neox_jax import distributed
+from neox_jax.parallel import distributed
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     import jax
 
     import neox_jax
-    from neox_jax import sharding
+    from neox_jax.parallel import sharding
 
     ids, out = np.load(args.ids), {}
     for spec in args.mesh:

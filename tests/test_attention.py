@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from conftest import hf_logits, make_hf_model
-from neox_jax import attention, scoring
-from neox_jax import finetune as ft
-from neox_jax import model as M
-from neox_jax.cache import init_cache
-from neox_jax.config import NeoXConfig, preset
+from neox_jax.evaluation import scoring
+from neox_jax.inference.cache import init_cache
+from neox_jax.model import attention
+from neox_jax.model import neox as M
+from neox_jax.model.config import NeoXConfig, preset
+from neox_jax.training import step as ft
 
 
 def test_choose_per_backend_and_forced():

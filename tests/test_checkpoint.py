@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from neox_jax import checkpoint
-from neox_jax.config import preset
-from neox_jax.model import init_params
+from neox_jax.model.config import preset
+from neox_jax.model.neox import init_params
+from neox_jax.store import checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from neox_jax.config import PRESETS, NeoXConfig, preset
-from neox_jax.model import abstract_params
+from neox_jax.model.config import PRESETS, NeoXConfig, preset
+from neox_jax.model.neox import abstract_params
 
 # config.json as the published EleutherAI/pythia-160m carries it (transformers 4 layout)
 PYTHIA_160M_T4 = {

@@ -17,8 +17,8 @@ from convert.__main__ import main
 from convert.neox_layout import CAT0, CAT1, REPLICATED, SUM, layer_file, plan, write_slim, yaml_20b_style
 from convert.neox_yaml import load_yaml, model_args, read_neox_args
 from convert.sources import ConvertError
-from neox_jax.checkpoint import CheckpointError
-from neox_jax.config import PRESETS, NeoXConfig
+from neox_jax.model.config import PRESETS, NeoXConfig
+from neox_jax.store.checkpoint import CheckpointError
 
 STEP = "global_step150000"
 IDS = np.random.RandomState(0).randint(0, 128, (2, 13))

@@ -73,7 +73,7 @@ def task_manager(data_env):
 def _run(lm, tm, names, limit):
     from lm_eval import simple_evaluate
 
-    from neox_jax.tasks import task_specs
+    from neox_jax.evaluation.tasks import task_specs
 
     specs = task_specs(names)
     missing = [n for n in names if specs[n] == n and n != "shakespeare_gen"]
@@ -88,7 +88,7 @@ def both(eval_models, task_manager):
     """{'neox-jax': {task: (metrics, samples)}, 'hf': ...} over every task, each backend in one process."""
     from lm_eval.models.huggingface import HFLM
 
-    from neox_jax.evaluation import NeoXLM
+    from neox_jax.evaluation.harness import NeoXLM
 
     hf_dir, ckpt = eval_models
     lms = {
@@ -134,7 +134,7 @@ def test_same_metrics_as_hf_backend(both, task):
 def test_generation_stops(both, tokenizer_file):
     """The generate_until task exercised both endings: continuations cut at a stop string (shorter than max_gen_toks,
     16) and continuations that ran to max_gen_toks."""
-    from neox_jax.tokenizer import Tokenizer
+    from neox_jax.store.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_file)
     lengths = [len(tok.encode(s["resps"][0][0])) for s in both["hf"]["shakespeare_gen"][1]]
@@ -145,9 +145,9 @@ def test_packed_scores_equal_one_request_at_a_time():
     """Shared contexts, duplicate requests, left truncation at max length, a one-token context, several trees per
     row, stacked layers: the packed scorer gives what one unpadded forward per request gives."""
     from neox_jax.api import NeoX
-    from neox_jax.config import preset
-    from neox_jax.model import init_params, stack_layers
-    from neox_jax.scoring import score_requests
+    from neox_jax.evaluation.scoring import score_requests
+    from neox_jax.model.config import preset
+    from neox_jax.model.neox import init_params, stack_layers
 
     cfg, length = preset("tiny").replace(max_position_embeddings=64), 64
     params = init_params(cfg, seed=1)
@@ -176,7 +176,7 @@ def test_packed_scores_equal_one_request_at_a_time():
 def test_greedy_test_breaks_ties_like_argmax():
     """The scorer's greedy flag is argmax(logits) == target, the first maximum winning a tie, as in the hf backend;
     and its log-probabilities are log_softmax's."""
-    from neox_jax.scoring import logprob_and_greedy
+    from neox_jax.evaluation.scoring import logprob_and_greedy
 
     logits = np.array(
         [[0.0, 3.0, 3.0, 1.0], [0.0, 3.0, 3.0, 1.0], [5.0, 1.0, 2.0, 5.0], [0.0, 1.0, 2.0, 7.0]], np.float32
@@ -194,8 +194,8 @@ def test_chunked_sum_exp_matches_one_pass(vocab):
     log-probabilities built on it equal log_softmax's at the pythia vocabulary size."""
     import jax.numpy as jnp
 
-    from neox_jax.reductions import sum_exp
-    from neox_jax.scoring import logprob_and_greedy
+    from neox_jax.evaluation.scoring import logprob_and_greedy
+    from neox_jax.model.reductions import sum_exp
 
     x = np.random.default_rng(0).standard_normal((3, 5, vocab)).astype(np.float32) * 4
     m = x.max(-1, keepdims=True)
@@ -251,7 +251,7 @@ def test_unknown_task_lists_close_matches(eval_models, data_env, capsys):
 
 
 def test_half_precision_close_to_float32(eval_models, data_env):
-    from neox_jax.evaluation import NeoXLM
+    from neox_jax.evaluation.harness import NeoXLM
 
     reqs = [("The quick brown fox", " jumps over the lazy dog"), ("To be, or not to be", ": that is the question")]
     scores = {}
@@ -270,9 +270,9 @@ def test_neox_jax_imports_without_lm_eval():
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name.split('.')[0] == 'lm_eval': raise ImportError('no ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import neox_jax, neox_jax.tasks, neox_jax.scoring\n"
+        "import neox_jax, neox_jax.evaluation.tasks, neox_jax.evaluation.scoring\n"
         "try:\n"
-        "    import neox_jax.evaluation\n"
+        "    import neox_jax.evaluation.harness\n"
         "except ImportError as e:\n"
         "    print(e)\n"
     )

@@ -13,10 +13,11 @@ import pytest
 
 import neox_jax
 from conftest import SHARED_DATA, run_cli
-from neox_jax import checkpoint, data
-from neox_jax import finetune as ft
-from neox_jax.sharding import batch_sharding, make_mesh
-from neox_jax.tokenizer import Tokenizer
+from neox_jax.parallel.sharding import batch_sharding, make_mesh
+from neox_jax.store import checkpoint
+from neox_jax.store.tokenizer import Tokenizer
+from neox_jax.training import data
+from neox_jax.training import step as ft
 
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 WORDS = "the king queen lord speak hear love death night day sword crown heart blood fair good".split()
@@ -138,7 +139,7 @@ def test_sharded_step_equals_single_device(tiny_ckpt):
 def test_matmul_f32_gradient_runs_in_operand_dtype():
     """matmul_f32's gradient runs in the operands' dtype: the float32 cotangent rounded to it, float32 accumulation;
     with a transposed copy of the weights (how half-precision training on CPU runs) and without one alike."""
-    from neox_jax.model import matmul_f32
+    from neox_jax.model.neox import matmul_f32
 
     rng = np.random.RandomState(0)
     x, w = (jnp.asarray(rng.randn(*s), jnp.bfloat16) for s in ((6, 5), (5, 7)))

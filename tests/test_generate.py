@@ -12,12 +12,12 @@ import pytest
 
 import neox_jax
 from conftest import BPE_VOCAB, convert_hf, make_hf_model, run_cli
-from neox_jax.cache import init_cache
-from neox_jax.decode import Layout
-from neox_jax.generate import Generator
-from neox_jax.model import forward, model_from_params, positions_from_mask, stack_layers
-from neox_jax.sampling import SamplingParams, choose
-from neox_jax.textstops import RowTracker
+from neox_jax.inference.cache import init_cache
+from neox_jax.inference.decode import Layout
+from neox_jax.inference.generate import Generator
+from neox_jax.inference.sampling import SamplingParams, choose
+from neox_jax.inference.textstops import RowTracker
+from neox_jax.model.neox import forward, model_from_params, positions_from_mask, stack_layers
 
 MODEL_VOCAB, TOK_VOCAB = 320, BPE_VOCAB
 
@@ -118,8 +118,8 @@ def test_prefill_then_decode_equals_full_forward(lm):
 
 
 def test_blocked_causal_attention_equals_full(monkeypatch):
-    from neox_jax import model as model_lib
-    from neox_jax.config import preset
+    from neox_jax.model import neox as model_lib
+    from neox_jax.model.config import preset
 
     cfg = preset("tiny")
     params = model_lib.init_params(cfg, seed=3)
@@ -316,7 +316,7 @@ def test_cli_json_and_stream(tok_ckpt, lm, tmp_path):
 
 
 def test_sharded_params_generate_the_same(lm):
-    from neox_jax import sharding
+    from neox_jax.parallel import sharding
 
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")

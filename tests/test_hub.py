@@ -58,7 +58,7 @@ def convert_cli(*args):
 
 
 def test_pythia_steps_and_ids():
-    from neox_jax.hub import nearest_steps, pythia_model_ids, pythia_steps, step_of
+    from neox_jax.store.hub import nearest_steps, pythia_model_ids, pythia_steps, step_of
 
     steps = pythia_steps()
     assert len(steps) == 154 and steps[:12] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
@@ -70,7 +70,7 @@ def test_pythia_steps_and_ids():
 
 
 def test_settings_read_at_call_time(monkeypatch, tmp_path):
-    from neox_jax.hub import Settings
+    from neox_jax.store.hub import Settings
 
     for k in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(k, raising=False)
@@ -122,7 +122,7 @@ def test_corrupt_download_refused_and_removed(stub, hub_env, capsys):
 
 
 def test_errors_are_named(stub, hub_env, monkeypatch):
-    from neox_jax import hub
+    from neox_jax.store import hub
 
     with pytest.raises(hub.HubError, match=r"no revision 'step1234'; nearest published steps: step1000, step2000"):
         hub.fetch(REPO, "step1234")
@@ -136,7 +136,7 @@ def test_errors_are_named(stub, hub_env, monkeypatch):
 
 
 def test_not_gpt_neox_refused_before_weights(stub, hub_env, tmp_path):
-    from neox_jax import hub
+    from neox_jax.store import hub
 
     d = tmp_path / "llama"
     d.mkdir()
@@ -151,7 +151,7 @@ def test_not_gpt_neox_refused_before_weights(stub, hub_env, tmp_path):
 def test_disk_full_named(stub, hub_env, monkeypatch):
     import huggingface_hub
 
-    from neox_jax import hub
+    from neox_jax.store import hub
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -162,7 +162,7 @@ def test_disk_full_named(stub, hub_env, monkeypatch):
 
 
 def test_offline_from_prefilled_cache(stub, revisions, hub_env, monkeypatch):
-    from neox_jax import hub
+    from neox_jax.store import hub
 
     online = hub.fetch(REPO, "step1000")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -217,7 +217,7 @@ def test_load_by_hub_id_converts_once(stub, revisions, hub_env, monkeypatch):
 def test_killed_conversion_leaves_no_cache_entry(stub, hub_env, monkeypatch):
     import neox_jax
     from neox_jax.api import hub_converter
-    from neox_jax.checkpoint import CheckpointWriter
+    from neox_jax.store.checkpoint import CheckpointWriter
 
     def killed(self, group, tree):
         raise KeyboardInterrupt

@@ -5,8 +5,8 @@ import pytest
 
 import neox_jax
 from conftest import make_hf_model
-from neox_jax import interp
 from neox_jax.errors import NeoXError
+from neox_jax.interp import run as interp
 
 TOL = 1e-5
 RESIDUAL = {"parallel": True, "sequential": False}
@@ -36,7 +36,7 @@ def _torch_run(hf, ids, mask, pre_hooks=(), fwd_hooks=()):
     """HF forward with hidden states, attentions, and the outputs of every attention / mlp / layer module."""
     import torch
 
-    from neox_jax.model import positions_from_mask
+    from neox_jax.model.neox import positions_from_mask
 
     seen, handles = {}, []
     for i, layer in enumerate(hf.gpt_neox.layers):
@@ -198,7 +198,7 @@ def test_tl_hook_signature_and_regex_hook_names(pair):
 def test_hook_functions_split_into_static_code_and_traced_arrays():
     import functools
 
-    from neox_jax import hookfns
+    from neox_jax.model import hooks as hookfns
 
     def make(scale, offset):
         return lambda x: x * scale + offset

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 import neox_jax
-from neox_jax import interp_tools, sharding
 from neox_jax.api import NeoX
 from neox_jax.errors import NeoXError
-from neox_jax.model import stack_layers
+from neox_jax.interp import tools as interp_tools
+from neox_jax.model.neox import stack_layers
+from neox_jax.parallel import sharding
 
 IDS = np.random.RandomState(0).randint(0, 128, (2, 9))
 
@@ -67,7 +68,7 @@ def test_variants_cache_float32_and_logits_equal_the_forward(tiny_ckpt, model, v
 
 
 def test_finetuned_run(tiny_ckpt, model, tmp_path):
-    from neox_jax.finetune import save_finetuned, split_params
+    from neox_jax.training.step import save_finetuned, split_params
 
     trainable, _ = split_params(model.params, "biases")
     save_finetuned(tmp_path, model.config, "biases", jax.tree.map(lambda x: x + 0.1, trainable))

@@ -44,4 +44,4 @@ def test_no_import_circle():
 
 
 def test_int8_kernels_are_a_leaf():
-    assert _imports()["neox_jax.int8"] == set()
+    assert _imports()["neox_jax.model.int8"] == set()

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 import neox_jax
-from neox_jax import finetune as ft
-from neox_jax import lora, lora_peft
 from neox_jax.cli import main as cli
 from neox_jax.errors import NeoXError
-from neox_jax.model import forward
-from neox_jax.sharding import batch_sharding, make_mesh
-from neox_jax.train import RunConfig, run
+from neox_jax.model import lora
+from neox_jax.model.neox import forward
+from neox_jax.parallel.sharding import batch_sharding, make_mesh
+from neox_jax.store import peft as lora_peft
+from neox_jax.training import step as ft
+from neox_jax.training.run import RunConfig, run
 
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")

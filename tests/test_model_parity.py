@@ -81,7 +81,7 @@ def test_gelu_equals_torch_over_a_wide_range():
     reach |x| of 10 and more): the exact erf form and the tanh form."""
     import torch
 
-    from neox_jax.model import gelu
+    from neox_jax.model.neox import gelu
 
     x = np.linspace(-12, 12, 20001, dtype=np.float32)
     for approximate, torch_form in ((False, "none"), (True, "tanh")):
@@ -98,7 +98,7 @@ def test_selected_rows_equal_full_forward(parallel, stacked):
 
     import jax.numpy as jnp
 
-    from neox_jax import model as M
+    from neox_jax.model import neox as M
 
     cfg = dataclasses.replace(neox_jax.preset("tiny"), use_parallel_residual=parallel)
     model = M.model_from_params(cfg, M.init_params(cfg, seed=1, stacked=stacked))

@@ -10,10 +10,10 @@ import pytest
 
 import neox_jax
 from conftest import run_cli
-from neox_jax import quantize as Q
 from neox_jax.api import NeoX
 from neox_jax.cli import main
-from neox_jax.model import abstract_params
+from neox_jax.model import quantize as Q
+from neox_jax.model.neox import abstract_params
 
 # ---- plain NumPy reference of the algorithm (2-D: x [M, K], W [K, O]) ---------------------------------------------
 
@@ -188,7 +188,7 @@ def test_int8_checkpoint_roundtrips_through_orbax(tiny_ckpt, float_model, tmp_pa
     assert "already quantized" in capsys.readouterr().err
 
     # weight-only int8, saved in process
-    from neox_jax.checkpoint import save_params
+    from neox_jax.store.checkpoint import save_params
 
     w8 = Q.quantize_tree(float_model.params, "int8")
     back = neox_jax.load(save_params(tmp_path / "w8", float_model.config, w8))
@@ -200,7 +200,7 @@ def test_sharded_int8_equals_unsharded(float_model):
         pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
     from jax.sharding import PartitionSpec as P
 
-    from neox_jax.sharding import make_mesh, param_specs, shard_params
+    from neox_jax.parallel.sharding import make_mesh, param_specs, shard_params
 
     cfg, params = float_model.config, Q.quantize_tree(float_model.params, "llm.int8", embed_out=True)
     mesh = make_mesh("data=2,model=4")

@@ -7,9 +7,9 @@ import shutil
 import pytest
 
 import neox_jax
-from neox_jax import checkpoint
-from neox_jax.config import NeoXConfig
-from neox_jax.model import init_params
+from neox_jax.model.config import NeoXConfig
+from neox_jax.model.neox import init_params
+from neox_jax.store import checkpoint
 
 CFG = NeoXConfig(
     vocab_size=96,

@@ -6,12 +6,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from neox_jax import checkpoint, records
 from neox_jax.cli import main
-from neox_jax.config import NeoXConfig
 from neox_jax.errors import NeoXError
-from neox_jax.model import init_params
-from neox_jax.sampling import SamplingParams
+from neox_jax.inference.sampling import SamplingParams
+from neox_jax.model.config import NeoXConfig
+from neox_jax.model.neox import init_params
+from neox_jax.store import checkpoint, records
 
 CFG = NeoXConfig(
     vocab_size=96,
@@ -49,7 +49,7 @@ def test_smallest_allowed_temperature_samples_finite_ids():
     import jax
     import jax.numpy as jnp
 
-    from neox_jax.sampling import choose
+    from neox_jax.inference.sampling import choose
 
     sp = SamplingParams(temperature=1e-4, seed=1)
     logits = jnp.asarray(np.random.RandomState(0).randn(4, 50) * 30, jnp.float32)
@@ -117,7 +117,7 @@ def test_evaluate_offline_task_needing_the_hub_is_named_at_once(ckpt, tmp_path, 
 
 
 def test_offline_check_accepts_cached_and_local_tasks(tmp_path, monkeypatch):
-    from neox_jax.tasks import check_offline
+    from neox_jax.evaluation.tasks import check_offline
 
     tm = SimpleNamespace(task_index={"piqa": SimpleNamespace(cfg={"dataset_path": "org/data"})})
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

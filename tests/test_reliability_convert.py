@@ -12,10 +12,10 @@ import textwrap
 import pytest
 
 from conftest import ROOT, make_hf_model
-from neox_jax import checkpoint, staging
-from neox_jax.config import NeoXConfig
 from neox_jax.errors import NeoXError
-from neox_jax.model import init_params
+from neox_jax.model.config import NeoXConfig
+from neox_jax.model.neox import init_params
+from neox_jax.store import checkpoint, staging
 
 CFG = NeoXConfig(
     vocab_size=96,
@@ -119,7 +119,7 @@ def test_stale_tmp_dirs_of_dead_runs_are_removed_live_ones_kept(tmp_path, capsys
 
 SLOW_CONVERT = """
 import sys, time
-from neox_jax import checkpoint
+from neox_jax.store import checkpoint
 original = checkpoint.CheckpointWriter.write_group
 def slow(self, name, tree):
     original(self, name, tree)

@@ -8,10 +8,11 @@ import string
 import numpy as np
 import pytest
 
-from neox_jax import checkpoint, train
-from neox_jax.config import NeoXConfig
 from neox_jax.errors import NeoXError
-from neox_jax.model import init_params
+from neox_jax.model.config import NeoXConfig
+from neox_jax.model.neox import init_params
+from neox_jax.store import checkpoint
+from neox_jax.training import run as train
 
 CFG = NeoXConfig(
     vocab_size=128,

@@ -468,7 +468,7 @@ def test_sharded_engine_gives_the_same_ids(ckpt, served):
     """Params and KV cache over a data=2 x model=2 mesh: the same greedy ids as the unsharded server."""
     if jax.device_count() < 4:
         pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-    from neox_jax import sharding
+    from neox_jax.parallel import sharding
     from neox_jax.serve.metrics import Metrics
 
     mesh = sharding.make_mesh("data=2,model=2", jax.devices()[:4])

@@ -16,9 +16,10 @@ from jax.sharding import PartitionSpec as P
 
 import neox_jax
 from conftest import run_cli
-from neox_jax import checkpoint, distributed, sharding
-from neox_jax.config import preset
-from neox_jax.model import init_params
+from neox_jax.model.config import preset
+from neox_jax.model.neox import init_params
+from neox_jax.parallel import distributed, sharding
+from neox_jax.store import checkpoint
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8,

@@ -80,8 +80,8 @@ def standalone(hf_dir, tmp_path):
     from lm_eval.tasks import TaskManager
 
     from neox_jax.api import hub_converter
-    from neox_jax.evaluation import NeoXLM
-    from neox_jax.tasks import task_specs
+    from neox_jax.evaluation.harness import NeoXLM
+    from neox_jax.evaluation.tasks import task_specs
 
     ckpt = tmp_path / f"standalone-{hf_dir.name}"
     hub_converter().convert_source(hf_dir, ckpt, progress=False)
@@ -175,7 +175,7 @@ def test_skip_duplicates_and_named_errors(stub, tmp_path, capsys):
 
 def test_revision_lists():
     from neox_jax.errors import NeoXError
-    from neox_jax.sweep import revisions_from
+    from neox_jax.sweep.run import revisions_from
 
     assert revisions_from(steps="0:30000:10000") == ["step0", "step10000", "step20000", "step30000"]
     log = revisions_from(pythia="log")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from neox_jax.tokenizer import IncrementalDecoder, Tokenizer
+from neox_jax.store.tokenizer import IncrementalDecoder, Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ def _one_line_warnings(show):
 
 def main(argv: list[str] | None = None) -> int:
     """Runs one subcommand; user errors (NeoXError) and environmental faults (OSError) end as one line on stderr and
-    exit 1, Ctrl-C as 130 (SIGTERM while an output is staged: 143, see neox_jax/staging.py)."""
+    exit 1, Ctrl-C as 130 (SIGTERM while an output is staged: 143, see neox_jax/store/staging.py)."""
     from neox_jax.errors import NeoXError
 
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -5,7 +5,8 @@
         --output_path out/ --log_samples                                       # lm-eval's own flag spellings
 
 Tasks whose data is found locally (--data-dir, else $NEOX_JAX_DATA_DIR, else ../shared/data beside a checkout) run
-from the local files through neox_jax/tasks/ (same names, prompts and metrics as lm-eval's built-ins); any other
+from the local files through neox_jax/evaluation/tasks/ (same names, prompts and metrics as lm-eval's built-ins); any
+other
 task is lm-eval's built-in one (which downloads from the Hugging Face Hub); --hub forces the built-ins for all.
 Prints lm-eval's table and a `Task | Metric | Value ± Stderr` table, and writes the full results JSON atomically
 (--output FILE.json, or a folder: FOLDER/results.json); --log_samples writes each task's per-document records beside
@@ -32,8 +33,8 @@ def _flag(p, name: str, **kw) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from neox_jax.checkpoint import DTYPE_CHOICES
-    from neox_jax.tasks import data
+    from neox_jax.evaluation.tasks import data
+    from neox_jax.store.checkpoint import DTYPE_CHOICES
 
     p.add_argument(
         "--checkpoint", "--pretrained", required=True, help="neox-jax checkpoint directory (neox-jax convert ...)"
@@ -93,7 +94,7 @@ def resolve_tasks(names: list[str], data_dir, hub: bool, include_path):
     local; an unknown name is a NeoXError listing the close matches."""
     from lm_eval.tasks import TaskManager
 
-    from neox_jax.tasks import LOCAL_TASKS, task_specs
+    from neox_jax.evaluation.tasks import LOCAL_TASKS, task_specs
 
     specs = task_specs(names, data_dir, hub)
     local = [n for n in names if specs[n] != n]
@@ -133,8 +134,8 @@ def _output_file(output: str) -> Path:
 
 
 def run(a: argparse.Namespace) -> int:
-    from neox_jax import checkpoint, records
-    from neox_jax.tasks import check_data_dir, check_offline, data
+    from neox_jax.evaluation.tasks import check_data_dir, check_offline, data
+    from neox_jax.store import checkpoint, records
 
     names = [t.strip() for t in a.tasks.split(",") if t.strip()]
     if not names:
@@ -158,7 +159,7 @@ def run(a: argparse.Namespace) -> int:
     from lm_eval import simple_evaluate
     from lm_eval.utils import make_table
 
-    from neox_jax.evaluation import NeoXLM
+    from neox_jax.evaluation.harness import NeoXLM
 
     t0 = time.time()
     try:

@@ -20,8 +20,8 @@ HELP = "fine-tune a checkpoint (BitFit, full or LoRA) on text / jsonl files, on 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from neox_jax.checkpoint import DTYPE_CHOICES
-    from neox_jax.train import RunConfig
+    from neox_jax.store.checkpoint import DTYPE_CHOICES
+    from neox_jax.training.run import RunConfig
 
     d = RunConfig("", [], "")
     p.add_argument("--checkpoint", required=True, help="neox-jax checkpoint directory (neox-jax convert ...)")
@@ -165,9 +165,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neox_jax.checkpoint import dtype_name
-    from neox_jax.train import NonFiniteLoss, RunConfig
-    from neox_jax.train import run as train
+    from neox_jax.store.checkpoint import dtype_name
+    from neox_jax.training.run import NonFiniteLoss, RunConfig
+    from neox_jax.training.run import run as train
 
     kw = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "debug")}
     if kw["dtype"] is not None:

@@ -12,7 +12,7 @@
 Prompts run as one batch (left-padded); with --stream each prompt streams in turn. On several processes every process
 runs the same prompts and only process 0 prints. --json prints one JSON object
 (prompts, completions, token ids, finish reasons, timing) on stdout; streamed text then goes to stderr.
-JAX's persistent compilation cache is on (see neox_jax/compile_cache.py), so a second run skips the compiles.
+JAX's persistent compilation cache is on (see neox_jax/store/compile_cache.py), so a second run skips the compiles.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ DEFAULT_PROMPT = "Einstein was born in the German Empire, but moved to Switzerla
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from neox_jax import compile_cache, distributed
-    from neox_jax.checkpoint import DTYPE_CHOICES
+    from neox_jax.parallel import distributed
+    from neox_jax.store import compile_cache
+    from neox_jax.store.checkpoint import DTYPE_CHOICES
 
     p.add_argument("--checkpoint", required=True, help="neox-jax checkpoint directory (neox-jax convert ...)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch); default: the Einstein sentence")
@@ -116,7 +117,8 @@ def _run_prompts(gen, prompts, kw, stream: bool, chunk: int, out) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neox_jax import compile_cache, distributed
+    from neox_jax.parallel import distributed
+    from neox_jax.store import compile_cache
 
     try:
         mesh = distributed.setup(args)  # first: jax.distributed.initialize must run before any device is touched
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         raise NeoXError(str(e)) from e
     compile_cache.enable(args.compile_cache)
     import neox_jax
-    from neox_jax.sampling import SamplingParams
+    from neox_jax.inference.sampling import SamplingParams
 
     talk = distributed.is_main()  # only process 0 prints
     prompts = _prompts(args)

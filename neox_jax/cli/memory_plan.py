@@ -46,7 +46,7 @@ DTYPES = {"fp16": ("float16", None), "bf16": ("bfloat16", None), "int8": ("float
 
 def plan(cfg, gpus: int, batch: int, length: int) -> dict[str, float]:
     """GiB per device of each part, per dtype, for tensor parallel over `gpus` devices."""
-    from neox_jax import sharding
+    from neox_jax.parallel import sharding
 
     mesh = sharding.abstract_mesh({"data": 1, "model": gpus})
     m = gpus
@@ -71,8 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neox_jax.config import preset
     from neox_jax.errors import NeoXError
+    from neox_jax.model.config import preset
 
     try:
         cfg = preset(args.preset)
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
 def lora_line(cfg, rank: int, base_gib: float) -> str:
     """What LoRA fine-tuning adds to the frozen base: adapters + gradients + AdamW moments, all float32."""
-    from neox_jax import lora
+    from neox_jax.model import lora
 
     parts = []
     for targets in (lora.DEFAULT_TARGETS, lora.TARGETS):

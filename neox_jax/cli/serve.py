@@ -25,7 +25,8 @@ HELP = "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batchi
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from neox_jax import compile_cache, distributed
+    from neox_jax.parallel import distributed
+    from neox_jax.store import compile_cache
 
     p.add_argument(
         "--checkpoint",
@@ -51,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="cast the parameters (default: as stored)",
     )
-    p.add_argument("--quantize", choices=["int8", "llm.int8"], default=None, help="int8 weights (neox_jax/quantize.py)")
+    p.add_argument("--quantize", choices=["int8", "llm.int8"], default=None, help="int8 weights (docs/int8.md)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
     p.add_argument(
         "--adapter",
@@ -81,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import neox_jax
-    from neox_jax import compile_cache, distributed
     from neox_jax.errors import NeoXError
+    from neox_jax.parallel import distributed
+    from neox_jax.store import compile_cache
 
     try:
         import uvicorn
@@ -91,12 +93,12 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise NeoXError(f"serving needs the `serve` extra ({e}): pip install 'neox-jax[serve]'") from None
     from neox_jax.serve.service import Service
-    from neox_jax.tokenizer import Tokenizer
+    from neox_jax.store.tokenizer import Tokenizer
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.num_processes not in (None, 1) or args.distributed:
         raise NeoXError("--num-processes / --distributed: the server runs in one process (use --mesh for its devices)")
-    from neox_jax import hub
+    from neox_jax.store import hub
 
     if not Path(args.checkpoint).is_dir() and not hub.is_hub_id(args.checkpoint):
         raise NeoXError(f"--checkpoint {args.checkpoint}: no such directory (nor a hub id org/name)")

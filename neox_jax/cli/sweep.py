@@ -1,6 +1,6 @@
 """Evaluate many training checkpoints (hub revisions) of one model on lm-eval tasks, in one process.
 
-Each revision is fetched and verified (neox_jax.hub), converted once into $NEOX_JAX_CACHE, and evaluated with the
+Each revision is fetched and verified (neox_jax.store.hub), converted once into $NEOX_JAX_CACHE, and evaluated with the
 neox-jax lm-eval backend; one line per (revision, task) goes to OUT/results.jsonl, then OUT/<task>.png (metric against
 training step) and OUT/summary.md are written. Rerunning the same command resumes: pairs already in results.jsonl are
 not evaluated again. Revisions whose weights are bit-identical to another's are flagged.
@@ -21,7 +21,7 @@ HELP = "evaluate many checkpoints (hub revisions) of a model on lm-eval tasks: r
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from neox_jax.hub import pythia_model_ids
+    from neox_jax.store.hub import pythia_model_ids
 
     p.add_argument(
         "--model", required=True, help=f"hub id, e.g. {', '.join(pythia_model_ids()[:3])}, ... (any GPT-NeoX repo)"
@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from neox_jax.errors import NeoXError
-    from neox_jax.sweep import SweepConfig, revisions_from, run_sweep
+    from neox_jax.sweep.run import SweepConfig, revisions_from, run_sweep
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:

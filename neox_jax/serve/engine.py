@@ -27,12 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neox_jax import decode as core
-from neox_jax import sharding
-from neox_jax.cache import init_cache
-from neox_jax.config import NeoXConfig
-from neox_jax.generate import CPU_COMPILER_OPTIONS, prompt_bucket
-from neox_jax.model import Params, is_stacked, model_from_params
+from neox_jax.inference import decode as core
+from neox_jax.inference.cache import init_cache
+from neox_jax.inference.generate import CPU_COMPILER_OPTIONS, prompt_bucket
+from neox_jax.model.config import NeoXConfig
+from neox_jax.model.neox import Params, is_stacked, model_from_params
+from neox_jax.parallel import sharding
 from neox_jax.serve import rows as R
 
 F32 = jnp.float32

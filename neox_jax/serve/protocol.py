@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from neox_jax.sampling import MIN_TEMPERATURE, SEED_LIMIT
+from neox_jax.inference.sampling import MIN_TEMPERATURE, SEED_LIMIT
 from neox_jax.serve import rows as R
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions

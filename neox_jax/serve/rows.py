@@ -1,7 +1,8 @@
 """Per-row sampling for the server: every request in the batch has its own temperature, top-k, top-p, repetition
 penalty, min_tokens, stop ids and seed, held as [B] / [B, V] arrays, so one compiled program serves every mix.
 
-Order as in neox_jax.sampling (Hugging Face's): repetition penalty, then temperature, top-k, top-p. A row's random
+Order as in neox_jax.inference.sampling (Hugging Face's): repetition penalty, then temperature, top-k, top-p. A row's
+random
 draw depends on its own seed and how many tokens it has made only (fold_in(key(seed), step)), never on its company.
 Log-probabilities are those of the model's distribution (log_softmax of the raw logits over the ids the tokenizer can
 decode), as the OpenAI completions API reports them.

@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from neox_jax.inference.textstops import RowTracker
 from neox_jax.serve.engine import Engine
 from neox_jax.serve.metrics import Metrics
-from neox_jax.textstops import RowTracker
-from neox_jax.tokenizer import Tokenizer
+from neox_jax.store.tokenizer import Tokenizer
 
 log = logging.getLogger("neox_jax.serve")
 

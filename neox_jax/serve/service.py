@@ -18,7 +18,7 @@ from neox_jax.serve import chat
 from neox_jax.serve.engine import Engine
 from neox_jax.serve.metrics import Metrics
 from neox_jax.serve.scheduler import Scheduler
-from neox_jax.tokenizer import Tokenizer
+from neox_jax.store.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass

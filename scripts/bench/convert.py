@@ -70,8 +70,8 @@ def make_source(path: Path, hidden: int, layers: int, tp: int, vocab: int, seed:
     """Synthetic slim shards, one tensor generated at a time (this process never holds the model)."""
     from convert.mapping import group_entries
     from convert.neox_layout import write_slim
-    from neox_jax.checkpoint import group_names
-    from neox_jax.config import NeoXConfig
+    from neox_jax.model.config import NeoXConfig
+    from neox_jax.store.checkpoint import group_names
 
     cfg = NeoXConfig(
         vocab_size=vocab,

@@ -35,7 +35,7 @@ def make_hf_dir(out: Path, shape: str, tokenizer: Path) -> Path:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from neox_jax.config import preset
+    from neox_jax.model.config import preset
 
     cfg = preset("pythia-160m")
     if shape == "tiny":
@@ -79,7 +79,7 @@ def main() -> None:
     a = p.parse_args()
     os.environ.setdefault("DISABLE_MULTIPROC", "1")
 
-    from neox_jax.tasks import data, task_specs
+    from neox_jax.evaluation.tasks import data, task_specs
 
     tok = next((d / "20B_tokenizer.json" for d in data.data_dirs() if (d / "20B_tokenizer.json").is_file()), None)
     names = [t for t in a.tasks.split(",") if t]
@@ -98,7 +98,7 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
 
     from convert.hf import convert_hf
-    from neox_jax.evaluation import NeoXLM
+    from neox_jax.evaluation.harness import NeoXLM
 
     torch.set_num_threads(os.cpu_count())
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))

@@ -68,7 +68,7 @@ def matmul_gflops(mm, m: int, k: int, n: int) -> float:
 
 
 def lora_spec(args):
-    from neox_jax.lora import LoraSpec
+    from neox_jax.model.lora import LoraSpec
 
     return LoraSpec(args.lora_rank, args.lora_alpha, tuple(args.lora_targets.split(",")))
 
@@ -77,11 +77,11 @@ def worker_jax(shape, mode, batch, seq, dtype_name, steps, warmup, args) -> dict
     import jax
     import jax.numpy as jnp
 
-    from neox_jax import finetune as ft
-    from neox_jax import lora
-    from neox_jax.config import preset
-    from neox_jax.model import init_params
-    from neox_jax.sharding import make_mesh
+    from neox_jax.model import lora
+    from neox_jax.model.config import preset
+    from neox_jax.model.neox import init_params
+    from neox_jax.parallel.sharding import make_mesh
+    from neox_jax.training import step as ft
 
     cfg, dtype = preset(shape), jnp.dtype(dtype_name)
     mode = lora_spec(args) if mode == "lora" else mode
@@ -123,7 +123,7 @@ def worker_torch(shape, mode, batch, seq, dtype_name, steps, warmup, args) -> di
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from neox_jax.config import preset
+    from neox_jax.model.config import preset
 
     cfg = preset(shape)
     torch.manual_seed(0)
@@ -226,7 +226,7 @@ def main() -> None:
         res["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(res))
         return
-    from neox_jax.config import preset
+    from neox_jax.model.config import preset
 
     if args.quick:
         args.shapes, args.batch_size, args.seq_len, args.steps, args.warmup = ["tiny"], 2, 32, 1, 1

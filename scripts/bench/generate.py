@@ -66,7 +66,7 @@ def jax_params(cfg, weights, dtype):
 
 class JaxEngine:
     def __init__(self, cfg, weights, dtype):
-        from neox_jax.generate import Generator
+        from neox_jax.inference.generate import Generator
 
         self.gen = Generator(cfg, jax_params(cfg, weights, dtype))
 
@@ -119,10 +119,10 @@ def peak_rss_mb() -> float:
 
 
 def worker(args) -> dict:
-    from neox_jax.config import preset
+    from neox_jax.model.config import preset
 
     if args.engine == "neox-jax":
-        from neox_jax import compile_cache
+        from neox_jax.store import compile_cache
 
         compile_cache.enable()  # NEOX_JAX_COMPILE_CACHE from the parent: a fresh directory per run, or 0
 
@@ -231,7 +231,7 @@ def main() -> None:
         args.engine, args.model, args.dtype = args.worker
         print(json.dumps(worker(args)))
         return
-    from neox_jax.config import preset
+    from neox_jax.model.config import preset
 
     bw = bandwidth_gbs(256 if args.quick else 1024)  # (the arrays are freed before the workers start)
     print(f"memory bandwidth (numpy copy): {bw:.1f} GB/s; threads {args.threads}", file=sys.stderr)

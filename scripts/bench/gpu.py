@@ -7,7 +7,8 @@
 First it prints jax.devices() and the versions, then measures the device's copy bandwidth (a jitted, donated
 x * 2 over 2 GiB, read + write bytes). Per model, in order, while it fits in memory (device.memory_stats()) and in
 the budget: random weights made on the device (a jitted init with out_shardings: no host copy, no download); batch-1
-and batch-16 greedy decode through neox_jax.generate (32-token prompts) against the bandwidth roofline (weights read
+and batch-16 greedy decode through neox_jax.inference.generate (32-token prompts) against the bandwidth roofline
+(weights read
 per step, the embedding table excepted, plus the KV cache, over the measured bandwidth); the prefill of a 2047-token
 prompt (the 2048 bucket) with the fused attention (cuDNN on GPU, XLA's dot_product_attention elsewhere) and the plain
 one; peak device memory (the process's, and the largest compiled program's own); then, when torch sees a GPU (or with
@@ -129,7 +130,7 @@ def device_params(cfg, dtype, device):
     """Random params (normal 0.02, layernorms 1) made on the device by one jitted init: nothing on the host."""
     import jax
 
-    from neox_jax.model import init_params
+    from neox_jax.model.neox import init_params
 
     init = jax.jit(lambda: init_params(cfg, dtype, seed=0), out_shardings=jax.sharding.SingleDeviceSharding(device))
     params = init()
@@ -152,9 +153,10 @@ def program_peak_gib(gen) -> float:
 def jax_stages(cfg, dtype: str, device, args, bw: float, budget: Budget, row: dict, save) -> None:
     import numpy as np
 
-    from neox_jax import attention, decode
-    from neox_jax.cache import cache_bytes
-    from neox_jax.generate import SLOT_ROUND, Generator
+    from neox_jax.inference import decode
+    from neox_jax.inference.cache import cache_bytes
+    from neox_jax.inference.generate import SLOT_ROUND, Generator
+    from neox_jax.model import attention
 
     layers, itemsize = cfg.num_hidden_layers, np.dtype(dtype).itemsize
     params = budget.run("init", layers, lambda: device_params(cfg, dtype, device), row["skipped"])
@@ -229,7 +231,7 @@ def main() -> None:
         args.models, args.prefill_len, args.new_tokens, args.repeats = "tiny", 128, 8, 1
     dtype = args.dtype or ("bfloat16" if args.tiny else "float16")
 
-    from neox_jax.config import preset
+    from neox_jax.model.config import preset
 
     t0 = time.perf_counter()
     device = jax.devices()[0]

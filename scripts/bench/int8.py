@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py int8 [--quick] [--preset pythia-160m] [--prompt 32] [--new 32]
 
-Random weights of a preset's shape (timing and bytes do not depend on the values). Decode: neox_jax.generate
+Random weights of a preset's shape (timing and bytes do not depend on the values). Decode: neox_jax.inference.generate
 (KV cache, compiled prefill + decode loop), greedy, batch 1: its decode time over the tokens after the first, after
 a warm-up call (compile excluded). JAX rows: float32, float16, and int8 / llm.int8 block matrices with the other
 params in float32 or float16.
@@ -27,10 +27,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from neox_jax import quantize as Q  # noqa: E402
-from neox_jax.config import preset  # noqa: E402
-from neox_jax.generate import Generator  # noqa: E402
-from neox_jax.model import abstract_params, init_params  # noqa: E402
+from neox_jax.inference.generate import Generator  # noqa: E402
+from neox_jax.model import quantize as Q  # noqa: E402
+from neox_jax.model.config import preset  # noqa: E402
+from neox_jax.model.neox import abstract_params, init_params  # noqa: E402
 from scripts.bench._common import markdown_table, peak_rss_mb, write_json  # noqa: E402
 
 VARIANTS = [  # name, dtype of the float params, quantization mode
@@ -44,7 +44,8 @@ VARIANTS = [  # name, dtype of the float params, quantization mode
 
 
 def jax_decode_ms(cfg, params, prompt, new: int, repeats: int) -> float:
-    """ms per decoded token from neox_jax.generate (greedy, no stop ids; compile excluded: warmed up first)."""
+    """ms per decoded token from neox_jax.inference.generate (greedy, no stop ids; compile excluded: warmed up
+    first)."""
     gen = Generator(cfg, params)
     ids = [[int(t) for t in row] for row in np.asarray(prompt)]
 

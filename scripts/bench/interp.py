@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import neox_jax  # noqa: E402
-from neox_jax.config import preset  # noqa: E402
+from neox_jax.model.config import preset  # noqa: E402
 from scripts.bench._common import markdown_table, median_time, peak_rss_mb, write_json  # noqa: E402
 
 

@@ -8,7 +8,7 @@ Measured in one process, torch on --threads threads, XLA on every core:
   GFLOP/s. Prefill, fine-tuning and scoring spend most of their time in products like it.
 - stream: a chain of matrix-vector products over [3072, 768] float32 matrices larger together than the cache, GB/s
   of weights read: what batch-1 decode can reach. Also a plain sum over one large array (GB/s read).
-- vocab exp-sum: sum(exp(x - 1)) over [512, 50304] rows, one pass and in chunks (neox_jax.reductions: 8 x 6,288).
+- vocab exp-sum: sum(exp(x - 1)) over [512, 50304] rows, one pass and in chunks (neox_jax.model.reductions: 8 x 6,288).
 - lambada floor (when ../shared/data or $NEOX_JAX_DATA_DIR holds the 20B tokenizer and LAMBADA): the matmul FLOPs
   of the eval benchmark's 200 lambada documents on pythia-160m, for neox-jax (output layer only where a token is
   scored) and for lm-eval's hf backend (output layer at every position), and the seconds they take at each
@@ -34,9 +34,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from neox_jax.config import preset  # noqa: E402
-from neox_jax.reductions import sum_exp  # noqa: E402
-from neox_jax.tasks import data  # noqa: E402
+from neox_jax.evaluation.tasks import data  # noqa: E402
+from neox_jax.model.config import preset  # noqa: E402
+from neox_jax.model.reductions import sum_exp  # noqa: E402
 from scripts.bench._common import markdown_table, write_json  # noqa: E402
 
 

@@ -53,7 +53,7 @@ def reset_peak_rss() -> None:
 
 
 def bench_config(quick: bool):
-    from neox_jax.config import NeoXConfig
+    from neox_jax.model.config import NeoXConfig
 
     if quick:  # ~6 MB
         return NeoXConfig(
@@ -69,8 +69,8 @@ def write_checkpoints(cfg, root: Path, warmup_cfg) -> dict[str, Path]:
     import jax
     import numpy as np
 
-    from neox_jax import checkpoint
-    from neox_jax.model import init_params
+    from neox_jax.model.neox import init_params
+    from neox_jax.store import checkpoint
 
     params = jax.tree.map(np.asarray, init_params(cfg))
     out = {}
@@ -90,7 +90,8 @@ def measure(mode: str, ckpt: str, warmup: str) -> dict:
     import jax
 
     import neox_jax
-    from neox_jax import checkpoint, sharding
+    from neox_jax.parallel import sharding
+    from neox_jax.store import checkpoint
 
     mesh = sharding.make_mesh("model=8")
 
@@ -134,7 +135,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from neox_jax.model import abstract_params
+    from neox_jax.model.neox import abstract_params
 
     cfg = bench_config(args.quick)
     sizes = [x.size * 4 for x in jax.tree.leaves(abstract_params(cfg, jnp.float32))]

@@ -36,7 +36,7 @@ def make_checkpoint(model: str, out: Path):
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from neox_jax.config import PRESETS
+    from neox_jax.model.config import PRESETS
 
     c = PRESETS[model]
     hf_cfg = GPTNeoXConfig(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from neox_jax.tokenizer import Tokenizer
+from neox_jax.store.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"  # what decoding gives for an incomplete UTF-8 sequence
 

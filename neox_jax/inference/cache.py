@@ -16,7 +16,7 @@ import math
 
 import jax.numpy as jnp
 
-from neox_jax.config import NeoXConfig
+from neox_jax.model.config import NeoXConfig
 
 Cache = dict
 

@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 
 ENV_VAR = "NEOX_JAX_DATA_DIR"
-CHECKOUT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+CHECKOUT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
 FILES = {
     "lambada_openai": ["lambada_openai/lambada_test.jsonl"],

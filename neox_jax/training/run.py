@@ -32,10 +32,13 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from neox_jax import checkpoint, data, finetune, lora, records
 from neox_jax.errors import NeoXError
-from neox_jax.sharding import batch_sharding, check_divisible, make_mesh
-from neox_jax.tokenizer import Tokenizer
+from neox_jax.model import lora
+from neox_jax.parallel.sharding import batch_sharding, check_divisible, make_mesh
+from neox_jax.store import checkpoint, records
+from neox_jax.store.tokenizer import Tokenizer
+from neox_jax.training import data
+from neox_jax.training import step as finetune
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora")
 # settings a resumed run must share with the run it continues (the rest may change: steps, saving, mesh, ...)
@@ -83,7 +86,7 @@ class RunConfig:
     dtype: str | None = None  # default: as stored in the checkpoint
     mesh: str = "data=-1"
     trainable: str = "biases"  # or "all", "lora"
-    lora_rank: int = 8  # --trainable lora: neox_jax/lora.py (PEFT's defaults)
+    lora_rank: int = 8  # --trainable lora: neox_jax/model/lora.py (PEFT's defaults)
     lora_alpha: float = 8.0
     lora_targets: str = ",".join(lora.DEFAULT_TARGETS)  # comma-separated
     lora_dropout: float = 0.0

@@ -8,7 +8,8 @@ Trainable subsets (`--trainable`):
           receive identical gradients; training attention.dense's bias already moves that sum. (With the sequential
           residual b_dense also feeds post_attention_layernorm, so there they differ; we keep the reference's set.)
   all     every parameter.
-  lora    a lora.LoraSpec instead of a name: new float32 adapters on the block linears (neox_jax/lora.py); every base
+  lora    a lora.LoraSpec instead of a name: new float32 adapters on the block linears (neox_jax/model/lora.py); every
+  base
           parameter frozen.
 
 Precision: the frozen weights stay in the run's dtype; the trainable ones keep float32 master copies, are cast to the
@@ -38,10 +39,11 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from neox_jax import checkpoint, checksums, lora
-from neox_jax.config import NeoXConfig
-from neox_jax.model import LINEARS, abstract_params, forward, kernel_in_dims, transpose_kernel
-from neox_jax.sharding import batch_sharding, param_shardings
+from neox_jax.model import lora
+from neox_jax.model.config import NeoXConfig
+from neox_jax.model.neox import LINEARS, abstract_params, forward, kernel_in_dims, transpose_kernel
+from neox_jax.parallel.sharding import batch_sharding, param_shardings
+from neox_jax.store import checkpoint, checksums
 
 F32 = jnp.float32
 MODES = ("biases", "all")
@@ -218,7 +220,8 @@ def adjust_loss_scale(ls: dict, finite, period: int = 2000, factor: float = 2.0,
 
 def token_losses(cfg: NeoXConfig, params: dict, windows, attention=None, lora_spec=None, lora_key=None):
     """windows [B, T + 1] int -> per-token cross entropy [B, T] float32 (inputs w[:, :-1], targets w[:, 1:]).
-    attention: None (per backend) or "plain" / "xla" / "cudnn" (neox_jax/attention.py); lora_spec, lora_key: params
+    attention: None (per backend) or "plain" / "xla" / "cudnn" (neox_jax/model/attention.py); lora_spec, lora_key:
+    params
     with unmerged LoRA adapters (model.model_from_params)."""
     logits = forward(cfg, params, windows[:, :-1], attention=attention, lora=lora_spec, lora_key=lora_key)[0]
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])  # logits [B, T, V] float32

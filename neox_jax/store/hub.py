@@ -179,7 +179,7 @@ def _translate(e: Exception, repo_id: str, revision: str, s: Settings) -> HubErr
         if is_pythia(repo_id):
             return HubError(
                 f"{repo_id} has no revision {revision!r}; Pythia revisions are step0, step1, step2, step4 "
-                f"... step512, step1000 ... step143000 (neox_jax.hub.pythia_steps()) or main"
+                f"... step512, step1000 ... step143000 (neox_jax.store.hub.pythia_steps()) or main"
             )
         return HubError(f"{repo_id} has no revision {revision!r} (a branch, tag or commit sha)")
     return None

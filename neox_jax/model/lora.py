@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from neox_jax.errors import NeoXError
-from neox_jax.model import LoraAdapter
+from neox_jax.model.neox import LoraAdapter
 
 F32 = jnp.float32
 TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -83,7 +83,7 @@ Adapter = LoraAdapter  # the product itself lives beside Linear, which calls it
 
 def _kernels(cfg):
     """(layer path, kernel shape, kernel logical axes) of every targetable Linear of layer 0 (the same in each)."""
-    from neox_jax.model import abstract_params, logical_axes
+    from neox_jax.model.neox import abstract_params, logical_axes
 
     shapes, axes = abstract_params(cfg)["layers"][0], logical_axes(cfg)["layers"][0]
     return {name: (shapes[PARENT[name]][name]["kernel"].shape, axes[PARENT[name]][name]["kernel"]) for name in TARGETS}
@@ -119,7 +119,7 @@ def adapter_shardings(cfg, spec: LoraSpec, mesh) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from neox_jax.sharding import spec_for
+    from neox_jax.parallel.sharding import spec_for
 
     def fn(name, i, shape, axes):
         n = N_IN[name]

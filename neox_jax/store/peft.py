@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neox_jax import lora
 from neox_jax.errors import NeoXError
+from neox_jax.model import lora
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 KEY = re.compile(r"^base_model\.model\.gpt_neox\.layers\.(\d+)\.(attention|mlp)\.(\w+)\.lora_(A|B)\.weight$")

@@ -23,13 +23,13 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
-from neox_jax import decode as core
-from neox_jax import sharding
-from neox_jax.config import NeoXConfig
-from neox_jax.model import Params
-from neox_jax.sampling import SamplingParams
-from neox_jax.textstops import RowTracker
-from neox_jax.tokenizer import Tokenizer
+from neox_jax.inference import decode as core
+from neox_jax.inference.sampling import SamplingParams
+from neox_jax.inference.textstops import RowTracker
+from neox_jax.model.config import NeoXConfig
+from neox_jax.model.neox import Params
+from neox_jax.parallel import sharding
+from neox_jax.store.tokenizer import Tokenizer
 
 SLOT_ROUND = 64
 # XLA CPU: with region analysis, copy insertion sees that each layer's cache update in the decode loop is the buffer's

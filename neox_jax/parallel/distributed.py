@@ -117,7 +117,7 @@ def setup(args: argparse.Namespace):
     spec = getattr(args, "mesh", None)
     if spec is None and not multi:
         return None
-    from neox_jax import sharding
+    from neox_jax.parallel import sharding
 
     return sharding.make_mesh(spec)
 

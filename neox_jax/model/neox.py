@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neox_jax import attention, int8
-from neox_jax.config import NeoXConfig
+from neox_jax.model import attention, int8
+from neox_jax.model.config import NeoXConfig
 
 Params = dict[str, Any]
 F32 = jnp.float32
@@ -76,7 +76,7 @@ def transpose_kernel(name: str, kernel):
 
 
 def _hook(module, name: str, x):
-    """A hook point (neox_jax/interp.py, TransformerLens names): x itself unless interp set `module.hook`, so the
+    """A hook point (neox_jax/interp/run.py, TransformerLens names): x itself unless interp set `module.hook`, so the
     default forward traces exactly as without it."""
     return x if module.hook is None else module.hook(name, x)
 
@@ -204,7 +204,7 @@ class Linear(nnx.Module):
             rows = x.reshape(-1, math.prod(kernel.shape[: self.n_in])).astype(kernel.dtype)  # [M, I]
             y = matmul_f32(rows, kernel.reshape(rows.shape[1], -1), self.kernel_t)  # [M, O]
             y = y.reshape(*lead, *self.out_shape)
-        if self.lora is not None:  # + scale * (dropout(x) @ A) @ B, unmerged, in float32 (neox_jax/lora.py)
+        if self.lora is not None:  # + scale * (dropout(x) @ A) @ B, unmerged, in float32 (neox_jax/model/lora.py)
             y = y + self.lora(x, self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(F32)
@@ -301,7 +301,7 @@ class Attention(nnx.Module):
         matrix, so XLA never transposes the dense kernel to match it. A cache wider than the activations (a float32
         cache for bf16 params) is read as it is, with q widened instead: XLA CPU converted the whole cache every step
         otherwise. Without old cache slots (prefill, scoring, training) the attention is `self.implementation`
-        (see neox_jax/attention.py: jax.nn.dot_product_attention, fused by cuDNN on GPU); decode steps run the
+        (see neox_jax/model/attention.py: jax.nn.dot_product_attention, fused by cuDNN on GPU); decode steps run the
         plain path."""
         t = x.shape[1]
         qkv = self.query_key_value(x)  # [B, T, N, 3, H]
@@ -563,7 +563,7 @@ def model_from_params(
     "kernel_t" entry (from `finetune.prepare_frozen`) becomes its `kernel_t`, not a parameter; its "lora_A" /
     "lora_B" entries (unmerged LoRA adapters) its `lora`, with lora (a lora.LoraSpec) giving the scale and dropout
     and lora_key (None: no dropout) the dropout's PRNG key, folded with each Linear's index. attention: the
-    attention without cache slots (None: per backend; "plain", "xla", "cudnn": see neox_jax/attention.py)."""
+    attention without cache slots (None: per backend; "plain", "xla", "cudnn": see neox_jax/model/attention.py)."""
     params, extras = _pop_extras(params)
     model = nnx.merge(graphdef(cfg, is_stacked(params), int8.spec_of(params)), params)
     if attention is not None:

@@ -33,11 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from neox_jax import checksums, quantize
-from neox_jax.config import NeoXConfig
 from neox_jax.errors import NeoXError
-from neox_jax.model import abstract_params
-from neox_jax.staging import Staging
+from neox_jax.model import quantize
+from neox_jax.model.config import NeoXConfig
+from neox_jax.model.neox import abstract_params
+from neox_jax.store import checksums
+from neox_jax.store.staging import Staging
 
 FORMAT = "neox-jax-checkpoint"
 FORMAT_VERSION = 1
@@ -124,7 +125,7 @@ def compare_trees(expected, actual, where: str) -> None:
 class CheckpointWriter:
     """Writes a checkpoint group by group under OUT.tmp-*, renamed to OUT by `finish`. Use as a context manager:
     an exception (KeyboardInterrupt, SIGTERM, disk full) removes the temporary directory and leaves OUT untouched
-    (neox_jax/staging.py). Each file is hashed as it is written (metadata.json `checksums`)."""
+    (neox_jax/store/staging.py). Each file is hashed as it is written (metadata.json `checksums`)."""
 
     def __init__(
         self,

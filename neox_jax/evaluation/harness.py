@@ -11,7 +11,8 @@ pack_length (shortest packed row, default 512); tokenizer (a tokenizer.json when
 
 Every request is tokenized, truncated and scored exactly as lm-eval's `hf` backend does it (TemplateLM._encode_pair,
 left truncation at max_length, rolling windows from lm_eval.utils, stop strings cut by lm-eval's own
-postprocess_generated_text); only the batching differs (neox_jax/scoring.py packs requests into a few shapes).
+postprocess_generated_text); only the batching differs (neox_jax/evaluation/scoring.py packs requests into a few
+shapes).
 lm-eval is an optional dependency: `pip install 'neox-jax[eval]'`.
 """
 
@@ -30,13 +31,13 @@ try:
     from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 except ImportError as e:  # pragma: no cover
     raise ImportError(
-        f"neox_jax.evaluation needs lm-evaluation-harness ({e}); install it with: pip install 'neox-jax[eval]'"
+        f"neox_jax.evaluation.harness needs lm-evaluation-harness ({e}); install it with: pip install 'neox-jax[eval]'"
     ) from None
 
 import neox_jax
-from neox_jax import sharding
-from neox_jax.scoring import score_requests
-from neox_jax.tokenizer import Tokenizer
+from neox_jax.evaluation.scoring import score_requests
+from neox_jax.parallel import sharding
+from neox_jax.store.tokenizer import Tokenizer
 
 DEFAULT_BATCH_SIZE = 8
 

@@ -25,10 +25,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from neox_jax import int8, sampling, sharding
-from neox_jax.cache import init_cache
-from neox_jax.config import NeoXConfig
-from neox_jax.model import LINEARS, Params, is_stacked, model_from_params, positions_from_mask, transpose_kernel
+from neox_jax.inference import sampling
+from neox_jax.inference.cache import init_cache
+from neox_jax.model import int8
+from neox_jax.model.config import NeoXConfig
+from neox_jax.model.neox import LINEARS, Params, is_stacked, model_from_params, positions_from_mask, transpose_kernel
+from neox_jax.parallel import sharding
 
 
 class Layout(NamedTuple):

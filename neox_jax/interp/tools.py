@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neox_jax.config import NeoXConfig
 from neox_jax.errors import NeoXError
-from neox_jax.interp import run_with_cache
-from neox_jax.model import is_stacked, model_from_params, unstack_layers
+from neox_jax.interp.run import run_with_cache
+from neox_jax.model.config import NeoXConfig
+from neox_jax.model.neox import is_stacked, model_from_params, unstack_layers
 
 F32 = jnp.float32
 

@@ -1,4 +1,4 @@
-"""Training-dynamics sweeps: revisions x tasks -> OUT/results.jsonl (+ plots and summary.md, neox_jax/sweep_report.py).
+"""Training-dynamics sweeps: revisions x tasks -> OUT/results.jsonl (+ plots and summary.md, neox_jax/sweep/report.py).
 
 For each revision: resolve it (one request: commit and file hashes; every revision is resolved before any work, so a
 misspelt step fails at once), fetch and verify, convert into the neox-jax cache (once), load, and evaluate each task
@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from neox_jax import hub
 from neox_jax.errors import NeoXError
+from neox_jax.store import hub
 
 RESULTS = "results.jsonl"
 SETTINGS = "sweep.json"
@@ -174,7 +174,7 @@ class Prepared:
 def _task_specs(cfg: SweepConfig):
     from lm_eval.tasks import TaskManager
 
-    from neox_jax.tasks import task_specs
+    from neox_jax.evaluation.tasks import task_specs
 
     specs = task_specs(cfg.tasks, cfg.data_dir)
     tm = TaskManager(include_path=cfg.include_path, include_defaults=False)
@@ -190,7 +190,7 @@ def evaluate_task(model, task: str, spec: str, tm, cfg: SweepConfig) -> dict:
     """One task on a loaded model through NeoXLM + lm-eval's simple_evaluate: that task's results dict."""
     from lm_eval import simple_evaluate
 
-    from neox_jax.evaluation import NeoXLM
+    from neox_jax.evaluation.harness import NeoXLM
 
     lm = NeoXLM(model=model, batch_size=cfg.batch_size)
     res = simple_evaluate(
@@ -279,7 +279,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
                 evaluated += cur.model is not None
                 log(f"{cur.revision} {task}: {_headline(metrics)} ({row['seconds']:.1f} s)")
             del cur  # drop this revision's weights before the one after next is loaded
-    from neox_jax.sweep_report import write_report
+    from neox_jax.sweep.report import write_report
 
     wanted = [r for r in rows if r["revision"] in cfg.revisions and r["task"] in cfg.tasks]
     report = write_report(out, cfg.model, wanted)

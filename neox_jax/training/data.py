@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from neox_jax.errors import NeoXError
-from neox_jax.tokenizer import Tokenizer
+from neox_jax.store.tokenizer import Tokenizer
 
 
 class DataError(NeoXError):

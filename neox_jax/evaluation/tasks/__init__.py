@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from neox_jax.errors import NeoXError
-from neox_jax.tasks import data
+from neox_jax.evaluation.tasks import data
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 

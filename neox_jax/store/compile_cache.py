@@ -1,6 +1,6 @@
 """JAX's persistent compilation cache, on by default for the scripts, so a second run skips XLA compiles.
 
-    from neox_jax import compile_cache
+    from neox_jax.store import compile_cache
     compile_cache.enable()           # the default directory, unless NEOX_JAX_COMPILE_CACHE=0
     compile_cache.enable(path)       # a directory of your own; enable(False) / NEOX_JAX_COMPILE_CACHE=0: off
 

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neox_jax.config import NeoXConfig
-from neox_jax.model import Params, model_from_params
-from neox_jax.reductions import sum_exp
+from neox_jax.model.config import NeoXConfig
+from neox_jax.model.neox import Params, model_from_params
+from neox_jax.model.reductions import sum_exp
 
 MIN_BUCKET = 16
 HEAD_ROWS = 128  # scored positions per output-layer chunk, all rows together: [HEAD_ROWS, V] float32 logits at a time.
@@ -157,7 +157,7 @@ def tree_mask(doc, branch):
 def hidden_states(cfg: NeoXConfig, params: Params, ids, positions, mask, rows=None, attention=None):
     """The model's final-layernormed hidden states [B, T, D] under an arbitrary [B, T, T] attention mask; with rows
     [B, K], those tokens' only, [B, K, D] (the last layer then runs for them alone). attention: None (per backend)
-    or "plain" / "xla" / "cudnn" (neox_jax/attention.py)."""
+    or "plain" / "xla" / "cudnn" (neox_jax/model/attention.py)."""
     model = model_from_params(cfg, params, attention=attention)
     valid = jnp.ones(ids.shape, bool)  # unused under an explicit mask
     return model.hidden_states(ids, positions, valid, attn_mask=mask, rows=rows)[0], model

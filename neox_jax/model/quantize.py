@@ -1,4 +1,4 @@
-"""Quantizing GPT-NeoX param trees and checkpoints to int8 (the kernels and the modes: neox_jax/int8.py).
+"""Quantizing GPT-NeoX param trees and checkpoints to int8 (the kernels and the modes: neox_jax/model/int8.py).
 
 `quantize_tree` turns a float param tree (the whole model, or one checkpoint group) into its int8 form; `describe` /
 `spec_from_metadata` go between a tree's int8 structure and a checkpoint's metadata; `cast_floats` casts the float
@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from neox_jax.int8 import (
+from neox_jax.model.int8 import (
     DEFAULT_THRESHOLD,
     F32,
     MODES,
@@ -30,7 +30,7 @@ from neox_jax.int8 import (
     quantize_weight_jit,
     spec_of,
 )
-from neox_jax.model import LINEARS, int8_targets, quantize_module
+from neox_jax.model.neox import LINEARS, int8_targets, quantize_module
 
 __all__ = [
     "DEFAULT_THRESHOLD",

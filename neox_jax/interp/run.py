@@ -18,12 +18,12 @@ Hook names (i the layer; shapes B batch, T positions, N heads, H head dim, D hid
     blocks.{i}.hook_resid_post                   [B, T, D]
     ln_final.hook_normalized                     [B, T, D]   final_layer_norm's output
 
-The hook points are one-line `_hook(self, name, x)` calls in neox_jax/model.py, no-ops unless this module sets the
+The hook points are one-line `_hook(self, name, x)` calls in neox_jax/model/neox.py, no-ops unless this module sets the
 modules' `hook` attribute while tracing; the default forward compiles exactly as before. With hooks on a layer's
 attention, its scores and pattern are computed explicitly (the fused / blocked paths never materialise them).
 
 Compiles: one program per (selected names, hook structure, shapes, param dtypes). Hook functions are split into a
-static part and the arrays they close over (neox_jax/hookfns.py), so a new function of the same code with new array
+static part and the arrays they close over (neox_jax/model/hooks.py), so a new function of the same code with new array
 values (a patch taken from another run's cache) reuses the program; a new Python scalar in a closure compiles again.
 """
 
@@ -39,10 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neox_jax import hookfns, sharding
-from neox_jax.config import NeoXConfig
 from neox_jax.errors import NeoXError
-from neox_jax.model import GPTNeoX, is_stacked, model_from_params, positions_from_mask, unstack_layers
+from neox_jax.model import hooks as hookfns
+from neox_jax.model.config import NeoXConfig
+from neox_jax.model.neox import GPTNeoX, is_stacked, model_from_params, positions_from_mask, unstack_layers
+from neox_jax.parallel import sharding
 
 F32 = jnp.float32
 GLOBAL_NAMES = ("hook_embed", "ln_final.hook_normalized")

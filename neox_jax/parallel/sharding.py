@@ -16,10 +16,10 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from neox_jax.cache import cache_shape
-from neox_jax.config import NeoXConfig
-from neox_jax.int8 import spec_of
-from neox_jax.model import abstract_params, logical_axes
+from neox_jax.inference.cache import cache_shape
+from neox_jax.model.config import NeoXConfig
+from neox_jax.model.int8 import spec_of
+from neox_jax.model.neox import abstract_params, logical_axes
 
 MESH_AXES = ("data", "model")
 

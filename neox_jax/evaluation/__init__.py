@@ -1,0 +1,1 @@
+"""Evaluation: the lm-evaluation-harness backend, the packed scorer, local task data."""

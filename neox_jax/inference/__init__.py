@@ -1,0 +1,1 @@
+"""Generation: the KV cache, the compiled prefill / decode programs, sampling, stop strings, the host-side driver."""

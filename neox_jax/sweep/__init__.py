@@ -1,0 +1,1 @@
+"""Sweeps over checkpoints: revisions x tasks -> results.jsonl, plots and summary."""

@@ -1,0 +1,1 @@
+"""Fine-tuning: the jitted step, the run driver, the text data."""
