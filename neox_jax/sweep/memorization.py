@@ -5,7 +5,7 @@ context, greedy decoding makes the next n, and the score is the fraction of them
     run_memorization(MemorizationConfig(model="EleutherAI/pythia-70m", revisions=["step0", "step143000"],
                                         data="pile/document", items=range(0, 4096), output="mem/70m"))
 
-writes OUT/results.jsonl (rows {revision, step, item, score}, resumable: neox_jax/sweep/items.py), OUT/summary.md
+writes OUT/results.jsonl (rows {revision, step, item, score}, resumable: neox_jax/sweep/resume.py), OUT/summary.md
 and summary.json (per revision: items, memorized count and fraction, mean score), OUT/memorization.png (against
 training step) and OUT/memorized-evals/<revision>.csv with the columns of EleutherAI's eval_memorization.py output
 (index, score).
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from neox_jax._sweep.items import by_revision, plot_over_steps, run_study
-from neox_jax._sweep.prefetch import Revisions
-from neox_jax._sweep.resume import check_settings, write_atomic
 from neox_jax.errors import NeoXError
+from neox_jax.sweep.prefetch import Revisions
+from neox_jax.sweep.report import plot_over_steps
+from neox_jax.sweep.resume import by_revision, check_settings, run_study, write_atomic
 
 RESULTS = "results.jsonl"
 SETTINGS = "memorization.json"
@@ -82,7 +82,7 @@ class MemorizationStudy:
         self.gen, self.suppress = None, ()
 
     def start(self, model) -> None:
-        from neox_jax.generate import Generator
+        from neox_jax.inference.generate import Generator
 
         cfg = model.config
         if self.k + self.n > cfg.max_position_embeddings:
@@ -164,24 +164,25 @@ def run_memorization(cfg: MemorizationConfig, dataset=None, log=print) -> dict:
     check_settings(out / SETTINGS, cfg.identity())
     mesh = cfg.mesh
     if isinstance(mesh, str):
-        from neox_jax.sharding import make_mesh
+        from neox_jax.parallel.sharding import make_mesh
 
         mesh = make_mesh(mesh)
     revs = Revisions(cfg.model, cfg.revisions, cfg.dtype, mesh=mesh)
     study = MemorizationStudy(cfg.context, cfg.continuation, cfg.allow_eos)
-    res = run_study(
-        study, revs, dataset, cfg.items, cfg.context + cfg.continuation, cfg.batch, out / RESULTS, log=log
-    )
+    res = run_study(study, revs, dataset, cfg.items, cfg.context + cfg.continuation, cfg.batch, out / RESULTS, log=log)
     summary = summarize(res["rows"], revs.names, res["duplicates"])
     write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     write_atomic(out / "summary.md", summary_markdown(cfg.model, cfg.context, cfg.continuation, summary))
-    csvs = [write_evals_csv(out / "memorized-evals", rev, rs) for rev, rs in by_revision(res["rows"], revs.names).items()]
+    per_rev = by_revision(res["rows"], revs.names)
+    csvs = [write_evals_csv(out / "memorized-evals", rev, rs) for rev, rs in per_rev.items()]
     pts = [(s["step"], s) for s in summary if s["step"] is not None and s["items"]]
     plot = plot_over_steps(
         out / "memorization.png",
         f"{cfg.model}: memorized fraction ({cfg.context} + {cfg.continuation} tokens)",
-        {"memorized (score 1.0)": [(st, s["memorized_fraction"]) for st, s in pts],
-         "mean score": [(st, s["mean_score"]) for st, s in pts]},
+        {
+            "memorized (score 1.0)": [(st, s["memorized_fraction"]) for st, s in pts],
+            "mean score": [(st, s["mean_score"]) for st, s in pts],
+        },
         "fraction",
     )
     files = {"results": str(out / RESULTS), "summary": str(out / "summary.md"), "csv": [str(c) for c in csvs]}

@@ -1,17 +1,23 @@
-"""Per-item studies over checkpoints (memorization, data loss): revisions x training sequences -> one row each.
+"""Resumable runs: a JSON-lines results file appended to (and fsynced) as work finishes, the settings file that
+says which run it belongs to, and the per-item loop of the checkpoint studies (memorization, data loss).
 
-    rows = run_study(study, revisions, dataset, range(0, 4096), batch=64, results=OUT / "results.jsonl", log=print)
+A run killed mid-write leaves at most a torn last line: `read_rows` drops it and cuts it from the file, so the next
+append starts on a fresh line and only the work whose rows are missing is done again. Whole files (settings, reports)
+are written to a temporary name and renamed, so an interrupted run leaves the last good one.
+
+    out = run_study(study, revisions, dataset, range(0, 4096), length=64, batch=64, results=OUT / "results.jsonl")
 
 For each revision (the next one loading meanwhile, neox_jax/sweep/prefetch.py) the items missing from the results
 file are scored `batch` at a time, and each batch's rows {revision, step, item, <study.key>, ...} are appended and
-fsynced before the next batch begins. Rerunning resumes: (revision, item) pairs already there are not scored again,
-and a torn last line (a run killed mid-write) is cut first (neox_jax/sweep/resume.py). The last batch of a revision is
-filled up to `batch` rows with copies of its last item (their values dropped), so every batch has one shape and the
-programs compile once for the whole run.
+fsynced before the next batch begins: a rerun scores only the (revision, item) pairs not there yet. The last batch of
+a revision is filled up to `batch` rows with copies of its last item (their values dropped), so every batch has one
+shape and the programs compile once for the whole run.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,10 +27,62 @@ import numpy as np
 from tqdm import tqdm
 
 from neox_jax.errors import NeoXError
-from neox_jax._sweep.prefetch import Revisions
-from neox_jax._sweep.resume import append_rows, read_rows
+from neox_jax.sweep.prefetch import Revisions
 
 
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows so far ([] when the file is absent). A torn last line is dropped and cut from the file; a bad line
+    elsewhere is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text().split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise NeoXError(f"{path}: line {i + 1} is not JSON ({e}); fix or remove it") from None
+            write_atomic(path, "".join(ln + "\n" for ln in lines[:i] if ln.strip()))  # the torn tail, cut
+    return rows
+
+
+def append_rows(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Appends rows in one write and fsyncs, so a finished batch of work is on disk before the next begins."""
+    if not rows:
+        return
+    with open(path, "a") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def check_settings(path: str | os.PathLike, identity: dict, what: str = "run") -> None:
+    """First run into a folder: writes `identity` (what makes two runs' rows comparable) to path. Later runs: fails,
+    naming each difference, when the settings now differ from those there. what: the kind of run, for the message."""
+    path = Path(path)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        differ = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
+        if differ:
+            diff = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+            raise NeoXError(f"{path}: {path.parent} holds a {what} with other settings ({diff}); use another --output")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(identity, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- per-item studies
 class Study(Protocol):
     key: str  # the row field the study fills ("score", "loss")
 
@@ -36,7 +94,7 @@ class Study(Protocol):
 
 
 def parse_items(spec: str, n_items: int | None = None) -> range:
-    """"A:B" -> range(A, B) (B excluded), checked against the dataset's size when given."""
+    """ "A:B" -> range(A, B) (B excluded), checked against the dataset's size when given."""
     try:
         a, b = (int(x) for x in spec.split(":"))
     except ValueError:
@@ -126,7 +184,8 @@ def run_study(
         dup = revs.dup_of.get(r)
         if dup:
             duplicates.setdefault(r, dup)
-    return {"rows": latest(rows, revs.names, items), "scored": scored, "skipped": total - n_todo, "duplicates": duplicates}
+    rows = latest(rows, revs.names, items)
+    return {"rows": rows, "scored": scored, "skipped": total - n_todo, "duplicates": duplicates}
 
 
 def by_revision(rows: list[dict], revisions: Sequence[str]) -> dict[str, list[dict]]:
@@ -134,32 +193,3 @@ def by_revision(rows: list[dict], revisions: Sequence[str]) -> dict[str, list[di
     for row in rows:
         out[row["revision"]].append(row)
     return out
-
-
-def plot_over_steps(path: Path, title: str, series: dict[str, list[tuple[int, float]]], ylabel: str) -> Path | None:
-    """One line per series of (step, value) points, against training step (symlog x, so step 0 shows); written to
-    a temporary name and renamed. None when nothing has a step (e.g. a local checkpoint)."""
-    series = {k: sorted(v) for k, v in series.items() if v}
-    if not series:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for name, pts in series.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1.2, label=name)
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlabel("training step (checkpoint)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    if len(series) > 1:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
-    return path

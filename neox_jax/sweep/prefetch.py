@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from neox_jax import hub
 from neox_jax.errors import NeoXError
+from neox_jax.store import hub
 
 
 def prefetched(items: Sequence, prepare: Callable, release: Callable | None = None) -> Iterator:

@@ -1,1 +1,0 @@
-"""(temporary home until the house move)"""
