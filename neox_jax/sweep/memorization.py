@@ -153,7 +153,7 @@ def write_evals_csv(folder: Path, revision: str, rows: list[dict]) -> Path:
 
 def run_memorization(cfg: MemorizationConfig, dataset=None, log=print) -> dict:
     """Runs (or resumes) the study. dataset: anything with len() and [i] -> 1-d token array (default: the
-    neox_jax.data.IndexedDataset at cfg.data). Returns {"rows", "summary", "scored", "skipped", "files"}."""
+    neox_jax.data.IndexedDataset at cfg.data). Returns {"rows", "summary", "scored", "skipped", "files", "compiles"}."""
     if cfg.context < 1 or cfg.continuation < 1:
         raise NeoXError(f"--context {cfg.context} and --continuation {cfg.continuation} must both be >= 1")
     if dataset is None:
@@ -188,4 +188,5 @@ def run_memorization(cfg: MemorizationConfig, dataset=None, log=print) -> dict:
     files = {"results": str(out / RESULTS), "summary": str(out / "summary.md"), "csv": [str(c) for c in csvs]}
     files["plot"] = str(plot) if plot else None
     log(f"results: {files['results']}; summary: {files['summary']}; csv: {out / 'memorized-evals'}; plot: {plot}")
-    return {**res, "summary": summary, "files": files}
+    compiles = study.gen.compiles if study.gen else 0  # prefill + decode: 2 for the whole run
+    return {**res, "summary": summary, "files": files, "compiles": compiles}

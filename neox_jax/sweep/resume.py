@@ -88,7 +88,7 @@ class Study(Protocol):
 
     def start(self, model) -> None: ...  # a revision's neox_jax.NeoX: point the compiled programs at its params
 
-    def values(self, sequences: np.ndarray) -> list[float]: ...  # [batch, length] int -> one value per row
+    def values(self, sequences) -> list[float]: ...  # [batch, length] int (or a list of 1-d arrays) -> one per row
 
     def stop(self) -> None: ...  # drop the revision's params
 
@@ -106,16 +106,16 @@ def parse_items(spec: str, n_items: int | None = None) -> range:
     return range(a, b)
 
 
-def gather(dataset, items: Sequence[int], length: int) -> np.ndarray:
-    """The first `length` tokens of each item -> [len(items), length] int32; an item shorter than that is an error
-    naming it."""
-    out = np.empty((len(items), length), np.int32)
-    for j, i in enumerate(items):
-        seq = np.asarray(dataset[i])
-        if seq.ndim != 1 or len(seq) < length:
-            raise NeoXError(f"item {i}: {seq.shape} tokens, expected at least {length} (a 1-d sequence)")
-        out[j] = seq[:length]
-    return out
+def gather(dataset, items: Sequence[int], length: int | None) -> np.ndarray | list[np.ndarray]:
+    """The first `length` tokens of each item -> [len(items), length] int32 (an item shorter than that is an error
+    naming it); length None: each item whole, a list of 1-d int arrays."""
+    seqs = [np.asarray(dataset[i]) for i in items]
+    for i, seq in zip(items, seqs):
+        if seq.ndim != 1 or len(seq) < (length or 1):
+            raise NeoXError(f"item {i}: {seq.shape} tokens, expected at least {length or 1} (a 1-d sequence)")
+    if length is None:
+        return seqs
+    return np.stack([s[:length] for s in seqs]).astype(np.int32)
 
 
 def missing(rows: list[dict], revisions: Sequence[str], items: Sequence[int]) -> dict[str, list[int]]:
@@ -137,7 +137,7 @@ def run_study(
     revs: Revisions,
     dataset,
     items: Sequence[int],
-    length: int,
+    length: int | None,
     batch: int,
     results: Path,
     extra=None,
@@ -145,7 +145,7 @@ def run_study(
 ) -> dict:
     """Scores what is missing; returns {"rows": the rows for these revisions x items, "scored": pairs scored now,
     "skipped": pairs already there, "duplicates": {revision: earlier revision with the same weights}}.
-    length: tokens of each item the study reads; extra(item) -> dict of more row fields (e.g. the data step)."""
+    length: tokens of each item the study reads (None: all of each); extra(item) -> more row fields (the data step)."""
     if batch < 1:
         raise NeoXError(f"--batch {batch}: must be >= 1")
     rows = read_rows(results)
