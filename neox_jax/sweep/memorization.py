@@ -178,7 +178,7 @@ def run_memorization(cfg: MemorizationConfig, dataset=None, log=print) -> dict:
     pts = [(s["step"], s) for s in summary if s["step"] is not None and s["items"]]
     plot = plot_over_steps(
         out / "memorization.png",
-        f"{cfg.model}: memorized fraction ({cfg.context} + {cfg.continuation} tokens)",
+        f"{cfg.model}: memorization ({cfg.context} + {cfg.continuation} tokens)",
         {
             "memorized (score 1.0)": [(st, s["memorized_fraction"]) for st, s in pts],
             "mean score": [(st, s["mean_score"]) for st, s in pts],
