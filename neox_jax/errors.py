@@ -13,3 +13,8 @@ class NeoXError(ValueError):
 
 class NeoXWarning(UserWarning):
     """Something a user should know that does not stop the work (the command prints it as one `warning:` line)."""
+
+
+class DataError(NeoXError):
+    """A data file cannot be read, is malformed, disagrees with its index, or holds too little data for the request;
+    the message names the file."""

@@ -22,12 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neox_jax.errors import NeoXError
+from neox_jax.errors import DataError
 from neox_jax.store.tokenizer import Tokenizer
-
-
-class DataError(NeoXError):
-    """A data file cannot be read, or holds too little text for the requested windows / batches."""
 
 
 def read_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
