@@ -275,3 +275,22 @@ def test_commands_on_a_megatron_dataset(trained, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     trained_batch, other = (next(s for s in summary if s["data_step"] == d) for d in (0, 1))
     assert trained_batch["mean_loss"] < 0.5 < other["mean_loss"]  # the batch it trained on, and one it never saw
+
+
+def test_on_a_mesh_the_same_scores_and_losses(tiny_ckpt, tmp_path):
+    import jax
+    import torch
+
+    from neox_jax.sweep.data_loss import DataLossConfig, run_data_loss
+
+    if jax.device_count() != 8:
+        pytest.skip(f"needs 8 devices, found {jax.device_count()}: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    hf, ckpt = tiny_ckpt
+    data = items_for(hf)
+    res = memorize(ckpt, tmp_path / "mem", data, batch=4, mesh="data=4,model=2")
+    assert [r["score"] for r in res["rows"]] == [1 - j / N for j in range(8)] and res["compiles"] == 2
+    cfg = DataLossConfig(str(ckpt), None, "", range(8), str(tmp_path / "loss"), batch=4, mesh="data=4,model=2")
+    sharded = [r["loss"] for r in run_data_loss(cfg, dataset=list(data), log=lambda *a: None)["rows"]]
+    with torch.no_grad():
+        want = [hf(torch.tensor(x[None]), labels=torch.tensor(x[None])).loss.item() for x in data]
+    np.testing.assert_allclose(sharded, want, rtol=0, atol=1e-5)
