@@ -2,6 +2,7 @@
 
 from neox_jax.api import NeoX, load
 from neox_jax.model.config import PRESETS, NeoXConfig, preset
+from neox_jax.store.hub import pythia_model_ids, pythia_steps
 
-__all__ = ["NeoX", "NeoXConfig", "PRESETS", "load", "preset"]
+__all__ = ["NeoX", "NeoXConfig", "PRESETS", "load", "preset", "pythia_model_ids", "pythia_steps"]
 __version__ = "0.1.0"

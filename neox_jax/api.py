@@ -126,16 +126,13 @@ class NeoX:
         )
 
 
-def _restore(path: Path, cfg: NeoXConfig, dtype, mesh) -> Params:
+def _restore(ckpt: checkpoint.Stored, dtype, mesh) -> Params:
     """Reads the params one group at a time; with a mesh, straight into arrays sharded by sharding.RULES: each device
     reads only its slice from the checkpoint (Orbax), so the host never holds the whole model."""
     if mesh is None:
-        return checkpoint.restore_params(path, dtype)
-    from neox_jax.model import quantize
-
-    quant = quantize.spec_from_metadata(checkpoint.read_metadata(path).get("quantization"))  # int8 checkpoints
-    shardings = sharding.param_shardings(cfg, mesh, quant=quant)  # fails here, before reading, if it cannot split
-    return checkpoint.restore_params(path, dtype, lambda name: checkpoint.get_group(shardings, name))
+        return checkpoint.restore_params(ckpt, dtype)
+    shardings = sharding.param_shardings(ckpt.cfg, mesh, quant=ckpt.quant)  # fails here, before reading
+    return checkpoint.restore_params(ckpt, dtype, lambda name: checkpoint.get_group(shardings, name))
 
 
 def _apply_finetuned(params: Params, cfg: NeoXConfig, run_dir) -> Params:
@@ -164,17 +161,6 @@ def _quantize(params: Params, cfg: NeoXConfig, mode: str) -> Params:
             quantize.quantize_tree({name: checkpoint.get_group(params, name)}, mode, embed_out=embed_out)[name],
         )
     return params
-
-
-def hub_converter():
-    """convert/hub.py (hub id -> cached checkpoint), loaded as `neox-jax convert` loads the converters: by the
-    installed name neox_jax_convert (or the checkout's folder under that name), never a cwd-shadowable `convert`."""
-    import importlib
-
-    from neox_jax.cli.convert import PACKAGE, converters
-
-    converters()
-    return importlib.import_module(f"{PACKAGE}.hub")
 
 
 def load(
@@ -210,39 +196,50 @@ def load(
     tokenizer: a tokenizer.json to use instead of the checkpoint's own.
     verify: re-hash every stored file against the checksums in metadata.json first (reads the whole checkpoint
     once more; without it, load checks groups, layer count, file sizes, shapes and dtypes, which is cheap)."""
-    from neox_jax.store import hub
-
-    if hub.is_hub_id(path):
-        dtype = dtype or "float32"
-        try:
-            path = hub_converter().cached_checkpoint(str(path), revision, checkpoint.dtype_name(dtype))
-        except hub.HubError as e:
-            if str(e).startswith("unknown repo"):  # maybe a mistyped local path
-                raise hub.HubError(f"{path}: no such checkpoint directory, and {e}") from None
-            raise
-    elif revision is not None:
-        raise checkpoint.CheckpointError(f"revision={revision!r}: {path} is a local checkpoint, not a hub id")
-    path = Path(path)
+    path = _local_path(path, revision, dtype)
     dtype = None if dtype is None else checkpoint.dtype_name(dtype)
-    if isinstance(mesh, str):
-        mesh = sharding.make_mesh(mesh)
-    meta = checkpoint.read_metadata(path)
+    mesh = sharding.make_mesh(mesh) if isinstance(mesh, str) else mesh
+    ckpt = checkpoint.open(path)  # metadata.json read and checked once
     if verify:
-        checkpoint.verify(path)
-    cfg = NeoXConfig.from_dict(meta["config"])
-    params = _restore(path, cfg, dtype, mesh)
+        checkpoint.verify(ckpt)
+    params = _restore(ckpt, dtype, mesh)
     if finetuned is not None:
-        params = _apply_finetuned(params, cfg, finetuned)
+        params = _apply_finetuned(params, ckpt.cfg, finetuned)
     if adapter is not None:
-        from neox_jax.model import lora
-        from neox_jax.store import peft as lora_peft
-
-        spec, adapters = lora_peft.read_adapter(adapter, cfg)
-        params = lora.merge_adapters(params, adapters, spec.scale)
+        params = _apply_adapter(params, ckpt.cfg, adapter)
     if quantize is not None:
-        params = _quantize(params, cfg, quantize)
-    tok_file = Path(tokenizer) if tokenizer is not None else path / "tokenizer.json"
+        params = _quantize(params, ckpt.cfg, quantize)
+    tok = _tokenizer(ckpt.path, tokenizer)
+    return NeoX(ckpt.cfg, params, tok, str(path), mesh=mesh)
+
+
+def _local_path(path, revision: str | None, dtype) -> Path:
+    """A local checkpoint directory; a hub id is converted once into the neox-jax cache (convert/hub.py)."""
+    from neox_jax.store import converters, hub
+
+    if not hub.is_hub_id(path):
+        if revision is not None:
+            raise checkpoint.CheckpointError(f"revision={revision!r}: {path} is a local checkpoint, not a hub id")
+        return Path(path)
+    try:
+        return converters.module("hub").cached_checkpoint(
+            str(path), revision, checkpoint.dtype_name(dtype or "float32")
+        )
+    except hub.UnknownRepoError as e:  # maybe a mistyped local path
+        raise hub.UnknownRepoError(f"{path}: no such checkpoint directory, and {e}") from None
+
+
+def _apply_adapter(params: Params, cfg: NeoXConfig, adapter) -> Params:
+    from neox_jax.model import lora
+    from neox_jax.store import peft
+
+    spec, adapters = peft.read_adapter(adapter, cfg)
+    return lora.merge_adapters(params, adapters, spec.scale)
+
+
+def _tokenizer(ckpt_dir: Path, tokenizer) -> Tokenizer | None:
+    """The given tokenizer.json, else the checkpoint's own, else None (ids in, ids out)."""
+    tok_file = Path(tokenizer) if tokenizer is not None else ckpt_dir / "tokenizer.json"
     if tokenizer is not None and not tok_file.is_file():
         raise checkpoint.CheckpointError(f"tokenizer {tok_file}: no such file")
-    tok = Tokenizer.from_file(tok_file) if tok_file.is_file() else None
-    return NeoX(cfg, params, tok, str(path), mesh=mesh)
+    return Tokenizer.from_file(tok_file) if tok_file.is_file() else None

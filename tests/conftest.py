@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from neox_jax.model.config import NeoXConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -82,6 +84,19 @@ def tiny_ckpt(hf_tiny, tmp_path_factory):
     return model, out
 
 
+def micro_config(**overrides) -> NeoXConfig:
+    """The smallest config the reliability tests need (faster to build and convert than preset("tiny"))."""
+    base = dict(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    return NeoXConfig(**{**base, **overrides})
+
+
 BPE_VOCAB = 300  # ids of the shared byte-level tokenizer (test models give their embeddings more rows)
 BPE_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -91,28 +106,53 @@ BPE_CORPUS = [
 ] * 20
 
 
-@pytest.fixture(scope="session")
-def bpe_tokenizer(tmp_path_factory):
-    """A byte-level BPE tokenizer.json with BPE_VOCAB ids, trained here (any text encodes, multi-byte characters
-    split over tokens): the one tokenizer the generation and sharding tests share."""
+def train_byte_bpe(path: Path, corpus, vocab_size: int) -> Path:
+    """A byte-level BPE tokenizer.json (any text encodes; multi-byte characters split over tokens), with
+    <|endoftext|> = 0 and <|padding|> = 1 as in GPT-NeoX's, trained here on `corpus`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.train_from_iterator(
-        BPE_CORPUS,
+        corpus,
         trainers.BpeTrainer(
-            vocab_size=BPE_VOCAB,
+            vocab_size=vocab_size,
             special_tokens=["<|endoftext|>", "<|padding|>"],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         ),
     )
-    assert tk.get_vocab_size() == BPE_VOCAB
-    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
+    assert tk.get_vocab_size() == vocab_size
     tk.save(str(path))
     return path
+
+
+def train_char_bpe(path: Path, texts, vocab_size: int = 128) -> Path:
+    """A character-level BPE over printable ASCII (Metaspace words) with <|endoftext|> = 0, trained here on
+    `texts`: the small tokenizer the fine-tuning tests train with."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        limit_alphabet=200,
+        initial_alphabet=list(string.printable),
+        show_progress=False,
+    )
+    tk.train_from_iterator([string.printable, *texts], trainer)
+    tk.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(tmp_path_factory):
+    """The byte-level tokenizer (BPE_VOCAB ids) the generation and sharding tests share."""
+    return train_byte_bpe(tmp_path_factory.mktemp("bpe") / "tokenizer.json", BPE_CORPUS, BPE_VOCAB)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ interrupted + resumed == uninterrupted, frozen tensors untouched, merge == load(
 
 import json
 import shutil
-import string
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import optax
 import pytest
 
 import neox_jax
-from conftest import SHARED_DATA, run_cli
+from conftest import SHARED_DATA, run_cli, train_char_bpe
 from neox_jax.parallel.sharding import batch_sharding, make_mesh
 from neox_jax.store import checkpoint
 from neox_jax.store.tokenizer import Tokenizer
@@ -32,18 +31,7 @@ def _text(seed=0, n=3000):
 @pytest.fixture(scope="module")
 def small_tokenizer(tmp_path_factory):
     """A character-level BPE with 128 ids (the tiny HF model's vocab), trained here on printable ASCII."""
-    from tokenizers import Tokenizer as HFTok
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = HFTok(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=128, special_tokens=["<|endoftext|>"], limit_alphabet=200, initial_alphabet=list(string.printable)
-    )
-    tok.train_from_iterator([string.printable, _text(1, 20000)], trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    return train_char_bpe(tmp_path_factory.mktemp("tok") / "tokenizer.json", [_text(1, 20000)])
 
 
 def _setup(ckpt, mesh, dtype=jnp.float32, mode="biases", lr=1e-3, total=10, dynamic=None, scale=2.0**15, period=2000):
@@ -67,7 +55,7 @@ def _host(tree):
 
 
 def test_trainable_subsets():
-    params = neox_jax.model.abstract_params(neox_jax.preset("tiny"))
+    params = neox_jax.model.neox.abstract_params(neox_jax.preset("tiny"))
     t, f = ft.split_params(params, "biases")
     names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]}
     assert names == {f"['layers'][{i}]['{a}']['{b}']['bias']" for i in range(2) for a, b, _ in ft.BIAS_PATHS}

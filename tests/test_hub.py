@@ -216,7 +216,7 @@ def test_load_by_hub_id_converts_once(stub, revisions, hub_env, monkeypatch):
 
 def test_killed_conversion_leaves_no_cache_entry(stub, hub_env, monkeypatch):
     import neox_jax
-    from neox_jax.api import hub_converter
+    from neox_jax.store import converters
     from neox_jax.store.checkpoint import CheckpointWriter
 
     def killed(self, group, tree):
@@ -225,13 +225,13 @@ def test_killed_conversion_leaves_no_cache_entry(stub, hub_env, monkeypatch):
     monkeypatch.setattr(CheckpointWriter, "write_group", killed)
     with pytest.raises(KeyboardInterrupt):
         neox_jax.load(REPO, revision="step0")
-    entry = hub_converter().cache_entry(REPO, stub.commit(REPO, "step0"), "float32")
+    entry = converters.module("hub").cache_entry(REPO, stub.commit(REPO, "step0"), "float32")
     assert not entry.exists() and list(entry.parent.iterdir()) == []
 
 
 def test_revision_with_local_dir_refused(revisions, tmp_path):
-    from neox_jax.api import hub_converter
     from neox_jax.errors import NeoXError
+    from neox_jax.store import converters
 
     with pytest.raises(NeoXError, match="is a local directory, not a hub id"):
-        hub_converter().convert_source(revisions["step0"][1], tmp_path / "x", revision="step0")
+        converters.module("hub").convert_source(revisions["step0"][1], tmp_path / "x", revision="step0")

@@ -1,28 +1,60 @@
-"""The house: no import circle between neox_jax's modules (counting imports inside functions too), and the int8
-kernels a leaf."""
+"""The house: no import circle anywhere in the tree (neox_jax/, convert/, scripts/; imports inside functions counted
+too), the library never imports the command line, and the int8 kernels a leaf."""
 
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 from conftest import ROOT
 
+FOLDERS = ("neox_jax", "convert", "scripts")
+# entry points may import the command line: they are thin wrappers over it
+ENTRY_POINTS = ("neox_jax.__main__", "convert.__main__")
+
+
+def _module_name(f: Path) -> str:
+    parts = f.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _files() -> dict[str, Path]:
+    return {_module_name(f): f for folder in FOLDERS for f in (ROOT / folder).rglob("*.py")}
+
+
+def _absolute(node: ast.ImportFrom, mod: str, is_package: bool) -> str:
+    """The module an ImportFrom names, relative imports resolved against `mod`."""
+    if not node.level:
+        return node.module or ""
+    base = mod.split(".")
+    base = base[: len(base) - node.level + (1 if is_package else 0)]
+    return ".".join(base + ([node.module] if node.module else []))
+
 
 def _imports() -> dict[str, set[str]]:
-    """module -> the neox_jax modules it imports anywhere in its body (the package __init__s left out)."""
+    """module -> the tree's modules it imports anywhere in its body. `from pkg import name` counts as an import of
+    pkg.name when that is a module; an import of one's own parent package is no edge (Python runs the parent's
+    __init__ first, whatever the child imports)."""
+    files = _files()
     graph = {}
-    for f in (ROOT / "neox_jax").rglob("*.py"):
-        mod = ".".join(f.relative_to(ROOT).with_suffix("").parts)
-        if mod.endswith("__init__") or mod.endswith("__main__"):
-            continue
+    for mod, f in files.items():
         found = set()
         for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("neox_jax"):
-                found |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+            if isinstance(node, ast.ImportFrom):
+                base = _absolute(node, mod, f.name == "__init__.py")
+                for a in node.names:
+                    found.add(f"{base}.{a.name}" if f"{base}.{a.name}" in files else base)
             elif isinstance(node, ast.Import):
-                found |= {a.name for a in node.names if a.name.startswith("neox_jax")}
-        graph[mod] = found
-    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+                found |= {a.name for a in node.names}
+        graph[mod] = {d for d in found if d in files and d != mod and not mod.startswith(d + ".")}
+    return graph
+
+
+def test_the_graph_sees_the_tree():
+    graph = _imports()
+    assert {"neox_jax.api", "convert.hf", "convert.hub", "scripts.bench.generate"} <= set(graph)
+    assert "convert.hf" in graph["convert.hub"]  # relative imports are resolved
+    assert "neox_jax.store.checkpoint" in graph["neox_jax.api"]
 
 
 def test_no_import_circle():
@@ -41,6 +73,28 @@ def test_no_import_circle():
 
     for m in sorted(graph):
         visit(m, [])
+
+
+def test_the_library_never_imports_the_command_line():
+    graph = _imports()
+    offenders = {
+        m: sorted(d for d in deps if d == "neox_jax.cli" or d.startswith("neox_jax.cli."))
+        for m, deps in graph.items()
+        if not (m.startswith(("neox_jax.cli", "scripts")) or m in ENTRY_POINTS)
+    }
+    assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_the_model_stands_below_everything_else():
+    """model/ needs only errors, itself and the sharding rules: nothing that runs, stores or serves it."""
+    allowed = ("neox_jax.model", "neox_jax.errors", "neox_jax.parallel.sharding")
+    graph = _imports()
+    found = {
+        m: sorted(d for d in deps if not d.startswith(allowed))
+        for m, deps in graph.items()
+        if m.startswith("neox_jax.model")
+    }
+    assert {m: d for m, d in found.items() if d} == {}
 
 
 def test_int8_kernels_are_a_leaf():

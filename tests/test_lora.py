@@ -4,7 +4,6 @@ equals an uninterrupted one; unsupported adapters are refused by name; adapters 
 
 import copy
 import json
-import string
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 import neox_jax
+from conftest import train_char_bpe
 from neox_jax.cli import main as cli
 from neox_jax.errors import NeoXError
 from neox_jax.model import lora
@@ -182,21 +182,13 @@ def test_adapters_shard_like_their_matrices(tiny_ckpt):
 def lora_runs(tiny_ckpt, tmp_path_factory):
     """Run A: 12 LoRA steps (qkv + dense_4h_to_h, r 4, dropout 0.1); run B: the same, stopped by SIGTERM after
     step 5 and resumed."""
-    from tokenizers import Tokenizer as HFTok
-    from tokenizers import models, pre_tokenizers, trainers
 
     _, ckpt = tiny_ckpt
     d = tmp_path_factory.mktemp("lora_runs")
     rng = np.random.RandomState(0)
     words = ["the", "king", "queen", "lord", "speak", "hear", "love", "death", "night", "day", "sword", "crown"]
     (d / "train.txt").write_text("\n".join(" ".join(rng.choice(words, 6)) + "." for _ in range(600)))
-    tok = HFTok(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.train_from_iterator(
-        [string.printable, (d / "train.txt").read_text()],
-        trainers.BpeTrainer(vocab_size=128, special_tokens=["<|endoftext|>"], initial_alphabet=list(string.printable)),
-    )
-    tok.save(str(d / "tokenizer.json"))
+    train_char_bpe(d / "tokenizer.json", [(d / "train.txt").read_text()])
     common = {
         "checkpoint": str(ckpt),
         "data": [str(d / "train.txt")],

@@ -7,18 +7,11 @@ import shutil
 import pytest
 
 import neox_jax
-from neox_jax.model.config import NeoXConfig
+from conftest import micro_config
 from neox_jax.model.neox import init_params
 from neox_jax.store import checkpoint
 
-CFG = NeoXConfig(
-    vocab_size=96,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=32,
-)
+CFG = micro_config()
 
 
 @pytest.fixture(scope="module")

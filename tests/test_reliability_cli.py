@@ -6,21 +6,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from conftest import micro_config
 from neox_jax.cli import main
 from neox_jax.errors import NeoXError
 from neox_jax.inference.sampling import SamplingParams
-from neox_jax.model.config import NeoXConfig
 from neox_jax.model.neox import init_params
 from neox_jax.store import checkpoint, records
 
-CFG = NeoXConfig(
-    vocab_size=96,
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=32,
-)
+CFG = micro_config(num_hidden_layers=1)
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,13 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT, make_hf_model
+from conftest import ROOT, make_hf_model, micro_config
 from neox_jax.errors import NeoXError
 from neox_jax.model.config import NeoXConfig
 from neox_jax.model.neox import init_params
 from neox_jax.store import checkpoint, staging
 
-CFG = NeoXConfig(
-    vocab_size=96,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=32,
-)
+CFG = micro_config()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +49,19 @@ def _convert(src, out):
 
 
 def test_sharded_source_converts(src, tmp_path):
-    assert _convert(src, tmp_path / "out")["out"]
+    """Every tensor of every shard lands in the checkpoint: the logits equal transformers' on the sharded source."""
+    import numpy as np
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    import neox_jax
+
+    out = _convert(src, tmp_path / "out")["out"]
+    ids = np.array([[3, 17, 42, 5, 9, 60, 2, 11]])
+    ours = neox_jax.load(out).logits(ids)
+    with torch.no_grad():
+        ref = GPTNeoXForCausalLM.from_pretrained(src).eval()(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
 def test_tensor_in_two_shards_is_refused(src, tmp_path):

@@ -3,44 +3,29 @@ changes no file (docs/reliability.md)."""
 
 import json
 import shutil
-import string
 
 import numpy as np
 import pytest
 
+from conftest import micro_config, train_char_bpe
 from neox_jax.errors import NeoXError
-from neox_jax.model.config import NeoXConfig
 from neox_jax.model.neox import init_params
 from neox_jax.store import checkpoint
 from neox_jax.training import run as train
 
-CFG = NeoXConfig(
-    vocab_size=128,
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=64,
-)
+CFG = micro_config(vocab_size=128, num_hidden_layers=1, max_position_embeddings=64)
 WORDS = ["the", "king", "queen", "lord", "speak", "hear", "love", "death", "night", "day", "sword", "crown"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Two tiny bases with a 128-id character BPE, a text file, and a 2-step run on base A saved at every step."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     d = tmp_path_factory.mktemp("ft")
     rng = np.random.RandomState(0)
     text = "\n".join(" ".join(rng.choice(WORDS, 6)) + "." for _ in range(400))
     (d / "train.txt").write_text(text)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    tok.train_from_iterator(
-        [string.printable, text],
-        trainers.BpeTrainer(vocab_size=128, special_tokens=["<|endoftext|>"], initial_alphabet=list(string.printable)),
-    )
-    tok.save(str(d / "tokenizer.json"))
+    train_char_bpe(d / "tokenizer.json", [text])
     for name, seed in (("baseA", 0), ("baseB", 1)):
         checkpoint.save_params(d / name, CFG, init_params(CFG, seed=seed), tokenizer_file=d / "tokenizer.json")
     assert train.run(_cfg(d, "run")) == 0

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 import neox_jax
-from conftest import ROOT, make_hf_model, run_cli
+from conftest import ROOT, make_hf_model, run_cli, train_byte_bpe
 from neox_jax.serve import ServerThread, Service
 from neox_jax.serve import rows as R
 from neox_jax.serve.chat import compile_template
@@ -57,23 +57,9 @@ TIMEOUT = 60.0
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(
-        CORPUS,
-        trainers.BpeTrainer(
-            vocab_size=TOK_VOCAB,
-            special_tokens=["<|endoftext|>", "<|padding|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
     src = tmp_path_factory.mktemp("hf_serve")
     make_hf_model(seed=7, vocab_size=MODEL_VOCAB).save_pretrained(src)
-    tk.save(str(src / "tokenizer.json"))
+    train_byte_bpe(src / "tokenizer.json", CORPUS, TOK_VOCAB)
     out = tmp_path_factory.mktemp("ckpt_serve") / "tiny"
     run_cli("-m", "convert", "hf", src, out, "--quiet")
     return out

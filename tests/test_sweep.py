@@ -79,12 +79,12 @@ def standalone(hf_dir, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from neox_jax.api import hub_converter
     from neox_jax.evaluation.harness import NeoXLM
     from neox_jax.evaluation.tasks import task_specs
+    from neox_jax.store import converters
 
     ckpt = tmp_path / f"standalone-{hf_dir.name}"
-    hub_converter().convert_source(hf_dir, ckpt, progress=False)
+    converters.module("hub").convert_source(hf_dir, ckpt, progress=False)
     res = simple_evaluate(
         model=NeoXLM(pretrained=str(ckpt), batch_size=4),
         tasks=list(task_specs(["lambada_openai"]).values()),

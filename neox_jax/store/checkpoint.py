@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -217,8 +218,36 @@ def save_params(out, cfg: NeoXConfig, params, dtype=None, source=None, tokenizer
         return w.finish()
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A checkpoint directory whose metadata.json was read and checked once: what restore, verify and load need."""
+
+    path: Path  # absolute: Orbax reads no metadata from a relative path
+    meta: dict[str, Any]
+    cfg: NeoXConfig
+
+    @property
+    def dtype(self) -> str:
+        return self.meta["dtype"]
+
+    @property
+    def quant(self):
+        return quantize.spec_from_metadata(self.meta.get("quantization"))
+
+
+def open(path: str | os.PathLike | Stored) -> Stored:  # noqa: A001  checkpoint.open(path), as a file is opened
+    """Reads and checks CKPT/metadata.json once (CheckpointError naming the file and field otherwise)."""
+    if isinstance(path, Stored):
+        return path
+    path = Path(path).absolute()
+    return Stored(path, *_read_metadata(path))
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
+    return _read_metadata(Path(path))[0]
+
+
+def _read_metadata(path: Path) -> tuple[dict[str, Any], NeoXConfig]:
     meta_file = path / "metadata.json"
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
@@ -240,11 +269,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"{meta_file}: format {meta.get('format')!r} version {meta.get('format_version')!r}, "
             f"expected {FORMAT!r} version {FORMAT_VERSION}"
         )
-    _check_fields(meta_file, meta)
-    return meta
+    return meta, _check_fields(meta_file, meta)
 
 
-def _check_fields(meta_file: Path, meta: dict) -> None:
+def _check_fields(meta_file: Path, meta: dict) -> NeoXConfig:
     """The fields readers rely on have the right types and agree with each other (CheckpointError naming the file)."""
     if not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{meta_file}: `config` is missing or not an object")
@@ -277,12 +305,13 @@ def _check_fields(meta_file: Path, meta: dict) -> None:
         raise CheckpointError(
             f"{meta_file}: bad `checksums` (expected {{'algorithm', 'files': {{path: {{'bytes', 'sha256'}}}}}})"
         )
+    return cfg
 
 
-def check_stored(path: Path, meta: dict) -> None:
+def check_stored(ckpt: Stored) -> None:
     """What is stored agrees with metadata.json: exactly its groups (so a layer count that differs is caught) and,
     when recorded, every file present with its recorded size. Cheap (directory listings and stats, no hashing)."""
-    cfg = NeoXConfig.from_dict(meta["config"])
+    path, meta, cfg = ckpt.path, ckpt.meta, ckpt.cfg
     want = group_names(cfg)
     params = path / "params"
     stored = {d.name for d in params.iterdir() if d.is_dir()} if params.is_dir() else set()
@@ -311,11 +340,14 @@ def _raise_problems(path: Path, found: dict[str, list[str]]) -> None:
         raise ChecksumError(f"{path}: {len(found)} group(s) differ from the recorded checksums: {' | '.join(parts)}")
 
 
-def verify(path: str | os.PathLike) -> int:
+def verify(path: str | os.PathLike | Stored) -> int:
     """Re-hashes every stored file against metadata.json `checksums`; returns the bytes checked. ChecksumError names
     each group (parameter group, or top-level file) that differs."""
-    path = Path(path).absolute()
-    meta = _finetuned_metadata(path) or read_metadata(path)
+    if isinstance(path, Stored):
+        path, meta = path.path, path.meta
+    else:
+        path = Path(path).absolute()
+        meta = _finetuned_metadata(path) or read_metadata(path)
     if not meta.get("checksums"):
         raise CheckpointError(
             f"{path / 'metadata.json'}: no checksums recorded (written by an older neox-jax; "
@@ -345,7 +377,7 @@ def identity(path: str | os.PathLike) -> str:
 
 
 def read_config(path) -> NeoXConfig:
-    return NeoXConfig.from_dict(read_metadata(path)["config"])
+    return open(path).cfg
 
 
 def _first_line(e: BaseException) -> str:
@@ -365,17 +397,18 @@ def stored_tree(ckptr, directory: Path):
     return meta.tree
 
 
-def iter_groups(path, dtype=None, shardings: Callable[[str], Any] | None = None) -> Iterator[tuple[str, Any]]:
+def iter_groups(
+    path: str | os.PathLike | Stored, dtype=None, shardings: Callable[[str], Any] | None = None
+) -> Iterator[tuple[str, Any]]:
     """Yields (group name, nested dict of jax arrays) one group at a time, checked against the config.
     dtype: cast to this dtype (default: as stored). shardings(name) -> a tree of jax.sharding.Sharding for the group,
     so each device reads only its slice (cast to dtype as it is read)."""
-    path = Path(path).absolute()  # Orbax reads no metadata from a relative path
-    meta = read_metadata(path)
-    check_stored(path, meta)
-    cfg = NeoXConfig.from_dict(meta["config"])
-    stored = DTYPES[meta["dtype"]]
+    ckpt = open(path)
+    check_stored(ckpt)
+    path, cfg = ckpt.path, ckpt.cfg
+    stored = DTYPES[ckpt.dtype]
     target = stored if dtype is None else DTYPES[dtype_name(dtype)]
-    expected = abstract_params(cfg, stored, quant=quantize.spec_from_metadata(meta.get("quantization")))
+    expected = abstract_params(cfg, stored, quant=ckpt.quant)
     ckptr = _checkpointer()
     for name in group_names(cfg):
         gdir = path / "params" / name

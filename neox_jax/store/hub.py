@@ -34,6 +34,10 @@ class HubError(NeoXError):
     """A hub id / revision that cannot be fetched or verified: names the repo, revision and file."""
 
 
+class UnknownRepoError(HubError):
+    """The Hub has no such repository (or it is private and no token was given)."""
+
+
 def pythia_steps() -> list[int]:
     """The 154 published Pythia checkpoint steps: 0, 1, 2, 4, ..., 512 (log-spaced), then every 1000 to 143000."""
     return [0, *(2**i for i in range(10)), *range(1000, 143001, 1000)]
@@ -170,7 +174,7 @@ def _translate(e: Exception, repo_id: str, revision: str, s: Settings) -> HubErr
     if isinstance(e, RepositoryNotFoundError):
         hint = "" if s.token else "; if it is private, set HF_TOKEN"
         pythia = f" (the Pythia suite: {', '.join(pythia_model_ids()[:4])}, ...)" if is_pythia(repo_id) else ""
-        return HubError(f"unknown repo {repo_id} on {s.endpoint}{hint}{pythia}")
+        return UnknownRepoError(f"unknown repo {repo_id} on {s.endpoint}{hint}{pythia}")
     if isinstance(e, RevisionNotFoundError):
         step = step_of(revision)
         if is_pythia(repo_id) and step is not None:

@@ -129,9 +129,9 @@ class Revisions:
         r = self.resolved[revision]
         if self.skip_duplicates and self.dup_of.get(revision):  # known from the files: not even downloaded
             return Prepared(revision, r.commit, self.file_fp[revision], None)
-        from neox_jax.api import hub_converter
+        from neox_jax.store import converters
 
-        path = hub_converter().checkpoint_for(r, self.dtype, progress=False, settings=self.settings)
+        path = converters.module("hub").checkpoint_for(r, self.dtype, progress=False, settings=self.settings)
         model = neox_jax.load(path, self.dtype, mesh=self.mesh)
         fp = tensor_fingerprint(model.params) if self.by_tensors else self.file_fp[revision]
         return Prepared(revision, r.commit, fp, model)
