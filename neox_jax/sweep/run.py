@@ -2,8 +2,8 @@
 
 For each revision: resolve it (one request: commit and file hashes; every revision is resolved before any work, so a
 misspelt step fails at once), fetch and verify, convert into the neox-jax cache (once), load, and evaluate each task
-with the project's lm-eval backend (neox_jax.evaluation.harness.NeoXLM, as scripts/evaluate.py does), appending one line per
-(revision, task):
+with the project's lm-eval backend (neox_jax.evaluation.harness.NeoXLM, as scripts/evaluate.py does), appending one
+line per (revision, task):
 
     {"revision", "step", "commit", "task", "metrics", "fingerprint", "duplicate_of", "seconds"}
 
