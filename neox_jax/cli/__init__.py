@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "convert": "neox_jax.cli.convert",
     "generate": "neox_jax.cli.generate",
     "finetune": "neox_jax.cli.finetune",
+    "data": "neox_jax.cli.data",
     "evaluate": "neox_jax.cli.evaluate",
     "memory-plan": "neox_jax.cli.memory_plan",
     "benchmark": "neox_jax.cli.benchmark",

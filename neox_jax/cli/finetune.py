@@ -4,6 +4,8 @@ adapters (interchangeable with PEFT), on a device mesh, in mixed precision, resu
     neox-jax finetune --checkpoint ckpt/pythia-160m --data input.txt --out runs/shakespeare \\
         --steps 1000 --batch-size 8 --seq-len 128 --dtype bf16 --eval-every 100
     neox-jax finetune ... --resume            # after an interruption (SIGTERM / Ctrl-C saves first)
+    neox-jax finetune --checkpoint ckpt/pythia-160m-step1000 --data pile/document --start-step 1000 \\
+        --seq-len 2048 --batch-size 1024 --trainable all --out runs/continue   # Pythia's own batches from step 1000
     neox_jax.load("ckpt/pythia-160m", finetuned="runs/shakespeare")   # in Python: base + trained biases
     neox-jax convert merge ckpt/pythia-160m runs/shakespeare ckpt/pythia-160m-shakespeare
     neox-jax finetune ... --trainable lora --lora-rank 8 --lora-alpha 16 --out runs/lora   # LoRA (docs/lora.md)
@@ -30,7 +32,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         required=True,
         nargs="+",
         metavar="FILE",
-        help='plain text files (one document each) and/or .jsonl files (one {"text": ...} per line)',
+        help='plain text files (one document each) and/or .jsonl files (one {"text": ...} per line); or one '
+        "Megatron dataset PREFIX (PREFIX.idx + .bin, e.g. Pythia's preshuffled Pile: trained in its order)",
+    )
+    p.add_argument(
+        "--start-step",
+        type=int,
+        metavar="N",
+        help="--data PREFIX: start at step N of the dataset's order (Pythia's revision stepN has trained on steps "
+        "0 .. N-1); step j of this run then trains on sequences [N * 1024 + j * B, ... + B), B = --batch-size",
+    )
+    p.add_argument(
+        "--data-step-items",
+        type=int,
+        default=d.data_step_items,
+        metavar="K",
+        help="--data PREFIX: sequences a step of the dataset's order (default %(default)s, Pythia's)",
     )
     p.add_argument(
         "--out",

@@ -30,7 +30,7 @@ def pointers_of(sizes: np.ndarray, itemsize: int) -> np.ndarray:
     return out
 
 
-def _temp_beside(path: Path, suffix: str) -> Path:
+def temp_beside(path: Path, suffix: str) -> Path:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     return Path(name)
@@ -45,7 +45,7 @@ def write_index(path: str | os.PathLike, sizes, doc_idx, dtype) -> None:
         raise DataError(f"{path}: item sizes must be in [0, 2^31) (int32 in the index); found {sizes.max()}")
     doc_idx = np.asarray(doc_idx, np.int64)
     code, itemsize = dtype_code(dtype), np.dtype(dtype).itemsize
-    tmp = _temp_beside(path, ".idx.tmp")
+    tmp = temp_beside(path, ".idx.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(HEADER.pack(MAGIC, VERSION, code, len(sizes), len(doc_idx)))
@@ -76,10 +76,10 @@ class Writer:
         self._range = (info.min, info.max) if info else None
         self.sizes = array("q")
         self.doc_idx = array("q", [0])
-        self._tmp = _temp_beside(self.bin_path, ".bin.tmp")
+        self._tmp = temp_beside(self.bin_path, ".bin.tmp")
         self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed in close())
 
-    def add_item(self, tokens) -> None:
+    def add_item(self, tokens, record: bool = True) -> None:
         """One item: [n] tokens, stored as the writer's dtype (a value that does not fit is an error, not a cast)."""
         arr = np.asarray(tokens)
         if arr.ndim != 1:
@@ -92,7 +92,18 @@ class Writer:
                 )
             arr = arr.astype(self.dtype)
         self._file.write(arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
-        self.sizes.append(arr.size)
+        if record:
+            self.sizes.append(arr.size)
+
+    def add_documents(self, flat, sizes) -> None:
+        """Many items at once, each its own document: flat [sum(sizes)] tokens cut into items of `sizes` tokens."""
+        sizes = np.asarray(sizes, np.int64)
+        if sizes.sum() != len(flat):
+            raise DataError(f"{self.prefix}: {len(flat)} tokens, but the sizes add up to {int(sizes.sum())}")
+        self.add_item(flat, record=False)
+        start = len(self.sizes)
+        self.sizes.extend(sizes.tolist())
+        self.doc_idx.extend((start + np.flatnonzero(sizes) + 1).tolist())  # empty items join the next document
 
     def end_document(self) -> None:
         if len(self.sizes) > self.doc_idx[-1]:

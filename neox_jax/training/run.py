@@ -36,11 +36,11 @@ from neox_jax.errors import NeoXError
 from neox_jax.model import lora
 from neox_jax.parallel.sharding import batch_sharding, check_divisible, make_mesh
 from neox_jax.store import checkpoint, records
-from neox_jax.store.tokenizer import Tokenizer
-from neox_jax.training import data
+from neox_jax.training import data, prefix
 from neox_jax.training import step as finetune
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora")
+PREFIX_FIELDS = ("start_step", "data_step_items")
 # settings a resumed run must share with the run it continues (the rest may change: steps, saving, mesh, ...)
 EXACT = (
     "data",
@@ -60,6 +60,7 @@ EXACT = (
     "initial_loss_scale",
     "loss_scale_period",
     *LORA_FIELDS,
+    *PREFIX_FIELDS,
 )
 
 
@@ -96,6 +97,8 @@ class RunConfig:
     eval_every: int = 0
     eval_fraction: float = 0.05
     eval_batches: int = 0  # 0: the whole held-out split
+    start_step: int | None = None  # --data PREFIX: the Pythia step to start from (training/prefix.py)
+    data_step_items: int = 1024  # --data PREFIX: sequences a step of the dataset's order (Pythia's 1024)
     seed: int = 0
     resume: bool = False
     initial_loss_scale: float = 2.0**15
@@ -122,6 +125,8 @@ def _resolved(cfg: RunConfig, ckpt_dtype: str) -> dict:
     d["heldout_fraction"] = cfg.eval_fraction if cfg.eval_every else 0.0  # decides which windows train
     if cfg.trainable != "lora":  # not part of other runs (and absent from their run.json)
         d.update(dict.fromkeys(LORA_FIELDS))
+    if not prefix.is_prefix(cfg.data):  # likewise for the dataset-prefix settings
+        d.update(dict.fromkeys(PREFIX_FIELDS))
     return d
 
 
@@ -234,10 +239,8 @@ def run(cfg: RunConfig) -> int:
         raise ValueError(f"--resume: {out / 'checkpoints'} holds no checkpoint to resume from")
     saved = _saved_run(out, settings, cfg.resume)
 
-    tok = Tokenizer.from_file(cfg.tokenizer or cfg.checkpoint)
     model_cfg = checkpoint.read_config(cfg.checkpoint)
-    packed = data.prepare(cfg.data, tok, cfg.seq_len, settings["heldout_fraction"], model_cfg.vocab_size)
-    batches = data.Batches(packed.train, cfg.batch_size, cfg.seed)
+    batches, heldout, what = prefix.run_data(cfg, model_cfg.vocab_size, settings["heldout_fraction"])
     total = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * batches.batches_per_epoch)
     _check_schedule(saved, total, cfg.allow_schedule_change)
     mesh = make_mesh(cfg.mesh)
@@ -248,9 +251,7 @@ def run(cfg: RunConfig) -> int:
     )
     n_train = sum(x.size for x in jax.tree.leaves(trainable))
     print(
-        f"data: {packed.num_tokens:,} tokens -> {len(packed.train)} windows of {cfg.seq_len + 1} "
-        f"(+{len(packed.heldout)} held out; {packed.dropped_tokens} tail tokens dropped), "
-        f"{batches.batches_per_epoch} batches of {cfg.batch_size} per epoch; {total} steps on mesh "
+        f"data: {what}, {batches.batches_per_epoch} batches of {cfg.batch_size} per epoch; {total} steps on mesh "
         f"{dict(mesh.shape)}; training {n_train:,} of {model_cfg.num_params:,} parameters ({cfg.trainable}, "
         f"{settings['dtype']}"
         + (
@@ -300,7 +301,7 @@ def run(cfg: RunConfig) -> int:
 
     def evaluate(params) -> float:
         total_loss, count = 0.0, 0.0
-        for i, (w, wt) in enumerate(data.eval_batches(packed.heldout, cfg.batch_size)):
+        for i, (w, wt) in enumerate(data.eval_batches(heldout, cfg.batch_size)):
             if cfg.eval_batches and i >= cfg.eval_batches:
                 break
             s, n = eval_step(
@@ -339,6 +340,7 @@ def run(cfg: RunConfig) -> int:
                     f"saving; {good} in {out / 'checkpoints'} (try a lower --lr, --dtype bfloat16/float32, or check "
                     f"the data)"
                 )
+            items = batches.items(pos) if isinstance(batches, prefix.PrefixBatches) else None
             state, step, epoch, pos = new_state, step + 1, pos.epoch, batches.advance(pos)
             last = {
                 "step": step,
@@ -349,6 +351,7 @@ def run(cfg: RunConfig) -> int:
                 "loss_scale": m["loss_scale"],
                 "skipped": bool(m["skipped"]),
                 "tokens_per_s": cfg.batch_size * cfg.seq_len / dt,
+                **({"items": [items.start, items.stop]} if items else {}),  # the dataset sequences it trained on
             }
             if eval_step is not None and (step % cfg.eval_every == 0 or step == total):
                 last["eval_loss"] = evaluate(state["params"])
