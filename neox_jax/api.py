@@ -74,14 +74,22 @@ class NeoX:
         top_p=None,
         seed: int = 0,
         stop=None,
+        draft: NeoX | None = None,
+        draft_tokens: int = 4,
         **kwargs,
     ) -> GenerateResult:
         """prompts: a string, a list of strings, or token-id lists. Greedy at temperature 0; `stop` strings and
         `stop_token_ids` (default end-of-text) end a completion; also repetition_penalty, callback(StreamEvent).
-        Returns token_ids, texts, finish_reasons, timing (see neox_jax.inference.generate)."""
-        return self.generator().generate(
-            prompts, max_new_tokens, temperature, top_k, top_p, seed=seed, stop=stop, **kwargs
-        )
+        draft: a smaller model with the same tokenizer proposing draft_tokens tokens a step (speculative decoding,
+        docs/generation.md: the target's output distribution, greedy its very tokens; `.speculative` holds the
+        acceptance statistics). Returns token_ids, texts, finish_reasons, timing (see neox_jax.inference.generate)."""
+        gen = self.generator() if draft is None else self._speculative_generator(draft, draft_tokens)
+        return gen.generate(prompts, max_new_tokens, temperature, top_k, top_p, seed=seed, stop=stop, **kwargs)
+
+    def _speculative_generator(self, draft: NeoX, draft_tokens: int):
+        from neox_jax.inference.speculative_driver import for_models
+
+        return for_models(self, draft, draft_tokens)
 
     def generate_stream(
         self,
@@ -93,12 +101,15 @@ class NeoX:
         seed: int = 0,
         stop=None,
         chunk_size: int = 1,
+        draft: NeoX | None = None,
+        draft_tokens: int = 4,
         **kwargs,
     ) -> Stream:
         """As generate, as an iterator of StreamEvents (new ids and text per prompt), one per token (chunk_size: decode
         steps per event; more is faster on CPU, where each event is a call into the compiled loop); `.result` at the
-        end."""
-        return self.generator().stream(
+        end. draft, draft_tokens: as generate (chunk_size then counts draft rounds)."""
+        gen = self.generator() if draft is None else self._speculative_generator(draft, draft_tokens)
+        return gen.stream(
             prompts, max_new_tokens, temperature, top_k, top_p, seed=seed, stop=stop, chunk_size=chunk_size, **kwargs
         )
 

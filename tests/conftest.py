@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from neox_jax.model.config import NeoXConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def run_cli(*args, check=True, env=None, timeout=600):
@@ -169,3 +172,52 @@ def hf_logits(model, ids, mask=None) -> np.ndarray:
     with torch.no_grad():
         kw = {} if mask is None else {"attention_mask": torch.tensor(mask)}
         return model(torch.tensor(np.asarray(ids)), **kw).logits.float().numpy()
+
+
+# ---- lm-eval: a Pythia-vocabulary model and local task data (tests/test_evaluation.py, tests/test_eval_client.py)
+@pytest.fixture(scope="module")
+def data_env():  # module scope: the variable is put back after each file
+    if not (SHARED_DATA / "lambada_openai").is_dir():
+        pytest.skip(f"reference data absent: {SHARED_DATA} (a fresh clone without ../shared/data)")
+    old = os.environ.get("NEOX_JAX_DATA_DIR")
+    os.environ["NEOX_JAX_DATA_DIR"] = os.pathsep.join([str(FIXTURES / "eval_data"), str(SHARED_DATA)])
+    yield
+    if old is None:
+        os.environ.pop("NEOX_JAX_DATA_DIR")
+    else:
+        os.environ["NEOX_JAX_DATA_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def eval_models(tmp_path_factory, tokenizer_file):
+    """(HF directory with tokenizer, converted neox-jax checkpoint): a random GPT-NeoX of Pythia's vocabulary (50304
+    rows; the 27 rows past the tokenizer's 50277 ids zeroed, so greedy decoding never picks them) and max length 128,
+    so lambada contexts get truncated and tiny shakespeare takes several rolling windows."""
+    import torch
+
+    model = make_hf_model(
+        seed=3,
+        vocab_size=50304,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    )
+    with torch.no_grad():
+        model.get_output_embeddings().weight[50277:] = 0
+    d = tmp_path_factory.mktemp("eval") / "hf"
+    model.save_pretrained(d)
+    shutil.copyfile(tokenizer_file, d / "tokenizer.json")
+    from convert.hf import tokenizer_config
+
+    (d / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(128)))
+    ckpt = d.parent / "ckpt"
+    convert_hf(d, ckpt)
+    return d, ckpt
+
+
+@pytest.fixture(scope="module")
+def task_manager(data_env):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(FIXTURES / "eval_tasks"), include_defaults=False)

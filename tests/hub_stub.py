@@ -3,6 +3,7 @@
     GET  /api/models/{org}/{name}/revision/{rev}   model_info (siblings with blobId, size, lfs.sha256 when ?blobs=...)
     HEAD /{org}/{name}/resolve/{rev}/{file}        X-Repo-Commit, ETag (X-Linked-Etag / X-Linked-Size for LFS files)
     GET  /{org}/{name}/resolve/{rev}/{file}        the body (Range "bytes=N-" honoured)
+    (a dataset repo: /api/datasets/... and /datasets/{org}/{name}/resolve/..., served from the same repos)
 
 Errors carry X-Error-Code as the Hub's do (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo), which is what
 huggingface_hub turns into its typed errors. Listens on 127.0.0.1 (a free port), one thread per request, started and
@@ -104,10 +105,10 @@ class HubStub:
             def _route(self, head: bool):
                 path = urlsplit(self.path).path
                 stub.requests.append(f"{self.command} {path}")
-                m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path)
+                m = re.fullmatch(r"/api/(?:models|datasets)/([^/]+/[^/]+)/revision/(.+)", path)
                 if m:
                     return self._model_info(unquote(m.group(1)), unquote(m.group(2)), head)
-                m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+                m = re.fullmatch(r"/(?:datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
                 if m:
                     return self._resolve(unquote(m.group(1)), unquote(m.group(2)), unquote(m.group(3)), head)
                 self._error(404, "EntryNotFound", head)

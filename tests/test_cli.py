@@ -3,6 +3,8 @@ own convert.py cannot shadow, lm-eval's flag spellings, and the API's string sho
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import tomllib
 
@@ -80,12 +82,63 @@ def test_evaluate_accepts_lm_eval_spellings():
     assert _output_file("out").name == "results.json" and _output_file("r.json").name == "r.json"
 
 
-def test_benchmark_explains_a_missing_checkout(tmp_path, monkeypatch, capsys):
-    from neox_jax.cli import benchmark
+def test_benchmark_lists_and_names_an_unknown_one(capsys):
+    assert main(["benchmark"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.startswith("available: ") and "int8" in listed and "_common" not in listed
+    assert main(["benchmark", "int9"]) == 1
+    assert "unknown benchmark 'int9'; available: " in capsys.readouterr().err
 
-    monkeypatch.setattr(benchmark, "bench_dir", lambda: tmp_path / "scripts" / "bench")
-    assert main(["benchmark", "generate"]) == 1
-    assert "source" in capsys.readouterr().err
+
+BLOCK_REFERENCE = """import sys
+class Block:  # torch / transformers absent, as in a plain `pip install neox-jax`
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_benchmark_runs_from_an_installed_wheel(tmp_path):
+    """`pip wheel` of the project, installed with --target outside the checkout, run from another folder with torch
+    and transformers hidden: `neox-jax benchmark --help` and the quickest benchmark (int8 --quick) work from the
+    wheel's own files, the neox-jax side alone, with one line saying the reference was skipped."""
+    import shutil
+    import subprocess
+
+    src, site, cwd = tmp_path / "src", tmp_path / "site", tmp_path / "elsewhere"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    for pkg in ("neox_jax", "convert"):  # a copy: building in the checkout would leave build/ and egg-info there
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path, src], check=True, timeout=300)
+    (wheel,) = tmp_path.glob("neox_jax-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", site, wheel], check=True, timeout=300)
+    (cwd / "block").mkdir(parents=True)
+    (cwd / "block" / "sitecustomize.py").write_text(BLOCK_REFERENCE)
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{cwd / 'block'}", "JAX_PLATFORMS": "cpu"}
+
+    def neox_jax(*args):
+        r = subprocess.run(
+            [site / "bin" / "neox-jax", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    where = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('neox_jax').origin)"],
+        cwd=cwd, env=env, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert where.strip() == str(site / "neox_jax" / "__init__.py")  # the wheel's files, not the checkout's
+    assert "int8 --quick" in neox_jax("benchmark", "--help")
+    out = neox_jax("benchmark", "int8", "--quick", "--out", cwd / "out")
+    skipped = [line for line in out.splitlines() if "skipped" in line]
+    assert skipped == ["the PyTorch reference rows skipped: torch, transformers not importable "
+                       "(pip install 'neox-jax[test]'); neox-jax only"], out  # fmt: skip
+    rows = json.loads((cwd / "out" / "int8.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"jax"} and len(rows) == 2 and all(r["decode_ms_per_token"] > 0 for r in rows)
 
 
 def test_load_accepts_dtype_aliases_and_mesh_strings(tiny_ckpt):

@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from neox_jax.cli import main
-from neox_jax.data import DataError, IndexedDataset
+from neox_jax.data import DataError, IndexedDataset, Writer
 from neox_jax.data.tokenize import tokenize_files
 
 DOCS = ["Hello, world!", "", "The king and the queen. " * 7, "é ü 日本", "1 2 3 4 5 6 7 8 9 10 " * 3]
@@ -60,6 +60,16 @@ def test_tokenize_inspect_batch_round_trip(tmp_path, corpus, bpe_tokenizer, caps
     assert rc == 1 and f"item 2 (step 1) holds {len(want[2])} tokens" not in err and "(step 1) holds" in err
 
 
+def test_tokenize_with_the_20b_tokenizer(tmp_path, corpus, tokenizer_file):
+    stats = tokenize_files([corpus], tmp_path / "d", tokenizer_file, append_eod=True, progress=False)
+    tk = Tokenizer.from_file(str(tokenizer_file))
+    assert tk.token_to_id("<|endoftext|>") == 0  # GPT-NeoX's EOD
+    want = [tk.encode(d).ids + [0] for d in DOCS if d]
+    ds = IndexedDataset(tmp_path / "d")
+    assert stats.dtype == "uint16" and ds.dtype == np.uint16  # 50277 ids < 65,500
+    assert [ds[i].tolist() for i in range(len(ds))] == want
+
+
 def test_tokenize_failure_leaves_nothing(tmp_path, corpus, bpe_tokenizer):
     def seen():
         return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out")))
@@ -77,6 +87,12 @@ def test_tokenize_failure_leaves_nothing(tmp_path, corpus, bpe_tokenizer):
         tokenize_files([bad], tmp_path / "out", bpe_tokenizer, overwrite=True, progress=False)
     assert seen() == ["out.bin", "out.idx"] and (tmp_path / "out.idx").read_bytes() == before
     IndexedDataset(tmp_path / "out").check()
+    (tmp_path / "sub").mkdir()
+    with Writer(tmp_path / "sub" / "w", np.uint16) as w:  # while writing (a crash here): one hidden temporary file
+        w.add_item(np.arange(5))
+        (tmp,) = (tmp_path / "sub").iterdir()
+        assert tmp.name.startswith(".w.bin.") and tmp.name.endswith(".bin.tmp")
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["w.bin", "w.idx"]
 
 
 def test_shard_verify_merge(tmp_path, corpus, bpe_tokenizer, capsys):

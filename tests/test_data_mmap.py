@@ -56,6 +56,7 @@ def test_reference_files_read_identically(tmp_path, dtype):
         assert ds[i].dtype == np.dtype(dtype)
     np.testing.assert_array_equal(ds[-1], items[-1])
     np.testing.assert_array_equal(ds.span(3, 9), np.concatenate(items[3:9]))
+    assert [x.tolist() for x in ds[3:9]] == [x.tolist() for x in items[3:9]] and ds[5:5] == []
     ds.check()
     # our writer produces the same bytes as the reference
     write_indexed(tmp_path / "ours", items, dtype, doc_idx=[0, 5, 5, 17, 23])

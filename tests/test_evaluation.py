@@ -5,69 +5,18 @@ invented fixtures), a rolling-window perplexity task and a generate_until task."
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHARED_DATA, convert_hf, make_hf_model, run_cli
+from conftest import run_cli
 
 pytest.importorskip("lm_eval")
 
-FIXTURES = ROOT / "tests" / "fixtures"
 LIMITED = ["lambada_openai", "piqa", "hellaswag", "tinyshakespeare", "shakespeare_gen"]  # first 12 docs each
 FULL = ["wsc", "winogrande", "anli_r1", "anli_r2", "anli_r3"]  # every doc (winogrande, ANLI: the fixtures)
 PPL_METRICS = ("perplexity", "bits_per_byte")
-
-
-@pytest.fixture(scope="module")
-def data_env():
-    if not (SHARED_DATA / "lambada_openai").is_dir():
-        pytest.skip(f"reference data absent: {SHARED_DATA} (a fresh clone without ../shared/data)")
-    old = os.environ.get("NEOX_JAX_DATA_DIR")
-    os.environ["NEOX_JAX_DATA_DIR"] = os.pathsep.join([str(FIXTURES / "eval_data"), str(SHARED_DATA)])
-    yield
-    if old is None:
-        os.environ.pop("NEOX_JAX_DATA_DIR")
-    else:
-        os.environ["NEOX_JAX_DATA_DIR"] = old
-
-
-@pytest.fixture(scope="module")
-def eval_models(tmp_path_factory, tokenizer_file):
-    """(HF directory with tokenizer, converted neox-jax checkpoint): a random GPT-NeoX of Pythia's vocabulary (50304
-    rows; the 27 rows past the tokenizer's 50277 ids zeroed, so greedy decoding never picks them) and max length 128,
-    so lambada contexts get truncated and tiny shakespeare takes several rolling windows."""
-    import torch
-
-    model = make_hf_model(
-        seed=3,
-        vocab_size=50304,
-        hidden_size=32,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=128,
-    )
-    with torch.no_grad():
-        model.get_output_embeddings().weight[50277:] = 0
-    d = tmp_path_factory.mktemp("eval") / "hf"
-    model.save_pretrained(d)
-    shutil.copyfile(tokenizer_file, d / "tokenizer.json")
-    from convert.hf import tokenizer_config
-
-    (d / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(128)))
-    ckpt = d.parent / "ckpt"
-    convert_hf(d, ckpt)
-    return d, ckpt
-
-
-@pytest.fixture(scope="module")
-def task_manager(data_env):
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=str(FIXTURES / "eval_tasks"), include_defaults=False)
 
 
 def _run(lm, tm, names, limit):
@@ -84,17 +33,22 @@ def _run(lm, tm, names, limit):
 
 
 @pytest.fixture(scope="module")
-def both(eval_models, task_manager):
-    """{'neox-jax': {task: (metrics, samples)}, 'hf': ...} over every task, each backend in one process."""
+def lms(eval_models):
+    """{'neox-jax': NeoXLM, 'hf': lm-eval's HFLM} over the same tiny model."""
     from lm_eval.models.huggingface import HFLM
 
     from neox_jax.evaluation.harness import NeoXLM
 
     hf_dir, ckpt = eval_models
-    lms = {
+    return {
         "neox-jax": NeoXLM(pretrained=str(ckpt), batch_size=4),
         "hf": HFLM(pretrained=str(hf_dir), device="cpu", batch_size=4, dtype="float32"),
     }
+
+
+@pytest.fixture(scope="module")
+def both(lms, task_manager):
+    """{'neox-jax': {task: (metrics, samples)}, 'hf': ...} over every task, each backend in one process."""
     out = {}
     for name, lm in lms.items():
         out[name] = {}
@@ -143,7 +97,8 @@ def test_generation_stops(both, tokenizer_file):
 
 def test_packed_scores_equal_one_request_at_a_time():
     """Shared contexts, duplicate requests, left truncation at max length, a one-token context, several trees per
-    row, stacked layers: the packed scorer gives what one unpadded forward per request gives."""
+    row, stacked layers, log-probabilities over fewer rows: the packed scorer gives what one unpadded forward per
+    request gives."""
     from neox_jax.api import NeoX
     from neox_jax.evaluation.scoring import score_requests
     from neox_jax.model.config import preset
@@ -162,15 +117,27 @@ def test_packed_scores_equal_one_request_at_a_time():
     inputs = [(c + k)[-(length + 1) :][:-1] for c, k in reqs]
     grid = np.array([x + [0] * (length - len(x)) for x in inputs])  # right padding: causally invisible
     logits = model.logits(grid)  # one forward, [N, length, V]
-    want = []
-    for x, (_, cont), lg in zip(inputs, reqs, logits):
-        lg = lg[len(x) - len(cont) : len(x)]
-        logp = lg - np.logaddexp.reduce(lg, axis=-1, keepdims=True)
-        want.append((logp[np.arange(len(cont)), cont].sum(), bool((lg.argmax(-1) == cont).all())))
+
+    def expected(rows):  # over the first `rows` logits (a tokenizer smaller than the embedding), -inf past them
+        want = []
+        for x, (_, cont), lg in zip(inputs, reqs, logits):
+            lg = np.where(np.arange(lg.shape[-1]) < rows, lg[len(x) - len(cont) : len(x)], -np.inf)
+            logp = lg - np.logaddexp.reduce(lg, axis=-1, keepdims=True)
+            want.append((logp[np.arange(len(cont)), cont].sum(), bool((lg.argmax(-1) == cont).all())))
+        return want
+
+    want = expected(cfg.vocab_size)
     for p in (params, stack_layers(params)):
         got = score_requests(cfg, p, reqs, max_length=length, batch_rows=3, pack_length=32)
         np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5)
         assert [g[1] for g in got] == [w[1] for w in want]
+    rows = cfg.vocab_size // 2  # logprob_vocab="tokenizer": normalised over these rows only
+    want = expected(rows)
+    got = score_requests(cfg, params, reqs, max_length=length, batch_rows=3, pack_length=32, logprob_rows=rows)
+    finite = [i for i, w in enumerate(want) if np.isfinite(w[0])]
+    assert 0 < len(finite) < len(want)  # some targets fall past the rows: log p = -inf, as the reference says
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5)
+    assert [g[1] for g in got] == [w[1] for w in want]
 
 
 def test_greedy_test_breaks_ties_like_argmax():
@@ -277,3 +244,78 @@ def test_neox_jax_imports_without_lm_eval():
         "    print(e)\n"
     )
     assert "pip install 'neox-jax[eval]'" in run_cli("-c", code).stdout
+
+
+# A user's own task over local files, the way lm-eval documents it: datasets' packaged `json` builder
+JSON_TASK = """task: my_json_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+JSON_DOCS = [
+    {"question": "The cat sat on the", "choices": [" mat", " moon", " idea"], "answer": 0},
+    {"question": "Water boils at one hundred degrees", "choices": [" Celsius", " apples"], "answer": 0},
+    {"question": "To be, or not to be:", "choices": [" that is the question", " a banana", " blue"], "answer": 0},
+    {"question": "One, two, three,", "choices": [" seven", " four"], "answer": 1},
+]
+
+
+@pytest.fixture(scope="module")
+def json_task_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("json_task")
+    (d / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in JSON_DOCS))
+    (d / "my_json_mc.yaml").write_text(JSON_TASK.format(data=d / "docs.jsonl"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def cli_offline(eval_models, data_env, json_task_dir, tmp_path_factory):
+    """`python -m neox_jax evaluate` offline (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE) over the local json task and the
+    local lambada_openai, with --log_samples --output: (results JSON, output folder)."""
+    out = tmp_path_factory.mktemp("cli_offline") / "res.json"
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(out.parent / "cache")}
+    run_cli(
+        "-m", "neox_jax", "evaluate", "--checkpoint", eval_models[1], "--tasks", "my_json_mc,lambada_openai",
+        "--include-path", json_task_dir, "--limit", "12", "--batch-size", "4", "--bootstrap-iters", "0",
+        "--output", out, "--log_samples", env=offline,
+    )  # fmt: skip
+    return json.loads(out.read_text()), out.parent
+
+
+def test_log_samples_writes_one_file_per_task(cli_offline, both):
+    """--log_samples --output exits 0 and writes samples_TASK.jsonl beside the results: one line per document, each
+    holding that document's requests (one per choice, or the one continuation), as lm-eval's hf backend records."""
+    _, folder = cli_offline
+    assert sorted(p.name for p in folder.glob("samples_*.jsonl")) == [
+        "samples_lambada_openai.jsonl",
+        "samples_my_json_mc.jsonl",
+    ]
+    rows = [json.loads(line) for line in (folder / "samples_my_json_mc.jsonl").read_text().splitlines()]
+    assert [r["doc_id"] for r in rows] == list(range(len(JSON_DOCS)))
+    assert [len(r["resps"]) for r in rows] == [len(d["choices"]) for d in JSON_DOCS]
+    rows = [json.loads(line) for line in (folder / "samples_lambada_openai.jsonl").read_text().splitlines()]
+    assert [r["doc_id"] for r in rows] == [s["doc_id"] for s in both["hf"]["lambada_openai"][1]] and len(rows) == 12
+    assert all(len(r["resps"]) == 1 for r in rows)
+
+
+def test_local_json_task_runs_offline_like_hf(cli_offline, lms, json_task_dir, both):
+    """A `dataset_path: json` task with local data_files, from --include-path, evaluates offline (the pre-check lets
+    it through) and gives the metrics lm-eval's hf backend gives on the same model; so does the local lambada."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    results = cli_offline[0]["results"]
+    tm = TaskManager(include_path=str(json_task_dir), include_defaults=False)
+    ref = simple_evaluate(model=lms["hf"], tasks=["my_json_mc"], task_manager=tm, bootstrap_iters=0)["results"]
+    assert _metrics(ref["my_json_mc"]) and _metrics(results["my_json_mc"]) == _metrics(ref["my_json_mc"])
+    for key, want in _metrics(both["hf"]["lambada_openai"][0]).items():
+        assert results["lambada_openai"][key] == pytest.approx(want, rel=1e-4 if "perplexity" in key else 0), key

@@ -34,7 +34,7 @@ def test_tiny_run_writes_json_and_table(tmp_path):
 
 def test_no_budget_skips_every_stage(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["gpu.py", "--tiny", "--budget-s", "0", "--no-torch", "--out", str(tmp_path)])
-    runpy.run_path(str(ROOT / "scripts" / "bench" / "gpu.py"), run_name="__main__")
+    runpy.run_module("neox_jax.bench.gpu", run_name="__main__")
     (row,) = json.loads((tmp_path / "gpu.json").read_text())["rows"]
     assert set(row["skipped"]) == {"init"} and "s of the budget left" in row["skipped"]["init"]
     assert "decode1_ms_per_step" not in row

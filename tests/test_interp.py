@@ -83,8 +83,55 @@ def test_activations_equal_transformers(pair):
         _close(cache[f"blocks.{i}.hook_resid_post"], seen["resid_post", i], real, f"resid_post {i}")
         pattern = np.asarray(cache[f"blocks.{i}.attn.hook_pattern"]).transpose(0, 2, 1, 3)  # [B, T(query), N, T]
         _close(pattern, out.attentions[i].numpy().transpose(0, 2, 1, 3), real, f"pattern {i}")
-    _close(cache["ln_final.hook_normalized"], out.hidden_states[n].numpy(), real, "ln_final")  # HF: after the norm
+    _close(cache["unembed.hook_in"], out.hidden_states[n].numpy(), real, "unembed.hook_in")  # HF: after the norm
     assert np.abs(np.asarray(logits)[real] - out.logits.numpy()[real]).max() <= 1e-4
+    np.testing.assert_array_equal(np.asarray(cache["unembed.hook_out"]), np.asarray(logits))
+
+
+def _layernorms(hf):
+    """{TransformerLens prefix: transformers LayerNorm module}."""
+    norms = {"ln_final": hf.gpt_neox.final_layer_norm}
+    for i, layer in enumerate(hf.gpt_neox.layers):
+        norms[f"blocks.{i}.ln1"], norms[f"blocks.{i}.ln2"] = layer.input_layernorm, layer.post_attention_layernorm
+    return norms
+
+
+def test_layernorm_hooks_are_transformerlens_scale_and_normalized(pair):
+    """TransformerLens's LayerNorm: hook_scale = sqrt(var + eps) [.., 1], hook_normalized = (x - mean) / scale, before
+    the weight and bias; the reference is computed from each transformers LayerNorm's input (a forward pre-hook)."""
+    hf, model = pair
+    ids, mask = _batch()
+    real = mask == 1
+    _, cache = model.run_with_cache(ids, r".*ln(1|2|_final)\.hook_(scale|normalized)", mask=mask)
+    inputs = {}
+    pre = [(m, lambda m, a, key=k: inputs.__setitem__(key, a[0].float().numpy())) for k, m in _layernorms(hf).items()]
+    _torch_run(hf, ids, mask, pre_hooks=pre)
+    assert len(inputs) == 2 * hf.config.num_hidden_layers + 1 and len(cache) == 2 * len(inputs)
+    for prefix, x in inputs.items():
+        centered = x - x.mean(-1, keepdims=True)
+        scale = np.sqrt(np.square(centered).mean(-1, keepdims=True) + hf.config.layer_norm_eps)
+        assert cache[f"{prefix}.hook_scale"].shape == (*ids.shape, 1)
+        _close(cache[f"{prefix}.hook_scale"], scale, real, f"{prefix}.hook_scale")
+        _close(cache[f"{prefix}.hook_normalized"], centered / scale, real, f"{prefix}.hook_normalized")
+    norm = _layernorms(hf)["ln_final"]  # the weight and bias are not in it: they differ from 1 and 0 here
+    assert np.abs(norm.weight.detach().numpy() - 1).max() > 0.01 or np.abs(norm.bias.detach().numpy()).max() > 0.01
+
+
+def test_editing_hook_scale_flows_through_the_weight_and_bias(pair):
+    """Doubling blocks.0.ln1.hook_scale = halving the normalized values before input_layernorm's weight and bias."""
+    hf, model = pair
+    ids, mask = _batch(seed=5)
+    ln = hf.gpt_neox.layers[0].input_layernorm
+
+    def halve(module, args, out):  # out = n * w + b  ->  (n / 2) * w + b
+        return (out - module.bias) / 2 + module.bias
+
+    ours = model.run_with_hooks(ids, [("blocks.0.ln1.hook_scale", lambda s: s * 2.0)], mask=mask)
+    ref, _ = _torch_run(hf, ids, mask, fwd_hooks=[(ln, halve)])
+    real = mask == 1
+    plain = model.run_with_hooks(ids, [], mask=mask)
+    assert np.abs(np.asarray(ours) - np.asarray(plain))[real].max() > 1e-3
+    assert np.abs(np.asarray(ours)[real] - ref.logits.numpy()[real]).max() <= 1e-4
 
 
 def test_head_ablation_equals_torch_hook_on_dense_input(pair):

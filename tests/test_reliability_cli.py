@@ -104,6 +104,7 @@ def test_evaluate_missing_data_dir_is_named_at_once(ckpt, tmp_path, capsys):
 def test_evaluate_offline_task_needing_the_hub_is_named_at_once(ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty_cache"))  # nothing cached
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", str(tmp_path / "empty_cache"))
     err = _one_line_error(capsys, _evaluate(ckpt, "--data-dir", tmp_path))  # an empty data dir: not local
     assert "lambada_openai would download data from the Hugging Face Hub, but HF_HUB_OFFLINE is set" in err
     assert f"not found under {tmp_path}" in err
@@ -122,6 +123,29 @@ def test_offline_check_accepts_cached_and_local_tasks(tmp_path, monkeypatch):
     check_offline({"piqa": "piqa"}, task_manager=tm)  # in the Hugging Face cache: fine
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     check_offline({"mmlu": "mmlu"})  # online: lm-eval downloads as usual
+
+
+def test_offline_check_refuses_only_what_it_can_show_is_remote(tmp_path, monkeypatch):
+    """A packaged builder over local files, a local folder, a group or a custom loader is not the Hub: lm-eval reads
+    them offline (or says why); a Hub dataset in datasets' own cache is readable offline too."""
+    from neox_jax.evaluation.tasks import check_offline
+
+    cfgs = {
+        "mine": {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(tmp_path / "x.jsonl")}}},
+        "folder": {"dataset_path": str(tmp_path)},
+        "group": {"group": "g", "task": ["mine"]},
+        "custom": {"dataset_path": "org/other", "custom_dataset": "!function data.load"},
+        "prepared": {"dataset_path": "org/prepared"},
+        "remote": {"dataset_path": "org/remote"},
+    }
+    tm = SimpleNamespace(task_index={n: SimpleNamespace(cfg=c) for n, c in cfgs.items()})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    (tmp_path / "datasets" / "org___prepared").mkdir(parents=True)
+    check_offline({n: n for n in cfgs if n != "remote"}, task_manager=tm)
+    with pytest.raises(NeoXError, match="task[(]s[)] remote would download"):
+        check_offline({n: n for n in cfgs}, task_manager=tm)
 
 
 @pytest.mark.parametrize("kind", ["directory", "under a file"])

@@ -5,6 +5,7 @@ BPE tokenizer (300 ids) trained here. Every request has a client timeout and max
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -143,9 +144,12 @@ def test_stop_strings_and_echo_logprobs(served, client, lm, ref):
     r = client.completions.create(model=name, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=2)
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
-    logits = lm.logits(np.array([ids + ref[2][:1]]))[0, :, :TOK_VOCAB]
-    want = jax.nn.log_softmax(logits, axis=-1)[np.arange(len(ids)), ids[1:] + ref[2][:1]]
+    logits = lm.logits(np.array([ids + ref[2][:1]]))[0]  # [T, MODEL_VOCAB]
+    at = np.arange(len(ids)), ids[1:] + ref[2][:1]
+    want = jax.nn.log_softmax(logits, axis=-1)[at]  # over every output row: lm-eval's hf backend and the scorer's
     np.testing.assert_allclose(lp.token_logprobs[1:], want, atol=1e-4)  # the prompt's and the generated token's
+    tokenizer_only = jax.nn.log_softmax(logits[:, :TOK_VOCAB], axis=-1)[at]  # --logprob-vocab tokenizer
+    assert np.abs(np.asarray(tokenizer_only) - want).min() > 1e-3  # so the choice is visible here
     assert r.choices[0].text.startswith(PROMPTS[2])
 
 
@@ -292,6 +296,74 @@ def test_bad_requests_get_400_and_the_server_lives(served, client):
     assert client.completions.create(model=served.svc.name, prompt="Hello", max_tokens=2).choices[0].text is not None
 
 
+def _errors(served, status: int) -> float:
+    return served.svc.metrics.errors.labels(str(status))._value.get()
+
+
+def test_unknown_routes_and_methods_are_counted_errors(served):
+    before = _errors(served, 404), _errors(served, 405)
+    status, r = http(served.url + "/v1/nothing")
+    assert status == 404 and "no route GET /v1/nothing" in r["error"]["message"]
+    status, r = http(served.url + "/health", {"x": 1})  # POST on a GET route
+    assert status == 405 and "no route POST /health" in r["error"]["message"]
+    assert (_errors(served, 404), _errors(served, 405)) == (before[0] + 1, before[1] + 1)
+    assert 'neox_jax:request_errors_total{status="405"}' in http(served.url + "/metrics")[1]
+
+
+def test_requests_are_refused_while_health_says_503(served, client):
+    """Before the programs are compiled (/health 503) a request is answered 503 at once, not queued behind them."""
+    sched = served.svc.scheduler
+    before = _errors(served, 503)
+    sched.ready.clear()
+    try:
+        assert http(served.url + "/health")[0] == 503
+        status, r = http(served.url + "/v1/completions", {"prompt": "Hello", "max_tokens": 2})
+        assert status == 503 and "still loading" in r["error"]["message"] and r["error"]["type"] == "server_error"
+        assert sched.waiting.empty() and _errors(served, 503) == before + 1
+    finally:
+        sched.ready.set()
+    assert client.completions.create(model=served.svc.name, prompt="Hello", max_tokens=2).choices[0].finish_reason
+
+
+def test_chat_top_logprobs_errors_name_top_logprobs(served, client):
+    svc = served.svc
+    svc.chat_template = compile_template("{% for m in messages %}{{ m.content }}{% endfor %}")
+    url, msgs = served.url + "/v1/chat/completions", [{"role": "user", "content": PROMPTS[3]}]
+    try:
+        for extra, words in (
+            ({"logprobs": True, "top_logprobs": 9}, "'top_logprobs' must be <= 5"),
+            ({"logprobs": True, "top_logprobs": "two"}, "'top_logprobs' must be an integer"),
+            ({"top_logprobs": 2}, "'top_logprobs' needs 'logprobs': true"),
+        ):
+            status, r = http(url, {"messages": msgs, "max_tokens": 2, **extra})
+            assert status == 400 and words in r["error"]["message"] and r["error"]["param"] == "top_logprobs", r
+        r = client.chat.completions.create(
+            model=svc.name, messages=msgs, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2
+        )
+    finally:
+        svc.chat_template = None
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens > 0 and all(len(c.top_logprobs) == 2 for c in content)
+    assert content[0].logprob == max(t.logprob for t in content[0].top_logprobs)  # greedy: the top one
+
+
+def test_log_probs_normalise_over_all_rows_or_the_tokenizers():
+    """rows.choose_rows: log_softmax over every row (default) or the first logprob_rows; either way only decodable ids
+    are chosen or listed."""
+    logits = np.random.RandomState(0).randn(3, MODEL_VOCAB).astype(np.float32) * 3
+    logits[:, TOK_VOCAB:] += 6.0  # the undecodable rows would win every argmax and top-k
+    rows = {k: jax.numpy.asarray(v) for k, v in R.empty_rows(3, MODEL_VOCAB).items()}
+    rows["logprobs"] = jax.numpy.ones(3, bool)
+    made, seen = jax.numpy.zeros(3, jax.numpy.int32), jax.numpy.zeros((3, MODEL_VOCAB), bool)
+    choose = jax.jit(R.choose_rows, static_argnums=(4, 5))
+    for logprob_rows, width in ((None, MODEL_VOCAB), (TOK_VOCAB, TOK_VOCAB)):
+        tok, lp, top_ids, top_lp = map(np.asarray, choose(logits, rows, made, seen, TOK_VOCAB, logprob_rows))
+        want = np.asarray(jax.nn.log_softmax(logits[:, :width], axis=-1))
+        assert (tok == logits[:, :TOK_VOCAB].argmax(-1)).all() and (top_ids < TOK_VOCAB).all()
+        np.testing.assert_allclose(lp, want[np.arange(3), tok], rtol=1e-6)
+        np.testing.assert_allclose(top_lp, np.take_along_axis(want, top_ids, -1), rtol=1e-6)
+
+
 def test_full_queue_gets_429_at_once(served, client):
     sched = served.svc.scheduler
     gate, blocked = threading.Event(), threading.Event()
@@ -338,6 +410,7 @@ def test_client_disconnect_frees_its_slot(served, client, monkeypatch):
         time.sleep(0.02)
     assert all(r is None for r in sched.slots)
     assert served.svc.metrics.requests.labels("abort")._value.get() == aborted + 1
+    assert served.svc.metrics.occupancy._value.get() == 0  # no decode step ran after it to update the gauge
     monkeypatch.undo()
     assert client.completions.create(model=served.svc.name, prompt="Hello", max_tokens=3).choices[0].finish_reason
 
@@ -393,7 +466,7 @@ def test_sigterm_finishes_in_flight_and_exits_0(ckpt):
             "--drain-timeout",
             "20",
             "--log-level",
-            "warning",
+            "info",
         ],
         cwd=ROOT,
         env=env,
@@ -421,6 +494,8 @@ def test_sigterm_finishes_in_flight_and_exits_0(ckpt):
         chunks += list(stream)
         assert chunks[-1].choices[0].finish_reason == "length"
         assert proc.wait(TIMEOUT) == 0
+        log = proc.stdout.read()  # the server's own info lines, though orbax's absl import configured the root first
+        assert re.search(r"INFO neox_jax\.serve: serving .* as 'tiny'", log) and "compiled " in log, log
         with pytest.raises(openai.APIConnectionError):  # and it no longer listens
             client.completions.create(model="tiny", prompt=[5, 6], max_tokens=2)
     finally:

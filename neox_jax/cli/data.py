@@ -1,5 +1,7 @@
 """Megatron datasets (GPT-NeoX's and Pythia's training data): inspect, the batch at any step, tokenize, verify, merge,
-shard. PREFIX names PREFIX.idx + PREFIX.bin (or PREFIX-000NN-of-000MM.bin shards, read as one).
+shard. PREFIX names PREFIX.idx + PREFIX.bin (or PREFIX-000NN-of-000MM.bin shards, read as one), or a dataset on
+the Hugging Face Hub, ORG/NAME[/PREFIX][@REVISION], of which a command downloads only the files it needs (each one
+sha256-checked against the Hub's listing).
 
     neox-jax data inspect pile/document --json                  # items, documents, tokens, dtype, bytes, sha256s
     neox-jax data batch pile/document --step 1000 --out step1000.npy   # [1024, 2049] tokens Pythia trained on
@@ -8,6 +10,7 @@ shard. PREFIX names PREFIX.idx + PREFIX.bin (or PREFIX-000NN-of-000MM.bin shards
     neox-jax data verify pile/document --checksums shard_hashes.txt   # every pointer, then sha256 of each file
     neox-jax data merge pile/document out/document              # shards (or several datasets) -> one .bin + .idx
     neox-jax data shard out/document shards/ --shard-bytes 5000000000   # and back, with a .sha256 list
+    neox-jax data batch EleutherAI/pile-deduped-pythia-preshuffled --step 1000 --out b.npy   # .idx + 1 shard
 """
 
 from __future__ import annotations
@@ -77,9 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _inspect(args) -> int:
-    from neox_jax.data import IndexedDataset, files
+    from neox_jax.data import files
+    from neox_jax.data.hub import open_any
 
-    ds = IndexedDataset(args.prefix)
+    ds = open_any(args.prefix, range(0))  # a Hub dataset: the index alone
     ds.check()
     sizes = ds.sizes
     info = {
@@ -92,7 +96,9 @@ def _inspect(args) -> int:
         "item_tokens": {"min": int(sizes.min()), "max": int(sizes.max())} if len(ds) else None,
         "files": [
             {"path": str(p), "bytes": p.stat().st_size, **({"sha256": files.sha256_file(p)} if args.hash else {})}
-            for p in files.dataset_files(ds)
+            if p.is_file()
+            else {"path": str(p), "bytes": int(n), "present": False}
+            for p, n in zip(files.dataset_files(ds), [ds.idx_path.stat().st_size, *ds.bin_sizes], strict=True)
         ],
     }
     if args.json:
@@ -104,14 +110,16 @@ def _inspect(args) -> int:
         f"tokens" + (f" ({it['min']}..{it['max']} a item)" if it else "")
     )
     for f in info["files"]:
-        print(f"  {f['path']}  {f['bytes']:,} bytes" + (f"  sha256 {f['sha256']}" if "sha256" in f else ""))
+        more = f"  sha256 {f['sha256']}" if "sha256" in f else "  (not downloaded)" if "present" in f else ""
+        print(f"  {f['path']}  {f['bytes']:,} bytes{more}")
     return 0
 
 
 def _batch(args) -> int:
     import numpy as np
 
-    from neox_jax.data import IndexedDataset, pythia_batch
+    from neox_jax.data import pythia_batch, pythia_items
+    from neox_jax.data.hub import open_any
     from neox_jax.data.writer import temp_beside
     from neox_jax.errors import NeoXError
 
@@ -119,7 +127,7 @@ def _batch(args) -> int:
         raise NeoXError("data batch: pass --out FILE.npy and/or --decode")
     if args.decode and not args.tokenizer:
         raise NeoXError("--decode needs --tokenizer (the dataset stores ids only)")
-    ds = IndexedDataset(args.prefix)
+    ds = open_any(args.prefix, pythia_items(args.step, args.batch_size))  # a Hub dataset: the shards of this step
     batch = pythia_batch(ds, args.step, args.batch_size, args.seq_len)  # [batch, seq_len]
     if args.out:
         out = Path(args.out)

@@ -65,6 +65,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="int8 weights: weight-only, or LLM.int8 with outlier features in float (docs/int8.md)",
     )
     _flag(p, "--max-length", type=int, default=None, help="context length (default: the model's)")
+    _flag(
+        p,
+        "--logprob-vocab",
+        choices=("all", "tokenizer"),
+        default="all",
+        help="normalise log-probabilities over every output row (default, as lm-eval's hf backend) or over the "
+        "tokenizer's ids only (as `neox-jax serve --logprob-vocab tokenizer`)",
+    )
     _flag(p, "--include-path", default=None, help="a folder of extra lm-eval task YAMLs")
     _flag(
         p,
@@ -98,11 +106,15 @@ def resolve_tasks(names: list[str], data_dir, hub: bool, include_path):
 
     specs = task_specs(names, data_dir, hub)
     local = [n for n in names if specs[n] != n]
+
+    def unresolved(n, tm) -> bool:  # not local, not in tm's index, not a task YAML by path (lm-eval expands ~)
+        return specs[n] == n and n not in tm.all_tasks and not Path(n).expanduser().is_file()
+
     tm = TaskManager(include_path=include_path, include_defaults=False)
-    if any(specs[n] == n and n not in tm.all_tasks and not Path(n).is_file() for n in names):
+    if any(unresolved(n, tm) for n in names):
         tm = TaskManager(include_path=include_path)
     known = set(tm.all_tasks) | set(LOCAL_TASKS)
-    unknown = [n for n in names if specs[n] == n and n not in tm.all_tasks and not Path(n).is_file()]
+    unknown = [n for n in names if unresolved(n, tm)]
     if unknown:
         hints = []
         for n in unknown:
@@ -134,7 +146,7 @@ def _output_file(output: str) -> Path:
 
 
 def run(a: argparse.Namespace) -> int:
-    from neox_jax.evaluation.tasks import check_data_dir, check_offline, data
+    from neox_jax.evaluation.tasks import check_data_dir, check_offline, data, offline_var
     from neox_jax.store import checkpoint, records
 
     names = [t.strip() for t in a.tasks.split(",") if t.strip()]
@@ -173,19 +185,25 @@ def run(a: argparse.Namespace) -> int:
             quantize=a.quantize,
             max_length=a.max_length,
             tokenizer=a.tokenizer,
+            logprob_vocab=a.logprob_vocab,
         )
     except ValueError as e:  # a bad batch size, a model that cannot split over the mesh, no tokenizer
         raise NeoXError(str(e)) from e
     print(f"loaded {lm.model} in {time.time() - t0:.1f}s")
-    results = simple_evaluate(
-        model=lm,
-        tasks=[specs[n] for n in names],
-        num_fewshot=a.num_fewshot,
-        limit=a.limit,
-        task_manager=tm,
-        bootstrap_iters=a.bootstrap_iters,
-        log_samples=a.log_samples,
-    )
+    try:
+        results = simple_evaluate(
+            model=lm,
+            tasks=[specs[n] for n in names],
+            num_fewshot=a.num_fewshot,
+            limit=a.limit,
+            task_manager=tm,
+            bootstrap_iters=a.bootstrap_iters,
+            log_samples=a.log_samples,
+        )
+    except OSError as e:  # offline, the pre-check lets through what it cannot judge; datasets' own error, in one line
+        if offline_var() is None:
+            raise
+        raise NeoXError(f"lm-eval could not load the task data with {offline_var()} set: {e}") from e
     samples = results.pop("samples", None) or {}
     results["config"]["neox_jax"] = {
         "checkpoint": str(a.checkpoint),
@@ -203,8 +221,8 @@ def run(a: argparse.Namespace) -> int:
     if out is not None:
         records.write_text(out, json.dumps(results, indent=2, default=str) + "\n")
         print(f"results written to {out}")
-        for task, records in samples.items():
+        for task, rows in samples.items():
             f = out.with_name(f"samples_{task}.jsonl")
-            records.write_text(f, "".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in records))
+            records.write_text(f, "".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in rows))
             print(f"samples written to {f}")
     return 0

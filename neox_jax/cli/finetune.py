@@ -8,6 +8,7 @@ adapters (interchangeable with PEFT), on a device mesh, in mixed precision, resu
         --seq-len 2048 --batch-size 1024 --trainable all --out runs/continue   # Pythia's own batches from step 1000
     neox_jax.load("ckpt/pythia-160m", finetuned="runs/shakespeare")   # in Python: base + trained biases
     neox-jax convert merge ckpt/pythia-160m runs/shakespeare ckpt/pythia-160m-shakespeare
+    neox-jax finetune ... --remat full --mesh fsdp=8    # 20B: activation checkpointing, FSDP (docs/finetuning.md)
     neox-jax finetune ... --trainable lora --lora-rank 8 --lora-alpha 16 --out runs/lora   # LoRA (docs/lora.md)
     neox-jax convert to-peft ckpt/pythia-160m runs/lora adapters/lora   # for peft.PeftModel.from_pretrained
 """
@@ -176,6 +177,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="bfloat16 on CPU: do not keep a transposed copy of the frozen weights for the backward "
         "pass; saves one copy of the frozen weights, but the backward matmuls then run in float32 "
         "(pythia-160m BitFit: ~1.6x slower steps)",
+    )
+    p.add_argument(
+        "--remat",
+        choices=("none", "dots", "full"),
+        default=d.remat,
+        help="activation checkpointing per block: none keeps every activation for the backward pass; dots keeps "
+        "each linear layer's output and recomputes the rest (attention scores included); full keeps only each "
+        "block's input and recomputes the block (least memory, ~1/3 more compute). With dots / full the layers "
+        "run stacked under lax.scan (default %(default)s; docs/finetuning.md)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # test hook: SIGTERM after this step

@@ -4,6 +4,8 @@
     neox-jax generate --checkpoint ckpt/pythia-160m --prompt "Hello" --temperature 0.8 --top-p 0.95 --stream
     neox-jax generate --checkpoint ckpt/pythia-160m --prompt-file prompts.txt --json > out.json
 
+    neox-jax generate --checkpoint ckpt/pythia-1.4b --draft ckpt/pythia-160m --draft-tokens 4  # speculative
+
     neox-jax generate --checkpoint ckpt/neox-20b --dtype fp16 --mesh model=8  # tensor parallel, 8 GPUs
     # two hosts, 8 GPUs each: run on both, --process-id 0 on the first (whose address is the coordinator)
     neox-jax generate --checkpoint ckpt/neox-20b --mesh data=2,model=8 \\
@@ -81,6 +83,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="decode steps per streamed piece (default 1: each token as it is made; more is faster on CPU)",
     )
+    p.add_argument(
+        "--draft",
+        default=None,
+        metavar="CKPT",
+        help="speculative decoding: a smaller checkpoint with the same tokenizer proposes tokens the target checks "
+        "(the target's output distribution; greedy: its very tokens). Loaded with --dtype and --mesh",
+    )
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes a step (4)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are made")
     p.add_argument("--json", action="store_true", help="print one JSON object with everything")
     compile_cache.add_argument(p)
@@ -114,6 +124,19 @@ def _run_prompts(gen, prompts, kw, stream: bool, chunk: int, out) -> list:
         print(file=out)
         results.append(s.result)
     return results
+
+
+def _speculative(results) -> dict:
+    """The acceptance statistics summed over the calls (one per prompt when streaming)."""
+    keys = ("proposed", "accepted", "target_steps")
+    out = {k: sum(r.speculative[k] for r in results) for k in keys}
+    decoded = sum(r.timing.decode_tokens for r in results)
+    return {
+        "draft_tokens": results[0].speculative["draft_tokens"],
+        **out,
+        "acceptance_rate": out["accepted"] / out["proposed"] if out["proposed"] else 0.0,
+        "tokens_per_target_step": decoded / out["target_steps"] if out["target_steps"] else 0.0,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,6 +173,14 @@ def run(args: argparse.Namespace) -> int:
             f"convert from a folder that has it)"
         )
     gen = model.generator()
+    if args.draft is not None:
+        from neox_jax.inference.speculative_driver import SpeculativeGenerator
+
+        try:
+            draft = neox_jax.load(args.draft, dtype=args.dtype, mesh=mesh)
+        except ValueError as e:
+            raise NeoXError(f"--draft {args.draft}: {e}") from e
+        gen = SpeculativeGenerator(gen, draft.generator(), args.draft_tokens)
     stop_ids = [] if args.ignore_eos else None
     if args.stop_token_id:
         stop_ids = list(args.stop_token_id) + ([] if args.ignore_eos else [model.tokenizer.eos_id])
@@ -198,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
                     "max_new_tokens": args.max_new_tokens,
                     "completions": completions,
                     "timing": timing,
+                    **({"speculative": _speculative(results)} if args.draft else {}),
                 },
                 indent=2,
                 ensure_ascii=False,
@@ -213,4 +245,11 @@ def run(args: argparse.Namespace) -> int:
         f"({model!r})",
         file=sys.stderr,
     )
+    if args.draft:
+        st = _speculative(results)
+        print(
+            f"draft {args.draft}: k {st['draft_tokens']}, acceptance {st['acceptance_rate']:.2f}, "
+            f"{st['tokens_per_target_step']:.2f} tokens per target step",
+            file=sys.stderr,
+        )
     return 0

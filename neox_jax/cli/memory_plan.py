@@ -16,13 +16,20 @@ Nothing is allocated; no GPU needed. Per device:
               adapters' alone (activations not counted)
 Fits when the sum is at most the card's memory (start JAX with XLA_PYTHON_CLIENT_MEM_FRACTION=.95: by default it
 takes 75% of the card).
+
+Training (--train bitfit|lora|full): the real train step compiled for simulated CPU devices, bytes per device from
+XLA's own memory analysis (training/memory.py; how CPU's numbers differ from a GPU's: docs/finetuning.md):
+
+    neox-jax memory-plan --train bitfit --length 2048 --remat full          # 1, 2, 4, 8 GPUs, tensor parallel
+    neox-jax memory-plan --train full --parallel fsdp --gpus 8 --gpu-gib 80
+    neox-jax memory-plan --train lora --preset pythia-1b --mesh fsdp=2,model=2
 """
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "which GPU setups a model fits on, per dtype (params, KV cache, prefill); allocates nothing"
+HELP = "which GPU setups a model fits on, for inference or training (XLA's compiled analysis); allocates nothing"
 
 GIB = 2**30
 # (setup, GPUs, GiB per GPU)
@@ -68,6 +75,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length", type=int, default=2048, help="prompt + generated tokens (default 2048)")
     p.add_argument("--reserve", type=float, default=1.0, help="GiB per GPU kept for CUDA / XLA (default 1)")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for the fine-tuning line (default 8)")
+    t = p.add_argument_group("training (--train): the compiled train step")
+    t.add_argument("--train", choices=("bitfit", "lora", "full"), help="plan a fine-tuning step instead of inference")
+    t.add_argument("--remat", choices=("none", "dots", "full"), default="full", help="--remat of finetune (full)")
+    t.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="compute dtype (bf16)")
+    t.add_argument("--gpus", default="1,2,4,8", help="GPU counts, one row each (default 1,2,4,8)")
+    t.add_argument("--parallel", choices=("model", "fsdp"), default="model", help="mesh of N GPUs: model=N or fsdp=N")
+    t.add_argument("--mesh", help="one explicit mesh instead of --gpus / --parallel, e.g. fsdp=4,model=2")
+    t.add_argument("--gpu-gib", type=float, default=80.0, help="GiB per GPU for the fits column (default 80)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = preset(args.preset)
     except ValueError as e:
         raise NeoXError(str(e)) from e
+    if args.train:
+        return run_train(args, cfg)
     print(
         f"{args.preset}: {cfg.num_params / 1e9:.2f}B params = {cfg.num_params * 2 / 1e9:.1f} GB in fp16; "
         f"batch {args.batch} x {args.length} tokens; GiB per GPU (params + KV cache + prefill + "
@@ -121,3 +138,56 @@ def lora_line(cfg, rank: int, base_gib: float) -> str:
         f"LoRA fine-tuning, r={rank} (on top of the frozen base, {base_gib:.1f} GiB in fp16 on one GPU): "
         + "; ".join(parts)
     )
+
+
+def run_train(args: argparse.Namespace, cfg) -> int:
+    """--train: one row per mesh, each the compiled train step's bytes per device (training/memory.py)."""
+    import math
+
+    import jax
+
+    from neox_jax.errors import NeoXError
+
+    try:
+        counts = [int(g) for g in args.gpus.split(",")]
+        sizes = [int(v.partition("=")[2]) for v in args.mesh.split(",")] if args.mesh else counts
+    except ValueError:
+        raise NeoXError(
+            f"--gpus {args.gpus!r} / --mesh {args.mesh!r}: expected counts like 1,2,4,8 and a mesh like fsdp=4,model=2"
+        ) from None
+    need = math.prod(sizes) if args.mesh else max(counts)
+    try:  # simulated CPU devices to compile the N-device program on (only possible before JAX starts)
+        jax.config.update("jax_num_cpu_devices", need)
+    except RuntimeError:
+        pass
+    from tqdm import tqdm
+
+    from neox_jax.training import memory
+
+    meshes = [args.mesh] if args.mesh else [memory.mesh_for(g, args.parallel) for g in counts]
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]
+    mode = memory.train_mode(args.train, args.lora_rank)
+    print(
+        f"{args.preset}, --train {args.train} --remat {args.remat}, {args.dtype}, batch {args.batch} x "
+        f"{args.length} tokens: GiB per GPU of the compiled train step (XLA CPU's memory analysis) + "
+        f"{memory.RESERVE_GIB:g} reserve\n"
+    )
+    print(
+        f"| mesh | arguments (state + frozen + batch) | temp (activations, gradients) | of which CPU-only copies | "
+        f"GPU peak + reserve | fits {args.gpu_gib:g} GB |"
+    )
+    print("|---|---|---|---|---|---|")
+    for mesh in tqdm(meshes, desc="compiling", unit="mesh", leave=False):
+        try:
+            plan = memory.train_plan(cfg, mode, args.batch, args.length, args.remat, mesh, dtype)
+        except ValueError as e:  # the model cannot split over this mesh
+            print(f"| {mesh} | {e} | | | | |")
+            continue
+        need_gib = plan.gpu_peak / memory.GIB + memory.RESERVE_GIB
+        fits = "**yes**" if need_gib <= args.gpu_gib else "no"
+        print(
+            f"| {mesh} | {plan.arguments / memory.GIB:.2f} | {plan.temp / memory.GIB:.2f} | "
+            f"{plan.cpu_copies / memory.GIB:.2f} | {need_gib:.2f} | {fits} |",
+            flush=True,
+        )
+    return 0

@@ -73,6 +73,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds in-flight requests may run on after SIGTERM before they are cancelled (default 30)",
     )
+    p.add_argument(
+        "--logprob-vocab",
+        choices=["all", "tokenizer"],
+        default="all",
+        help="log-probabilities normalised over every output row (default: as lm-eval's hf backend, vLLM and "
+        "`neox-jax evaluate`) or over the tokenizer's ids only (Pythia: 50277 of 50304 rows)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     distributed.add_arguments(p)
     compile_cache.add_argument(p)
@@ -92,10 +99,11 @@ def run(args: argparse.Namespace) -> int:
         from neox_jax.serve.app import build_app
     except ImportError as e:
         raise NeoXError(f"serving needs the `serve` extra ({e}): pip install 'neox-jax[serve]'") from None
+    from neox_jax.serve.logs import log_to_stderr
     from neox_jax.serve.service import Service
     from neox_jax.store.tokenizer import Tokenizer
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr(args.log_level)
     if args.num_processes not in (None, 1) or args.distributed:
         raise NeoXError("--num-processes / --distributed: the server runs in one process (use --mesh for its devices)")
     from neox_jax.store import hub
@@ -117,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             name=args.served_model_name,
             tokenizer=tok,
             chat_template=template,
+            logprob_vocab=args.logprob_vocab,
         )
     except (ValueError, FileNotFoundError) as e:
         raise NeoXError(str(e)) from None

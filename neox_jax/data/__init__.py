@@ -9,7 +9,7 @@
     ds.span(a, b)    # items [a, b) back to back: one slice of the file
     ds.sizes         # [items] int32     ds.pointers  [items] int64 byte offsets
     ds.doc_idx       # [documents + 1] int64 first item of each document
-    ds.dtype, ds.num_tokens, ds.num_documents, ds.nbytes, ds.bin_paths
+    ds.dtype, ds.num_tokens, ds.num_documents, ds.nbytes, ds.bin_paths, ds.bin_sizes
     ds.check()       # every pointer against the sizes (opening checks only O(1) things)
 
     write_indexed("out/mine", [np.array([5, 6, 7]), ...], dtype=np.uint16)   # -> IndexedDataset
@@ -17,6 +17,9 @@
 
     pythia_items(step, batch_size=1024)                   # range of the step's items: [1024 step, 1024 step + 1024)
     pythia_batch(ds, step, batch_size=1024, seq_len=2049)  # [batch, seq_len] tokens of that step (a view)
+
+    from neox_jax.data.hub import open_dataset                # a Hub dataset id, the shards of some items only
+    ds = open_dataset("EleutherAI/pile-deduped-pythia-preshuffled", items=pythia_items(1000))
 
 Errors are `neox_jax.data.DataError` (a NeoXError) naming the file, the expected and the found value.
 """

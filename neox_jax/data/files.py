@@ -72,7 +72,9 @@ def dataset_files(ds: IndexedDataset) -> list[Path]:
 def verify(prefix: str | os.PathLike, checksums: str | os.PathLike | None, progress: bool = True) -> dict[str, str]:
     """Opens the dataset, checks every pointer, and (with a list) the sha256 of each of its files against the list:
     {file name: sha256}. Raises DataError naming each file that is unlisted or differs."""
-    ds = IndexedDataset(prefix)
+    from neox_jax.data.hub import open_any
+
+    ds = open_any(str(prefix))
     ds.check(progress)
     want = read_checksums(checksums) if checksums else {}
     found, bad = {}, []
@@ -136,6 +138,9 @@ def shard(prefix: str | os.PathLike, out_dir: str | os.PathLike, shard_bytes: in
         raise DataError(f"--shard-bytes must be >= 1, got {shard_bytes}")
     out_dir, name = Path(out_dir), Path(ds.prefix).name
     out_dir.mkdir(parents=True, exist_ok=True)
+    idx = out_dir / f"{name}.idx"
+    if idx.exists() and idx.resolve() != ds.idx_path.resolve():
+        raise DataError(f"{idx}: already exists; shard writes into a folder without that dataset")
     count = max(1, -(-ds.nbytes // shard_bytes))
     last = count - 1
     digests = {}
@@ -157,7 +162,6 @@ def shard(prefix: str | os.PathLike, out_dir: str | os.PathLike, shard_bytes: in
             finally:
                 tmp.unlink(missing_ok=True)
             digests[path.name] = h.hexdigest()
-    idx = out_dir / f"{name}.idx"
     if idx.resolve() != ds.idx_path.resolve():
         tmp = temp_beside(idx, ".tmp")
         shutil.copyfile(ds.idx_path, tmp)

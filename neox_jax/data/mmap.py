@@ -126,7 +126,9 @@ class IndexedDataset:
     the file unless it straddles two shards); ds.sizes [items] int32, ds.pointers [items] int64, ds.doc_idx
     [documents + 1] int64, ds.dtype."""
 
-    def __init__(self, prefix: str | os.PathLike):
+    def __init__(self, prefix: str | os.PathLike, shards: list[tuple[Path, int]] | None = None):
+        """shards: the data files and their sizes, in order, when they are not PREFIX.bin / PREFIX-*-of-*.bin found
+        on disk (a Hub dataset of which only some shards are downloaded); reading from an absent one is an error."""
         prefix = str(prefix)
         for ext in (".idx", ".bin"):  # `PREFIX.bin` given for PREFIX: be kind
             if prefix.endswith(ext) and not Path(prefix + ".idx").exists():
@@ -140,9 +142,16 @@ class IndexedDataset:
         self.sizes = np.frombuffer(idx, np.int32, items, off)  # [items]
         self.pointers = np.frombuffer(idx, np.int64, items, off + 4 * items)  # [items] byte offsets
         self.doc_idx = np.frombuffer(idx, np.int64, docs, off + 12 * items)  # [documents + 1]
-        self.bin_paths = bin_files(prefix)
-        self._bins = [_map(p) for p in self.bin_paths]
-        lengths = [p.stat().st_size for p in self.bin_paths]
+        if shards is None:
+            self.bin_paths = bin_files(prefix)
+            lengths = [p.stat().st_size for p in self.bin_paths]
+        else:
+            self.bin_paths, lengths = [Path(p) for p, _ in shards], [int(n) for _, n in shards]
+            for p, n in zip(self.bin_paths, lengths, strict=True):
+                if p.is_file() and p.stat().st_size != n:
+                    raise DataError(f"{p}: {p.stat().st_size} bytes, expected {n}")
+        self._bins = [_map(p) if p.is_file() else None for p in self.bin_paths]  # None: a shard not present
+        self.bin_sizes = lengths  # bytes of each data file
         self._starts = np.cumsum([0] + lengths, dtype=np.int64)  # [shards + 1] byte offset of each shard
         self.nbytes = int(self._starts[-1])
         want = int(self.pointers[-1]) + int(self.sizes[-1]) * self.itemsize if items else 0
@@ -189,13 +198,15 @@ class IndexedDataset:
 
     def read_bytes(self, start: int, nbytes: int) -> np.ndarray:
         """[nbytes] uint8 of the data from byte `start`: a view within one shard, a copy across shards."""
-        s = int(np.searchsorted(self._starts, start, side="right")) - 1
+        s = min(int(np.searchsorted(self._starts, start, side="right")) - 1, len(self._bins) - 1)
         local = start - int(self._starts[s])
-        if s >= len(self._bins) or local + nbytes <= len(self._bins[s]):
-            return self._bins[min(s, len(self._bins) - 1)][local : local + nbytes]
         parts, left = [], nbytes
-        while left > 0:
+        while left > 0 or not parts:
+            if self._bins[s] is None:
+                raise DataError(f"{self.bin_paths[s]}: not present (bytes [{start}, {start + nbytes}) lie in it)")
             piece = self._bins[s][local : local + left]
+            if len(piece) == nbytes:
+                return piece  # within one shard: a view
             parts.append(piece)
             left -= len(piece)
             s, local = s + 1, 0
@@ -210,8 +221,16 @@ class IndexedDataset:
             )
         return np.frombuffer(self.read_bytes(start_byte, count * self.itemsize), self.dtype, count)
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        """Item i: [sizes[i]] tokens (read-only)."""
+    def __getitem__(self, i):
+        """Item i: [sizes[i]] tokens (read-only); a slice a:b gives the list of those items (GPT-NeoX's)."""
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                raise IndexError(f"{self.prefix}: slices of a dataset must be contiguous (step 1), got {i}")
+            if stop <= start:
+                return []
+            flat = self.span(start, stop)
+            return np.split(flat, np.cumsum(self.sizes[start:stop], dtype=np.int64)[:-1])
         return self.get(i)
 
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:

@@ -75,6 +75,7 @@ class NeoXLM(TemplateLM):
         tokenizer=None,
         model=None,
         adapter=None,
+        logprob_vocab="all",
         **kwargs,
     ):
         super().__init__()
@@ -83,7 +84,7 @@ class NeoXLM(TemplateLM):
         if unknown:
             raise ValueError(
                 f"neox-jax: unknown model args {sorted(unknown)}; known: pretrained, dtype, batch_size, "
-                f"mesh, finetuned, adapter, quantize, max_length, max_gen_toks, pack_length, tokenizer"
+                f"mesh, finetuned, adapter, quantize, max_length, max_gen_toks, pack_length, tokenizer, logprob_vocab"
             )
         if model is None:
             path = pretrained or checkpoint
@@ -106,6 +107,12 @@ class NeoXLM(TemplateLM):
         self._max_length = int(max_length or model.config.max_position_embeddings)
         self._max_gen_toks = int(max_gen_toks)
         self.pack_length = int(pack_length)
+        # log-probabilities over every output row (lm-eval's hf backend, vLLM, `neox-jax serve`'s default) or over
+        # the tokenizer's ids only (`neox-jax serve --logprob-vocab tokenizer`)
+        if logprob_vocab not in ("all", "tokenizer"):
+            raise ValueError(f"neox-jax: logprob_vocab={logprob_vocab!r}; expected all or tokenizer")
+        rows = min(model.config.vocab_size, self.tok.vocab_size)
+        self.logprob_rows = None if logprob_vocab == "all" or rows == model.config.vocab_size else rows
 
     # ---- what lm-eval asks of a model ----------------------------------------------------------------------------
     @property
@@ -159,6 +166,7 @@ class NeoXLM(TemplateLM):
             row_multiple=sharding.data_size(self.mesh),
             place=self._place,
             progress=bar.update,
+            logprob_rows=self.logprob_rows,
         )
         bar.close()
         for (strings, _, _), answer in zip(requests, res):

@@ -176,10 +176,12 @@ def logprob_and_greedy(logits, targets):
     return target - lse, (target == top) & ~tie_before
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("attention",))
-def score_rows(cfg: NeoXConfig, params: Params, ids, positions, doc, branch, idx, targets, attention=None):
-    """-> log p(target) [B, K] float32 and whether target is the argmax [B, K] (over the full, padded vocabulary,
-    as lm-eval's hf backend does)."""
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("attention", "logprob_rows"))
+def score_rows(
+    cfg: NeoXConfig, params: Params, ids, positions, doc, branch, idx, targets, attention=None, logprob_rows=None
+):
+    """-> log p(target) [B, K] float32 and whether target is the argmax [B, K], over the full, padded vocabulary as
+    lm-eval's hf backend does (logprob_rows None), or over its first logprob_rows rows (the tokenizer's ids)."""
     picked, model = hidden_states(cfg, params, ids, positions, tree_mask(doc, branch), idx, attention)  # [B, K, D]
     b, k, d = picked.shape
     chunk = min(k, 1 << max(0, (HEAD_ROWS // b).bit_length() - 1))  # a power of two, as k is: it divides k
@@ -188,7 +190,10 @@ def score_rows(cfg: NeoXConfig, params: Params, ids, positions, doc, branch, idx
 
     def head(args):
         h, t = args
-        return logprob_and_greedy(model.logits(h), t)  # logits [B, c, V] float32
+        logits = model.logits(h)  # [B, c, V] float32
+        if logprob_rows is not None:
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < logprob_rows, logits, -jnp.inf)
+        return logprob_and_greedy(logits, t)
 
     lp, greedy = jax.lax.map(head, (chunks, tchunks))
     return lp.swapaxes(0, 1).reshape(b, k), greedy.swapaxes(0, 1).reshape(b, k)
@@ -213,13 +218,15 @@ def score_requests(
     place=None,
     progress=None,
     attention=None,
+    logprob_rows=None,
 ):
     """(context, continuation) token pairs -> [(sum log p(continuation | context), continuation is greedy)] in order.
 
     batch_rows: rows per forward call (B); pack_length: the shortest row bucket (short requests share rows of this
     length); row_multiple: every batch's rows are a multiple of it (the mesh's data axis); place: optional function
     applied to each numpy input (e.g. jax.device_put onto a mesh's data axis); progress: optional callable(n) called
-    with the number of requests finished after each batch; attention: see hidden_states."""
+    with the number of requests finished after each batch; attention: see hidden_states; logprob_rows: see
+    score_rows."""
     if not requests:
         return []
     segments, keys = build_segments(requests, max_length)
@@ -238,7 +245,9 @@ def score_requests(
             batch = todo[start : start + batch_rows]
             k = min(bucket(max(r.n_scored for r in batch)), length)
             arrays, where = row_arrays(batch, batch_shape_rows(len(batch), batch_rows, row_multiple), length, k)
-            lp, gr = score_rows(cfg, params, *(place(a) for a in arrays), attention=attention)
+            lp, gr = score_rows(
+                cfg, params, *(place(a) for a in arrays), attention=attention, logprob_rows=logprob_rows
+            )
             lp, gr = np.asarray(lp, np.float64), np.asarray(gr)
             done = set()
             for r, w in enumerate(where):

@@ -4,7 +4,8 @@ Hook names (i the layer; shapes B batch, T positions, N heads, H head dim, D hid
 
     hook_embed                                   [B, T, D]
     blocks.{i}.hook_resid_pre                    [B, T, D]   the block's input (= transformers hidden_states[i])
-    blocks.{i}.ln1.hook_normalized               [B, T, D]   input_layernorm's output (weight and bias applied)
+    blocks.{i}.ln1.hook_scale                    [B, T, 1]   input_layernorm's sqrt(var + eps) (TransformerLens)
+    blocks.{i}.ln1.hook_normalized               [B, T, D]   (x - mean) / scale: before the weight and bias, as TL
     blocks.{i}.attn.hook_q / hook_k / hook_v     [B, T, N, H]  before rotary
     blocks.{i}.attn.hook_rot_q / hook_rot_k      [B, T, N, H]  after rotary
     blocks.{i}.attn.hook_attn_scores             [B, N, T, T]  q.k / sqrt(H), masked entries float32 min (TL: -inf)
@@ -12,11 +13,13 @@ Hook names (i the layer; shapes B batch, T positions, N heads, H head dim, D hid
     blocks.{i}.attn.hook_z                       [B, T, N, H]  pattern @ v: the input of attention.dense, per head
     blocks.{i}.hook_attn_out                     [B, T, D]   attention.dense's output, its bias included
     blocks.{i}.hook_resid_mid                    [B, T, D]   resid_pre + attn_out (sequential residual only)
-    blocks.{i}.ln2.hook_normalized               [B, T, D]   post_attention_layernorm's output
+    blocks.{i}.ln2.hook_scale / hook_normalized  [B, T, 1] / [B, T, D]   post_attention_layernorm's, as ln1
     blocks.{i}.mlp.hook_pre / hook_post          [B, T, F]   before / after the activation
     blocks.{i}.hook_mlp_out                      [B, T, D]
     blocks.{i}.hook_resid_post                   [B, T, D]
-    ln_final.hook_normalized                     [B, T, D]   final_layer_norm's output
+    ln_final.hook_scale / hook_normalized        [B, T, 1] / [B, T, D]   final_layer_norm's, as ln1
+    unembed.hook_in                              [B, T, D]   final_layer_norm's output (weight and bias applied)
+    unembed.hook_out                             [B, T, V]   the logits
 
 The hook points are one-line `_hook(self, name, x)` calls in neox_jax/model/neox.py, no-ops unless this module sets the
 modules' `hook` attribute while tracing; the default forward compiles exactly as before. With hooks on a layer's
@@ -46,40 +49,38 @@ from neox_jax.model.neox import GPTNeoX, is_stacked, model_from_params, position
 from neox_jax.parallel import sharding
 
 F32 = jnp.float32
-GLOBAL_NAMES = ("hook_embed", "ln_final.hook_normalized")
+GLOBAL_NAMES = ("hook_embed", "unembed.hook_in", "unembed.hook_out")
+LN_NAMES = ("hook_scale", "hook_normalized")  # TransformerLens's LayerNorm hooks, in forward order
 ATTN_NAMES = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern", "hook_z")
 MLP_NAMES = ("hook_pre", "hook_post")
 
 
 def _block_names(cfg: NeoXConfig) -> tuple[str, ...]:
+    """The names the Block module itself owns (its layernorms, attention and mlp own theirs)."""
     mid = () if cfg.use_parallel_residual else ("hook_resid_mid",)
-    return (
-        "hook_resid_pre",
-        "ln1.hook_normalized",
-        "hook_attn_out",
-        *mid,
-        "ln2.hook_normalized",
-        "hook_mlp_out",
-        "hook_resid_post",
-    )
+    return ("hook_resid_pre", "hook_attn_out", *mid, "hook_mlp_out", "hook_resid_post")
 
 
 def hook_names(cfg: NeoXConfig) -> list[str]:
     """Every hook name of this model, in forward order."""
-    block = _block_names(cfg)
-    mid = block.index("ln2.hook_normalized")
+    mid = () if cfg.use_parallel_residual else ("hook_resid_mid",)
     layer = [
-        *block[:2],
+        "hook_resid_pre",
+        *(f"ln1.{n}" for n in LN_NAMES),
         *(f"attn.{n}" for n in ATTN_NAMES),
-        *block[2:mid],
-        block[mid],
+        "hook_attn_out",
+        *mid,
+        *(f"ln2.{n}" for n in LN_NAMES),
         *(f"mlp.{n}" for n in MLP_NAMES),
-        *block[mid + 1 :],
+        "hook_mlp_out",
+        "hook_resid_post",
     ]  # forward order
     return [
         "hook_embed",
         *(f"blocks.{i}.{n}" for i in range(cfg.num_hidden_layers) for n in layer),
-        "ln_final.hook_normalized",
+        *(f"ln_final.{n}" for n in LN_NAMES),
+        "unembed.hook_in",
+        "unembed.hook_out",
     ]
 
 
@@ -184,8 +185,11 @@ def _install(cfg: NeoXConfig, model: GPTNeoX, recorder: _Recorder, active: set[s
             module.hook = _Point(recorder, prefix)
 
     put(model, "", GLOBAL_NAMES)
+    put(model.final_layer_norm, "ln_final.", LN_NAMES)
     for i, block in enumerate(model.layers):
         put(block, f"blocks.{i}.", _block_names(cfg))
+        put(block.input_layernorm, f"blocks.{i}.ln1.", LN_NAMES)
+        put(block.post_attention_layernorm, f"blocks.{i}.ln2.", LN_NAMES)
         put(block.attention, f"blocks.{i}.attn.", ATTN_NAMES)
         put(block.mlp, f"blocks.{i}.mlp.", MLP_NAMES)
 

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from neox_jax.model import attention, int8
 from neox_jax.model.config import NeoXConfig
@@ -85,7 +86,29 @@ def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return (std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype)
 
 
+# Activation checkpointing per block (training: --remat). "full" keeps only each block's input and recomputes the
+# block in the backward pass; "dots" also keeps every Linear's output (LINEAR_OUT): the projections are not recomputed,
+# the elementwise work, layernorms and attention core (its [B, N, T, T] scores included) are. None: keep everything.
+LINEAR_OUT = "linear_out"
+REMAT = {
+    "none": None,
+    "dots": jax.checkpoint_policies.save_only_these_names(LINEAR_OUT),
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_block(fn, remat: str, prevent_cse: bool = True):
+    """fn (a block's forward) under jax.checkpoint with the REMAT policy `remat` ("none": fn itself)."""
+    if remat not in REMAT:
+        raise ValueError(f"unknown remat policy {remat!r}; expected one of {list(REMAT)}")
+    if remat == "none":
+        return fn
+    return jax.checkpoint(fn, policy=REMAT[remat], prevent_cse=prevent_cse)
+
+
 class LayerNorm(nnx.Module):
+    hook = None  # see Attention.hook: hook_scale and hook_normalized, TransformerLens's (before weight and bias)
+
     def __init__(self, dim: int, eps: float, *, param_dtype):
         self.eps = eps
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
@@ -95,7 +118,11 @@ class LayerNorm(nnx.Module):
         x32 = x.astype(F32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.hook is None:
+            y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        else:  # TransformerLens: scale [..., 1] = sqrt(var + eps), normalized = centered / scale (an edit flows on)
+            scale = _hook(self, "hook_scale", jnp.sqrt(var + self.eps))
+            y = _hook(self, "hook_normalized", (x32 - mean) / scale)
         return (y * self.weight[...].astype(F32) + self.bias[...].astype(F32)).astype(x.dtype)
 
 
@@ -208,7 +235,7 @@ class Linear(nnx.Module):
             y = y + self.lora(x, self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(F32)
-        return y.astype(out_dtype or kernel.dtype)
+        return checkpoint_name(y.astype(out_dtype or kernel.dtype), LINEAR_OUT)  # kept by --remat dots
 
 
 def _linear(name: str, kernel_shape, bias_shape, **kw) -> Linear:
@@ -276,6 +303,22 @@ def split_qkv(qkv):
 split_qkv.defvjp(lambda qkv: (split_qkv(qkv), None), lambda _, g: (jnp.stack(g, axis=-2),))
 
 
+def write_slots(cache, new, cache_index):
+    """cache [B, N, S, H] with new [B, N, T, H] written at slots cache_index.. : a scalar (every row alike), or [B]
+    int (each row at its own slot: speculative decoding rolls a row back by moving its index; later writes overwrite).
+    The caller keeps cache_index + T <= S (dynamic_update_slice would clamp the start and shift the write)."""
+    if jnp.ndim(cache_index) == 1 and cache.shape[0] == 1:  # one row: its own slot is the scalar case
+        cache_index = cache_index[0]
+    elif jnp.ndim(cache_index) == 1:
+        # an elementwise select over the slots (a vmapped dynamic_update_slice became a scatter that XLA CPU ran
+        # copying the cache, 2x slower): slot s of row b takes new token s - cache_index[b] when that is in 0..T-1
+        t, s = new.shape[2], cache.shape[2]
+        rel = jnp.arange(s)[None, :] - cache_index[:, None]  # [B, S]
+        picked = jnp.take_along_axis(new, jnp.clip(rel, 0, t - 1)[:, None, :, None], axis=2)  # [B, N, S, H]
+        return jnp.where(((rel >= 0) & (rel < t))[:, None, :, None], picked, cache)
+    return jax.lax.dynamic_update_slice(cache, new, (0, 0, cache_index, 0))
+
+
 class Attention(nnx.Module):
     hook = None  # set by neox_jax.interp: its hook points, and the attention computed with scores and pattern
     implementation = None  # without cache slots to read: None (per backend) or one of attention.IMPLEMENTATIONS
@@ -334,9 +377,7 @@ class Attention(nnx.Module):
             out = _attend(q, k, v, new_mask, old_mask, kv)
         out = _hook(self, "hook_z", out.transpose(0, 2, 1, 3))  # [B, T, N, H]
         if kv is not None:
-            kv = tuple(
-                jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, cache_index, 0)) for c, a in zip(kv, (k, v))
-            )
+            kv = tuple(write_slots(c, a.astype(c.dtype), cache_index) for c, a in zip(kv, (k, v)))
         return self.dense(out.astype(x.dtype)), kv
 
     def _fused(self, x, q, k, v, mask, kv, cache_index, rows, impl):
@@ -347,10 +388,7 @@ class Attention(nnx.Module):
             mask = jnp.take_along_axis(mask, rows[:, :, None], axis=1)
         if kv is not None:  # what the cache holds (attention uses exactly these values), [B, N, S, H] slots
             k, v = k.astype(kv[0].dtype).astype(k.dtype), v.astype(kv[1].dtype).astype(v.dtype)
-            kv = tuple(
-                jax.lax.dynamic_update_slice(c, a.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0))
-                for c, a in zip(kv, (k, v))
-            )
+            kv = tuple(write_slots(c, a.transpose(0, 2, 1, 3).astype(c.dtype), cache_index) for c, a in zip(kv, (k, v)))
         out = attention.fused(q, k, v, mask, impl, causal=rows is None)  # [B, T, N, H]
         return self.dense(out.astype(x.dtype)), kv
 
@@ -393,9 +431,7 @@ class Block(nnx.Module):
     def __call__(self, x, cos, sin, mask, kv, cache_index, rows=None):
         """rows [B, K] (see Attention): the block's output at those tokens only, [B, K, D]."""
         x = _hook(self, "hook_resid_pre", x)
-        attn, kv = self.attention(
-            _hook(self, "ln1.hook_normalized", self.input_layernorm(x)), cos, sin, mask, kv, cache_index, rows
-        )
+        attn, kv = self.attention(self.input_layernorm(x), cos, sin, mask, kv, cache_index, rows)
         attn = _hook(self, "hook_attn_out", attn)
         if rows is not None:
             x = jnp.take_along_axis(x, rows[..., None], axis=1)  # [B, K, D]
@@ -407,12 +443,37 @@ class Block(nnx.Module):
         return _hook(self, "hook_resid_post", x), kv
 
     def _mlp(self, x):  # [B, T, D] -> mlp(ln2(x)) [B, T, D]
-        normalized = _hook(self, "ln2.hook_normalized", self.post_attention_layernorm(x))
-        return _hook(self, "hook_mlp_out", self.mlp(normalized))
+        return _hook(self, "hook_mlp_out", self.mlp(self.post_attention_layernorm(x)))
+
+
+def _take_extras(layers) -> list:
+    """Detaches the stacked Linears' kernel_t / lora (arrays are not nnx state): [(path, kernel_t, lora)]."""
+    found = []
+    for path, m in nnx.iter_modules(layers):
+        if isinstance(m, Linear) and (m.kernel_t is not None or m.lora is not None):
+            found.append((tuple(path), m.kernel_t, m.lora))
+            m.kernel_t = m.lora = None
+    return found
+
+
+def _put_extras(layers, extras: list, layer_extras=None, i=None) -> None:
+    """Re-attaches _take_extras' arrays: all layers' (layer_extras None) or layer i's slices, with the LoRA dropout
+    key folded with the layer index too."""
+    modules = dict((tuple(p), m) for p, m in nnx.iter_modules(layers))
+    for j, (path, kernel_t, lora) in enumerate(extras):
+        m = modules[path]
+        if layer_extras is None:
+            m.kernel_t, m.lora = kernel_t, lora
+            continue
+        m.kernel_t, ab = layer_extras[j]
+        if lora is not None:
+            key = None if lora.key is None else jax.random.fold_in(lora.key, i)
+            m.lora = LoraAdapter(ab[0], ab[1], lora.spec, key)
 
 
 class GPTNeoX(nnx.Module):
     hook = None  # see Attention.hook
+    remat = "none"  # activation checkpointing of each block without a cache (REMAT; set by model_from_params)
 
     def __init__(self, cfg: NeoXConfig, *, param_dtype=F32, rngs: nnx.Rngs, stacked: bool = False):
         self.embed_in = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
@@ -438,7 +499,8 @@ class GPTNeoX(nnx.Module):
     def hidden_states(self, input_ids, positions, kv_valid, cache=None, cache_index=0, attn_mask=None, rows=None):
         """input_ids, positions [B, T] int; kv_valid [B, S] bool (which key slots hold real tokens, S == T without a
         cache); cache None or {"k", "v"}: a list of L [B, N, S, H] buffers
-        (unrolled layers) or one [L, B, N, S, H] buffer (stacked layers), written at slots cache_index..cache_index+T-1.
+        (unrolled layers) or one [L, B, N, S, H] buffer (stacked layers), written at slots cache_index..cache_index+T-1
+        (cache_index: an int, or [B] int: each row at its own slot, the slots before it its past; see write_slots).
         attn_mask: without a cache, an explicit [B, T, T] mask replacing causal & kv_valid (packed sequences).
         rows [B, K] int, without a cache: only these tokens' states are wanted, and the last layer computes its
         queries, attention output and MLP for them alone (a scorer's few scored positions).
@@ -453,6 +515,11 @@ class GPTNeoX(nnx.Module):
             mask = (attn_mask, None)
         elif cache is None:
             mask = (kv_valid[:, None, :] & causal, None)
+        elif jnp.ndim(cache_index) == 1:  # per-row slots [B] (see write_slots): each row's own past
+            cols = jnp.minimum(cache_index[:, None] + jnp.arange(t), s - 1)  # [B, T]
+            new_valid = jnp.take_along_axis(kv_valid, cols, axis=1)
+            old = kv_valid & (jnp.arange(s)[None, :] < cache_index[:, None])  # [B, S]
+            mask = (new_valid[:, None, :] & causal, jnp.broadcast_to(old[:, None, :], (b, t, s)))
         else:  # the new tokens' own slots, and the real slots written before them
             new_valid = jax.lax.dynamic_slice(kv_valid, (0, cache_index), (b, t))  # [B, T]
             old = None
@@ -467,30 +534,44 @@ class GPTNeoX(nnx.Module):
             last = len(self.layers) - 1
             for i, block in enumerate(self.layers):
                 kv = None if cache is None else (cache["k"][i], cache["v"][i])
-                x, kv = block(x, cos, sin, mask, kv, cache_index, rows if i == last else None)
+                r = rows if i == last else None
+                if cache is None and self.remat != "none":  # the block's weights are closed over (traced inputs)
+                    x = remat_block(
+                        lambda x, cos, sin, mask, b=block, r=r: b(x, cos, sin, mask, None, 0, r)[0], self.remat
+                    )(x, cos, sin, mask)
+                    continue
+                x, kv = block(x, cos, sin, mask, kv, cache_index, r)
                 if kv is not None:
                     ks.append(kv[0])
                     vs.append(kv[1])
             if cache is not None:
                 cache = {"k": ks, "v": vs}
         else:  # stacked [L, ...] under lax.scan
+            extras = _take_extras(self.layers)  # kernel_t / LoRA arrays [L, ...]: scanned over with the weights
             graphdef, state = nnx.split(self.layers)
 
             def body(x, layer):
-                layer_state, kv = layer
-                x, kv = nnx.merge(graphdef, layer_state)(x, cos, sin, mask, kv, cache_index)
+                layer_state, kv, layer_extras, i = layer
+                block = nnx.merge(graphdef, layer_state)
+                _put_extras(block, extras, layer_extras, i)
+                x, kv = block(x, cos, sin, mask, kv, cache_index)
                 return x, kv
 
             kvs = None if cache is None else (cache["k"], cache["v"])
-            x, kvs = jax.lax.scan(body, x, (state, kvs))
+            if cache is None:  # under scan, CSE across iterations is impossible anyway (jax.checkpoint's docs)
+                body = remat_block(body, self.remat, prevent_cse=False)
+            layer_extras = [(kt, lo and (lo.a, lo.b)) for _, kt, lo in extras]
+            n = jax.tree.leaves(state)[0].shape[0]
+            x, kvs = jax.lax.scan(body, x, (state, kvs, layer_extras, jnp.arange(n)))
+            _put_extras(self.layers, extras)
             if cache is not None:
                 cache = {"k": kvs[0], "v": kvs[1]}
             if rows is not None:  # every layer ran in full: pick the rows after
                 x = jnp.take_along_axis(x, rows[..., None], axis=1)
-        return _hook(self, "ln_final.hook_normalized", self.final_layer_norm(x)), cache
+        return self.final_layer_norm(x), cache
 
     def logits(self, hidden):  # [B, T, D] -> [B, T, V] float32
-        return self.embed_out(hidden, out_dtype=F32)
+        return _hook(self, "unembed.hook_out", self.embed_out(_hook(self, "unembed.hook_in", hidden), out_dtype=F32))
 
     def __call__(self, input_ids, positions, kv_valid, cache=None, cache_index=0):
         hidden, cache = self.hidden_states(input_ids, positions, kv_valid, cache, cache_index)
@@ -557,15 +638,25 @@ def unstack_layers(params: Params) -> Params:
 
 
 def model_from_params(
-    cfg: NeoXConfig, params: Params, transposed: bool = False, attention: str | None = None, lora=None, lora_key=None
+    cfg: NeoXConfig,
+    params: Params,
+    transposed: bool = False,
+    attention: str | None = None,
+    lora=None,
+    lora_key=None,
+    remat: str = "none",
 ) -> GPTNeoX:
     """The module tree over `params`; transposed=True for params from `decode.transpose_kernels`. A Linear's
     "kernel_t" entry (from `finetune.prepare_frozen`) becomes its `kernel_t`, not a parameter; its "lora_A" /
     "lora_B" entries (unmerged LoRA adapters) its `lora`, with lora (a lora.LoraSpec) giving the scale and dropout
     and lora_key (None: no dropout) the dropout's PRNG key, folded with each Linear's index. attention: the
-    attention without cache slots (None: per backend; "plain", "xla", "cudnn": see neox_jax/model/attention.py)."""
+    attention without cache slots (None: per backend; "plain", "xla", "cudnn": see neox_jax/model/attention.py);
+    remat: the activation checkpointing of each block in a forward without a cache (REMAT)."""
     params, extras = _pop_extras(params)
     model = nnx.merge(graphdef(cfg, is_stacked(params), int8.spec_of(params)), params)
+    if remat != "none":
+        remat_block(None, remat)  # a clear error for an unknown policy
+        model.remat = remat
     if attention is not None:
         for _, module in nnx.iter_modules(model):
             if isinstance(module, Attention):
@@ -614,16 +705,17 @@ def forward(
     attention: str | None = None,
     lora=None,
     lora_key=None,
+    remat: str = "none",
 ):
     """Pure function: logits [B, T, V] float32 and the updated cache. Without positions / kv_valid every token is real
-    and positions count from 0. attention, lora, lora_key: see model_from_params (lora: params with unmerged LoRA
-    adapters)."""
+    and positions count from 0. attention, lora, lora_key, remat: see model_from_params (lora: params with unmerged
+    LoRA adapters)."""
     b, t = input_ids.shape
     if kv_valid is None:
         kv_valid = jnp.ones((b, t), bool)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    return model_from_params(cfg, params, attention=attention, lora=lora, lora_key=lora_key)(
+    return model_from_params(cfg, params, attention=attention, lora=lora, lora_key=lora_key, remat=remat)(
         input_ids, positions, kv_valid, cache, cache_index
     )
 

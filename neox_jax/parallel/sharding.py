@@ -1,8 +1,11 @@
-"""Meshes and the one logical-axis -> mesh-axis rules table (Megatron-style tensor parallel x data parallel).
+"""Meshes and the one logical-axis -> mesh-axis rules table (Megatron-style tensor parallel x data parallel x FSDP).
 
 Modules name their parameter axes (`embed`, `heads`, `mlp`, `vocab`, ...; see model.py); only this file knows the mesh
-axes `data` and `model`. qkv and dense_h_to_4h are split over heads / mlp on `model` (column parallel), dense and
-dense_4h_to_h over their input dim (row parallel), embed_in and embed_out over the vocabulary, the batch over `data`.
+axes `data`, `fsdp` and `model`. qkv and dense_h_to_4h are split over heads / mlp on `model` (column parallel), dense
+and dense_4h_to_h over their input dim (row parallel), embed_in and embed_out over the vocabulary, the batch over
+`data` and `fsdp`. `fsdp` (only in meshes that name it: `--mesh fsdp=4,model=2`) is data parallel that also splits every
+weight's `embed` (hidden) axis, ZeRO-3 style: parameters, their gradients and optimizer moments each live on one
+fsdp shard, and XLA gathers a weight where a layer uses it (per layer under the stacked scan of --remat).
 """
 
 from __future__ import annotations
@@ -21,15 +24,15 @@ from neox_jax.model.config import NeoXConfig
 from neox_jax.model.int8 import spec_of
 from neox_jax.model.neox import abstract_params, logical_axes
 
-MESH_AXES = ("data", "model")
+MESH_AXES = ("data", "fsdp", "model")  # a mesh has data and model; fsdp only when the spec names it
 
-# logical axis -> mesh axis (None: replicated)
-RULES: dict[str, str | None] = {
-    "batch": "data",
+# logical axis -> mesh axis or axes (None: replicated); axes a mesh lacks or has at size 1 are left out
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
     "vocab": "model",
     "heads": "model",
     "mlp": "model",
-    "embed": None,
+    "embed": "fsdp",
     "qkv": None,
     "head_dim": None,
     "norm": None,
@@ -62,22 +65,33 @@ def parse_mesh_spec(spec: str | None, num_devices: int) -> dict[str, int]:
     return sizes
 
 
+def _axes_of(sizes: dict[str, int]) -> tuple[str, ...]:
+    return tuple(a for a in MESH_AXES if a in sizes)
+
+
 def make_mesh(spec: str | None = None, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh_spec(spec, len(devices))
-    shape = (sizes["data"], sizes["model"])
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+    axes = _axes_of(sizes)
+    shape = tuple(sizes[a] for a in axes)
+    return Mesh(np.asarray(devices).reshape(shape), axes, axis_types=(AxisType.Auto,) * len(axes))
+
+
+def _mesh_axes(mesh_axis, mesh) -> str | tuple[str, ...] | None:
+    """RULES' mesh axis (or axes) as far as `mesh` has them at a size above 1 (without a mesh: data and model)."""
+    names = (mesh_axis,) if isinstance(mesh_axis, str) else tuple(mesh_axis or ())
+    sizes = {"data": 2, "model": 2} if mesh is None else dict(mesh.shape)
+    if mesh is None:
+        names = tuple(a for a in names if a in sizes)
+    else:
+        names = tuple(a for a in names if sizes.get(a, 1) > 1)
+    return None if not names else names[0] if len(names) == 1 else names
 
 
 def spec_for(axes: tuple[str, ...], mesh: Mesh | None = None) -> P:
-    """Logical axes -> PartitionSpec by RULES; mesh axes of size 1 are left out (replicated)."""
-    names = []
-    for a in axes:
-        mesh_axis = RULES[a]
-        if mesh is not None and mesh_axis is not None and mesh.shape[mesh_axis] == 1:
-            mesh_axis = None
-        names.append(mesh_axis)
-    return P(*names)
+    """Logical axes -> PartitionSpec by RULES; mesh axes the mesh lacks or has at size 1 are left out
+    (replicated)."""
+    return P(*(_mesh_axes(RULES[a], mesh) for a in axes))
 
 
 def _divisors(n: int) -> list[int]:
@@ -85,8 +99,12 @@ def _divisors(n: int) -> list[int]:
 
 
 def data_size(mesh) -> int:
-    """How many ways the batch splits: the mesh's `data` axis (1 without a mesh)."""
-    return 1 if mesh is None else mesh.shape["data"]
+    """How many ways the batch splits: the mesh's `data` x `fsdp` axes (1 without a mesh)."""
+    return 1 if mesh is None else dict(mesh.shape)["data"] * dict(mesh.shape).get("fsdp", 1)
+
+
+def fsdp_size(mesh) -> int:
+    return 1 if mesh is None else dict(mesh.shape).get("fsdp", 1)
 
 
 def check_divisible(cfg: NeoXConfig, mesh, batch: int | None = None) -> None:
@@ -100,6 +118,12 @@ def check_divisible(cfg: NeoXConfig, mesh, batch: int | None = None) -> None:
         "vocab_size": cfg.vocab_size,
     }
     bad = {k: v for k, v in sizes.items() if v % m}
+    f = fsdp_size(mesh)
+    if cfg.hidden_size % f:
+        raise ValueError(
+            f"cannot shard the weights over fsdp={f}: hidden_size={cfg.hidden_size} is not divisible by {f}; "
+            f"fsdp sizes that work: {[k for k in _divisors(n_dev) if cfg.hidden_size % k == 0]}"
+        )
     if bad:
         ok = [k for k in _divisors(n_dev) if all(v % k == 0 for v in sizes.values())]
         raise ValueError(
@@ -108,11 +132,12 @@ def check_divisible(cfg: NeoXConfig, mesh, batch: int | None = None) -> None:
             f"(e.g. --mesh data={n_dev // ok[-1]},model={ok[-1]})"
         )
     if batch is not None and batch % d:
+        axes = "data x fsdp" if fsdp_size(mesh) > 1 else "data"
         up = -(-batch // d) * d
         multiples = sorted({k for k in (up - d, up, up + d) if k > 0})
         data_ok = [k for k in _divisors(n_dev) if batch % k == 0]
         raise ValueError(
-            f"batch size {batch} is not divisible by the mesh's data={d}: use a batch that is a "
+            f"batch size {batch} is not divisible by the mesh's {axes}={d}: use a batch that is a "
             f"multiple of {d} (e.g. {multiples}) or a mesh with data in {data_ok}"
         )
 
@@ -139,8 +164,8 @@ def shard_params(params, cfg: NeoXConfig, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """[B, ...] arrays split over `data`."""
-    return NamedSharding(mesh, P("data" if data_size(mesh) > 1 else None, *([None] * (ndim - 1))))
+    """[B, ...] arrays split over `data` (and `fsdp`)."""
+    return NamedSharding(mesh, P(_mesh_axes(RULES["batch"], mesh), *([None] * (ndim - 1))))
 
 
 def put_batch(x, mesh: Mesh) -> jax.Array:
@@ -195,8 +220,10 @@ def put_replicated(x, mesh: Mesh) -> jax.Array:
 
 
 def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
-    """A device-free mesh of the given sizes ({'data': d, 'model': m}) for planning."""
-    return AbstractMesh((sizes.get("data", 1), sizes.get("model", 1)), MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+    """A device-free mesh of the given sizes ({'data': d, 'model': m}, optionally 'fsdp': f) for planning."""
+    sizes = {"data": 1, "model": 1, **sizes}
+    axes = _axes_of(sizes)
+    return AbstractMesh(tuple(sizes[a] for a in axes), axes, axis_types=(AxisType.Auto,) * len(axes))
 
 
 @functools.lru_cache(maxsize=8)

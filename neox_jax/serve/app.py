@@ -154,7 +154,9 @@ async def metrics(request: HttpRequest) -> Response:
 
 
 async def not_found(request: HttpRequest, exc) -> Response:
-    return error(P.ApiError(f"no route {request.method} {request.url.path}", status=getattr(exc, "status_code", 404)))
+    """404 / 405, in OpenAI's error shape and counted in request_errors_total like every other error."""
+    status = getattr(exc, "status_code", 404)
+    return error(P.ApiError(f"no route {request.method} {request.url.path}", status=status), request.app.state.svc)
 
 
 def build_app(svc, drain_timeout: float = 30.0) -> Starlette:

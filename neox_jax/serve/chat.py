@@ -10,6 +10,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from neox_jax.serve import protocol as P
+from neox_jax.serve import rows as R
 
 TEMPLATE_FILE = "chat_template.jinja"
 
@@ -100,7 +101,9 @@ async def chat_completions(request: HttpRequest) -> Response:
         want_lp = body.get("logprobs", False)
         if not isinstance(want_lp, bool):
             raise P.ApiError("'logprobs' must be a boolean in chat completions", param="logprobs")
-        top = body.get("top_logprobs") or 0
+        top = P.number(body, "top_logprobs", 0, lo=0, hi=R.TOP_LOGPROBS, integer=True)  # errors name top_logprobs
+        if top and not want_lp:
+            raise P.ApiError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         st = P.settings_of(
             {**body, "logprobs": top if want_lp else None, "echo": False},
             svc.tok,

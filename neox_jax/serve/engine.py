@@ -61,7 +61,7 @@ def _init_state(cfg, layout, slots, length, vocab, stacked, mesh):
     return sharding.constrain_state(state, mesh)
 
 
-def _admit(cfg, layout, vocab_limit, mesh, params, state, ids, length, slot, row, prompt_logprobs):
+def _admit(cfg, layout, vocab_limit, logprob_rows, mesh, params, state, ids, length, slot, row, prompt_logprobs):
     """ids [1, P] right-padded, length: its real tokens, slot: the row to fill, row: that row's settings,
     prompt_logprobs: bool, whether to score the prompt too."""
     p, s = ids.shape[1], state["kv_valid"].shape[1]
@@ -76,13 +76,13 @@ def _admit(cfg, layout, vocab_limit, mesh, params, state, ids, length, slot, row
     logits = jax.lax.dynamic_index_in_dim(model.logits(last)[0], length - 1 - start, keepdims=True)  # [1, V]
     seen = jnp.zeros(cfg.vocab_size, bool).at[ids[0]].max(valid)  # the prompt's ids
     row1 = jax.tree.map(lambda x: x[None], row)
-    tok, lp, top_ids, top_lp = R.choose_rows(logits, row1, jnp.zeros(1, jnp.int32), seen[None], vocab_limit)
+    tok, lp, top_ids, top_lp = R.choose_rows(
+        logits, row1, jnp.zeros(1, jnp.int32), seen[None], vocab_limit, logprob_rows
+    )
     first = {"tokens": tok, "logprobs": lp, "top_ids": top_ids, "top_logprobs": top_lp}
 
     def prompt_lps(hidden):  # the log-probability of each prompt token after the ones before it: [P - 1]
-        allp = jax.nn.log_softmax(
-            jnp.where(jnp.arange(cfg.vocab_size) < vocab_limit, model.logits(hidden)[0, :-1], -jnp.inf), axis=-1
-        )  # [P-1, V]
+        allp = R.log_probs(model.logits(hidden)[0, :-1], vocab_limit, logprob_rows)  # [P-1, V]
         top_lp, top_ids = jax.lax.top_k(allp, R.TOP_LOGPROBS)
         return jnp.take_along_axis(allp, ids[0, 1:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
 
@@ -110,7 +110,7 @@ def _admit(cfg, layout, vocab_limit, mesh, params, state, ids, length, slot, row
     return sharding.constrain_state(new, mesh), first
 
 
-def _decode(cfg, layout, vocab_limit, chunk, mesh, params, state, force_done):
+def _decode(cfg, layout, vocab_limit, logprob_rows, chunk, mesh, params, state, force_done):
     """Up to `chunk` steps; out[b, i]: the token row b chose at step i (valid for the steps it was live)."""
     model = model_from_params(cfg, params, layout.transposed)
     b = state["tokens"].shape[0]
@@ -134,7 +134,7 @@ def _decode(cfg, layout, vocab_limit, chunk, mesh, params, state, force_done):
             st["tokens"], pos, kv_valid, st["cache"]
         )  # [B, D]
         logits = model.logits(hidden[:, None])[:, 0]  # [B, V] float32
-        tok, lp, top_ids, top_lp = R.choose_rows(logits, st["rows"], st["made"], st["seen"], vocab_limit)
+        tok, lp, top_ids, top_lp = R.choose_rows(logits, st["rows"], st["made"], st["seen"], vocab_limit, logprob_rows)
         tok = jnp.where(live, tok, st["tokens"])
         made = st["made"] + live
         stop = st["rows"]["stop_mask"][rows_ix, tok] | (made >= st["rows"]["max_new"])
@@ -176,6 +176,7 @@ class Engine:
         slots: int,
         max_model_len: int,
         vocab_limit: int,
+        logprob_rows: int | None = None,
         chunk: int = 8,
         pad_id: int = 0,
         mesh=None,
@@ -189,8 +190,13 @@ class Engine:
         self.params = core.transpose_kernels(params) if self.layout.transposed else params
         self.slots = max(slots, self.layout.min_rows)
         if mesh is not None:  # the slots split over `data`: a multiple of its size
-            self.slots = -(-self.slots // mesh.shape["data"]) * mesh.shape["data"]
+            self.slots = -(-self.slots // sharding.data_size(mesh)) * sharding.data_size(mesh)
         self.max_model_len, self.vocab_limit = max_model_len, vocab_limit
+        self.logprob_rows = cfg.vocab_size if logprob_rows is None else logprob_rows  # see rows.log_probs
+        if not 1 <= vocab_limit <= self.logprob_rows <= cfg.vocab_size:
+            raise ValueError(
+                f"logprob_rows {self.logprob_rows} must be in [vocab_limit {vocab_limit}, vocab_size {cfg.vocab_size}]"
+            )
         self.buckets = buckets(max_model_len)
         self.compiles = 0  # programs compiled (tests check nothing compiles after warm_up)
         self._programs: dict[tuple, object] = {}
@@ -219,7 +225,10 @@ class Engine:
         return self._compiled(("init",), fn)
 
     def _admit_program(self, p: int):
-        fn = jax.jit(functools.partial(_admit, self.cfg, self.layout, self.vocab_limit, self.mesh), donate_argnums=(1,))
+        fn = jax.jit(
+            functools.partial(_admit, self.cfg, self.layout, self.vocab_limit, self.logprob_rows, self.mesh),
+            donate_argnums=(1,),
+        )
         row = jax.tree.map(lambda x: x[0], R.empty_rows(1, self.cfg.vocab_size))
         args = (
             self.params,
@@ -234,7 +243,9 @@ class Engine:
 
     def _decode_program(self):
         fn = jax.jit(
-            functools.partial(_decode, self.cfg, self.layout, self.vocab_limit, self.chunk, self.mesh),
+            functools.partial(
+                _decode, self.cfg, self.layout, self.vocab_limit, self.logprob_rows, self.chunk, self.mesh
+            ),
             donate_argnums=(1,),
         )
         return self._compiled(("decode",), fn, self.params, self._state_for_lowering(), np.zeros(self.slots, bool))

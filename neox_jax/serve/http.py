@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 
 from neox_jax.serve import protocol as P
 from neox_jax.serve import rows as R
-from neox_jax.serve.scheduler import Delta, QueueFull, Request, ShuttingDown
+from neox_jax.serve.scheduler import Delta, NotReady, QueueFull, Request, ShuttingDown
 
 log = logging.getLogger("neox_jax.serve")
 
@@ -66,11 +66,12 @@ class Run:
             )
 
     def submit(self) -> None:
-        """Queues every prompt, or none: a full queue (429) or a stopping server (503) cancels those already in."""
+        """Queues every prompt, or none: a full queue (429), a model still loading or a stopping server (503) cancels
+        those already in."""
         try:
             for r in self.reqs:
                 self.svc.scheduler.submit(r)
-        except (QueueFull, ShuttingDown) as e:
+        except (QueueFull, ShuttingDown, NotReady) as e:
             self.cancel()
             raise P.ApiError(str(e), status=429 if isinstance(e, QueueFull) else 503, kind="server_error") from None
 

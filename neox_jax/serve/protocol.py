@@ -52,7 +52,7 @@ class Settings:
     seed: int  # prompt i of the request samples with seed + i
 
 
-def _number(body, name, default, lo=None, hi=None, lo_open=False, integer=False):
+def number(body, name, default, lo=None, hi=None, lo_open=False, integer=False):
     v = body.get(name, default)
     if v is None:
         v = default
@@ -112,34 +112,34 @@ def settings_of(
     body: dict, tok, vocab_size: int, max_tokens_key: str = "max_tokens", default_max: int | None = DEFAULT_MAX_TOKENS
 ) -> Settings:
     for name in ("n", "best_of"):
-        if _number(body, name, 1, lo=1, integer=True) != 1:
+        if number(body, name, 1, lo=1, integer=True) != 1:
             raise ApiError(
                 f"'{name}' > 1 is not supported; send the request several times (with different seeds)", param=name
             )
     for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, 0.0) != 0:
+        if number(body, name, 0.0) != 0:
             raise ApiError(f"'{name}' is not supported (use repetition_penalty)", param=name)
     if body.get("logit_bias"):
         raise ApiError("'logit_bias' is not supported", param="logit_bias")
     if body.get("suffix"):
         raise ApiError("'suffix' is not supported", param="suffix")
-    max_tokens = _number(body, max_tokens_key, default_max, lo=1, integer=True)
-    temperature = _number(body, "temperature", 1.0, lo=0)
+    max_tokens = number(body, max_tokens_key, default_max, lo=1, integer=True)
+    temperature = number(body, "temperature", 1.0, lo=0)
     if 0 < temperature < MIN_TEMPERATURE:  # logits / temperature overflows float32: NaN probabilities
         raise ApiError(
             f"'temperature' {temperature} is too small to sample with in float32: use 0 (greedy, the same "
             f"choice) or >= {MIN_TEMPERATURE:g}",
             param="temperature",
         )
-    top_p = _number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True)
-    top_k = _number(body, "top_k", -1, lo=-1, integer=True)
+    top_p = number(body, "top_p", 1.0, lo=0, hi=1, lo_open=True)
+    top_k = number(body, "top_k", -1, lo=-1, integer=True)
     if top_k > vocab_size:
         raise ApiError(f"'top_k' must be <= the vocabulary size {vocab_size}, got {top_k}", param="top_k")
-    rep = _number(body, "repetition_penalty", 1.0, lo=0, lo_open=True)
-    min_tokens = _number(body, "min_tokens", 0, lo=0, integer=True)
+    rep = number(body, "repetition_penalty", 1.0, lo=0, lo_open=True)
+    min_tokens = number(body, "min_tokens", 0, lo=0, integer=True)
     if max_tokens is not None and min_tokens > max_tokens:
         raise ApiError(f"'min_tokens' {min_tokens} exceeds max_tokens {max_tokens}", param="min_tokens")
-    seed = _number(body, "seed", None, lo=-SEED_LIMIT, hi=SEED_LIMIT - 1, integer=True)  # int64, as OpenAI's
+    seed = number(body, "seed", None, lo=-SEED_LIMIT, hi=SEED_LIMIT - 1, integer=True)  # int64, as OpenAI's
     logprobs = body.get("logprobs")
     if logprobs is not None and (
         isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= R.TOP_LOGPROBS

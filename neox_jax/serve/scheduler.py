@@ -33,6 +33,10 @@ class ShuttingDown(Exception):
     """The server is stopping and takes no new requests."""
 
 
+class NotReady(Exception):
+    """The model is still loading or compiling (/health answers 503): the caller should answer 503 at once."""
+
+
 @dataclasses.dataclass
 class Delta:
     """What one step added to a request: accepted ids, their text, their logprobs ([(logprob, top ids, top
@@ -88,6 +92,8 @@ class Scheduler:
             raise ShuttingDown("the server is shutting down")
         if self.failed is not None or (self._thread is not None and not self._thread.is_alive()):
             raise ShuttingDown(f"the model loop has stopped ({self.failed!r}); see the server log")
+        if not self.ready.is_set():  # as /health says: nothing waits behind a compile that may take minutes
+            raise NotReady("the model is still loading and compiling; GET /health answers 200 once it is ready")
         try:
             self.waiting.put_nowait(req)
         except queue.Full:
@@ -155,6 +161,9 @@ class Scheduler:
             n = int(made[i] - self._made[i])
             self._made[i] = made[i]
             self._push(i, r, out["tokens"][i, :n], out, n)
+        self._occupancy()
+
+    def _occupancy(self) -> None:
         self.metrics.occupancy.set(sum(r is not None for r in self.slots))
 
     def _admit_waiting(self) -> None:
@@ -196,7 +205,7 @@ class Scheduler:
             row=0,
             prompt_logprobs=plp,
         )
-        self.metrics.occupancy.set(sum(r is not None for r in self.slots))
+        self._occupancy()
 
     def _push(
         self, slot: int, req: Request, new, out: dict, n: int, row: int | None = None, prompt_logprobs=None
@@ -227,5 +236,6 @@ class Scheduler:
     def _finish(self, slot: int, reason: str) -> None:
         req = self.slots[slot]
         self.slots[slot] = None
+        self._occupancy()  # a cancelled last request leaves no decode step behind it to update the gauge
         self.metrics.requests.labels(reason).inc()
         req.deliver(Delta([], "", finish_reason=reason))

@@ -20,6 +20,8 @@ from neox_jax.serve.metrics import Metrics
 from neox_jax.serve.scheduler import Scheduler
 from neox_jax.store.tokenizer import Tokenizer
 
+LOGPROB_VOCABS = ("all", "tokenizer")  # what server log-probabilities are normalised over (see rows.log_probs)
+
 
 @dataclasses.dataclass
 class Service:
@@ -44,8 +46,11 @@ class Service:
         name: str | None = None,
         tokenizer: Tokenizer | None = None,
         chat_template: str | None = None,
+        logprob_vocab: str = "all",
     ) -> Service:
-        """lm: a neox_jax.NeoX. chat_template: jinja source (default: the checkpoint's, if it has one)."""
+        """lm: a neox_jax.NeoX. chat_template: jinja source (default: the checkpoint's, if it has one).
+        logprob_vocab: "all" (log-probabilities normalised over every output row, as lm-eval's hf backend, vLLM and
+        neox-jax evaluate do) or "tokenizer" (over the ids the tokenizer has only); see rows.log_probs."""
         tok = tokenizer or lm.tokenizer
         if tok is None:
             raise NeoXError(f"{lm.path}: the checkpoint has no tokenizer.json; pass --tokenizer FILE")
@@ -56,6 +61,9 @@ class Service:
                 f"--max-model-len {max_model_len}: expected 2..{cfg.max_position_embeddings} (the "
                 f"model's max_position_embeddings)"
             )
+        if logprob_vocab not in LOGPROB_VOCABS:
+            raise NeoXError(f"--logprob-vocab {logprob_vocab!r}: expected one of {', '.join(LOGPROB_VOCABS)}")
+        vocab_limit = min(cfg.vocab_size, tok.vocab_size)
         if max_batch < 1 or max_queue < 1:
             raise NeoXError(f"--max-batch {max_batch} and --max-queue {max_queue} must be >= 1")
         engine = Engine(
@@ -63,7 +71,8 @@ class Service:
             lm.params,
             slots=max_batch,
             max_model_len=max_model_len,
-            vocab_limit=min(cfg.vocab_size, tok.vocab_size),
+            vocab_limit=vocab_limit,
+            logprob_rows=cfg.vocab_size if logprob_vocab == "all" else vocab_limit,
             chunk=chunk,
             pad_id=tok.pad_id,
             mesh=lm.mesh,

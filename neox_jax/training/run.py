@@ -36,7 +36,7 @@ from neox_jax.errors import NeoXError
 from neox_jax.model import lora
 from neox_jax.parallel.sharding import batch_sharding, check_divisible, make_mesh
 from neox_jax.store import checkpoint, records
-from neox_jax.training import data, prefix
+from neox_jax.training import data, prefix, stacking
 from neox_jax.training import step as finetune
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "rslora")
@@ -59,9 +59,13 @@ EXACT = (
     "seed",
     "initial_loss_scale",
     "loss_scale_period",
+    "remat",  # not the numbers but the state's layout: with remat the layers are stacked (training/stacking.py)
     *LORA_FIELDS,
     *PREFIX_FIELDS,
 )
+
+
+BEFORE = {"remat": "none"}  # what a run.json written before a setting existed meant by its absence
 
 
 class NonFiniteLoss(RuntimeError):
@@ -104,6 +108,7 @@ class RunConfig:
     initial_loss_scale: float = 2.0**15
     loss_scale_period: int = 2000
     transposed_copies: bool = True  # bfloat16 on CPU: transposed copies of the frozen kernels (finetune.py)
+    remat: str = "none"  # activation checkpointing per block: none, dots, full (model.neox.REMAT)
     progress: bool = True
     stop_after: int | None = None  # test hook: SIGTERM ourselves after this step
     allow_schedule_change: bool = False  # resume with another total step count (reshapes the lr schedule)
@@ -146,6 +151,7 @@ def _saved_run(out: Path, settings: dict, resume: bool) -> dict | None:
             f"{saved.get('checkpoint')}, whose stored bytes differ ({saved['base'][:23]}... vs "
             f"{settings['base'][:23]}...); resume with the run's own base checkpoint"
         )
+    saved = {**BEFORE, **saved}
     diff = [f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in EXACT if saved.get(k) != settings[k]]
     if diff:
         raise NeoXError(f"{path}: --resume needs the settings the run started with; changed: {'; '.join(diff)}")
@@ -246,8 +252,9 @@ def run(cfg: RunConfig) -> int:
     mesh = make_mesh(cfg.mesh)
     check_divisible(model_cfg, mesh, cfg.batch_size)
     mode = train_mode(cfg)
+    stacked = stacking.stacked_for(cfg.remat)
     model_cfg, trainable, frozen = finetune.load_for_training(
-        cfg.checkpoint, mode, dtype, mesh, cfg.transposed_copies, cfg.seed
+        cfg.checkpoint, mode, dtype, mesh, cfg.transposed_copies, cfg.seed, stacked
     )
     n_train = sum(x.size for x in jax.tree.leaves(trainable))
     print(
@@ -270,7 +277,7 @@ def run(cfg: RunConfig) -> int:
         cfg.weight_decay,
     )
     dynamic = dtype == jnp.float16
-    shardings = finetune.state_shardings(model_cfg, mesh, mode, tx)
+    shardings = finetune.state_shardings(model_cfg, mesh, mode, tx, stacked)
     state = finetune.init_state(
         trainable, tx, shardings, dynamic=dynamic, initial_scale=cfg.initial_loss_scale, seed=cfg.seed
     )
@@ -296,8 +303,13 @@ def run(cfg: RunConfig) -> int:
         dynamic=dynamic,
         scale_period=cfg.loss_scale_period,
         transposed_copies=cfg.transposed_copies,
+        remat=cfg.remat,
     )
-    eval_step = finetune.make_eval_step(model_cfg, dtype, mesh, mode, cfg.transposed_copies) if cfg.eval_every else None
+    eval_step = (
+        finetune.make_eval_step(model_cfg, dtype, mesh, mode, cfg.transposed_copies, stacked)
+        if cfg.eval_every
+        else None
+    )
 
     def evaluate(params) -> float:
         total_loss, count = 0.0, 0.0

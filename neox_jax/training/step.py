@@ -44,6 +44,7 @@ from neox_jax.model.config import NeoXConfig
 from neox_jax.model.neox import LINEARS, abstract_params, forward, kernel_in_dims, transpose_kernel
 from neox_jax.parallel.sharding import batch_sharding, param_shardings
 from neox_jax.store import checkpoint, checksums
+from neox_jax.training import stacking
 
 F32 = jnp.float32
 MODES = ("biases", "all")
@@ -96,18 +97,22 @@ def cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype), tree)
 
 
-def abstract_trainable(cfg: NeoXConfig, mode: str) -> dict:
-    """The float32 master copies' shapes (nothing allocated)."""
+def abstract_trainable(cfg: NeoXConfig, mode: str, stacked: bool = False) -> dict:
+    """The float32 master copies' shapes (nothing allocated); stacked: the layout of training/stacking.py."""
     if lora.is_lora(mode):
-        return lora.abstract_adapters(cfg, mode)
-    return split_params(abstract_params(cfg, F32), mode)[0]
+        tree = lora.abstract_adapters(cfg, mode)
+    else:
+        tree = split_params(abstract_params(cfg, F32), mode)[0]
+    return stacking.stack_abstract(tree) if stacked else tree
 
 
-def trainable_shardings(cfg: NeoXConfig, mesh, mode) -> dict:
+def trainable_shardings(cfg: NeoXConfig, mesh, mode, stacked: bool = False) -> dict:
     """The masters' shardings: the parameter rules (LoRA: each adapter like the matrix it adapts)."""
     if lora.is_lora(mode):
-        return lora.adapter_shardings(cfg, mode, mesh)
-    return split_params(param_shardings(cfg, mesh), mode)[0]
+        tree = lora.adapter_shardings(cfg, mode, mesh)
+    else:
+        tree = split_params(param_shardings(cfg, mesh), mode)[0]
+    return stacking.stack_shardings(tree) if stacked else tree
 
 
 def wants_backward_kernels(dtype, mesh, transposed_copies: bool = True) -> bool:
@@ -126,18 +131,20 @@ def _add_kernels_t(tree: dict, value, name=None) -> dict:
     return out
 
 
-def frozen_shardings(cfg: NeoXConfig, mesh, mode: str, dtype=None, transposed_copies: bool = True) -> dict:
+def frozen_shardings(
+    cfg: NeoXConfig, mesh, mode: str, dtype=None, transposed_copies: bool = True, stacked: bool = False
+) -> dict:
     """Shardings of the frozen params, with their kernel_t copies when wants_backward_kernels(...): an [O, I] copy
     is split like its kernel's leading output dim and leading input dim (the only ones the rules split)."""
     frozen = split_params(param_shardings(cfg, mesh), mode)[1]
-    if dtype is None or not wants_backward_kernels(dtype, mesh, transposed_copies):
-        return frozen
+    if dtype is not None and wants_backward_kernels(dtype, mesh, transposed_copies):
 
-    def transposed(name, sharding):
-        spec = tuple(sharding.spec) + (None,) * 8
-        return NamedSharding(mesh, P(spec[kernel_in_dims(name)], spec[0]))
+        def transposed(name, sharding):
+            spec = tuple(sharding.spec) + (None,) * 8
+            return NamedSharding(mesh, P(spec[kernel_in_dims(name)], spec[0]))
 
-    return _add_kernels_t(frozen, transposed)
+        frozen = _add_kernels_t(frozen, transposed)
+    return stacking.stack_shardings(frozen) if stacked else frozen
 
 
 def prepare_frozen(cfg: NeoXConfig, frozen: dict, dtype, mesh, mode: str, transposed_copies: bool = True) -> dict:
@@ -150,9 +157,12 @@ def prepare_frozen(cfg: NeoXConfig, frozen: dict, dtype, mesh, mode: str, transp
     )
 
 
-def load_for_training(path, mode: str, dtype, mesh, transposed_copies: bool = True, seed: int = 0):
+def load_for_training(
+    path, mode: str, dtype, mesh, transposed_copies: bool = True, seed: int = 0, stacked: bool = False
+):
     """Reads a checkpoint group by group onto the mesh (each device reads its slice): (cfg, trainable float32 masters,
-    frozen params in dtype, prepared for the steps by prepare_frozen). LoRA: fresh adapters from `seed`."""
+    frozen params in dtype, prepared for the steps by prepare_frozen). LoRA: fresh adapters from `seed`. stacked:
+    both trees in the stacked layout (training/stacking.py: the train step under --remat)."""
     cfg = checkpoint.read_config(path)
     shardings = param_shardings(cfg, mesh)
     trainable, frozen = {}, {}
@@ -164,7 +174,13 @@ def load_for_training(path, mode: str, dtype, mesh, transposed_copies: bool = Tr
         frozen = merge_params(cast(f, dtype), frozen)
     if lora.is_lora(mode):
         trainable = lora.init_adapters(cfg, mode, seed, lora.adapter_shardings(cfg, mode, mesh))
-    return cfg, trainable, prepare_frozen(cfg, frozen, dtype, mesh, mode, transposed_copies)
+    frozen = prepare_frozen(cfg, frozen, dtype, mesh, mode, transposed_copies)
+    if stacked:
+        trainable = stacking.stack_arrays(trainable, trainable_shardings(cfg, mesh, mode, stacked=True))
+        frozen = stacking.stack_arrays(
+            frozen, frozen_shardings(cfg, mesh, mode, dtype, transposed_copies, stacked=True)
+        )
+    return cfg, trainable, frozen
 
 
 # ---- optimizer and loss scale -------------------------------------------------------------------------------------
@@ -218,12 +234,16 @@ def adjust_loss_scale(ls: dict, finite, period: int = 2000, factor: float = 2.0,
 # ---- the train step --------------------------------------------------------------------------------------------------
 
 
-def token_losses(cfg: NeoXConfig, params: dict, windows, attention=None, lora_spec=None, lora_key=None):
+def token_losses(
+    cfg: NeoXConfig, params: dict, windows, attention=None, lora_spec=None, lora_key=None, remat: str = "none"
+):
     """windows [B, T + 1] int -> per-token cross entropy [B, T] float32 (inputs w[:, :-1], targets w[:, 1:]).
     attention: None (per backend) or "plain" / "xla" / "cudnn" (neox_jax/model/attention.py); lora_spec, lora_key:
-    params
-    with unmerged LoRA adapters (model.model_from_params)."""
-    logits = forward(cfg, params, windows[:, :-1], attention=attention, lora=lora_spec, lora_key=lora_key)[0]
+    params with unmerged LoRA adapters (model.model_from_params); remat: activation checkpointing per block
+    (model.neox.REMAT)."""
+    logits = forward(cfg, params, windows[:, :-1], attention=attention, lora=lora_spec, lora_key=lora_key, remat=remat)[
+        0
+    ]
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])  # logits [B, T, V] float32
 
 
@@ -237,26 +257,27 @@ def loss_and_grads(
     attention=None,
     lora_spec=None,
     lora_key=None,
+    remat: str = "none",
 ):
     """(mean loss, float32 gradients of the trainable masters); the loss is scaled by `scale` for differentiation
     and the gradients unscaled. lora_spec: the masters are LoRA adapters (they run in float32, uncast); lora_key: the
-    step's dropout key."""
+    step's dropout key; remat: activation checkpointing per block ("none", "dots", "full": model.REMAT)."""
 
     def scaled(p):
         p = p if lora_spec is not None else cast(p, dtype)
-        loss = token_losses(cfg, merge_params(p, frozen), windows, attention, lora_spec, lora_key).mean()
+        loss = token_losses(cfg, merge_params(p, frozen), windows, attention, lora_spec, lora_key, remat).mean()
         return loss * scale, loss
 
     grads, loss = jax.grad(scaled, has_aux=True)(trainable)
     return loss, jax.tree.map(lambda g: g / scale, grads)
 
 
-def state_shardings(cfg: NeoXConfig, mesh, mode: str, tx) -> dict:
+def state_shardings(cfg: NeoXConfig, mesh, mode: str, tx, stacked: bool = False) -> dict:
     """Shardings of the train state: masters and their optimizer moments follow the parameter rules; scalars
     are replicated."""
     rep = NamedSharding(mesh, P())
-    p_sh = trainable_shardings(cfg, mesh, mode)
-    opt_abstract = jax.eval_shape(tx.init, abstract_trainable(cfg, mode))
+    p_sh = trainable_shardings(cfg, mesh, mode, stacked)
+    opt_abstract = jax.eval_shape(tx.init, abstract_trainable(cfg, mode, stacked))
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, p_sh, transform_non_params=lambda _: rep)
     return {"params": p_sh, "opt_state": opt_sh, "loss_scale": {"scale": rep, "counter": rep}, "rng": rep, "step": rep}
 
@@ -291,11 +312,14 @@ def make_train_step(
     scale_period: int = 2000,
     donate: bool = True,
     transposed_copies: bool = True,
+    remat: str = "none",
 ):
     """jit(step)(state, frozen, windows [B, T + 1]) -> (state, metrics): batch split over `data`, params and
     optimizer state per the sharding rules. A step with non-finite gradients changes nothing but the loss scale and
-    the step count (metrics["skipped"])."""
-    st_sh = state_shardings(cfg, mesh, mode, tx)
+    the step count (metrics["skipped"]). remat: activation checkpointing per block (model.neox.REMAT); with it the
+    state and frozen params are in the stacked layout (training/stacking.py)."""
+    stacked = stacking.stacked_for(remat)
+    st_sh = state_shardings(cfg, mesh, mode, tx, stacked)
     rep = NamedSharding(mesh, P())
     spec = mode if lora.is_lora(mode) else None
 
@@ -303,7 +327,15 @@ def make_train_step(
         rng, key = jax.random.split(jax.random.wrap_key_data(state["rng"]))  # key: this step's LoRA dropout
         key = key if spec is not None and spec.dropout else None
         loss, grads = loss_and_grads(
-            cfg, state["params"], frozen, windows, dtype, state["loss_scale"]["scale"], lora_spec=spec, lora_key=key
+            cfg,
+            state["params"],
+            frozen,
+            windows,
+            dtype,
+            state["loss_scale"]["scale"],
+            lora_spec=spec,
+            lora_key=key,
+            remat=remat,
         )
         grad_norm = optax.global_norm(grads)
         # an inf or NaN anywhere makes the norm non-finite (so does a norm beyond float32's range, ~1.8e19): one
@@ -336,17 +368,21 @@ def make_train_step(
 
     return jax.jit(
         step,
-        in_shardings=(st_sh, frozen_shardings(cfg, mesh, mode, dtype, transposed_copies), batch_sharding(mesh)),
+        in_shardings=(
+            st_sh,
+            frozen_shardings(cfg, mesh, mode, dtype, transposed_copies, stacked),
+            batch_sharding(mesh),
+        ),
         out_shardings=(st_sh, rep),
         donate_argnums=(0,) if donate else (),
     )
 
 
-def make_eval_step(cfg: NeoXConfig, dtype, mesh, mode: str, transposed_copies: bool = True):
+def make_eval_step(cfg: NeoXConfig, dtype, mesh, mode: str, transposed_copies: bool = True, stacked: bool = False):
     """jit(ev)(masters, frozen, windows [B, T + 1], weights [B]) -> (sum of weighted per-window mean losses,
     sum of weights)."""
-    trainable_sh = trainable_shardings(cfg, mesh, mode)
-    frozen_sh = frozen_shardings(cfg, mesh, mode, dtype, transposed_copies)
+    trainable_sh = trainable_shardings(cfg, mesh, mode, stacked)
+    frozen_sh = frozen_shardings(cfg, mesh, mode, dtype, transposed_copies, stacked)
     spec = mode if lora.is_lora(mode) else None
 
     def ev(trainable, frozen, windows, weights):
@@ -390,7 +426,7 @@ def save_finetuned(run_dir, cfg: NeoXConfig, mode: str, trainable: dict, info: d
     then swaps it in: a crash leaves the previous one readable."""
     out = Path(run_dir).absolute() / FINETUNED
     tmp = out.with_name(f"{FINETUNED}.tmp-{uuid.uuid4().hex[:8]}")
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), trainable)
+    host = stacking.unstack_host(jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), trainable))
     try:
         _checkpointer().save(tmp / "params", args=ocp.args.StandardSave(host))
         meta = {

@@ -45,33 +45,74 @@ def offline_var() -> str | None:
     return next((v for v in OFFLINE_VARS if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")), None)
 
 
+# datasets' packaged builders (`dataset_path: json` with `dataset_kwargs: {data_files: ...}`): they read the files
+# they are given, not a Hub dataset of that name (the list datasets 4.x ships, used when datasets cannot be imported)
+PACKAGED_BUILDERS = ("arrow", "csv", "json", "pandas", "parquet", "text", "xml", "webdataset", "imagefolder")
+
+
+def packaged_builders() -> set[str]:
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    except ImportError:
+        return set(PACKAGED_BUILDERS)
+    return set(_PACKAGED_DATASETS_MODULES)
+
+
+def _paths(data_files) -> list[str]:
+    """Every path in a datasets `data_files` value (a str, a list, or {split: str or list})."""
+    if isinstance(data_files, dict):
+        return [p for v in data_files.values() for p in _paths(v)]
+    if isinstance(data_files, (list, tuple)):
+        return [p for v in data_files for p in _paths(v)]
+    return [str(data_files)]
+
+
+def remote_dataset(cfg: dict) -> str | None:
+    """The Hub dataset id a task config (an lm-eval YAML, parsed) downloads, or None when its data is local or this
+    cannot tell (a custom loader, a packaged builder over local files or URLs, a local directory or script)."""
+    path = cfg.get("dataset_path")
+    if not isinstance(path, str) or not path or cfg.get("custom_dataset") is not None:
+        return None
+    if path in packaged_builders() or Path(path).expanduser().exists():
+        return None  # datasets reads the data_files / the directory it is given; lm-eval reports a missing file itself
+    return path
+
+
 def hub_dataset(name: str, task_manager) -> str | None:
-    """The Hub dataset an lm-eval built-in task reads (its YAML's dataset_path), when the index knows it."""
+    """The Hub dataset an lm-eval task reads (see remote_dataset), when the index knows the task; None otherwise."""
     entry = getattr(task_manager, "task_index", {}).get(name)
-    cfg = getattr(entry, "cfg", None) or {}
-    return cfg.get("dataset_path") if isinstance(cfg.get("dataset_path"), str) else None
+    cfg = getattr(entry, "cfg", None)
+    return remote_dataset(cfg) if isinstance(cfg, dict) else None
 
 
-def hub_cached(dataset: str | None) -> bool:
-    """Whether the Hugging Face cache holds a copy of a Hub dataset (so an offline run can read it)."""
-    if not dataset or os.path.isdir(dataset):
-        return bool(dataset)
+def hub_cached(dataset: str) -> bool:
+    """Whether the Hugging Face caches hold a copy of a Hub dataset: the Hub's file cache, or datasets' own prepared
+    cache (either lets an offline run read it)."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    return (Path(HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}").is_dir()
+    if (Path(HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}").is_dir():
+        return True
+    try:
+        from datasets import config
+    except ImportError:
+        return False
+    return (Path(config.HF_DATASETS_CACHE) / dataset.replace("/", "___")).is_dir()
 
 
 def check_offline(specs: dict[str, str], data_dir=None, task_manager=None) -> None:
-    """With HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, a task that would download its data (a built-in task whose
-    data is neither local nor in the Hugging Face cache) is named at once, not after lm-eval's retries."""
+    """With HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, a task that can be shown to download its data (its YAML names
+    a Hub dataset that is in neither Hugging Face cache) is named at once, not after lm-eval's retries. Anything this
+    cannot tell (a group, a custom loader, local files, a task file) is left to lm-eval, which reads it or fails."""
     var = offline_var()
     if var is None:
         return
-    remote = [
-        n
-        for n, spec in specs.items()
-        if spec == n and not Path(n).is_file() and not hub_cached(hub_dataset(n, task_manager))
-    ]
+    remote = []
+    for n, spec in specs.items():
+        if spec != n or Path(n).expanduser().is_file():  # a task YAML by path, as lm-eval reads it
+            continue
+        dataset = hub_dataset(n, task_manager)
+        if dataset is not None and not hub_cached(dataset):
+            remote.append(n)
     if remote:
         where = ", ".join(str(p) for p in data.data_dirs(data_dir)) or "(no data directory)"
         local = [n for n in remote if n in LOCAL_TASKS]

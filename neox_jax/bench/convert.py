@@ -1,6 +1,6 @@
 """Slim-shard conversion: peak memory stays flat as the model grows, and throughput in MB/s.
 
-    python scripts/benchmark.py convert [--quick] [--hidden 2048] [--tp 2] [--layers 4 16]
+    neox-jax benchmark convert [--quick] [--hidden 2048] [--tp 2] [--layers 4 16]
 
 Writes synthetic GPT-NeoX slim shards (random float16 weights in the published layout, hidden 2048, TP 2) with 4 and
 with 16 layers, converts each with `convert.neox.convert_neox` in a fresh subprocess and reports that process's peak
@@ -19,11 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT, BENCH = Path(__file__).resolve().parents[2], Path(__file__).resolve().parent
-# this file is named like the `convert` package: keep its folder behind the repo root on the path
-sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != BENCH] + [str(BENCH)]
-
-from _common import markdown_table, run_json, write_json  # noqa: E402
+from neox_jax.bench._common import child_env, markdown_table, require, run_json, write_json
+from neox_jax.store import converters
 
 # Peak RSS of the child's own address space: /proc/self/status VmHWM starts afresh at exec, while getrusage's
 # ru_maxrss keeps the parent's high-water mark across fork + exec (this script's own RSS would leak into it).
@@ -35,7 +32,7 @@ def peak_rss_mb():
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    from _common import peak_rss_mb as ru_maxrss_mb
+    from neox_jax.bench._common import peak_rss_mb as ru_maxrss_mb
     return ru_maxrss_mb()
 """
 
@@ -43,7 +40,8 @@ CHILD_CONVERT = (
     PEAK
     + """
 import json, sys, time
-from convert.neox import convert_neox
+from neox_jax.store import converters
+convert_neox = converters.module("neox").convert_neox
 base = peak_rss_mb()
 s = convert_neox(sys.argv[1], sys.argv[2], progress=False)
 print(json.dumps({"seconds": s["seconds"], "source_bytes": s["source_bytes"], "mb_per_s": s["source_mb_per_s"],
@@ -68,8 +66,7 @@ print(json.dumps({"seconds": time.time() - t0, "source_bytes": size, "mb_per_s":
 
 def make_source(path: Path, hidden: int, layers: int, tp: int, vocab: int, seed: int = 0) -> None:
     """Synthetic slim shards, one tensor generated at a time (this process never holds the model)."""
-    from convert.mapping import group_entries
-    from convert.neox_layout import write_slim
+    group_entries, write_slim = converters.module("mapping").group_entries, converters.module("neox_layout").write_slim
     from neox_jax.model.config import NeoXConfig
     from neox_jax.store.checkpoint import group_names
 
@@ -94,7 +91,7 @@ def run_child(code: str, *args) -> dict:
     return run_json(
         [sys.executable, "-c", code, *map(str, args)],
         "child",
-        env={"PYTHONPATH": f"{ROOT}:{BENCH}", "JAX_PLATFORMS": "cpu"},
+        env=child_env(JAX_PLATFORMS="cpu"),
     )
 
 
@@ -113,6 +110,7 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="where the synthetic shards and outputs go (default: a temp dir)")
     p.add_argument("--out", default="bench_out", help="directory for convert.json")
     a = p.parse_args()
+    require(["torch"], "GPT-NeoX slim shards are torch files")
     if a.quick:
         a.hidden, a.vocab = 256, 1024
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_convert_"))

@@ -1,7 +1,7 @@
 """The machine's floors: the kernels that bound generation, fine-tuning and evaluation, XLA CPU vs torch.
 
-    python scripts/benchmark.py kernels            # the shapes of pythia-160m
-    python scripts/benchmark.py kernels --quick    # smaller arrays, fewer repeats: checks that it runs
+    neox-jax benchmark kernels            # the shapes of pythia-160m
+    neox-jax benchmark kernels --quick    # smaller arrays, fewer repeats: checks that it runs
 
 Measured in one process, torch on --threads threads, XLA on every core:
 - matmul: a [512, 768] x [768, 3072] product (pythia-160m's dense_h_to_4h over 512 tokens), float32 and bfloat16,
@@ -22,22 +22,21 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
+try:
+    import torch
+except ImportError:  # main() says in one line that this benchmark needs it
+    torch = None
+from tokenizers import Tokenizer
 
-from neox_jax.evaluation.tasks import data  # noqa: E402
-from neox_jax.model.config import preset  # noqa: E402
-from neox_jax.model.reductions import sum_exp  # noqa: E402
-from scripts.bench._common import markdown_table, write_json  # noqa: E402
+from neox_jax.bench._common import markdown_table, require, write_json
+from neox_jax.evaluation.tasks import data
+from neox_jax.model.config import preset
+from neox_jax.model.reductions import sum_exp
 
 
 def best_and_median(fn, repeats: int) -> tuple[float, float]:
@@ -126,7 +125,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args()
-
+    require(["torch"], "it measures XLA's kernel rates against torch's")
     torch.set_num_threads(args.threads)
     reps = 2 if args.quick else args.repeats
     rng = np.random.default_rng(0)

@@ -1,7 +1,7 @@
 """lm-eval requests/s: neox-jax vs lm-eval's own `hf` backend, same random model, same tasks, same process.
 
-    python scripts/benchmark.py eval            # pythia-160m shape, float32, CPU
-    python scripts/benchmark.py eval --quick    # a tiny model, 4 documents per task: checks that it runs
+    neox-jax benchmark eval            # pythia-160m shape, float32, CPU
+    neox-jax benchmark eval --quick    # a tiny model, 4 documents per task: checks that it runs
 
 A random GPTNeoXForCausalLM of the chosen shape is saved with the 20B tokenizer and converted with the real
 converter; each backend then runs every task through lm-eval's simple_evaluate (local data, ../shared/data or
@@ -21,11 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from scripts.bench._common import markdown_table, peak_rss_mb, write_json  # noqa: E402
+from neox_jax.bench._common import markdown_table, peak_rss_mb, require, write_json
+from neox_jax.store import converters
 
 LIMITS = {"lambada_openai": 200, "piqa": 100, "hellaswag": 50, "tinyshakespeare": 8}
 REQUEST_METHODS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
@@ -45,7 +42,7 @@ def make_hf_dir(out: Path, shape: str, tokenizer: Path) -> Path:
     model = GPTNeoXForCausalLM(GPTNeoXConfig(**hf_cfg)).eval()
     model.save_pretrained(out)
     shutil.copyfile(tokenizer, out / "tokenizer.json")
-    from convert.hf import tokenizer_config
+    tokenizer_config = converters.module("hf").tokenizer_config
 
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(cfg.max_position_embeddings)))
     return out
@@ -77,6 +74,7 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=2, help="evaluation passes per backend (default 2)")
     p.add_argument("--out-dir", default="bench_out")
     a = p.parse_args()
+    require(["torch", "transformers", "lm_eval"], "the model is built in transformers, the reference is lm-eval's hf")
     os.environ.setdefault("DISABLE_MULTIPROC", "1")
 
     from neox_jax.evaluation.tasks import data, task_specs
@@ -97,8 +95,9 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from convert.hf import convert_hf
     from neox_jax.evaluation.harness import NeoXLM
+
+    convert_hf = converters.module("hf").convert_hf
 
     torch.set_num_threads(os.cpu_count())
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))

@@ -1,6 +1,6 @@
 """Interpretability: run_with_cache over a batch vs transformers with output_hidden_states + output_attentions.
 
-    python scripts/benchmark.py interp [--quick] [--preset pythia-70m] [--batch 8] [--length 128]
+    neox-jax benchmark interp [--quick] [--preset pythia-70m] [--batch 8] [--length 128]
 
 One random transformers GPTNeoXForCausalLM of a preset's shape (eager attention, the implementation that returns
 attention weights), converted in-process to neox-jax (convert/hf.py), so both sides hold the same weights. Rows, each
@@ -18,21 +18,17 @@ other (max |diff| of hidden states and attention patterns). TransformerLens is n
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-# the repo root first, and not this folder (its convert.py would shadow the `convert` package)
-sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != Path(__file__).resolve().parent]
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-import neox_jax  # noqa: E402
-from neox_jax.model.config import preset  # noqa: E402
-from scripts.bench._common import markdown_table, median_time, peak_rss_mb, write_json  # noqa: E402
+import neox_jax
+from neox_jax.bench._common import markdown_table, median_time, peak_rss_mb, require, write_json
+from neox_jax.model.config import preset
+from neox_jax.store import converters
 
 
 def hf_model(cfg, attn: str):
@@ -54,11 +50,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench_out", help="directory for interp.json")
     a = ap.parse_args()
+    require(["torch", "transformers"], "the model is built in transformers and compared with it")
     if a.quick:
         a.preset, a.batch, a.length, a.repeats = "tiny", 2, 16, 1
     import torch
 
-    from convert.hf import convert_hf
+    convert_hf = converters.module("hf").convert_hf
 
     cfg = preset(a.preset)
     hf = hf_model(cfg, "eager")
@@ -69,7 +66,7 @@ def main() -> None:
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (a.batch, a.length))
     n = cfg.num_hidden_layers
     hf_names = [f"blocks.{i}.{s}" for i in range(n) for s in ("hook_resid_pre", "attn.hook_pattern")]
-    hf_names.append("ln_final.hook_normalized")
+    hf_names.append("unembed.hook_in")  # the last hidden state
 
     def jax_cache(names):
         logits, cache = model.run_with_cache(ids, names)
@@ -126,7 +123,7 @@ def main() -> None:
         )
     rows.append({"impl": "TransformerLens", "what": "not installed in this environment (not measured)"})
     diff_h = max(np.abs(cache[f"blocks.{i}.hook_resid_pre"] - hs[i]).max() for i in range(n))
-    diff_h = max(diff_h, np.abs(cache["ln_final.hook_normalized"] - hs[n]).max())
+    diff_h = max(diff_h, np.abs(cache["unembed.hook_in"] - hs[n]).max())
     diff_p = max(np.abs(cache[f"blocks.{i}.attn.hook_pattern"] - att[i]).max() for i in range(n))
 
     cols = ["impl", "what", "names", "first_call_s", "ms", "cache_MB"]

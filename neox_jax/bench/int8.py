@@ -1,6 +1,6 @@
 """int8 inference: parameter bytes (int8 vs float16 vs float32) and decode ms/token, in one run.
 
-    python scripts/benchmark.py int8 [--quick] [--preset pythia-160m] [--prompt 32] [--new 32]
+    neox-jax benchmark int8 [--quick] [--preset pythia-160m] [--prompt 32] [--new 32]
 
 Random weights of a preset's shape (timing and bytes do not depend on the values). Decode: neox_jax.inference.generate
 (KV cache, compiled prefill + decode loop), greedy, batch 1: its decode time over the tokens after the first, after
@@ -9,30 +9,25 @@ params in float32 or float16.
 PyTorch reference rows on the same config: transformers GPTNeoXForCausalLM float32 and its Linears through
 torch.ao dynamic int8 (`quantize_dynamic`, per-tensor weights, per-token int8 activations; CPU only), decoding
 with its KV cache. Also prints the GPT-NeoX-20B parameter bytes of each JAX variant from jax.eval_shape.
---quick: the tiny preset, 8 new tokens, 1 repeat.
+--quick: the tiny preset, 8 new tokens, 1 repeat, float32 and int8 + float32 only (checks that it runs).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-# the repo root first, and not this folder (its convert.py would shadow the `convert` package)
-sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != Path(__file__).resolve().parent]
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from neox_jax.bench._common import markdown_table, peak_rss_mb, reference_skipped, write_json
+from neox_jax.inference.generate import Generator
+from neox_jax.model import quantize as Q
+from neox_jax.model.config import preset
+from neox_jax.model.neox import abstract_params, init_params
 
-from neox_jax.inference.generate import Generator  # noqa: E402
-from neox_jax.model import quantize as Q  # noqa: E402
-from neox_jax.model.config import preset  # noqa: E402
-from neox_jax.model.neox import abstract_params, init_params  # noqa: E402
-from scripts.bench._common import markdown_table, peak_rss_mb, write_json  # noqa: E402
-
+QUICK = ("float32", "int8 + float32")  # --quick: one float and one int8 variant
 VARIANTS = [  # name, dtype of the float params, quantization mode
     ("float32", jnp.float32, None),
     ("float16", jnp.float16, None),
@@ -118,7 +113,7 @@ def torch_rows(cfg, prompt, new: int, repeats: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny preset, 8 new tokens, 1 repeat")
+    ap.add_argument("--quick", action="store_true", help="tiny preset, 8 new tokens, 1 repeat, 2 variants")
     ap.add_argument("--preset", default="pythia-160m", help="model shape (random weights); default pythia-160m")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
     ap.add_argument("--new", type=int, default=32, help="decoded tokens timed (default 32)")
@@ -133,7 +128,7 @@ def main() -> None:
     big = preset("neox-20b")
 
     rows, base = [], init_params(cfg, jnp.float32)
-    for name, dtype, mode in VARIANTS:
+    for name, dtype, mode in [v for v in VARIANTS if not a.quick or v[0] in QUICK]:
         params = Q.cast_floats(base, dtype)
         if mode is not None:
             params = Q.quantize_tree(params, mode)
@@ -149,7 +144,7 @@ def main() -> None:
         )
         print(f"  {name}: {rows[-1]['decode_ms_per_token']:.2f} ms/token", flush=True)
         del params
-    if not a.no_torch:
+    if not a.no_torch and not reference_skipped("the PyTorch reference rows"):
         rows += torch_rows(cfg, prompt, a.new, a.repeats)
 
     cols = ["impl", "variant", "param_MB", "neox20b_GB", "decode_ms_per_token"]

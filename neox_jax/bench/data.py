@@ -19,11 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != HERE]
-
-from scripts.bench._common import markdown_table, run_json, write_json  # noqa: E402
+from neox_jax.bench._common import child_env, markdown_table, run_json, write_json
 
 SEQ, BATCH = 2049, 1024
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which but".split()
@@ -69,7 +65,9 @@ def bench_batch(d: Path, gb: float) -> list[dict]:
     step = items // BATCH - 1
     rows = []
     for name, code in (("neox_jax.data.pythia_batch", READ_OURS), ("megatron-core IndexedDataset[a:b]", READ_MCORE)):
-        runs = [run_json([sys.executable, "-c", code, str(d / "big"), str(step)], name, cwd=ROOT) for _ in range(3)]
+        runs = [
+            run_json([sys.executable, "-c", code, str(d / "big"), str(step)], name, env=child_env()) for _ in range(3)
+        ]
         r = sorted(runs, key=lambda x: x["s"])[1]  # the median of three fresh processes
         rows.append({"reader": name, "file_GB": items * SEQ * 2 / 1e9, "step": step, "tokens": items * SEQ,
                      "batch_ms": 1e3 * r["s"], "peak_rss_MB": r["rss_mb"]})  # fmt: skip
@@ -121,7 +119,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gb", type=float, default=8.0, help="size of the sparse dataset (default %(default)s)")
     p.add_argument("--mb", type=float, default=8.0, help="MB of text to tokenize (default %(default)s)")
-    p.add_argument("--tokenizer", type=Path, default=ROOT.parent / "shared" / "data" / "20B_tokenizer.json")
+    p.add_argument("--tokenizer", type=Path, default=Path("../shared/data/20B_tokenizer.json"))
     p.add_argument("--out-dir", default="bench_out")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

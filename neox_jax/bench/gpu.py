@@ -1,8 +1,8 @@
 """One call that measures neox-jax on whatever accelerator JAX sees (made for a lent GPU and a few minutes):
 
-    python scripts/benchmark.py gpu                # float16: pythia-1.4b, neox-20b, pythia-6.9b, pythia-12b
-    python scripts/benchmark.py gpu --budget-s 300 --models neox-20b --out /tmp/gpu
-    python scripts/benchmark.py gpu --tiny         # CPU, tiny shapes, seconds: what the tests run
+    neox-jax benchmark gpu                # float16: pythia-1.4b, neox-20b, pythia-6.9b, pythia-12b
+    neox-jax benchmark gpu --budget-s 300 --models neox-20b --out /tmp/gpu
+    neox-jax benchmark gpu --tiny         # CPU, tiny shapes, seconds: what the tests run
 
 First it prints jax.devices() and the versions, then measures the device's copy bandwidth (a jitted, donated
 x * 2 over 2 GiB, read + write bytes). Per model, in order, while it fits in memory (device.memory_stats()) and in
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -31,11 +30,9 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", ".95")
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != Path(__file__).resolve().parent]
 
-from scripts.bench import _gpu_torch as gpu_torch
-from scripts.bench._common import markdown_table, write_json
+from neox_jax.bench import _gpu_torch as gpu_torch
+from neox_jax.bench._common import markdown_table, write_json
 
 MODELS = "pythia-1.4b,neox-20b,pythia-6.9b,pythia-12b"
 GIB = 2**30

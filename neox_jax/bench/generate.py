@@ -1,9 +1,9 @@
 """Generation speed: the PyTorch reference (transformers GPTNeoXForCausalLM) and neox-jax side by side, same random
 weights, same thread count, in one run.
 
-    python scripts/benchmark.py generate                  # pythia-70m and pythia-160m shapes, float32 and bfloat16
-    python scripts/benchmark.py generate --quick          # a small check (pythia-70m float32, short runs, 1 repeat)
-    python scripts/benchmark.py generate --models pythia-160m --dtypes float32 --only decode1   # while tuning
+    neox-jax benchmark generate                  # pythia-70m and pythia-160m shapes, float32 and bfloat16
+    neox-jax benchmark generate --quick          # a small check (pythia-70m float32, short runs, 1 repeat)
+    neox-jax benchmark generate --models pythia-160m --dtypes float32 --only decode1   # while tuning
 
 Each (engine, model, dtype) runs in its own subprocess (so peak RSS and the cold start are its own), engines one after
 the other per model and dtype. Metrics: prefill tokens/s (1x512 and 8x128 prompts), decode ms/token at batch 1
@@ -27,18 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-# the repo root first, and not this folder (its convert.py would shadow the `convert` package)
-sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != Path(__file__).resolve().parent]
-
-from scripts.bench._common import markdown_table, write_json  # noqa: E402
+from neox_jax.bench._common import child_env, markdown_table, module_cmd, reference_skipped, write_json
+from neox_jax.store import converters
 
 METRICS = ("prefill", "decode1", "decode8", "ttft")
 
 
 def random_weights(cfg, seed=0):
     """{hf_name: float32 numpy array in HF's layout}: normal(0, 0.02) weights, layernorm weights near 1."""
-    from convert.mapping import group_entries
+    group_entries = converters.module("mapping").group_entries
 
     rng = np.random.default_rng(seed)
     groups = ["embed_in", *[f"layers.{i}" for i in range(cfg.num_hidden_layers)], "final_layer_norm", "embed_out"]
@@ -53,7 +50,8 @@ def random_weights(cfg, seed=0):
 def jax_params(cfg, weights, dtype):
     import jax.numpy as jnp
 
-    from convert.mapping import group_entries, set_path
+    mapping = converters.module("mapping")
+    group_entries, set_path = mapping.group_entries, mapping.set_path
 
     params: dict = {}
     groups = ["embed_in", *[f"layers.{i}" for i in range(cfg.num_hidden_layers)], "final_layer_norm", "embed_out"]
@@ -213,7 +211,7 @@ def long_rows(rows: list[dict]) -> list[dict]:
 def run_worker(cmd, env) -> dict:
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
-        sys.exit(f"{' '.join(cmd[2:6])} failed:\n{r.stderr[-3000:]}")
+        sys.exit(f"{' '.join(cmd[3:7])} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.splitlines()[-1])
 
 
@@ -241,13 +239,15 @@ def main() -> None:
 
     bw = bandwidth_gbs(256 if args.quick else 1024)  # (the arrays are freed before the workers start)
     print(f"memory bandwidth (numpy copy): {bw:.1f} GB/s; threads {args.threads}", file=sys.stderr)
+    engines = args.engines.split(",")
+    if "torch" in engines and reference_skipped("the transformers engine"):
+        engines.remove("torch")
     rows = []
     for model in args.models.split(","):
         for dtype in args.dtypes.split(","):
-            for engine in args.engines.split(","):
-                cmd = [
-                    sys.executable,
-                    __file__,
+            for engine in engines:
+                cmd = module_cmd(
+                    "generate",
                     "--worker",
                     engine,
                     model,
@@ -258,14 +258,10 @@ def main() -> None:
                     str(args.threads),
                     "--only",
                     ",".join(args.only),
-                ] + (["--quick"] if args.quick else [])
+                    *(["--quick"] if args.quick else []),
+                )
                 with tempfile.TemporaryDirectory() as cache:  # JAX's persistent compilation cache, empty at first
-                    env = {
-                        **os.environ,
-                        "PYTHONPATH": str(ROOT),
-                        "OMP_NUM_THREADS": str(args.threads),
-                        "NEOX_JAX_COMPILE_CACHE": cache,
-                    }
+                    env = child_env(OMP_NUM_THREADS=str(args.threads), NEOX_JAX_COMPILE_CACHE=cache)
                     row = {"model": model, "dtype": dtype, "engine": engine, **run_worker(cmd, env)}
                     if engine == "neox-jax" and "ttft" in args.only:  # a second process, the cache now filled
                         row.update(run_worker(cmd[: cmd.index("--only")] + ["--only", "ttft", "--cached"], env))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,12 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-# the repo root first, and not this folder (its convert.py would shadow the `convert` package)
-sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != Path(__file__).resolve().parent]
-
-from scripts.bench._common import markdown_table, write_json  # noqa: E402
+from neox_jax.bench._common import child_env, markdown_table, module_cmd, write_json
 
 MB = 2**20
 MALLOC_TRIM = {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "1048576"}
@@ -145,12 +139,7 @@ def main() -> None:
     try:
         print(f"writing synthetic checkpoints ({model_mb:.0f} MB float32 each) under {work} ...", flush=True)
         ckpts = write_checkpoints(cfg, work, bench_config(quick=True).replace(vocab_size=512, hidden_size=128))
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-            "JAX_PLATFORMS": "cpu",
-        }
+        env = child_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
         rows = []
         for mode, ckpt, malloc in (
             ("mesh", "chunked", "default"),
@@ -160,7 +149,7 @@ def main() -> None:
         ):
             run_env = {**env, **(MALLOC_TRIM if malloc == "trim" else {})}
             r = subprocess.run(
-                [sys.executable, __file__, "--measure", mode, str(ckpts[ckpt]), str(ckpts["warmup"])],
+                module_cmd("restore", "--measure", mode, ckpts[ckpt], ckpts["warmup"]),
                 env=run_env,
                 capture_output=True,
                 text=True,

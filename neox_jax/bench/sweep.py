@@ -1,11 +1,11 @@
 """A sweep of K revisions in one process vs K separate convert + evaluate runs, same revisions, same machine, same run.
 
-    python scripts/benchmark.py sweep                  # K=4 revisions of a tiny GPT-NeoX (Pythia vocabulary)
-    python scripts/benchmark.py sweep --k 6 --limit 50 --shape small
+    neox-jax benchmark sweep                  # K=4 revisions of a tiny GPT-NeoX (Pythia vocabulary)
+    neox-jax benchmark sweep --k 6 --limit 50 --shape small
 
 The revisions are served by the loopback Hub stand-in of the tests (tests/hub_stub.py, 127.0.0.1), so both arms
 download, verify and convert the same files; nothing leaves the machine. Arm "sweep": one `neox-jax sweep` process.
-Arm "separate": for each revision, `python -m convert hf REPO OUT --revision R` then `python scripts/evaluate.py
+Arm "separate": for each revision, `neox-jax convert hf REPO OUT --revision R` then `neox-jax evaluate
 --checkpoint OUT`, each a fresh process (the hand-written loop a sweep replaces). Reported: wall seconds of each arm,
 their ratio, and peak RSS (the sweep process; the largest of the separate processes), each read from wait4.
 """
@@ -22,12 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-for p in (ROOT, ROOT / "tests"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+from neox_jax.bench._common import PACKAGE_ROOT, child_env, markdown_table, require, write_json
+from neox_jax.errors import NeoXError
+from neox_jax.evaluation.tasks import data
 
-from scripts.bench._common import markdown_table, write_json
+TESTS = PACKAGE_ROOT / "tests"  # tests/hub_stub.py: the loopback Hub, in a source checkout only
 
 SHAPES = {
     "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},
@@ -62,7 +61,7 @@ def make_revisions(root: Path, k: int, shape: str, tokenizer: Path) -> dict[str,
 def run(cmd: list[str], env: dict) -> tuple[float, float]:
     """(wall seconds, peak RSS MB) of one child process."""
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = p.stdout.read()
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
@@ -77,12 +76,16 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--tasks", default="lambada_openai")
     ap.add_argument("--limit", type=int, default=20, help="documents per task (default 20)")
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--data-dir", default=str(next(iter(data.data_dirs()), "")), help="the reference data folder")
     ap.add_argument("--out", default="bench_out")
     a = ap.parse_args()
     tokenizer = Path(a.data_dir) / "20B_tokenizer.json"
     if not tokenizer.is_file():
         sys.exit(f"needs {tokenizer} and the task data beside it (--data-dir)")
+    require(["torch", "transformers"], "the revisions are built in transformers")
+    if not (TESTS / "hub_stub.py").is_file():
+        raise NeoXError(f"this benchmark needs a source checkout: {TESTS / 'hub_stub.py'} (the loopback Hub) is absent")
+    sys.path.insert(0, str(TESTS))
     from hub_stub import HubStub
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
@@ -91,14 +94,7 @@ def main() -> None:
         common = ["--tasks", a.tasks, "--limit", str(a.limit), "--bootstrap-iters", "1000"]
         py = sys.executable
         with HubStub({REPO: revs}) as stub:
-            base = {
-                **os.environ,
-                "PYTHONPATH": str(ROOT),
-                "HF_ENDPOINT": stub.url,
-                "HF_HUB_OFFLINE": "0",
-                "NEOX_JAX_DATA_DIR": a.data_dir,
-                "TQDM_DISABLE": "1",
-            }
+            base = child_env(HF_ENDPOINT=stub.url, HF_HUB_OFFLINE="0", NEOX_JAX_DATA_DIR=a.data_dir, TQDM_DISABLE="1")
             env = {**base, "HF_HUB_CACHE": str(tmp / "hf-sweep"), "NEOX_JAX_CACHE": str(tmp / "nx-sweep")}
             sweep_s, sweep_rss = run(
                 [
@@ -120,11 +116,14 @@ def main() -> None:
             sep_s, sep_rss, per = 0.0, 0.0, []
             for rev in revs:
                 ckpt = tmp / "sep" / rev
-                c_s, c_rss = run([py, "-m", "convert", "hf", REPO, str(ckpt), "--revision", rev, "--quiet"], env)
+                convert = [py, "-m", "neox_jax", "convert", "hf", REPO, str(ckpt), "--revision", rev, "--quiet"]
+                c_s, c_rss = run(convert, env)
                 e_s, e_rss = run(
                     [
                         py,
-                        "scripts/evaluate.py",
+                        "-m",
+                        "neox_jax",
+                        "evaluate",
                         "--checkpoint",
                         str(ckpt),
                         *common,

@@ -1,8 +1,8 @@
 """Serving throughput: the neox-jax server (continuous batching) at 1, 4 and 16 concurrent clients, against the same
 requests one at a time and transformers `generate` on the same requests batched statically, in one run.
 
-    python scripts/benchmark.py serve                     # pythia-70m shapes, random weights, 32 requests x 32 tokens
-    python scripts/benchmark.py serve --model pythia-160m --requests 64
+    neox-jax benchmark serve                     # pythia-70m shapes, random weights, 32 requests x 32 tokens
+    neox-jax benchmark serve --model pythia-160m --requests 64
 
 Every request is greedy with ignore_eos, so each makes exactly --max-tokens tokens on every engine. Clients are the
 official `openai` client over 127.0.0.1 (threads); the server runs in this process (uvicorn in a thread). Throughput:
@@ -21,15 +21,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != Path(__file__).resolve().parent]
+from neox_jax.bench._common import child_env, markdown_table, require, write_json
+from neox_jax.evaluation.tasks import data
 
-from scripts.bench._common import markdown_table, write_json
-
-DATA = ROOT.parent / "shared" / "data"
+NEEDS = ("20B_tokenizer.json", "tinyshakespeare/input.txt")
 
 
-def make_checkpoint(model: str, out: Path):
+def data_dir() -> Path | None:
+    """The first data directory ($NEOX_JAX_DATA_DIR, else ../shared/data beside a checkout) holding NEEDS."""
+    return next((d for d in data.data_dirs() if all((d / f).is_file() for f in NEEDS)), None)
+
+
+def make_checkpoint(model: str, out: Path, DATA: Path):
     """A random-weight HF GPT-NeoX of the preset's shapes with the 20B tokenizer, converted by `convert hf`."""
     import subprocess
 
@@ -58,15 +61,14 @@ def make_checkpoint(model: str, out: Path):
     hf.save_pretrained(src)
     (src / "tokenizer.json").write_bytes((DATA / "20B_tokenizer.json").read_bytes())
     subprocess.run(
-        [sys.executable, "-m", "convert", "hf", str(src), str(out / "ckpt"), "--quiet"],
+        [sys.executable, "-m", "neox_jax", "convert", "hf", str(src), str(out / "ckpt"), "--quiet"],
         check=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=child_env(),
     )
     return hf, out / "ckpt"
 
 
-def prompts(n: int, tokens: int, tok) -> list[list[int]]:
+def prompts(n: int, tokens: int, tok, DATA: Path) -> list[list[int]]:
     """n different prompts of `tokens` ids each, from tinyshakespeare."""
     text = (DATA / "tinyshakespeare" / "input.txt").read_text()[:200_000]
     ids = tok.encode(text)
@@ -136,8 +138,10 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args()
-    if not (DATA / "20B_tokenizer.json").is_file():
-        sys.exit(f"reference data absent: {DATA}")
+    require(["torch", "transformers", "openai"], "the model is built in transformers; the clients are openai's")
+    DATA = data_dir()
+    if DATA is None:
+        sys.exit(f"reference data absent: {' and '.join(NEEDS)} under none of {data.data_dirs()} (${data.ENV_VAR})")
     import torch
 
     import neox_jax
@@ -145,9 +149,9 @@ def main() -> None:
 
     torch.set_num_threads(os.cpu_count())
     with tempfile.TemporaryDirectory() as tmp:
-        hf, ckpt = make_checkpoint(args.model, Path(tmp))
+        hf, ckpt = make_checkpoint(args.model, Path(tmp), DATA)
         lm = neox_jax.load(ckpt)
-        reqs = prompts(args.requests, args.prompt_tokens, lm.tokenizer)
+        reqs = prompts(args.requests, args.prompt_tokens, lm.tokenizer, DATA)
         max_len = args.prompt_tokens + args.max_tokens
         svc = Service.from_model(
             lm, max_batch=args.max_batch, max_queue=max(64, args.requests), chunk=args.chunk, max_model_len=max_len

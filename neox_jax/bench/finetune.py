@@ -3,9 +3,9 @@ GPTNeoXForCausalLM with the same shape, batch, sequence length, dtype and optimi
 biases (BitFit: query_key_value, attention.dense, dense_h_to_4h), every parameter, or LoRA adapters (torch side:
 peft.get_peft_model with the same r, alpha and target modules).
 
-    python scripts/benchmark.py finetune                 # pythia-70m and pythia-160m shapes, random weights
-    python scripts/benchmark.py finetune --quick         # the tiny test shape, 1 timed step: checks that it runs
-    python scripts/benchmark.py finetune --trainable lora --lora-rank 8 --lora-targets query_key_value
+    neox-jax benchmark finetune                 # pythia-70m and pythia-160m shapes, random weights
+    neox-jax benchmark finetune --quick         # the tiny test shape, 1 timed step: checks that it runs
+    neox-jax benchmark finetune --trainable lora --lora-rank 8 --lora-targets query_key_value
 
 Each measurement runs in its own subprocess so that its peak RSS is its own: `peak_rss_mb` is the process's peak,
 `train_mb` the peak minus the RSS once the model was built (what training adds: gradients, optimizer state,
@@ -28,13 +28,17 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from scripts.bench._common import markdown_table, median_time, peak_rss_mb, run_json, write_json  # noqa: E402
+from neox_jax.bench._common import (
+    child_env,
+    markdown_table,
+    median_time,
+    module_cmd,
+    peak_rss_mb,
+    reference_skipped,
+    run_json,
+    write_json,
+)
 
 BIAS_SUFFIXES = ("attention.query_key_value.bias", "attention.dense.bias", "mlp.dense_h_to_4h.bias")
 
@@ -176,9 +180,8 @@ def worker_torch(shape, mode, batch, seq, dtype_name, steps, warmup, args) -> di
 
 
 def run_worker(impl, shape, mode, args) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
+    cmd = module_cmd(
+        "finetune",
         "--worker",
         impl,
         shape,
@@ -199,8 +202,8 @@ def run_worker(impl, shape, mode, args) -> dict:
         str(args.lora_alpha),
         "--lora-targets",
         args.lora_targets,
-    ]
-    return run_json(cmd, f"{impl} {shape} {mode}", env={"PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    )
+    return run_json(cmd, f"{impl} {shape} {mode}", env=child_env())
 
 
 def main() -> None:
@@ -230,10 +233,12 @@ def main() -> None:
 
     if args.quick:
         args.shapes, args.batch_size, args.seq_len, args.steps, args.warmup = ["tiny"], 2, 32, 1, 1
+    refs = ("torch", "transformers") + (("peft",) if "lora" in args.modes else ())
+    impls = ("jax",) if reference_skipped("the PyTorch train step", refs) else ("jax", "torch")
     rows = []
     for shape in args.shapes:
         for mode in args.modes:
-            for impl in ("jax", "torch"):
+            for impl in impls:
                 r = run_worker(impl, shape, mode, args)
                 med = sorted(r["times"])[len(r["times"]) // 2]
                 gflop = step_gflop(preset(shape), mode, args.batch_size * args.seq_len)
@@ -263,10 +268,9 @@ def main() -> None:
                     flush=True,
                 )
     for r in rows:
-        other = next(
-            o for o in rows if o["shape"] == r["shape"] and o["trainable"] == r["trainable"] and o["impl"] != r["impl"]
-        )
-        r["speed_vs_other"] = r["tokens_per_s"] / other["tokens_per_s"]
+        same = [o for o in rows if o["shape"] == r["shape"] and o["trainable"] == r["trainable"]]
+        other = next((o for o in same if o["impl"] != r["impl"]), None)
+        r["speed_vs_other"] = r["tokens_per_s"] / other["tokens_per_s"] if other else ""
     cols = [
         "shape",
         "trainable",

@@ -1,0 +1,191 @@
+"""Speculative decoding: a trained target alone vs the target with a trained draft, side by side in one run.
+
+    neox-jax benchmark speculative                 # train both (a few minutes on 2 cores), then measure
+    neox-jax benchmark speculative --work runs/spec --reuse   # measure again with the models trained before
+    neox-jax benchmark speculative --k 2,4,6 --max-new-tokens 128
+
+Random weights agree only by chance, so the benchmark first trains a target (6 layers x 384) and a draft (2 x 128)
+from random init on tiny shakespeare with `neox-jax finetune --trainable all`, with a byte-level BPE tokenizer
+trained here on the same text (2048 ids: Pythia's 50k-id embedding would be most of these tiny models' work, unlike a
+real Pythia pair). Then, greedy, on prompts cut from the text: the target alone, the target with the draft proposing k
+tokens a step, and the target as its own draft (every token accepted: the upper bound, at the k that was fastest with
+the draft), at batch 1 and 4. Speedup = the target alone's wall time / speculative wall time for the same prompts
+and tokens (median of --repeats warm calls, compiles excluded); outputs are checked to be equal token for token. Also
+measured: one target decode step and one draft decode step (each model's own loop, per token), whose ratio bounds what
+a draft can save. Run --train-only once, then --reuse to measure again without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from neox_jax.bench._common import child_env, markdown_table, write_json
+
+DATA = Path("../shared/data/tinyshakespeare/input.txt")  # the shared reference data beside the checkout
+VOCAB = 2048
+SHAPES = {"target": (384, 6, 6), "draft": (128, 2, 2)}  # hidden, layers, heads
+
+
+def train_tokenizer(text_file: Path, out: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train([str(text_file)], trainer)
+    tk.save(str(out))
+    return out
+
+
+def init_checkpoint(name: str, tok_file: Path, out: Path, seed: int) -> Path:
+    from neox_jax.model.config import NeoXConfig
+    from neox_jax.model.neox import init_params
+    from neox_jax.store.checkpoint import save_params
+
+    d, layers, heads = SHAPES[name]
+    cfg = NeoXConfig(
+        vocab_size=VOCAB + 64,  # padded rows, as Pythia's
+        hidden_size=d,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * d,
+        max_position_embeddings=512,
+    )
+    return save_params(out, cfg, init_params(cfg, seed=seed), tokenizer_file=tok_file, overwrite=True)
+
+
+def finetune(ckpt: Path, data: Path, run_dir: Path, steps: int, batch: int, seq: int) -> float:
+    t = time.perf_counter()
+    cmd = [sys.executable, "-m", "neox_jax", "finetune", "--checkpoint", str(ckpt), "--data", str(data)]
+    cmd += ["--out", str(run_dir), "--trainable", "all", "--steps", str(steps), "--batch-size", str(batch)]
+    cmd += ["--seq-len", str(seq), "--lr", "2e-3", "--warmup-steps", str(steps // 10), "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
+    if r.returncode:
+        sys.exit(f"finetune {ckpt} failed:\n{r.stderr[-3000:]}")
+    return time.perf_counter() - t
+
+
+def timed(fn, repeats: int):
+    fn()  # compiles
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def step_ms(model, prompt, tokens: int, repeats: int) -> float:
+    """One decode step of the model's own loop, per token (batch 1, greedy, prefill excluded)."""
+    _, r = timed(lambda: model.generate([prompt], max_new_tokens=tokens, stop_token_ids=[]), repeats)
+    return 1e3 * r.timing.decode_s / max(1, r.timing.decode_tokens)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DATA, help="tiny shakespeare input.txt")
+    ap.add_argument("--work", type=Path, default=Path("bench_out/speculative"), help="checkpoints and runs")
+    ap.add_argument("--reuse", action="store_true", help="use the models trained by an earlier run in --work")
+    ap.add_argument("--train-only", action="store_true", help="train the pair into --work, measure nothing")
+    ap.add_argument("--target-steps", type=int, default=200)
+    ap.add_argument("--draft-steps", type=int, default=300)
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--train-seq", type=int, default=64)
+    ap.add_argument("--k", default="2,3,4,6", help="draft tokens per step to try (comma-separated)")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="bench_out")
+    args = ap.parse_args()
+    if not args.data.is_file():
+        print(f"skipped: {args.data} is absent (tiny shakespeare, from the shared reference data)")
+        return 0
+    import neox_jax
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    tok_file = work / "tokenizer.json"
+    train_s = {}
+    if not (args.reuse and (work / "runs" / "draft" / "finetuned").exists()):
+        print(f"training a {VOCAB}-id BPE tokenizer, then target and draft from random init -> {work}", flush=True)
+        train_tokenizer(args.data, tok_file)
+        for seed, (name, steps) in enumerate((("target", args.target_steps), ("draft", args.draft_steps))):
+            ckpt = init_checkpoint(name, tok_file, work / "ckpt" / name, seed)
+            train_s[name] = finetune(ckpt, args.data, work / "runs" / name, steps, args.train_batch, args.train_seq)
+            print(f"  {name} {SHAPES[name]}: {steps} steps in {train_s[name]:.0f} s", flush=True)
+        write_json("train", train_s, work)
+    if args.train_only:
+        return 0
+    target = neox_jax.load(work / "ckpt" / "target", finetuned=work / "runs" / "target")
+    draft = neox_jax.load(work / "ckpt" / "draft", finetuned=work / "runs" / "draft")
+    text = args.data.read_text()
+    starts = [len(text) * i // 5 for i in range(1, 5)]
+    prompts = [text[s : s + 200].split("\n", 1)[1][:120] for s in starts]  # from a line start
+    n_new, rows = args.max_new_tokens, []
+    t_ms, d_ms = step_ms(target, prompts[0], n_new, args.repeats), step_ms(draft, prompts[0], n_new, args.repeats)
+    print(f"decode step: target {t_ms:.2f} ms, draft {d_ms:.2f} ms (ratio {t_ms / d_ms:.1f})", flush=True)
+    for batch in (1, 4):
+        ps = prompts[:batch]
+        kw = dict(max_new_tokens=n_new, stop_token_ids=[])
+        base_s, base = timed(lambda: target.generate(ps, **kw), args.repeats)
+        rows.append({"batch": batch, "draft": "none", "k": 0, "s": base_s, "tokens_per_s": batch * n_new / base_s})
+        for name, dm in (("draft 2x128", draft), ("target itself", target)):
+            if dm is draft:
+                ks = [int(x) for x in args.k.split(",")]
+            else:  # the upper bound at the k that was fastest with the draft
+                ks = [max((r for r in rows if r["batch"] == batch and r["k"]), key=lambda r: r["speedup"])["k"]]
+            for k in ks:
+                s, r = timed(lambda: target.generate(ps, draft=dm, draft_tokens=k, **kw), args.repeats)
+                if r.token_ids != base.token_ids:
+                    sys.exit(f"speculative output differs from the target's (batch {batch}, {name}, k {k})")
+                st = r.speculative
+                rows.append(
+                    {
+                        "batch": batch,
+                        "draft": name,
+                        "k": k,
+                        "s": s,
+                        "tokens_per_s": batch * n_new / s,
+                        "acceptance": st["acceptance_rate"],
+                        "tokens_per_step": st["tokens_per_target_step"],
+                        "speedup": base_s / s,
+                    }
+                )
+                print(markdown_table(rows[-1:], list(rows[-1])), flush=True)
+    cols = ["batch", "draft", "k", "s", "tokens_per_s", "acceptance", "tokens_per_step", "speedup"]
+    print(markdown_table(rows, cols))
+    best = max((r for r in rows if r["batch"] == 1 and r["draft"] == "draft 2x128"), key=lambda r: r["speedup"])
+    print(
+        f"best at batch 1: k {best['k']}, {best['speedup']:.2f}x; target step / draft step = {t_ms / d_ms:.1f} "
+        f"({t_ms:.2f} / {d_ms:.2f} ms): with acceptance a and k drafts a step the speedup is at most "
+        f"(1 - a^(k+1)) / (1 - a) / (1 + k * draft/target) before the verify's extra cost"
+    )
+    path = write_json(
+        "speculative",
+        {
+            "train_s": train_s,
+            "shapes": SHAPES,
+            "vocab": VOCAB,
+            "max_new_tokens": n_new,
+            "target_step_ms": t_ms,
+            "draft_step_ms": d_ms,
+            "rows": rows,
+        },
+        args.out,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

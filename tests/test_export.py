@@ -1,0 +1,85 @@
+"""Every compiled program exports for CUDA from CPU (jax.export, platforms=["cuda"]): prefill, decode, the train step
+(BitFit, LoRA, full; remat; on an FSDP x tensor-parallel mesh) and the server engine's init / admit / decode. A
+program that only XLA CPU can run (a CPU custom call, a host callback) fails here rather than on a GPU. Attention
+traces with the per-backend choice of the tracing machine (CPU's "plain" path): cuDNN's fused attention needs a GPU
+to lower and is left out."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neox_jax.inference import decode as core
+from neox_jax.inference.sampling import SamplingParams
+from neox_jax.model import lora
+from neox_jax.model.config import preset
+from neox_jax.model.neox import abstract_params, init_params
+from neox_jax.parallel.sharding import make_mesh
+from neox_jax.training import memory
+
+CFG = preset("tiny")
+
+
+def export_cuda(fn, *args):
+    """jax.export for CUDA; returns the StableHLO text after checking its custom calls are device-neutral."""
+    exp = jax.export.export(fn, platforms=["cuda"])(*args)
+    assert exp.platforms == ("cuda",)
+    assert exp.mlir_module_serialized  # the StableHLO bytes a GPU machine compiles
+    text = exp.mlir_module()
+    targets = set(re.findall(r"custom_call @(\w+)", text)) | set(re.findall(r'call_target_name = "(\w+)"', text))
+    cpu_only = {t for t in targets if "cpu" in t.lower() or "callback" in t.lower()}
+    assert not cpu_only, cpu_only
+    return text
+
+
+def test_prefill_and_decode_export_for_cuda():
+    params = abstract_params(CFG, jnp.bfloat16)
+    layout = core.layout_for(params, "gpu")
+    sp = SamplingParams(temperature=0.7, top_k=5, repetition_penalty=1.1)
+    static, values = sp.static(CFG.vocab_size), sp.values()
+    ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    stop, key = jax.ShapeDtypeStruct((CFG.vocab_size,), jnp.bool_), jax.random.key(0)
+    prefill = jax.jit(functools.partial(core.prefill, CFG, static, layout, 32, 2))
+    export_cuda(prefill, params, ids, ids, values, stop, key)
+    state = jax.eval_shape(prefill, params, ids, ids, values, stop, key)
+    decode = jax.jit(functools.partial(core.decode, CFG, static, layout))
+    export_cuda(decode, params, state, values, stop, jax.ShapeDtypeStruct((2,), jnp.bool_), np.int32(4))
+
+
+@pytest.mark.parametrize(
+    "mode,remat,mesh",
+    [("biases", "full", "fsdp=4,model=2"), ("lora", "dots", "data=2,model=4"), ("all", "none", "fsdp=8")],
+)
+def test_train_step_exports_for_cuda(mode, remat, mesh):
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    mode = lora.LoraSpec(4, 8.0) if mode == "lora" else mode
+    mesh = make_mesh(mesh)
+    from neox_jax.training import step as ft
+
+    tx = ft.make_optimizer(ft.make_schedule(1e-4, 10))
+    step = ft.make_train_step(CFG, tx, jnp.bfloat16, mesh, mode, dynamic=False, transposed_copies=False, remat=remat)
+    inputs = memory.abstract_inputs(CFG, mode, tx, mesh, 8, 32, jnp.bfloat16, remat, False)
+    text = export_cuda(step, *inputs)
+    assert "mhlo.num_partitions = 8" in text
+
+
+def test_server_engine_programs_export_for_cuda(monkeypatch):
+    from neox_jax.serve import engine as E
+
+    layout_for = core.layout_for
+    monkeypatch.setattr(E.core, "layout_for", lambda params, backend: layout_for(params, "gpu"))
+    exported = []
+    monkeypatch.setattr(
+        E.Engine, "_compiled", lambda self, key, fn, *args: exported.append((key, export_cuda(fn, *args)))
+    )
+    eng = E.Engine(CFG, init_params(CFG, jnp.bfloat16), slots=2, max_model_len=64, vocab_limit=CFG.vocab_size, chunk=4)
+    assert not eng.layout.transposed  # the GPU layout
+    eng._init_program()
+    for p in eng.buckets:
+        eng._admit_program(p)
+    eng._decode_program()
+    assert [k[0] for k, _ in exported] == ["init"] + ["admit"] * len(eng.buckets) + ["decode"]
