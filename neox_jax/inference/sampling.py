@@ -35,6 +35,7 @@ class Static(NamedTuple):
     top_p: bool
     repetition_penalty: bool
     vocab_limit: int  # ids >= this are never emitted
+    suppress: tuple[int, ...] = ()  # ids never emitted (HF's min_length keeps the end-of-text id out this way)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def static(self, vocab_limit: int) -> Static:
+    def static(self, vocab_limit: int, suppress=()) -> Static:
         if self.top_k is not None and self.top_k > vocab_limit:
             raise ValueError(f"top_k {self.top_k} exceeds the {vocab_limit} ids the model may emit")
         sample = not self.greedy
@@ -82,6 +83,7 @@ class SamplingParams:
             top_p=sample and self.top_p is not None and self.top_p < 1.0,
             repetition_penalty=self.repetition_penalty is not None and self.repetition_penalty != 1.0,
             vocab_limit=vocab_limit,
+            suppress=tuple(sorted({int(t) for t in suppress})),
         )
 
     def values(self) -> dict:
@@ -109,6 +111,8 @@ def choose(static: Static, values: dict, logits, key, seen=None):
     v = logits.shape[-1]
     if static.vocab_limit < v:  # the padded embedding rows the tokenizer cannot decode
         logits = jnp.where(jnp.arange(v) < static.vocab_limit, logits, -jnp.inf)
+    if static.suppress:
+        logits = logits.at[:, list(static.suppress)].set(-jnp.inf)
     if static.repetition_penalty:
         p = values["repetition_penalty"]
         logits = jnp.where(seen, jnp.where(logits > 0, logits / p, logits * p), logits)
