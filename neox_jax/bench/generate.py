@@ -81,7 +81,13 @@ class TorchEngine:
         self.torch = torch
         hf = GPTNeoXConfig(**{k: v for k, v in cfg.to_hf_config().items() if k not in ("architectures",)})
         self.model = GPTNeoXForCausalLM(hf).eval()
-        self.model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+        sd = {k: torch.from_numpy(v) for k, v in weights.items()}
+        # transformers 5 names the output layer lm_head: without this it kept its own random init
+        head = next(n for n, p in self.model.named_parameters() if p is self.model.get_output_embeddings().weight)
+        sd[head] = sd.pop("embed_out.weight")
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            sys.exit(f"torch weights: missing {missing}, unexpected {unexpected}")
         weights.clear()
         self.model.to(getattr(torch, dtype))
 

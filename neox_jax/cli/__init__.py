@@ -27,6 +27,8 @@ COMMANDS: dict[str, str] = {
     "benchmark": "neox_jax.cli.benchmark",
     "serve": "neox_jax.cli.serve",
     "sweep": "neox_jax.cli.sweep",
+    "memorization": "neox_jax.cli.memorization",
+    "data-loss": "neox_jax.cli.data_loss",
 }
 
 

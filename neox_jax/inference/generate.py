@@ -162,6 +162,10 @@ class Generator:
         """Programs compiled by this generator (tests check it stays put)."""
         return self.programs.compiles
 
+    def release_params(self) -> None:
+        """Drops the params and their run-layout copy (the compiled programs stay): set .params again to reuse."""
+        self.params, self._prepared = None, (None, None)
+
     def _put_done(self, force_done):
         return force_done if self.mesh is None else sharding.put_batch(force_done, self.mesh)
 
@@ -199,8 +203,10 @@ class Generator:
         stop=None,
         stop_token_ids: Sequence[int] | None = None,
         callback=None,
+        suppress_token_ids: Sequence[int] = (),
     ) -> GenerateResult:
-        """As `stream`, run to the end; callback(StreamEvent) is called for each step if given."""
+        """As `stream`, run to the end; callback(StreamEvent) is called for each step if given. suppress_token_ids:
+        ids never emitted (what transformers' min_length does to the end-of-text id)."""
         events = self._run(
             prompts,
             max_new_tokens,
@@ -208,6 +214,7 @@ class Generator:
             stop,
             stop_token_ids,
             streaming=callback is not None,
+            suppress_token_ids=suppress_token_ids,
         )
         while True:
             try:
@@ -225,6 +232,7 @@ class Generator:
         stop_token_ids,
         streaming: bool,
         chunk_size: int | None = None,
+        suppress_token_ids: Sequence[int] = (),
     ):
         t_start = time.perf_counter()
         cfg, tok = self.cfg, self.tokenizer
@@ -242,6 +250,9 @@ class Generator:
         stop_token_ids = [int(t) for t in stop_token_ids]
         if any(not 0 <= t < cfg.vocab_size for t in stop_token_ids):
             raise ValueError(f"stop_token_ids {stop_token_ids} must be in [0, {cfg.vocab_size})")
+        suppress = [int(t) for t in suppress_token_ids]
+        if any(not 0 <= t < cfg.vocab_size for t in suppress):
+            raise ValueError(f"suppress_token_ids {suppress} must be in [0, {cfg.vocab_size})")
         ids = self.encode(prompts)
         longest = max(map(len, ids))
         if longest + max_new_tokens > cfg.max_position_embeddings:
@@ -250,7 +261,7 @@ class Generator:
                 f"max_position_embeddings {cfg.max_position_embeddings}; shorten the prompt or ask for "
                 f"fewer tokens"
             )
-        static = sp.static(self.vocab_limit())
+        static = sp.static(self.vocab_limit(), suppress)
         n = len(ids)
         timing = Timing()
         layout = self.run_layout()

@@ -37,6 +37,7 @@ class Static(NamedTuple):
     vocab_limit: int  # ids >= this are never emitted
     per_row: bool = False  # rows mix settings (the server): see `choose`
     logprob_rows: int | None = None  # what log-probabilities are normalised over (see `logprobs`)
+    suppress: tuple[int, ...] = ()  # ids never emitted (HF's min_length keeps the end-of-text id out this way)
 
 
 def per_row_static(vocab_limit: int, logprob_rows: int | None = None) -> Static:
@@ -79,7 +80,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def static(self, vocab_limit: int) -> Static:
+    def static(self, vocab_limit: int, suppress=()) -> Static:
         if self.top_k is not None and self.top_k > vocab_limit:
             raise ValueError(f"top_k {self.top_k} exceeds the {vocab_limit} ids the model may emit")
         sample = not self.greedy
@@ -89,6 +90,7 @@ class SamplingParams:
             top_p=sample and self.top_p is not None and self.top_p < 1.0,
             repetition_penalty=self.repetition_penalty is not None and self.repetition_penalty != 1.0,
             vocab_limit=vocab_limit,
+            suppress=tuple(sorted({int(t) for t in suppress})),
         )
 
     def values(self) -> dict:
@@ -129,6 +131,8 @@ def choose(static: Static, values: dict, logits, key, seen=None, made=None):
     x = logits
     if static.vocab_limit < v or static.per_row:  # the padded embedding rows the tokenizer cannot decode
         x = jnp.where(jnp.arange(v) < static.vocab_limit, x, -jnp.inf)
+    if static.suppress:
+        x = x.at[:, list(static.suppress)].set(-jnp.inf)
     if static.repetition_penalty:  # a penalty of 1 is exact: x / 1 and x * 1
         p = _col(values["repetition_penalty"])
         x = jnp.where(seen, jnp.where(x > 0, x / p, x * p), x)

@@ -77,12 +77,43 @@ def plot_task(path: Path, model: str, task: str, rows: list[dict]) -> Path | Non
             ax.legend(fontsize=7)
     axes[-1, 0].set_xlabel("training step")
     axes[0, 0].set_title(f"{model}: {task}", fontsize=10)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Written to a temporary name and renamed: an interrupted run leaves the last good picture."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def plot_over_steps(path: Path, title: str, series: dict[str, list[tuple[int, float]]], ylabel: str) -> Path | None:
+    """The per-item studies' plots: one line per series of (step, value) points against training step (symlog x, so
+    step 0 shows). None when nothing has a step (e.g. a local checkpoint)."""
+    series = {k: sorted(v) for k, v in series.items() if v}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1.2, label=name)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("training step (checkpoint)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
 
 
 def summary_markdown(model: str, rows: list[dict]) -> str:

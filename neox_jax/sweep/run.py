@@ -9,23 +9,22 @@ line per (revision, task):
 
 One process: the jitted programs are keyed by config and shapes, so every revision after the first reuses them.
 While revision i is evaluated, a background thread downloads, converts and loads revision i+1; revision i's weights
-are dropped before revision i+2 is loaded, so at most two revisions' weights are held. Rerunning the command skips
-the (revision, task) pairs already in results.jsonl; a sweep killed mid-write leaves at most a torn last line, which
-the next run drops.
+are dropped before revision i+2 is loaded, so at most two revisions' weights are held (neox_jax/sweep/prefetch.py).
+Rerunning the command skips the (revision, task) pairs already in results.jsonl; a sweep killed mid-write leaves at
+most a torn last line, which the next run drops (neox_jax/sweep/resume.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from neox_jax.errors import NeoXError
 from neox_jax.store import hub
+from neox_jax.sweep.prefetch import Revisions
+from neox_jax.sweep.resume import append_rows, check_settings, read_rows
 
 RESULTS = "results.jsonl"
 SETTINGS = "sweep.json"
@@ -82,95 +81,7 @@ def revisions_from(revisions: str | None = None, steps: str | None = None, pythi
     return out
 
 
-def fingerprint(r: hub.Resolved) -> str | None:
-    """Weights fingerprint: sha256 over (file name, sha256) of the weight files; bit-identical weights in the same
-    file layout give the same fingerprint, whatever the commit (None when the Hub gave no sha256)."""
-    shas = [(f, r.expected[f].get("sha256")) for f in r.weight_files()]
-    if not shas or any(s is None for _, s in shas):
-        return None
-    return hashlib.sha256("\n".join(f"{f} {s}" for f, s in shas).encode()).hexdigest()
-
-
-def tensor_fingerprint(params) -> str:
-    """For revisions whose weight files differ in layout (safetensors vs .bin, other sharding): sha256 over every
-    converted parameter (path, dtype, shape, bytes)."""
-    import jax
-    import numpy as np
-
-    h = hashlib.sha256()
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    for path, x in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        a = np.asarray(x)
-        h.update(f"{jax.tree_util.keystr(path)} {a.dtype} {a.shape}\n".encode())
-        h.update(a.tobytes())
-    return "tensors:" + h.hexdigest()
-
-
-def _first(first_with: dict, fp: str | None, revision: str) -> str | None:
-    """The earlier revision with this fingerprint (None if this is the first); records this one if it is."""
-    if fp is None:
-        return None
-    first = first_with.setdefault(fp, revision)
-    return first if first != revision else None
-
-
-# ---------------------------------------------------------------------------------------------- results.jsonl
-def read_results(out: str | os.PathLike) -> list[dict]:
-    """The rows so far. A torn last line (a sweep killed mid-write) is dropped, and cut from the file so the next
-    append starts on a fresh line; a bad line elsewhere is an error naming it."""
-    path = Path(out) / RESULTS
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    lines = text.split("\n")
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i < len(lines) - 1:
-                raise NeoXError(f"{path}: line {i + 1} is not JSON ({e}); fix or remove it") from None
-            good = "".join(ln + "\n" for ln in lines[:i] if ln.strip())  # the torn tail, cut atomically
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(good)
-            tmp.replace(path)
-    return rows
-
-
-def append_row(out: Path, row: dict) -> None:
-    with open(out / RESULTS, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _check_settings(cfg: SweepConfig, out: Path) -> None:
-    f = out / SETTINGS
-    ident = cfg.identity()
-    if f.is_file():
-        old = json.loads(f.read_text())
-        differ = {k: (old.get(k), v) for k, v in ident.items() if old.get(k) != v}
-        if differ:
-            what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
-            raise NeoXError(f"{f}: {out} holds a sweep with other settings ({what}); use another --output")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f.name + ".tmp")
-        tmp.write_text(json.dumps(ident, indent=1) + "\n")
-        tmp.replace(f)
-
-
 # ---------------------------------------------------------------------------------------------- the sweep
-@dataclass
-class Prepared:
-    revision: str
-    commit: str
-    fingerprint: str | None
-    model: object  # neox_jax.NeoX, or None when skipped as a duplicate
-
-
 def _task_specs(cfg: SweepConfig):
     from lm_eval.tasks import TaskManager
 
@@ -207,78 +118,52 @@ def evaluate_task(model, task: str, spec: str, tm, cfg: SweepConfig) -> dict:
 
 def run_sweep(cfg: SweepConfig, log=print) -> dict:
     """Runs (or resumes) the sweep; returns {"evaluated": n pairs, "skipped": n already done, "rows": all rows}."""
-    import neox_jax
-    from neox_jax.store import converters
-
-    checkpoint_for = converters.module("hub").checkpoint_for
-
     out = Path(cfg.output)
-    _check_settings(cfg, out)
+    check_settings(out / SETTINGS, cfg.identity(), "sweep")
     if cfg.data_dir:
         os.environ["NEOX_JAX_DATA_DIR"] = cfg.data_dir  # the local task loaders read it
     os.environ.setdefault("DISABLE_MULTIPROC", "1")  # lm-eval's bootstrap forks; forking a JAX process can hang
-    rows = read_results(out)
+    rows = read_rows(out / RESULTS)
     done = {(r["revision"], r["task"]) for r in rows}
     first_with = {}  # fingerprint -> the first revision that had it (earlier rows first)
     for r in rows:
         if r.get("fingerprint"):
             first_with.setdefault(r["fingerprint"], r["revision"])
     specs, tm = _task_specs(cfg)
-    s = hub.Settings.from_env()
-    resolved = [hub.resolve(cfg.model, rev, s) for rev in cfg.revisions]  # all named errors before any work
-    todo = [r for r in resolved if any((r.revision, t) not in done for t in cfg.tasks)]
+    revs = Revisions(  # every revision resolved here: all named errors before any work
+        cfg.model, cfg.revisions, cfg.dtype, skip_duplicates=cfg.skip_duplicates, first_with=first_with
+    )
+    todo = [r for r in cfg.revisions if any((r, t) not in done for t in cfg.tasks)]
     log(
         f"sweep {cfg.model}: {len(cfg.revisions)} revisions x {len(cfg.tasks)} tasks; "
         f"{len(done & {(r, t) for r in cfg.revisions for t in cfg.tasks})} pairs already in {out / RESULTS}"
     )
-    # duplicates from the weight files' hashes, known before any download; if the revisions' files differ in layout
-    # (or the Hub gave no sha256), from the converted tensors instead, once each is loaded
-    file_fp = {r.revision: fingerprint(r) for r in resolved}
-    by_tensors = len({tuple(r.weight_files()) for r in resolved}) > 1 or None in file_fp.values()
-    dup_of = {} if by_tensors else {r.revision: _first(first_with, file_fp[r.revision], r.revision) for r in resolved}
-
-    def prepare(r: hub.Resolved) -> Prepared:
-        if cfg.skip_duplicates and dup_of.get(r.revision):  # known from the files: not even downloaded
-            return Prepared(r.revision, r.commit, file_fp[r.revision], None)
-        model = neox_jax.load(checkpoint_for(r, cfg.dtype, progress=False, settings=s), cfg.dtype)
-        fp = tensor_fingerprint(model.params) if by_tensors else file_fp[r.revision]
-        return Prepared(r.revision, r.commit, fp, model)
-
     evaluated = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sweep-prefetch") as pool:
-        nxt = pool.submit(prepare, todo[0]) if todo else None
-        for i in range(len(todo)):
-            cur = nxt.result()  # the previous revision's weights were released at the end of the last iteration
-            nxt = pool.submit(prepare, todo[i + 1]) if i + 1 < len(todo) else None
-            if by_tensors:
-                dup_of[cur.revision] = _first(first_with, cur.fingerprint, cur.revision)
-                if dup_of[cur.revision] and cfg.skip_duplicates:
-                    cur.model = None
-            if dup_of.get(cur.revision):
-                log(
-                    f"{cur.revision}: weights identical to {dup_of[cur.revision]} (fingerprint "
-                    f"{cur.fingerprint[:12]})" + ("; skipped" if cur.model is None else "")
-                )
-            for task in cfg.tasks:
-                if (cur.revision, task) in done:
-                    continue
-                t0 = time.time()
-                metrics = None if cur.model is None else evaluate_task(cur.model, task, specs[task], tm, cfg)
-                row = {
-                    "revision": cur.revision,
-                    "step": hub.step_of(cur.revision),
-                    "commit": cur.commit,
-                    "task": task,
-                    "metrics": metrics,
-                    "fingerprint": cur.fingerprint,
-                    "duplicate_of": dup_of.get(cur.revision),
-                    "seconds": round(time.time() - t0, 3),
-                }
-                append_row(out, row)
-                rows.append(row)
-                evaluated += cur.model is not None
-                log(f"{cur.revision} {task}: {_headline(metrics)} ({row['seconds']:.1f} s)")
-            del cur  # drop this revision's weights before the one after next is loaded
+    for cur in revs.prepared(todo):  # the next revision loads while this one is evaluated
+        if cur.duplicate_of:
+            log(
+                f"{cur.revision}: weights identical to {cur.duplicate_of} (fingerprint "
+                f"{cur.fingerprint[:12]})" + ("; skipped" if cur.model is None else "")
+            )
+        for task in cfg.tasks:
+            if (cur.revision, task) in done:
+                continue
+            t0 = time.time()
+            metrics = None if cur.model is None else evaluate_task(cur.model, task, specs[task], tm, cfg)
+            row = {
+                "revision": cur.revision,
+                "step": hub.step_of(cur.revision),
+                "commit": cur.commit,
+                "task": task,
+                "metrics": metrics,
+                "fingerprint": cur.fingerprint,
+                "duplicate_of": cur.duplicate_of,
+                "seconds": round(time.time() - t0, 3),
+            }
+            append_rows(out / RESULTS, [row])
+            rows.append(row)
+            evaluated += cur.model is not None
+            log(f"{cur.revision} {task}: {_headline(metrics)} ({row['seconds']:.1f} s)")
     from neox_jax.sweep.report import write_report
 
     wanted = [r for r in rows if r["revision"] in cfg.revisions and r["task"] in cfg.tasks]
