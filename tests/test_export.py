@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neox_jax.inference import decode as core
+from neox_jax.inference import decode
 from neox_jax.inference.sampling import SamplingParams
 from neox_jax.model import lora
 from neox_jax.model.config import preset
@@ -36,17 +36,25 @@ def export_cuda(fn, *args):
 
 
 def test_prefill_and_decode_export_for_cuda():
+    """Generate's two programs over the decode core: prefill into a fresh state, then a decode chunk."""
+    from neox_jax.inference import generate as G
+
     params = abstract_params(CFG, jnp.bfloat16)
-    layout = core.layout_for(params, "gpu")
+    layout = decode.layout_for(params, "gpu")
     sp = SamplingParams(temperature=0.7, top_k=5, repetition_penalty=1.1)
-    static, values = sp.static(CFG.vocab_size), sp.values()
+    static = sp.static(CFG.vocab_size)
+    settings = {
+        **sp.values(),
+        "stop_mask": jax.ShapeDtypeStruct((2, CFG.vocab_size), jnp.bool_),
+        "max_new": jax.ShapeDtypeStruct((2,), jnp.int32),
+    }
+    settings = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.broadcast_to(x, (2,)), settings)
     ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
-    stop, key = jax.ShapeDtypeStruct((CFG.vocab_size,), jnp.bool_), jax.random.key(0)
-    prefill = jax.jit(functools.partial(core.prefill, CFG, static, layout, 32, 2))
-    export_cuda(prefill, params, ids, ids, values, stop, key)
-    state = jax.eval_shape(prefill, params, ids, ids, values, stop, key)
-    decode = jax.jit(functools.partial(core.decode, CFG, static, layout))
-    export_cuda(decode, params, state, values, stop, jax.ShapeDtypeStruct((2,), jnp.bool_), np.int32(4))
+    prefill = jax.jit(functools.partial(G._prefill, CFG, static, layout, 2, 32, None))
+    export_cuda(prefill, params, ids, ids, settings, jax.random.key(0))
+    state = jax.eval_shape(prefill, params, ids, ids, settings, jax.random.key(0))
+    dec = jax.jit(functools.partial(G._decode, CFG, static, layout, 4, None))
+    export_cuda(dec, params, state, jax.ShapeDtypeStruct((2,), jnp.bool_), np.int32(4))
 
 
 @pytest.mark.parametrize(
@@ -70,16 +78,25 @@ def test_train_step_exports_for_cuda(mode, remat, mesh):
 def test_server_engine_programs_export_for_cuda(monkeypatch):
     from neox_jax.serve import engine as E
 
-    layout_for = core.layout_for
-    monkeypatch.setattr(E.core, "layout_for", lambda params, backend: layout_for(params, "gpu"))
+    layout_for = decode.layout_for
+    monkeypatch.setattr(E, "layout_for", lambda params, backend: layout_for(params, "gpu"))
     exported = []
-    monkeypatch.setattr(
-        E.Engine, "_compiled", lambda self, key, fn, *args: exported.append((key, export_cuda(fn, *args)))
-    )
+
+    class Exporting:  # the engine's compile cache, exporting each program for CUDA instead of compiling it
+        compiles = 0
+
+        def get(self, key, fn, *args, **kwargs):
+            exported.append((key, export_cuda(fn, *args, **kwargs)))
+
     eng = E.Engine(CFG, init_params(CFG, jnp.bfloat16), slots=2, max_model_len=64, vocab_limit=CFG.vocab_size, chunk=4)
     assert not eng.layout.transposed  # the GPU layout
+    eng.programs = Exporting()
     eng._init_program()
     for p in eng.buckets:
         eng._admit_program(p)
-    eng._decode_program()
-    assert [k[0] for k, _ in exported] == ["init"] + ["admit"] * len(eng.buckets) + ["decode"]
+    for r in eng.row_buckets:
+        for w in eng.length_buckets:
+            eng._decode_program(r, w)
+    kinds = [k[0] for k, _ in exported]
+    n_decode = len(eng.row_buckets) * len(eng.length_buckets)
+    assert kinds == ["init"] + ["admit"] * len(eng.buckets) + ["decode"] * n_decode

@@ -4,6 +4,7 @@ trained here, so the padded embedding rows exist and must never be emitted."""
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -362,3 +363,44 @@ def test_generate_stream_yields_one_event_per_token(lm):
     assert [len(e.token_ids[0]) for e in events] == [1] * 16
     assert sum((e.token_ids[0] for e in events), []) == stream.result.token_ids[0]
     assert lm.generate([[5, 17, 99]], max_new_tokens=16, stop_token_ids=[]).token_ids == stream.result.token_ids
+
+
+def test_one_sampler():
+    """generate, the server and speculative decoding share sampling.choose: the top-p cut is written once."""
+    root = Path(__file__).resolve().parents[1] / "neox_jax"
+    cuts = [p.relative_to(root).as_posix() for p in root.rglob("*.py") if "jnp.cumsum(probs" in p.read_text()]
+    assert cuts == ["inference/sampling.py"]
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_extend_and_rollback_are_a_verify_step(lm, uniform):
+    """The decode core's speculative primitives: extend k+1 draft positions, roll a row back to its accepted length,
+    extend again; the logits equal those of the plain forward over the accepted tokens."""
+    from neox_jax.inference import core
+    from neox_jax.inference.sampling import SamplingParams
+
+    cfg, layout = lm.config, Layout(False, "float32")
+    prompts, draft, wrong = [[5, 17, 99, 200], [61, 3, 8, 9]], [[42, 7, 8, 11], [4, 4, 6, 2]], [[50, 51], [52, 53]]
+    static = SamplingParams().static(MODEL_VOCAB)
+    settings = {
+        "temperature": np.ones(2, np.float32),
+        "top_p": np.ones(2, np.float32),
+        "repetition_penalty": np.ones(2, np.float32),
+        "stop_mask": np.zeros((2, MODEL_VOCAB), bool),
+        "max_new": np.full(2, 8, np.int32),
+    }
+
+    @jax.jit
+    def run(params):
+        state = core.empty_state(cfg, layout, 2, 16, settings, False, False, jax.random.key(0))
+        ids = jnp.asarray(prompts, jnp.int32)
+        state = core.prefill_into(cfg, static, layout, params, state, 0, ids, jnp.ones_like(ids))[0]
+        mixed = jnp.asarray([d[:1] + w for d, w in zip(draft, wrong)], jnp.int32)  # one good draft, two bad
+        state, _ = core.extend(cfg, layout, params, state, mixed, uniform)
+        state = core.rollback(state, state.lengths - 2)  # keep the good one
+        _, logits = core.extend(cfg, layout, params, state, jnp.asarray([d[1:] for d in draft], jnp.int32), uniform)
+        return logits  # [2, 3, V]: after prompt + draft[:2], [:3], [:4]
+
+    full = [p + d for p, d in zip(prompts, draft)]
+    ref = forward(cfg, lm.params, jnp.asarray(full), positions_from_mask(jnp.ones((2, 8))), jnp.ones((2, 8), bool))[0]
+    np.testing.assert_allclose(np.asarray(run(lm.params)), np.asarray(ref[:, 5:]), atol=2e-5)

@@ -227,8 +227,43 @@ def test_ids_do_not_depend_on_the_company(ckpt, dtype, served):
         sched.shutdown(5)
 
 
+def test_compacted_rows_and_width_buckets_equal_generate(lm):
+    """Rows finishing at different times (the live rows gathered into 4, 2, 1-row programs, not contiguous) and a row
+    growing past the 64-slot width: every row's greedy ids == model.generate's."""
+    from neox_jax.serve.metrics import Metrics
+
+    eng = Engine(lm.config, lm.params, slots=4, max_model_len=80, vocab_limit=TOK_VOCAB, chunk=4)
+    assert eng.row_buckets == [1, 2, 4] and eng.length_buckets == [64, 80]
+    used = set()
+    decode = eng.decode
+
+    def spy(force_done):
+        out = decode(force_done)
+        used.add(eng.last_bucket)
+        return out
+
+    eng.decode = spy
+    sched = Scheduler(eng, lm.tokenizer, Metrics(4, 8), max_queue=8)
+    sched.start()
+    try:
+        assert sched.ready.wait(600)
+        prompts = [list(range(3, 3 + n)) for n in (5, 9, 40, 12)]
+        news = (3, 21, 30, 8)
+        want = lm.generate(prompts, max_new_tokens=max(news), stop_token_ids=[]).token_ids
+        reqs = [_collect_ids(sched, p, n) for p, n in zip(prompts, news)]
+        for r, *_ in reqs:
+            sched.submit(r)
+        assert all(d.wait(TIMEOUT) for *_, d in reqs)
+        assert [got for _, got, _ in reqs] == [w[:n] for w, n in zip(want, news)]
+        assert {r for r, _ in used} >= {1, 2, 4} and {w for _, w in used} == {64, 80}
+    finally:
+        sched.shutdown(5)
+
+
 def test_nothing_compiles_after_warm_up(served, client):
-    assert served.svc.scheduler.engine.compiles == len(served.svc.scheduler.engine.buckets) + 2
+    eng = served.svc.scheduler.engine  # init, one admit per prompt bucket, one decode per (rows, width) bucket
+    assert eng.compiles == 1 + len(eng.buckets) + len(eng.row_buckets) * len(eng.length_buckets)
+    assert eng.row_buckets == [1, 2, 4, 8, 16] and eng.length_buckets == [MAX_LEN]
     before = (served.counter.n, served.svc.scheduler.engine.compiles)
     for i, n in enumerate((1, 7, 15, 20, 28)):  # every prompt bucket, sampling and greedy, logprobs, echo
         prompt = list(range(3, 3 + n))
@@ -348,18 +383,22 @@ def test_chat_top_logprobs_errors_name_top_logprobs(served, client):
 
 
 def test_log_probs_normalise_over_all_rows_or_the_tokenizers():
-    """rows.choose_rows: log_softmax over every row (default) or the first logprob_rows; either way only decodable ids
-    are chosen or listed."""
+    """sampling.choose (per row) and sampling.logprobs: log_softmax over every row (default) or the first
+    logprob_rows; either way only decodable ids are chosen or listed."""
+    from neox_jax.inference import sampling
+
     logits = np.random.RandomState(0).randn(3, MODEL_VOCAB).astype(np.float32) * 3
     logits[:, TOK_VOCAB:] += 6.0  # the undecodable rows would win every argmax and top-k
     rows = {k: jax.numpy.asarray(v) for k, v in R.empty_rows(3, MODEL_VOCAB).items()}
-    rows["logprobs"] = jax.numpy.ones(3, bool)
     made, seen = jax.numpy.zeros(3, jax.numpy.int32), jax.numpy.zeros((3, MODEL_VOCAB), bool)
-    choose = jax.jit(R.choose_rows, static_argnums=(4, 5))
+    static = sampling.per_row_static(TOK_VOCAB)
+    tok = np.asarray(jax.jit(sampling.choose, static_argnums=0)(static, rows, logits, rows["key"], seen, made))
+    assert (tok == logits[:, :TOK_VOCAB].argmax(-1)).all()
+    lps = jax.jit(sampling.logprobs, static_argnums=(2, 3, 4))
     for logprob_rows, width in ((None, MODEL_VOCAB), (TOK_VOCAB, TOK_VOCAB)):
-        tok, lp, top_ids, top_lp = map(np.asarray, choose(logits, rows, made, seen, TOK_VOCAB, logprob_rows))
+        lp, top_ids, top_lp = map(np.asarray, lps(logits, tok, R.TOP_LOGPROBS, TOK_VOCAB, logprob_rows))
         want = np.asarray(jax.nn.log_softmax(logits[:, :width], axis=-1))
-        assert (tok == logits[:, :TOK_VOCAB].argmax(-1)).all() and (top_ids < TOK_VOCAB).all()
+        assert (top_ids < TOK_VOCAB).all()
         np.testing.assert_allclose(lp, want[np.arange(3), tok], rtol=1e-6)
         np.testing.assert_allclose(top_lp, np.take_along_axis(want, top_ids, -1), rtol=1e-6)
 

@@ -112,10 +112,10 @@ def test_greedy_generation_on_mesh_equals_one_device(mesh_ckpt, one_device, spec
     sizes = sharding.parse_mesh_spec(spec, 8)
     # [B, N, S, H]
     expect = P("data" if sizes["data"] > 1 else None, "model" if sizes["model"] > 1 else None, None, None)
-    programs = list(model.generator()._compiled.values())
+    programs = model.generator().programs.values()
     prefill_state, (decode_state, *_) = programs[0].output_shardings, programs[1].output_shardings
     for state in (prefill_state, decode_state):
-        for buf in state["cache"]["k"] + state["cache"]["v"]:
+        for buf in state.cache["k"] + state.cache["v"]:
             assert _norm(buf.spec) == _norm(expect), (buf.spec, expect)
 
 

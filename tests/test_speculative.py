@@ -157,13 +157,14 @@ def _chi2_pvalue(samples, probs) -> float:
 def _exact_marginals(model: NeoX, prompt, temperature: float, top_k: int, top_p: float):
     """The model's exact distributions [3, V] of generated tokens 1..3 (each a marginal over the earlier choices):
     one forward over every continuation prompt + t1 + t2."""
+    from neox_jax.inference import sampling
     from neox_jax.inference.sampling import SamplingParams
 
     v, n = SMALL_VOCAB, len(prompt)
     sp = SamplingParams(temperature, top_k, top_p)
     pairs = np.array([(a, b) for a in range(v) for b in range(v)])  # [V*V, 2]
     logits = model.logits(np.concatenate([np.tile(prompt, (v * v, 1)), pairs], axis=1))[:, n - 1 :, :v]
-    probs = np.asarray(jax.nn.softmax(spec.processed_logits(sp.static(v), sp.values(), jnp.asarray(logits)), -1))
+    probs = np.asarray(jax.nn.softmax(sampling.processed_logits(sp.static(v), sp.values(), jnp.asarray(logits)), -1))
     p1 = probs[0, 0]  # [V]
     p2 = probs[::v, 1]  # [V (t1), V]
     p12 = p1[:, None] * p2  # [V (t1), V (t2)]

@@ -1,5 +1,6 @@
 """Serving throughput: the neox-jax server (continuous batching) at 1, 4 and 16 concurrent clients, against the same
-requests one at a time and transformers `generate` on the same requests batched statically, in one run.
+requests one at a time, `model.generate` at batch 1 and transformers `generate` on the same requests batched
+statically, in one run.
 
     neox-jax benchmark serve                     # pythia-70m shapes, random weights, 32 requests x 32 tokens
     neox-jax benchmark serve --model pythia-160m --requests 64
@@ -170,6 +171,14 @@ def main() -> None:
                 label = "neox-jax serve, one at a time" if c == 1 else f"neox-jax serve, {c} concurrent"
                 rows.append({**stats(label, lat, wall, total), "clients": c})
                 print(rows[-1], file=sys.stderr)
+        lm.generate(reqs[0], max_new_tokens=args.max_tokens, stop_token_ids=[])  # compile
+        t, lat = time.perf_counter(), []
+        for p in reqs:  # the library's own single-stream rate, the server's yardstick
+            lm.generate(p, max_new_tokens=args.max_tokens, stop_token_ids=[])
+            lat.append(time.perf_counter() - t)
+        rows.append(
+            {**stats("model.generate, batch 1, one at a time", lat, time.perf_counter() - t, total), "clients": 1}
+        )
         run_transformers(hf, reqs[:2], 2, 2)  # warm-up
         lat, wall = run_transformers(hf, reqs, args.max_tokens, args.max_batch)
         rows.append(
@@ -179,15 +188,26 @@ def main() -> None:
             }
         )
     base = rows[0]["tokens/s"]
+    gen = next(r["tokens/s"] for r in rows if r["engine"].startswith("model.generate"))
     for r in rows:
         r["vs one at a time"] = r["tokens/s"] / base
+        r["vs model.generate"] = r["tokens/s"] / gen
     print(
         f"\n{args.model} (random weights), {args.requests} requests x {args.prompt_tokens} prompt + "
         f"{args.max_tokens} generated tokens, greedy, {args.max_batch} slots, {os.cpu_count()} CPUs\n"
     )
     print(
         markdown_table(
-            rows, ["engine", "clients", "tokens/s", "vs one at a time", "p50 latency s", "p99 latency s", "wall s"]
+            rows,
+            [
+                "engine",
+                "clients",
+                "tokens/s",
+                "vs one at a time",
+                "vs model.generate",
+                "p50 latency s",
+                "p99 latency s",
+            ],
         )
     )
     print("wrote", write_json("serve", {"args": vars(args), "rows": rows}, args.out))

@@ -23,18 +23,15 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
-from neox_jax.inference import decode as core
+from neox_jax.inference import core
+from neox_jax.inference.core import SLOT_ROUND, batch_bucket, prompt_bucket
+from neox_jax.inference.decode import Layout, layout_for, transpose_kernels
 from neox_jax.inference.sampling import SamplingParams
 from neox_jax.inference.textstops import RowTracker
 from neox_jax.model.config import NeoXConfig
-from neox_jax.model.neox import Params
+from neox_jax.model.neox import Params, is_stacked
 from neox_jax.parallel import sharding
 from neox_jax.store.tokenizer import Tokenizer
-
-SLOT_ROUND = 64
-# XLA CPU: with region analysis, copy insertion sees that each layer's cache update in the decode loop is the buffer's
-# last use and updates it in place; without it XLA copied every cache buffer twice per step (measured in the HLO).
-CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 @dataclasses.dataclass
@@ -94,17 +91,6 @@ class Stream:
         self.result = yield from self._events
 
 
-def prompt_bucket(n: int, limit: int) -> int:
-    b = 16
-    while b < n:  # doubling to 128, then x1.5 / x4/3 in turn: 192, 256, 384, 512, 768, ...
-        b = b * 2 if b < 128 else (b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3)
-    return min(b, limit)
-
-
-def batch_bucket(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 class Generator:
     """mesh: the jax.sharding.Mesh the params are sharded over (None: one device). On a mesh the batch bucket is also
     a multiple of the mesh's `data` size (the extra rows are dropped), the KV cache is split over batch and heads,
@@ -117,16 +103,15 @@ class Generator:
         tokenizer: Tokenizer | None = None,
         *,
         chunk_size: int = 16,
-        layout: core.Layout | None = None,
+        layout: Layout | None = None,
         mesh=None,
     ):
         """layout: None picks the fastest for the backend (decode.layout_for; on CPU a second, transposed copy of the
         matmul weights is made once and kept while these params are in use)."""
         self.cfg, self.params, self.tokenizer, self.chunk_size, self.mesh = cfg, params, tokenizer, chunk_size, mesh
         self.layout = layout
-        self._compiled: dict[tuple, object] = {}  # (kind, shapes, statics) -> jax Compiled
+        self.programs = core.Programs()  # (kind, shapes, statics, params) -> compiled
         self._prepared = (None, None)  # (the params they were made from, the params in the run layout)
-        self.compiles = 0  # programs compiled by this generator (tests check it stays put)
 
     # ---- inputs ------------------------------------------------------------------------------------------------------
     def encode(self, prompts) -> list[list[int]]:
@@ -159,31 +144,27 @@ class Generator:
     def vocab_limit(self) -> int:
         return min(self.cfg.vocab_size, self.tokenizer.vocab_size) if self.tokenizer else self.cfg.vocab_size
 
-    def run_layout(self) -> core.Layout:
-        return self.layout or core.layout_for(self.params, jax.default_backend())
+    def run_layout(self) -> Layout:
+        return self.layout or layout_for(self.params, jax.default_backend())
 
-    def run_params(self, layout: core.Layout) -> Params:
+    def run_params(self, layout: Layout) -> Params:
         """The params in the run layout (transposed once per params object when the layout asks; on CPU the
         prefill is faster on them too)."""
         if not layout.transposed:
             return self.params
         if self._prepared[0] is not self.params:
             self._prepared = (None, None)  # free the old copy first
-            self._prepared = (self.params, core.transpose_kernels(self.params))
+            self._prepared = (self.params, transpose_kernels(self.params))
         return self._prepared[1]
+
+    @property
+    def compiles(self) -> int:
+        """Programs compiled by this generator (tests check it stays put)."""
+        return self.programs.compiles
 
     def release_params(self) -> None:
         """Drops the params and their run-layout copy (the compiled programs stay): set .params again to reuse."""
         self.params, self._prepared = None, (None, None)
-
-    def _program(self, kind: str, key: tuple, params: Params, fn, *args):
-        leaves, treedef = jax.tree.flatten(params)  # new params of another shape / dtype / sharding: recompile
-        k = (kind, key, treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves), self.mesh)
-        if k not in self._compiled:
-            opts = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else {}
-            self._compiled[k] = fn.lower(*args, mesh=self.mesh).compile(compiler_options=opts)
-            self.compiles += 1
-        return self._compiled[k]
 
     def _put_done(self, force_done):
         return force_done if self.mesh is None else sharding.put_batch(force_done, self.mesh)
@@ -281,88 +262,60 @@ class Generator:
                 f"fewer tokens"
             )
         static = sp.static(self.vocab_limit(), suppress)
-        n, b_pre = len(ids), batch_bucket(len(ids))
+        n = len(ids)
         timing = Timing()
         layout = self.run_layout()
         t = time.perf_counter()
         params = self.run_params(layout)
         timing.prepare_s = time.perf_counter() - t
-        b = max(b_pre, layout.min_rows)  # decode rows (extra ones are copies, forced done)
-        if self.mesh is not None:  # the batch splits over `data`: a multiple of its size
-            d = sharding.data_size(self.mesh)
-            b_pre, b = -(-b_pre // d) * d, -(-b // d) * d
+        b_pre = core.round_rows(batch_bucket(n), 1, self.mesh)  # prompt rows (past n: copies)
+        b = core.round_rows(b_pre, layout.min_rows, self.mesh)  # decode rows (past n: forced done)
         p = prompt_bucket(longest, cfg.max_position_embeddings)
         s = -(-(p + max_new_tokens) // SLOT_ROUND) * SLOT_ROUND
-        pad = tok.pad_id if tok else cfg.eos_token_id
-        grid = np.full((b_pre, p), pad, np.int32)
-        mask = np.zeros((b_pre, p), np.int32)
-        for i in range(b_pre):
-            row = ids[min(i, n - 1)]  # rows past n repeat the last prompt and are forced done
-            grid[i, p - len(row) :], mask[i, p - len(row) :] = row, 1
-        stop_mask = np.zeros(cfg.vocab_size, bool)
-        stop_mask[stop_token_ids] = True
-        force_done = np.arange(b) >= n
-        values, key = sp.values(), jax.random.key(sp.seed)
-        rows = [RowTracker(tok, stop_token_ids, stop, max_new_tokens) for _ in range(n)]
-
+        grid, mask = self._grid(ids, b_pre, p)
+        settings = self._settings(sp, b, stop_token_ids, max_new_tokens)
+        key = jax.random.key(sp.seed)
         if self.mesh is not None:  # global arrays: [B, ...] split over data, the rest replicated (works multi-host)
             grid, mask = sharding.put_batch(grid, self.mesh), sharding.put_batch(mask, self.mesh)
-            values = jax.tree.map(lambda v: sharding.put_replicated(v, self.mesh), values)
-            stop_mask = sharding.put_replicated(stop_mask, self.mesh)
+            settings = jax.tree.map(lambda v: sharding.put_batch(v, self.mesh), settings)
             key = jax.random.wrap_key_data(sharding.put_replicated(jax.random.key_data(key), self.mesh))
+        force_done = np.arange(b) >= n
+        rows = [RowTracker(tok, stop_token_ids, stop, max_new_tokens) for _ in range(n)]
+        pk = core.params_key(params)
+
         t = time.perf_counter()
-        pre = self._program(
-            "prefill",
-            (b_pre, b, p, s, static, layout),
-            params,
-            core.prefill_jit,
-            cfg,
-            static,
-            layout,
-            s,
-            b,
-            params,
-            grid,
-            mask,
-            values,
-            stop_mask,
-            key,
+        statics = (cfg, static, layout, b, s, self.mesh)
+        pre = self.programs.get(
+            ("prefill", statics, p, b_pre, pk), _prefill_jit, *statics, params, grid, mask, settings, key
         )
         timing.compile_s += time.perf_counter() - t
         t = time.perf_counter()
-        state = pre(params, grid, mask, values, stop_mask, key)
-        first = sharding.to_host(state["tokens"])
+        state = pre(params, grid, mask, settings, key)
+        first = sharding.to_host(state.tokens)
         now = time.perf_counter()
         timing.prefill_s, timing.first_token_s = now - t, now - t_start
         event = self._advance(rows, first[:n, None])
         if streaming:
             yield event
 
-        dec = None
         made, chunk = 1, (chunk_size or self.chunk_size) if (streaming or stop) else max_new_tokens
         while made < max_new_tokens and not all(r.finished for r in rows):
-            if dec is None:
-                t = time.perf_counter()
-                dec = self._program(
-                    "decode",
-                    (b, s, static, layout),
-                    params,
-                    core.decode_jit,
-                    cfg,
-                    static,
-                    layout,
-                    params,
-                    state,
-                    values,
-                    stop_mask,
-                    self._put_done(force_done),
-                    np.int32(1),
-                )
-                timing.compile_s += time.perf_counter() - t
+            t = time.perf_counter()
+            statics = (cfg, static, layout, s, self.mesh)
+            dec = self.programs.get(
+                ("decode", statics, b, pk),
+                _decode_jit,
+                *statics,
+                params,
+                state,
+                self._put_done(force_done),
+                np.int32(1),
+            )
+            timing.compile_s += time.perf_counter() - t
             t = time.perf_counter()
             steps = min(chunk, max_new_tokens - made)
             force_done[:n] = [r.finished for r in rows]
-            state, out, ran = dec(params, state, values, stop_mask, self._put_done(force_done), np.int32(steps))
+            state, out, ran = dec(params, state, self._put_done(force_done), np.int32(steps))
             ran = int(sharding.to_host(ran))
             event = self._advance(rows, sharding.to_host(out)[:n, :ran])
             made += ran
@@ -384,6 +337,23 @@ class Generator:
             timing=timing,
         )
 
+    def _grid(self, ids: list[list[int]], rows: int, p: int) -> tuple[np.ndarray, np.ndarray]:
+        """The prompts left-padded to [rows, p] ids and mask (rows past the prompts repeat the last one)."""
+        tok = self.tokenizer
+        grid = np.full((rows, p), tok.pad_id if tok else self.cfg.eos_token_id, np.int32)
+        mask = np.zeros((rows, p), np.int32)
+        for i in range(rows):
+            row = ids[min(i, len(ids) - 1)]
+            grid[i, p - len(row) :], mask[i, p - len(row) :] = row, 1
+        return grid, mask
+
+    def _settings(self, sp: SamplingParams, rows: int, stop_ids: list[int], max_new: int) -> dict:
+        """The decode state's per-row settings: the same for every row."""
+        stop_mask = np.zeros((rows, self.cfg.vocab_size), bool)
+        stop_mask[:, stop_ids] = True
+        values = {k: np.full(rows, np.asarray(v), np.float32) for k, v in sp.values().items()}
+        return {**values, "stop_mask": stop_mask, "max_new": np.full(rows, max_new, np.int32)}
+
     @staticmethod
     def _advance(rows: list[RowTracker], new: np.ndarray) -> StreamEvent:
         pieces = [r.push(new[i].tolist()) for i, r in enumerate(rows)]
@@ -392,3 +362,20 @@ class Generator:
             texts=[p[1] for p in pieces] if rows[0].tok else None,
             finish_reasons=[r.finish_reason for r in rows],
         )
+
+
+def _prefill(cfg, static, layout, rows, cache_len, mesh, params, grid, mask, settings, key) -> core.DecodeState:
+    """A fresh state of `rows` rows x cache_len slots with the left-padded prompts grid, mask [R, P] in its first R."""
+    state = core.empty_state(
+        cfg, layout, rows, cache_len, settings, is_stacked(params), static.repetition_penalty, key, mesh
+    )
+    return core.prefill_into(cfg, static, layout, params, state, 0, grid, mask, mesh=mesh)[0]
+
+
+def _decode(cfg, static, layout, width, mesh, params, state, force_done, n_steps):
+    state, out, steps = core.decode_chunk(cfg, static, layout, params, state, force_done, n_steps, width, True, mesh)
+    return state, out["tokens"], steps
+
+
+_prefill_jit = jax.jit(_prefill, static_argnums=(0, 1, 2, 3, 4, 5))
+_decode_jit = jax.jit(_decode, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))

@@ -30,12 +30,19 @@ SEED_LIMIT = 2**63  # jax.random.key takes a 64-bit seed; 2**63 and up overflow 
 class Static(NamedTuple):
     """The compile-time part of the sampling settings (hashable: a jit static argument)."""
 
-    greedy: bool
-    top_k: int  # 0: off
+    greedy: bool  # every row greedy: the program has no sampling code at all
+    top_k: int  # candidates kept per row (0: the whole vocabulary); per_row rows may cut further with their own top_k
     top_p: bool
     repetition_penalty: bool
     vocab_limit: int  # ids >= this are never emitted
+    per_row: bool = False  # rows mix settings (the server): see `choose`
+    logprob_rows: int | None = None  # what log-probabilities are normalised over (see `logprobs`)
     suppress: tuple[int, ...] = ()  # ids never emitted (HF's min_length keeps the end-of-text id out this way)
+
+
+def per_row_static(vocab_limit: int, logprob_rows: int | None = None) -> Static:
+    """The server's: every row its own temperature (0: greedy), top-k, top-p, penalty, min_tokens, seed."""
+    return Static(False, 0, True, True, vocab_limit, per_row=True, logprob_rows=logprob_rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,26 +113,105 @@ def prompt_seen(ids, mask, vocab: int):
     return jnp.zeros((ids.shape[0], vocab), bool).at[rows, ids].max(mask.astype(bool))
 
 
-def choose(static: Static, values: dict, logits, key, seen=None):
-    """logits [B, V] float32 -> next ids [B] int32. seen [B, V] bool is required when the repetition penalty is on."""
+def _col(x):
+    """A setting, one scalar for every row or [B] per row -> broadcastable against [B, V]."""
+    return x if jnp.ndim(x) == 0 else x[:, None]
+
+
+def choose(static: Static, values: dict, logits, key, seen=None, made=None):
+    """logits [B, V] float32 -> next ids [B] int32: the one sampler of generate, the server and speculative decoding.
+
+    values: temperature, top_p, repetition_penalty as float32 scalars or [B] per row (SamplingParams.values(), or the
+    per-row settings of serve.rows). seen [B, V] bool is required when the repetition penalty is on. With
+    static.per_row (the server) values also has top_k [B] (0: off), min_tokens [B], stop_mask [B, V]; a row with
+    temperature 0 is greedy, the others sample, and the sort over the vocabulary only runs when some row samples.
+    key: one PRNG key for the batch (one draw over [B]); per_row: key data [B, 2] uint32 per row, folded with made
+    [B] (tokens the row has made), so a row's draw depends on its own seed and step only, never on its company."""
     v = logits.shape[-1]
-    if static.vocab_limit < v:  # the padded embedding rows the tokenizer cannot decode
-        logits = jnp.where(jnp.arange(v) < static.vocab_limit, logits, -jnp.inf)
+    x = logits
+    if static.vocab_limit < v or static.per_row:  # the padded embedding rows the tokenizer cannot decode
+        x = jnp.where(jnp.arange(v) < static.vocab_limit, x, -jnp.inf)
     if static.suppress:
-        logits = logits.at[:, list(static.suppress)].set(-jnp.inf)
-    if static.repetition_penalty:
-        p = values["repetition_penalty"]
-        logits = jnp.where(seen, jnp.where(logits > 0, logits / p, logits * p), logits)
+        x = x.at[:, list(static.suppress)].set(-jnp.inf)
+    if static.repetition_penalty:  # a penalty of 1 is exact: x / 1 and x * 1
+        p = _col(values["repetition_penalty"])
+        x = jnp.where(seen, jnp.where(x > 0, x / p, x * p), x)
+    if static.per_row:  # no stop id before min_tokens
+        x = jnp.where((made < values["min_tokens"])[:, None] & values["stop_mask"], -jnp.inf, x)
+    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
     if static.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / values["temperature"]
-    if static.top_k or static.top_p:
-        # candidates sorted by logit, descending: the top k, or (top-p alone) the whole vocabulary
-        cand, ids = jax.lax.top_k(logits, static.top_k or v)  # [B, K]
-        if static.top_p:  # keep the smallest prefix whose probability reaches top_p (always the first)
-            probs = jax.nn.softmax(cand, axis=-1)
-            before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly before each candidate
-            cand = jnp.where(before < values["top_p"], cand, -jnp.inf)
-        pick = jax.random.categorical(key, cand, axis=-1)  # [B]
-        return jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        return greedy
+    if not static.per_row:
+        return _sample(static, values, x, key, None)
+    sampling = values["temperature"] > 0
+    return jax.lax.cond(
+        jnp.any(sampling),
+        lambda x: jnp.where(sampling, _sample(static, values, x, key, made), greedy),
+        lambda _: greedy,
+        x,
+    )
+
+
+def _candidates(static: Static, values: dict, x):
+    """Temperature, then the top-k / top-p cuts: x [B, V] -> (candidate logits [B, K], their ids [B, K]), or
+    (x / temperature, None) when nothing is cut."""
+    v = x.shape[-1]
+    t = values["temperature"]
+    x = x / _col(jnp.where(t > 0, t, 1.0) if static.per_row else t)
+    if not (static.top_k or static.top_p or static.per_row):
+        return x, None
+    # candidates sorted by logit, descending: the top k, or the whole vocabulary
+    k = static.top_k or v
+    cand, ids = jax.lax.top_k(x, k)  # [B, K]
+    if static.per_row:  # each row's own top_k (0: off)
+        row_k = jnp.where(values["top_k"] > 0, values["top_k"], k)[:, None]
+        cand = jnp.where(jnp.arange(k)[None] < row_k, cand, -jnp.inf)
+    if static.top_p:  # keep the smallest prefix whose probability reaches top_p (always the first)
+        probs = jax.nn.softmax(cand, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly before each candidate
+        cand = jnp.where(before < _col(values["top_p"]), cand, -jnp.inf)
+    return cand, ids
+
+
+def _sample(static: Static, values: dict, x, key, made):
+    """The cuts (see _candidates), then one draw per row (see choose)."""
+    cand, ids = _candidates(static, values, x)
+    if ids is None:
+        return _draw(key, cand, made).astype(jnp.int32)
+    return jnp.take_along_axis(ids, _draw(key, cand, made)[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def processed_logits(static: Static, values: dict, logits):
+    """logits [..., V] float32 (penalty and vocabulary mask already applied, or not wanted) -> the logits `choose`
+    draws from: temperature, top-k and top-p applied, the excluded ids -inf (their softmax is the distribution a
+    speculative acceptance test compares). Batch-uniform statics only."""
+    shape, v = logits.shape, logits.shape[-1]
+    cand, ids = _candidates(static, values, logits.reshape(-1, v))
+    if ids is not None:
+        rows = jnp.arange(cand.shape[0])[:, None]
+        cand = jnp.full((cand.shape[0], v), -jnp.inf, cand.dtype).at[rows, ids].set(cand)
+    return cand.reshape(shape)
+
+
+def _draw(key, logits, made):
+    """One categorical draw per row of logits [B, K]: from one key (made None) or per-row key data folded with made."""
+    if made is None:
+        return jax.random.categorical(key, logits, axis=-1)
+    keys = jax.vmap(lambda kd, n: jax.random.fold_in(jax.random.wrap_key_data(kd), n))(key, made)
+    return jax.vmap(jax.random.categorical)(keys, logits)
+
+
+def log_probs(logits, vocab_limit: int, logprob_rows: int | None = None):
+    """logits [..., V] -> log_softmax over the first `logprob_rows` rows (None: all V), and -inf at ids >= vocab_limit
+    (which the tokenizer cannot decode, so they are never listed)."""
+    v = logits.shape[-1]
+    ids = jnp.arange(v)
+    lps = jax.nn.log_softmax(logits if logprob_rows in (None, v) else jnp.where(ids < logprob_rows, logits, -jnp.inf))
+    return jnp.where(ids < vocab_limit, lps, -jnp.inf)
+
+
+def logprobs(logits, tokens, k: int, vocab_limit: int, logprob_rows: int | None = None):
+    """The model's log-probabilities of tokens [B] (see log_probs), and the top k ids / log-probabilities [B, k]."""
+    lps = log_probs(logits, vocab_limit, logprob_rows)
+    top_lp, top_ids = jax.lax.top_k(lps, k)
+    return jnp.take_along_axis(lps, tokens[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp

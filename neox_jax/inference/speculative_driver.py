@@ -6,9 +6,9 @@ stream events as Generator, plus acceptance statistics.
     result.speculative  # {"acceptance_rate": ..., "tokens_per_target_step": ..., ...}
 
 The programs (neox_jax/inference/speculative.py) are compiled once per (batch, prompt bucket, cache length, k,
-sampling mode) and kept in the target Generator's program cache. The cache gets k extra slots (a round may write k
-tokens past the last one kept). Not supported with a draft: the repetition penalty (its distribution changes along
-the drafted tokens).
+sampling mode) and kept in the target Generator's program cache (core.Programs). The cache gets k extra slots (a
+round may write k tokens past the last one kept). Not supported with a draft: the repetition penalty (its
+distribution changes along the drafted tokens).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from neox_jax.errors import NeoXError
+from neox_jax.inference import core
 from neox_jax.inference import speculative as spec
 from neox_jax.inference.generate import (
     SLOT_ROUND,
@@ -149,56 +150,46 @@ class SpeculativeGenerator:
                 f"max_position_embeddings {limit_pos} (of the target or draft); shorten the prompt or ask for fewer"
             )
         static = sp.static(tgt.vocab_limit())
-        n, b_pre = len(ids), batch_bucket(len(ids))
+        n = len(ids)
         timing = Timing()
         layout, dlayout = tgt.run_layout(), dft.run_layout()
         t = time.perf_counter()
         params, dparams = tgt.run_params(layout), dft.run_params(dlayout)
         timing.prepare_s = time.perf_counter() - t
-        b = max(b_pre, layout.min_rows, dlayout.min_rows)
-        if mesh is not None:
-            d = sharding.data_size(mesh)
-            b_pre, b = -(-b_pre // d) * d, -(-b // d) * d
+        # every row prefilled (past n: copies, forced done) so all start at the same slot
+        b = core.round_rows(batch_bucket(n), max(layout.min_rows, dlayout.min_rows), mesh)
         p = prompt_bucket(longest, cfg.max_position_embeddings)
         s = -(-(p + max_new_tokens + k) // SLOT_ROUND) * SLOT_ROUND  # a round writes up to k slots past the last kept
-        pad = tok.pad_id if tok else cfg.eos_token_id
-        grid, mask = np.full((b_pre, p), pad, np.int32), np.zeros((b_pre, p), np.int32)
-        for i in range(b_pre):
-            row = ids[min(i, n - 1)]
-            grid[i, p - len(row) :], mask[i, p - len(row) :] = row, 1
-        stop_mask = np.zeros(cfg.vocab_size, bool)
-        stop_mask[stop_token_ids] = True
+        grid, mask = tgt._grid(ids, b, p)
+        settings = tgt._settings(sp, b, stop_token_ids, max_new_tokens)
         force_done = np.arange(b) >= n
-        values, key, limit = sp.values(), jax.random.key(sp.seed), np.int32(max_new_tokens)
+        values, key = sp.values(), jax.random.key(sp.seed)
         rows = [RowTracker(tok, stop_token_ids, stop, max_new_tokens) for _ in range(n)]
         if mesh is not None:
             grid, mask = sharding.put_batch(grid, mesh), sharding.put_batch(mask, mesh)
+            settings = jax.tree.map(lambda v: sharding.put_batch(v, mesh), settings)
             values = jax.tree.map(lambda v: sharding.put_replicated(v, mesh), values)
-            stop_mask = sharding.put_replicated(stop_mask, mesh)
             key = jax.random.wrap_key_data(sharding.put_replicated(jax.random.key_data(key), mesh))
-        both = (params, dparams)
+        pk = (core.params_key(params), core.params_key(dparams))
         statics = (cfg, dft.cfg, static, layout, dlayout)
         t = time.perf_counter()
-        pre = tgt._program(
-            "spec_prefill",
-            (b_pre, b, p, s, static, layout, dlayout, dft.cfg),
-            both,
+        pre = tgt.programs.get(
+            ("spec_prefill", statics, b, p, s, mesh, pk),
             spec.prefill_jit,
             *statics,
             s,
-            b,
             params,
             dparams,
             grid,
             mask,
-            values,
-            stop_mask,
+            settings,
             key,
+            mesh=mesh,
         )
         timing.compile_s += time.perf_counter() - t
         t = time.perf_counter()
-        state = pre(params, dparams, grid, mask, values, stop_mask, key)
-        first = sharding.to_host(state["tokens"])
+        state = pre(params, dparams, grid, mask, settings, key)
+        first = sharding.to_host(state.target.tokens)
         now = time.perf_counter()
         timing.prefill_s, timing.first_token_s = now - t, now - t_start
         event = Generator._advance(rows, first[:n, None])
@@ -210,10 +201,8 @@ class SpeculativeGenerator:
             done = tgt._put_done(force_done)
             if run is None:
                 t = time.perf_counter()
-                run = tgt._program(
-                    "spec_rounds",
-                    (b, s, k, static, layout, dlayout, dft.cfg),
-                    both,
+                run = tgt.programs.get(
+                    ("spec_rounds", statics, k, b, s, mesh, pk),
                     spec.rounds_jit,
                     *statics,
                     k,
@@ -221,14 +210,13 @@ class SpeculativeGenerator:
                     dparams,
                     state,
                     values,
-                    stop_mask,
                     done,
-                    limit,
                     np.int32(1),
+                    mesh=mesh,
                 )
                 timing.compile_s += time.perf_counter() - t
             t = time.perf_counter()
-            state, out, count, ran = run(params, dparams, state, values, stop_mask, done, limit, np.int32(per_call))
+            state, out, count, ran = run(params, dparams, state, values, done, np.int32(per_call))
             out, count = sharding.to_host(out), sharding.to_host(count)
             event = Generator._advance(rows, [out[i, : count[i]] for i in range(n)])
             timing.decode_s += time.perf_counter() - t
@@ -240,7 +228,7 @@ class SpeculativeGenerator:
         if streaming and any(tail):
             yield StreamEvent([[] for _ in rows], tail, [r.finish_reason for r in rows])
         timing.decode_tokens = sum(max(0, len(r.ids) - 1) for r in rows)
-        stats = {name: sharding.to_host(state[name])[:n] for name in ("proposed", "accepted", "steps")}
+        stats = {name: sharding.to_host(getattr(state, name))[:n] for name in ("proposed", "accepted", "steps")}
         proposed, accepted, steps = (int(stats[x].sum()) for x in ("proposed", "accepted", "steps"))
         return SpeculativeResult(
             prompt_ids=ids,

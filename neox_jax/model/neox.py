@@ -303,22 +303,6 @@ def split_qkv(qkv):
 split_qkv.defvjp(lambda qkv: (split_qkv(qkv), None), lambda _, g: (jnp.stack(g, axis=-2),))
 
 
-def write_slots(cache, new, cache_index):
-    """cache [B, N, S, H] with new [B, N, T, H] written at slots cache_index.. : a scalar (every row alike), or [B]
-    int (each row at its own slot: speculative decoding rolls a row back by moving its index; later writes overwrite).
-    The caller keeps cache_index + T <= S (dynamic_update_slice would clamp the start and shift the write)."""
-    if jnp.ndim(cache_index) == 1 and cache.shape[0] == 1:  # one row: its own slot is the scalar case
-        cache_index = cache_index[0]
-    elif jnp.ndim(cache_index) == 1:
-        # an elementwise select over the slots (a vmapped dynamic_update_slice became a scatter that XLA CPU ran
-        # copying the cache, 2x slower): slot s of row b takes new token s - cache_index[b] when that is in 0..T-1
-        t, s = new.shape[2], cache.shape[2]
-        rel = jnp.arange(s)[None, :] - cache_index[:, None]  # [B, S]
-        picked = jnp.take_along_axis(new, jnp.clip(rel, 0, t - 1)[:, None, :, None], axis=2)  # [B, N, S, H]
-        return jnp.where(((rel >= 0) & (rel < t))[:, None, :, None], picked, cache)
-    return jax.lax.dynamic_update_slice(cache, new, (0, 0, cache_index, 0))
-
-
 class Attention(nnx.Module):
     hook = None  # set by neox_jax.interp: its hook points, and the attention computed with scores and pattern
     implementation = None  # without cache slots to read: None (per backend) or one of attention.IMPLEMENTATIONS
@@ -377,7 +361,9 @@ class Attention(nnx.Module):
             out = _attend(q, k, v, new_mask, old_mask, kv)
         out = _hook(self, "hook_z", out.transpose(0, 2, 1, 3))  # [B, T, N, H]
         if kv is not None:
-            kv = tuple(write_slots(c, a.astype(c.dtype), cache_index) for c, a in zip(kv, (k, v)))
+            kv = tuple(
+                jax.lax.dynamic_update_slice(c, a.astype(c.dtype), (0, 0, cache_index, 0)) for c, a in zip(kv, (k, v))
+            )
         return self.dense(out.astype(x.dtype)), kv
 
     def _fused(self, x, q, k, v, mask, kv, cache_index, rows, impl):
@@ -388,7 +374,10 @@ class Attention(nnx.Module):
             mask = jnp.take_along_axis(mask, rows[:, :, None], axis=1)
         if kv is not None:  # what the cache holds (attention uses exactly these values), [B, N, S, H] slots
             k, v = k.astype(kv[0].dtype).astype(k.dtype), v.astype(kv[1].dtype).astype(v.dtype)
-            kv = tuple(write_slots(c, a.transpose(0, 2, 1, 3).astype(c.dtype), cache_index) for c, a in zip(kv, (k, v)))
+            kv = tuple(
+                jax.lax.dynamic_update_slice(c, a.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0))
+                for c, a in zip(kv, (k, v))
+            )
         out = attention.fused(q, k, v, mask, impl, causal=rows is None)  # [B, T, N, H]
         return self.dense(out.astype(x.dtype)), kv
 
@@ -499,8 +488,7 @@ class GPTNeoX(nnx.Module):
     def hidden_states(self, input_ids, positions, kv_valid, cache=None, cache_index=0, attn_mask=None, rows=None):
         """input_ids, positions [B, T] int; kv_valid [B, S] bool (which key slots hold real tokens, S == T without a
         cache); cache None or {"k", "v"}: a list of L [B, N, S, H] buffers
-        (unrolled layers) or one [L, B, N, S, H] buffer (stacked layers), written at slots cache_index..cache_index+T-1
-        (cache_index: an int, or [B] int: each row at its own slot, the slots before it its past; see write_slots).
+        (unrolled layers) or one [L, B, N, S, H] buffer (stacked layers), written at slots cache_index..cache_index+T-1.
         attn_mask: without a cache, an explicit [B, T, T] mask replacing causal & kv_valid (packed sequences).
         rows [B, K] int, without a cache: only these tokens' states are wanted, and the last layer computes its
         queries, attention output and MLP for them alone (a scorer's few scored positions).
@@ -515,11 +503,6 @@ class GPTNeoX(nnx.Module):
             mask = (attn_mask, None)
         elif cache is None:
             mask = (kv_valid[:, None, :] & causal, None)
-        elif jnp.ndim(cache_index) == 1:  # per-row slots [B] (see write_slots): each row's own past
-            cols = jnp.minimum(cache_index[:, None] + jnp.arange(t), s - 1)  # [B, T]
-            new_valid = jnp.take_along_axis(kv_valid, cols, axis=1)
-            old = kv_valid & (jnp.arange(s)[None, :] < cache_index[:, None])  # [B, S]
-            mask = (new_valid[:, None, :] & causal, jnp.broadcast_to(old[:, None, :], (b, t, s)))
         else:  # the new tokens' own slots, and the real slots written before them
             new_valid = jax.lax.dynamic_slice(kv_valid, (0, cache_index), (b, t))  # [B, T]
             old = None

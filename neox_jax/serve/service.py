@@ -20,7 +20,7 @@ from neox_jax.serve.metrics import Metrics
 from neox_jax.serve.scheduler import Scheduler
 from neox_jax.store.tokenizer import Tokenizer
 
-LOGPROB_VOCABS = ("all", "tokenizer")  # what server log-probabilities are normalised over (see rows.log_probs)
+LOGPROB_VOCABS = ("all", "tokenizer")  # what server log-probabilities are normalised over (see sampling.log_probs)
 
 
 @dataclasses.dataclass
@@ -50,7 +50,7 @@ class Service:
     ) -> Service:
         """lm: a neox_jax.NeoX. chat_template: jinja source (default: the checkpoint's, if it has one).
         logprob_vocab: "all" (log-probabilities normalised over every output row, as lm-eval's hf backend, vLLM and
-        neox-jax evaluate do) or "tokenizer" (over the ids the tokenizer has only); see rows.log_probs."""
+        neox-jax evaluate do) or "tokenizer" (over the ids the tokenizer has only); see sampling.log_probs."""
         tok = tokenizer or lm.tokenizer
         if tok is None:
             raise NeoXError(f"{lm.path}: the checkpoint has no tokenizer.json; pass --tokenizer FILE")
