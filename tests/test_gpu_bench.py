@@ -28,6 +28,17 @@ def test_tiny_run_writes_json_and_table(tmp_path):
     ):
         assert row[key] > 0, key
     assert 0 < row["decode1_roofline_pct"] < 1000
+    for b in (1, 16):  # the derived figures follow from the measured ones
+        step = row[f"decode{b}_ms_per_step"]
+        assert abs(row[f"decode{b}_tokens_per_s"] - b * 1e3 / step) < 1e-6 * row[f"decode{b}_tokens_per_s"]
+        assert abs(row[f"decode{b}_roofline_pct"] - 100 * row[f"decode{b}_roofline_ms"] / step) < 1e-6 * 100
+    # the roofline is bytes / measured bandwidth: 16 rows read the same weights plus 16x the KV cache
+    assert row["decode16_roofline_ms"] > row["decode1_roofline_ms"]
+    from neox_jax.model.config import preset
+
+    cfg = preset("tiny")
+    weights = (cfg.num_params - cfg.vocab_size * cfg.hidden_size) * 2  # bfloat16, the embedding not read per step
+    assert row["decode1_roofline_ms"] >= weights / (data["bandwidth_gbs"] * 1e9) * 1e3
     table = (tmp_path / "gpu.md").read_text()
     assert "| tiny | prefill_fused (xla)_tokens_per_s |" in table and "% reached" in table
 

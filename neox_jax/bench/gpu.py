@@ -138,7 +138,7 @@ def device_params(cfg, dtype, device):
 def program_peak_gib(gen) -> float:
     """The largest compiled program's own memory (arguments + outputs + temporaries - donated aliases)."""
     best = 0
-    for compiled in gen._compiled.values():
+    for compiled in gen.programs.values():
         m = compiled.memory_analysis()
         if m is not None:
             best = max(

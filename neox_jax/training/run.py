@@ -226,26 +226,14 @@ class _Stop:
 def run(cfg: RunConfig) -> int:
     """Runs (or resumes) a fine-tuning run; returns 0 when it finished, 128 + signal when a signal stopped it."""
     out = Path(cfg.out).absolute()
-    meta = checkpoint.read_metadata(cfg.checkpoint)
-    settings = _resolved(cfg, meta["dtype"])
+    base = checkpoint.open(cfg.checkpoint)
+    settings = _resolved(cfg, base.dtype)
     settings["base"] = checkpoint.identity(cfg.checkpoint)  # resume refuses another base model
     dtype = checkpoint.DTYPES[settings["dtype"]]
-    out.mkdir(parents=True, exist_ok=True)
-    mgr = ocp.CheckpointManager(
-        out / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True, enable_async_checkpointing=False),
-    )
-    latest = mgr.latest_step()
-    if latest is not None and not cfg.resume:
-        raise ValueError(
-            f"{out} already holds checkpoints (up to step {latest}): pass --resume to continue that run, "
-            f"or choose another --out"
-        )
-    if cfg.resume and latest is None:
-        raise ValueError(f"--resume: {out / 'checkpoints'} holds no checkpoint to resume from")
+    mgr, latest = _open_checkpoints(out, cfg)
     saved = _saved_run(out, settings, cfg.resume)
 
-    model_cfg = checkpoint.read_config(cfg.checkpoint)
+    model_cfg = base.cfg
     batches, heldout, what = prefix.run_data(cfg, model_cfg.vocab_size, settings["heldout_fraction"])
     total = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * batches.batches_per_epoch)
     _check_schedule(saved, total, cfg.allow_schedule_change)
@@ -354,17 +342,7 @@ def run(cfg: RunConfig) -> int:
                 )
             items = batches.items(pos) if isinstance(batches, prefix.PrefixBatches) else None
             state, step, epoch, pos = new_state, step + 1, pos.epoch, batches.advance(pos)
-            last = {
-                "step": step,
-                "epoch": epoch,
-                "loss": m["loss"],
-                "lr": m["lr"],
-                "grad_norm": m["grad_norm"],
-                "loss_scale": m["loss_scale"],
-                "skipped": bool(m["skipped"]),
-                "tokens_per_s": cfg.batch_size * cfg.seq_len / dt,
-                **({"items": [items.start, items.stop]} if items else {}),  # the dataset sequences it trained on
-            }
+            last = _metrics_row(step, epoch, m, cfg.batch_size * cfg.seq_len / dt, items)
             if eval_step is not None and (step % cfg.eval_every == 0 or step == total):
                 last["eval_loss"] = evaluate(state["params"])
             mf.write(json.dumps(last) + "\n")
@@ -393,6 +371,47 @@ def run(cfg: RunConfig) -> int:
         {"base_checkpoint": str(Path(cfg.checkpoint).absolute()), "step": step, "dtype": settings["dtype"]},
     )
     plot = plot_losses(metrics_file, out / "loss.png") if metrics_file.stat().st_size else None
+    _report(out, step, total, stopped, last, ft, metrics_file, plot)
+    return 128 + stopped if stopped else 0
+
+
+def _open_checkpoints(out: Path, cfg: RunConfig):
+    """The run's Orbax checkpoint manager and its latest step; refuses a run dir that has checkpoints without
+    --resume, and --resume without any."""
+    out.mkdir(parents=True, exist_ok=True)
+    mgr = ocp.CheckpointManager(
+        out / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True, enable_async_checkpointing=False),
+    )
+    latest = mgr.latest_step()
+    if latest is not None and not cfg.resume:
+        raise ValueError(
+            f"{out} already holds checkpoints (up to step {latest}): pass --resume to continue that run, "
+            f"or choose another --out"
+        )
+    if cfg.resume and latest is None:
+        raise ValueError(f"--resume: {out / 'checkpoints'} holds no checkpoint to resume from")
+    return mgr, latest
+
+
+def _metrics_row(step: int, epoch: int, m: dict, tokens_per_s: float, items) -> dict:
+    """One line of metrics.jsonl: the step's loss, lr, gradient norm, loss scale, throughput (and, on a Megatron
+    dataset, the sequences it trained on)."""
+    return {
+        "step": step,
+        "epoch": epoch,
+        "loss": m["loss"],
+        "lr": m["lr"],
+        "grad_norm": m["grad_norm"],
+        "loss_scale": m["loss_scale"],
+        "skipped": bool(m["skipped"]),
+        "tokens_per_s": tokens_per_s,
+        **({"items": [items.start, items.stop]} if items else {}),
+    }
+
+
+def _report(out: Path, step: int, total: int, stopped, last: dict, ft, metrics_file: Path, plot) -> None:
+    """The closing lines: how the run ended and where each of its outputs went."""
     what = f"stopped by {signal.Signals(stopped).name} at step {step}/{total}" if stopped else f"finished {step} steps"
     print(
         f"{what}; last loss {last.get('loss', float('nan')):.4f}\n  checkpoints: {out / 'checkpoints'} (latest "
@@ -400,4 +419,3 @@ def run(cfg: RunConfig) -> int:
         f"{metrics_file}" + (f"\n  plot: {plot}" if plot else ""),
         flush=True,
     )
-    return 128 + stopped if stopped else 0
