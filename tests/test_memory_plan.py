@@ -35,3 +35,12 @@ def test_memory_plan_train_command():
     )
     rows = [line for line in r.stdout.splitlines() if line.startswith("| fsdp=2,model=2 |")]
     assert len(rows) == 1 and rows[0].endswith("| **yes** |"), r.stdout
+
+
+def test_memory_plan_inference_command():
+    """Without --train: generate's compiled prefill and decode chunk per dtype, one row per GPU count and dtype."""
+    r = run_cli("-m", "neox_jax", "memory-plan", "--preset", "tiny", "--gpus", "1,2", "--length", 64)
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 6, r.stdout
+    assert all("| **yes** |" in row for row in rows), r.stdout
+    assert [row.split(" | ")[1] for row in rows[:3]] == ["fp16", "bf16", "int8"]
