@@ -76,6 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reserve", type=float, default=1.0, help="GiB per GPU kept for CUDA / XLA (default 1)")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for the fine-tuning line (default 8)")
     t = p.add_argument_group("training (--train): the compiled train step")
+    p.add_argument("--dtypes", default="fp16,bf16,int8", help="inference dtypes, one row each (fp16,bf16,int8)")
     p.add_argument("--estimate", action="store_true", help="inference: the instant hand estimate, no compiling")
     t.add_argument("--train", choices=("bitfit", "lora", "full"), help="plan a fine-tuning step instead of inference")
     t.add_argument("--remat", choices=("none", "dots", "full"), default="full", help="--remat of finetune (full)")
@@ -224,16 +225,16 @@ def run_infer(args: argparse.Namespace, cfg) -> int:
         f"decode chunk (XLA CPU's memory analysis, GPU layout) + {memory.RESERVE_GIB:g} reserve; mesh model=<GPUs>\n"
     )
     print(
-        "| GPUs | dtype | prefill args / out / temp | decode args / out / temp | need | "
+        "| GPUs | dtype | prefill args / out / temp | decode args / out / temp | CPU-only f32 copies | GPU need | "
         f"fits {args.gpu_gib:g} GB | compile s |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for g in tqdm(counts, desc="compiling", unit="mesh", leave=False):
-        for name in memory.DTYPES:
+        for name in args.dtypes.split(","):
             try:
                 plans = memory.infer_plan(cfg, name, args.batch, args.length, f"model={g}")
             except ValueError as e:  # the model cannot split over this many GPUs
-                print(f"| {g} | {name} | {e} | | | | |")
+                print(f"| {g} | {name} | {e} | | | | | |")
                 continue
             cells = [
                 f"{p.arguments / memory.GIB:.2f} / {p.outputs / memory.GIB:.2f} / {p.temp / memory.GIB:.2f}"
@@ -241,9 +242,10 @@ def run_infer(args: argparse.Namespace, cfg) -> int:
             ]
             need = memory.need_gib(plans)
             secs = sum(p.compile_s for p in plans.values())
+            copies = max(p.cpu_copies for p in plans.values()) / memory.GIB
             print(
-                f"| {g} | {name} | {' | '.join(cells)} | {need:.2f} | {'**yes**' if need <= args.gpu_gib else 'no'} "
-                f"| {secs:.0f} |",
+                f"| {g} | {name} | {' | '.join(cells)} | {copies:.2f} | {need:.2f} | "
+                f"{'**yes**' if need <= args.gpu_gib else 'no'} | {secs:.0f} |",
                 flush=True,
             )
     return 0

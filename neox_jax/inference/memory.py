@@ -26,7 +26,7 @@ from neox_jax.inference.sampling import SamplingParams
 from neox_jax.model import int8
 from neox_jax.model.neox import abstract_params
 from neox_jax.parallel import sharding
-from neox_jax.training.memory import GIB, RESERVE_GIB, TrainPlan, _devices_in, plan_devices  # noqa: F401
+from neox_jax.training.memory import GIB, RESERVE_GIB, TrainPlan, _devices_in, cpu_copies, plan_devices
 
 DTYPES = {"fp16": ("float16", None), "bf16": ("bfloat16", None), "int8": ("float16", "int8")}
 
@@ -38,20 +38,21 @@ def abstract_inference_params(cfg, dtype, mesh, quant=None):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
 
 
-def _plan(compiled, t0) -> TrainPlan:
+def plan_of(compiled, compile_s: float = 0.0, params=None) -> TrainPlan:
     ma = compiled.memory_analysis()
     return TrainPlan(
         ma.argument_size_in_bytes,
         ma.output_size_in_bytes,
         ma.alias_size_in_bytes,
         ma.temp_size_in_bytes,
-        compile_s=time.perf_counter() - t0,
+        cpu_copies(compiled, params, 2) if params is not None else 0,
+        compile_s,
     )
 
 
 def compile_programs(cfg, dtype, batch: int, length: int, mesh, quant=None, chunk: int = 16):
-    """{"prefill": compiled, "decode": compiled}: generate's programs for a prompt of `length` tokens (its bucket)
-    and a cache of `length` slots (rounded as generate rounds), greedy, the GPU layout."""
+    """{"prefill"|"decode": (compiled, abstract args, compile seconds)}: generate's programs for a prompt of
+    `length` tokens (its bucket) and a cache of `length` slots (rounded as generate rounds), greedy, the GPU layout."""
     params = abstract_inference_params(cfg, dtype, mesh, quant)
     layout = Layout(False, "float16" if quant else jnp.dtype(dtype).name)
     static = SamplingParams(temperature=0.0).static(cfg.vocab_size)
@@ -65,32 +66,30 @@ def compile_programs(cfg, dtype, batch: int, length: int, mesh, quant=None, chun
     settings["stop_mask"] = jax.ShapeDtypeStruct((b, cfg.vocab_size), bool, sharding=bs)
     settings["max_new"] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=b1)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    out, times = {}, {}
     t0 = time.perf_counter()
-    pre = generate._prefill_jit.lower(cfg, static, layout, b, s, mesh, params, grid, grid, settings, key).compile()
-    out["prefill"], times["prefill"] = pre, t0
-    state = jax.eval_shape(
-        lambda *a: generate._prefill(cfg, static, layout, b, s, mesh, *a), params, grid, grid, settings, key
-    )
+    pre_args = (params, grid, grid, settings, key)
+    pre = generate._prefill_jit.lower(cfg, static, layout, b, s, mesh, *pre_args).compile()
+    out = {"prefill": (pre, pre_args, time.perf_counter() - t0)}
+    state = jax.eval_shape(lambda *a: generate._prefill(cfg, static, layout, b, s, mesh, *a), *pre_args)
     state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, pre.output_shardings)
-    done = jax.ShapeDtypeStruct((b,), bool, sharding=b1)
     t0 = time.perf_counter()
-    n = jax.ShapeDtypeStruct((), np.int32)
-    out["decode"] = generate._decode_jit.lower(cfg, static, layout, chunk, mesh, params, state, done, n).compile()
-    times["decode"] = t0
-    return out, times
+    dec_args = (params, state, jax.ShapeDtypeStruct((b,), bool, sharding=b1), jax.ShapeDtypeStruct((), np.int32))
+    dec = generate._decode_jit.lower(cfg, static, layout, chunk, mesh, *dec_args).compile()
+    out["decode"] = (dec, dec_args, time.perf_counter() - t0)
+    return out
 
 
 def infer_plan(cfg, name: str, batch: int, length: int, mesh="model=1") -> dict[str, TrainPlan]:
-    """{"prefill": TrainPlan, "decode": TrainPlan} per device for dtype name fp16 / bf16 / int8."""
+    """gpu_peak leaves out the float32 copies XLA CPU makes of half-precision kernels to multiply them (cpu_copies).
+    {"prefill": TrainPlan, "decode": TrainPlan} per device for dtype name fp16 / bf16 / int8."""
     if isinstance(mesh, str):
         mesh = sharding.make_mesh(mesh, plan_devices(_devices_in(mesh)))
     sharding.check_divisible(cfg, mesh, batch)
     dtype, mode = DTYPES[name]
-    compiled, times = compile_programs(cfg, dtype, batch, length, mesh, int8.QuantSpec(mode) if mode else None)
-    return {k: _plan(c, times[k]) for k, c in compiled.items()}
+    programs = compile_programs(cfg, dtype, batch, length, mesh, int8.QuantSpec(mode) if mode else None)
+    return {k: plan_of(c, secs, args[0]) for k, (c, args, secs) in programs.items()}
 
 
 def need_gib(plans: dict[str, TrainPlan]) -> float:
     """GiB per GPU to run both programs: the larger peak (they do not run at once) + the reserve."""
-    return max(p.peak for p in plans.values()) / GIB + RESERVE_GIB
+    return max(p.gpu_peak for p in plans.values()) / GIB + RESERVE_GIB
