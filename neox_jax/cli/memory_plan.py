@@ -1,10 +1,12 @@
-"""Which GPU setups a model fits on, per dtype: parameters per device from jax.eval_shape and the sharding rules
-(tensor parallel over every GPU: --mesh model=N), plus the KV cache and a prefill activation estimate.
+"""Which GPU setups a model fits on, per dtype. By default generate's real prefill and decode chunk compiled for
+model=N simulated CPU devices (N from --gpus), bytes per device from XLA's memory analysis (inference/memory.py;
+how CPU's numbers differ from a GPU's: docs/gpu.md):
 
-    neox-jax memory-plan                       # neox-20b, batch 1, 2048 tokens, Markdown table
-    neox-jax memory-plan --preset pythia-12b --batch 8 --length 1024
+    neox-jax memory-plan                       # neox-20b, batch 1, 2048 tokens, 1/2/4/8 GPUs, fp16/bf16/int8
+    neox-jax memory-plan --preset pythia-12b --batch 8 --length 1024 --dtypes fp16,int8
 
-Nothing is allocated; no GPU needed. Per device:
+--estimate: the instant hand estimate over 13 common setups (kept because compiling a 20B model takes about a minute
+per GPU count and dtype). Nothing is allocated; no GPU needed. Per device:
   params      eval_shape of the preset, each array's shard shape under the rules (replicated layernorms and row-parallel
               biases counted on every device); int8 = 1 byte per matrix element (kernels, embeddings), vectors fp16
   kv cache    2 (K, V) x layers x batch x length x hidden x 2 bytes (fp16 / bf16), split over heads

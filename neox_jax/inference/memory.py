@@ -45,7 +45,7 @@ def plan_of(compiled, compile_s: float = 0.0, params=None) -> TrainPlan:
         ma.output_size_in_bytes,
         ma.alias_size_in_bytes,
         ma.temp_size_in_bytes,
-        cpu_copies(compiled, params, 2) if params is not None else 0,
+        cpu_copies(compiled, params, 2, (jnp.bfloat16, jnp.float16, jnp.int8)) if params is not None else 0,
         compile_s,
     )
 
