@@ -3,6 +3,8 @@ CPU (within 20%), and the command prints its table."""
 
 import json
 
+import pytest
+
 from conftest import run_cli
 
 
@@ -35,3 +37,22 @@ def test_memory_plan_train_command():
     )
     rows = [line for line in r.stdout.splitlines() if line.startswith("| fsdp=2,model=2 |")]
     assert len(rows) == 1 and rows[0].endswith("| **yes** |"), r.stdout
+
+
+def test_memory_plan_inference_command():
+    """Without --train: generate's compiled prefill and decode chunk per dtype, one row per GPU count and dtype."""
+    r = run_cli("-m", "neox_jax", "memory-plan", "--preset", "tiny", "--gpus", "1,2", "--length", 64)
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 6, r.stdout
+    assert all("| **yes** |" in row for row in rows), r.stdout
+    assert [row.split(" | ")[1] for row in rows[:3]] == ["fp16", "bf16", "int8"]
+
+
+@pytest.mark.parametrize("program", ["prefill"])
+def test_inference_plan_matches_measured_peak(program):
+    """generate's prefill (a 256-token prompt) and decode chunk (over a 2 x 256 cache, donated) on a 4-layer model,
+    float32, one device: the plan vs the measured rise of the resident high-water mark (tests/memory_worker.py)."""
+    r = run_cli("tests/memory_worker.py", program, 2, 256, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    plan, measured = got["plan"], got["measured"]
+    assert abs(plan["peak"] - measured) <= 0.2 * measured, got

@@ -1,10 +1,12 @@
-"""Which GPU setups a model fits on, per dtype: parameters per device from jax.eval_shape and the sharding rules
-(tensor parallel over every GPU: --mesh model=N), plus the KV cache and a prefill activation estimate.
+"""Which GPU setups a model fits on, per dtype. By default generate's real prefill and decode chunk compiled for
+model=N simulated CPU devices (N from --gpus), bytes per device from XLA's memory analysis (inference/memory.py;
+how CPU's numbers differ from a GPU's: docs/gpu.md):
 
-    neox-jax memory-plan                       # neox-20b, batch 1, 2048 tokens, Markdown table
-    neox-jax memory-plan --preset pythia-12b --batch 8 --length 1024
+    neox-jax memory-plan                       # neox-20b, batch 1, 2048 tokens, 1/2/4/8 GPUs, fp16/bf16/int8
+    neox-jax memory-plan --preset pythia-12b --batch 8 --length 1024 --dtypes fp16,int8
 
-Nothing is allocated; no GPU needed. Per device:
+--estimate: the instant hand estimate over 13 common setups (kept because compiling a 20B model takes about a minute
+per GPU count and dtype). Nothing is allocated; no GPU needed. Per device:
   params      eval_shape of the preset, each array's shard shape under the rules (replicated layernorms and row-parallel
               biases counted on every device); int8 = 1 byte per matrix element (kernels, embeddings), vectors fp16
   kv cache    2 (K, V) x layers x batch x length x hidden x 2 bytes (fp16 / bf16), split over heads
@@ -76,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reserve", type=float, default=1.0, help="GiB per GPU kept for CUDA / XLA (default 1)")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for the fine-tuning line (default 8)")
     t = p.add_argument_group("training (--train): the compiled train step")
+    p.add_argument("--dtypes", default="fp16,bf16,int8", help="inference dtypes, one row each (fp16,bf16,int8)")
+    p.add_argument("--estimate", action="store_true", help="inference: the instant hand estimate, no compiling")
     t.add_argument("--train", choices=("bitfit", "lora", "full"), help="plan a fine-tuning step instead of inference")
     t.add_argument("--remat", choices=("none", "dots", "full"), default="full", help="--remat of finetune (full)")
     t.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="compute dtype (bf16)")
@@ -95,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         raise NeoXError(str(e)) from e
     if args.train:
         return run_train(args, cfg)
+    if not args.estimate:
+        return run_infer(args, cfg)
     print(
         f"{args.preset}: {cfg.num_params / 1e9:.2f}B params = {cfg.num_params * 2 / 1e9:.1f} GB in fp16; "
         f"batch {args.batch} x {args.length} tokens; GiB per GPU (params + KV cache + prefill + "
@@ -190,4 +196,58 @@ def run_train(args: argparse.Namespace, cfg) -> int:
             f"{plan.cpu_copies / memory.GIB:.2f} | {need_gib:.2f} | {fits} |",
             flush=True,
         )
+    return 0
+
+
+def _start_devices(n: int) -> None:
+    import jax
+
+    try:  # simulated CPU devices to compile the N-device program on (only possible before JAX starts)
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        pass
+
+
+def run_infer(args: argparse.Namespace, cfg) -> int:
+    """Inference: one row per GPU count, generate's compiled prefill and decode chunk per dtype
+    (inference/memory.py), GiB per device."""
+    from neox_jax.errors import NeoXError
+
+    try:
+        counts = [int(g) for g in args.gpus.split(",")]
+    except ValueError:
+        raise NeoXError(f"--gpus {args.gpus!r}: expected counts like 1,2,4,8") from None
+    _start_devices(max(counts))
+    from tqdm import tqdm
+
+    from neox_jax.inference import memory
+
+    print(
+        f"{args.preset}, batch {args.batch} x {args.length} tokens: GiB per GPU of generate's compiled prefill and "
+        f"decode chunk (XLA CPU's memory analysis, GPU layout) + {memory.RESERVE_GIB:g} reserve; mesh model=<GPUs>\n"
+    )
+    print(
+        "| GPUs | dtype | prefill args / out / temp | decode args / out / temp | CPU-only f32 copies | GPU need | "
+        f"fits {args.gpu_gib:g} GB | compile s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for g in tqdm(counts, desc="compiling", unit="mesh", leave=False):
+        for name in args.dtypes.split(","):
+            try:
+                plans = memory.infer_plan(cfg, name, args.batch, args.length, f"model={g}")
+            except ValueError as e:  # the model cannot split over this many GPUs
+                print(f"| {g} | {name} | {e} | | | | | |")
+                continue
+            cells = [
+                f"{p.arguments / memory.GIB:.2f} / {p.outputs / memory.GIB:.2f} / {p.temp / memory.GIB:.2f}"
+                for p in plans.values()
+            ]
+            need = memory.need_gib(plans)
+            secs = sum(p.compile_s for p in plans.values())
+            copies = max(p.cpu_copies for p in plans.values()) / memory.GIB
+            print(
+                f"| {g} | {name} | {' | '.join(cells)} | {copies:.2f} | {need:.2f} | "
+                f"{'**yes**' if need <= args.gpu_gib else 'no'} | {secs:.0f} |",
+                flush=True,
+            )
     return 0

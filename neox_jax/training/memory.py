@@ -60,15 +60,17 @@ class TrainPlan:
         return self.peak - self.cpu_copies
 
 
-def cpu_copies(compiled, frozen) -> int:
+def cpu_copies(compiled, frozen, min_ndim: int = 3, widened=(jnp.bfloat16, jnp.float16)) -> int:
     """Bytes per device of the float32 copies XLA CPU carries of stacked half-precision frozen weights. Its float
     normalisation widens a bfloat16 / float16 operand it cannot slice or multiply natively, and the widening of the
     layer loop's weights is hoisted out of the loop: a float32 [L, ...] twin of each stacked weight (found in the
-    compiled HLO by its per-device shape). A GPU multiplies half precision natively and makes none."""
+    compiled HLO by its per-device shape). A GPU multiplies half precision natively and makes none. min_ndim: the
+    leaves looked at (inference's unstacked kernels: 2); widened: their dtypes (inference adds int8, which XLA CPU
+    dequantizes to float32 for every matrix at once)."""
     text = compiled.as_text()
     total = 0
     for x in jax.tree.leaves(frozen):
-        if x.ndim < 3 or x.dtype not in (jnp.bfloat16, jnp.float16):
+        if x.ndim < min_ndim or x.dtype not in widened:
             continue
         shard = x.sharding.shard_shape(x.shape)
         if f"f32[{','.join(map(str, shard))}]" in text:
