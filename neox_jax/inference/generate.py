@@ -328,14 +328,7 @@ class Generator:
         if streaming and any(tail):
             yield StreamEvent([[] for _ in rows], tail, [r.finish_reason for r in rows])
         timing.decode_tokens = sum(max(0, len(r.ids) - 1) for r in rows)
-        return GenerateResult(
-            prompt_ids=ids,
-            token_ids=[r.ids for r in rows],
-            texts=[r.text for r in rows] if tok else None,
-            finish_reasons=[r.finish_reason for r in rows],
-            stopped_by=[r.stopped_by for r in rows],
-            timing=timing,
-        )
+        return GenerateResult(**result_fields(ids, rows, tok, timing))
 
     def _grid(self, ids: list[list[int]], rows: int, p: int) -> tuple[np.ndarray, np.ndarray]:
         """The prompts left-padded to [rows, p] ids and mask (rows past the prompts repeat the last one)."""
@@ -379,3 +372,15 @@ def _decode(cfg, static, layout, width, mesh, params, state, force_done, n_steps
 
 _prefill_jit = jax.jit(_prefill, static_argnums=(0, 1, 2, 3, 4, 5))
 _decode_jit = jax.jit(_decode, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
+
+
+def result_fields(ids, rows, tok, timing) -> dict:
+    """The GenerateResult fields of finished rows (the speculative result has the same, plus its statistics)."""
+    return {
+        "prompt_ids": ids,
+        "token_ids": [r.ids for r in rows],
+        "texts": [r.text for r in rows] if tok else None,
+        "finish_reasons": [r.finish_reason for r in rows],
+        "stopped_by": [r.stopped_by for r in rows],
+        "timing": timing,
+    }

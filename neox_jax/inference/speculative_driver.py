@@ -31,6 +31,7 @@ from neox_jax.inference.generate import (
     Timing,
     batch_bucket,
     prompt_bucket,
+    result_fields,
 )
 from neox_jax.inference.sampling import SamplingParams
 from neox_jax.inference.textstops import RowTracker
@@ -231,12 +232,7 @@ class SpeculativeGenerator:
         stats = {name: sharding.to_host(getattr(state, name))[:n] for name in ("proposed", "accepted", "steps")}
         proposed, accepted, steps = (int(stats[x].sum()) for x in ("proposed", "accepted", "steps"))
         return SpeculativeResult(
-            prompt_ids=ids,
-            token_ids=[r.ids for r in rows],
-            texts=[r.text for r in rows] if tok else None,
-            finish_reasons=[r.finish_reason for r in rows],
-            stopped_by=[r.stopped_by for r in rows],
-            timing=timing,
+            **result_fields(ids, rows, tok, timing),
             speculative={
                 "draft_tokens": k,
                 "proposed": proposed,
