@@ -1,5 +1,6 @@
-"""The memorization benchmark's floor counts the work the model does: its dense products equal the dot products in
-the traced forward (a floor that left products out would claim a goal unreachable when it is not)."""
+"""What the benchmarks count is what the code runs: the memorization floor's dense products equal the dot products
+in the traced forward (a floor that left products out would call a goal unreachable when it is not), and the matmul
+survey's forms all compute the same product."""
 
 from __future__ import annotations
 
@@ -51,3 +52,12 @@ def test_decode_steps_are_counted_once_per_generated_token_but_the_last():
     assert sum(c for *_, c in unembed) == 1 + (n - 1)  # the prompt's last position, then n - 1 steps
     body = [p for p in steps if p[2] != cfg.vocab_size]
     assert {c for *_, c in body} == {cfg.num_hidden_layers * (n - 1)}
+
+
+def test_matmul_survey_forms_compute_the_same_product_and_cover_every_cell():
+    from neox_jax.bench.matmul import DECODE_FORM, forms, weight_shapes, worker
+
+    shapes = {k: v for k, v in weight_shapes(preset("tiny")).items() if k in ("dense_4h_to_h", "embed_out")}
+    out = worker(shapes, [1, 3], repeats=1)  # raises when a form's product differs from x @ W
+    assert set(out) == {f"{n}|{b}|{f}" for n in shapes for b in (1, 3) for f in forms()}
+    assert DECODE_FORM in forms() and all(ms > 0 for ms in out.values())
