@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neox_jax.bench.memorization import attention_gflop, batch_matmuls
+from neox_jax.bench._floor import attention_gflop, batch_matmuls
 from neox_jax.model.config import preset
 from neox_jax.model.neox import abstract_params, forward
 

@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from neox_jax.bench._common import markdown_table, reference_skipped, write_json
+from neox_jax.bench._floor import MatmulFloor, attention_gflop, batch_matmuls
 from neox_jax.bench.generate import TorchEngine, jax_params, random_weights
 from neox_jax.model.config import PRESETS, preset
 
@@ -48,102 +49,6 @@ def interleaved(fns: dict, repeats: int) -> dict:
             last[name] = fn()
             times[name].append(time.perf_counter() - t)
     return {k: (first[k], statistics.median(times[k]), last[k]) for k in fns}
-
-
-def batch_matmuls(cfg, b: int, k: int, n: int) -> list[tuple[int, int, int, int]]:
-    """(rows, in, out, count) of every dense product one scored batch runs: the prompt's forward over b x k rows
-    (the output layer at the last position only), then n - 1 decode steps of b rows (the n-th token needs no step)."""
-    d, f, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
-    body = [(3 * d, d), (d, d), (f, d), (d, f)]  # query_key_value, dense, dense_h_to_4h, dense_4h_to_h: (out, in)
-    out = [(b * k, i, o, layers) for o, i in body] + [(b, d, v, 1)]
-    out += [(b, i, o, layers * (n - 1)) for o, i in body] + [(b, d, v, n - 1)]
-    return out
-
-
-def attention_gflop(cfg, b: int, k: int, n: int) -> float:
-    """GFLOP of attention's two products (scores and values) in the prompt's forward and the n - 1 decode steps."""
-    d, layers = cfg.hidden_size, cfg.num_hidden_layers
-    prompt = b * k * (k + 1) / 2  # causal: query t attends over t + 1 keys
-    steps = b * sum(k + i + 1 for i in range(n - 1))  # step i's query attends over k + i + 1 keys
-    return 2 * 2 * layers * d * (prompt + steps) / 1e9
-
-
-def best_time(fn, repeats: int) -> float:
-    """The fastest of `repeats` calls of fn, s: a floor takes the best a kernel did, not its typical time."""
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-class MatmulFloor:
-    """The batch's dense products, each as its own call in XLA with the weight as [in, out] and as [out, in], and in
-    torch's F.linear when torch is given. pick() keeps the fastest kernel of each shape; each call of the object
-    then times every product once more (the best of 3) and returns the batch's floor in s, so that, called between
-    the engines' timed calls, a change in the machine's load falls on the floor too."""
-
-    def __init__(self, products, torch=None):
-        import jax
-        import jax.numpy as jnp
-
-        rng = np.random.default_rng(0)
-        kernels = {
-            "xla [in, out]": jax.jit(lambda x, w: x @ w),
-            "xla [out, in]": jax.jit(lambda x, w: jnp.einsum("MI,OI->MO", x, w)),
-        }
-        self.products, self.calls, self.estimates = products, [], []
-        for m, i, o, _ in products:
-            x = rng.standard_normal((m, i), np.float32)
-            w = rng.standard_normal((o, i), np.float32) * 0.02  # [out, in]
-            jx, jw, jwt = jnp.asarray(x), jnp.asarray(w), jnp.asarray(w.T.copy())
-            calls = {
-                "xla [in, out]": lambda f=kernels["xla [in, out]"], a=jx, c=jwt: f(a, c).block_until_ready(),
-                "xla [out, in]": lambda f=kernels["xla [out, in]"], a=jx, c=jw: f(a, c).block_until_ready(),
-            }
-            if torch is not None:
-                tx, tw = torch.from_numpy(x), torch.from_numpy(w)
-
-                def linear(a=tx, c=tw):
-                    with torch.inference_mode():
-                        torch.nn.functional.linear(a, c)
-
-                calls["torch"] = linear
-            self.calls.append(calls)
-
-    def pick(self, repeats: int = 5) -> None:
-        """Keep each shape's fastest kernel (after a call that compiles)."""
-        for k, calls in enumerate(self.calls):
-            for fn in calls.values():
-                fn()
-            times = {name: best_time(fn, repeats) for name, fn in calls.items()}
-            name = min(times, key=times.get)
-            self.calls[k] = {name: calls[name]}
-
-    def __call__(self) -> float:
-        self.times = [best_time(next(iter(c.values())), 3) for c in self.calls]
-        self.estimates.append(sum(p[3] * t for p, t in zip(self.products, self.times)))
-        return self.estimates[-1]
-
-    def rate(self) -> float:
-        """The best GFLOP/s any product reached in the last call."""
-        return max(2 * m * i * o / 1e9 / t for (m, i, o, _), t in zip(self.products, self.times))
-
-    def rows(self) -> list[dict]:
-        out = []
-        for (m, i, o, count), calls, t in zip(self.products, self.calls, self.times):
-            out.append(
-                {
-                    "product": f"[{m}, {i}] x [{i}, {o}]",
-                    "count": count,
-                    "best kernel": next(iter(calls)),
-                    "ms": t * 1e3,
-                    "GFLOP/s": 2 * m * i * o / 1e9 / t,
-                    "ms in the batch": count * t * 1e3,
-                }
-            )
-        return out
 
 
 def main() -> None:

@@ -6,7 +6,10 @@ statically, in one run.
     neox-jax benchmark serve --model pythia-160m --requests 64
 
 Every request is greedy with ignore_eos, so each makes exactly --max-tokens tokens on every engine. Clients are the
-official `openai` client over 127.0.0.1 (threads); the server runs in this process (uvicorn in a thread). Throughput:
+official `openai` client over 127.0.0.1 (threads); the server is `neox-jax serve` in a process of its own, as deployed
+(`--server thread`: uvicorn in a thread of this process, where the clients' threads and the server share one
+interpreter lock). 16 clients run 16 requests at once until the --requests are done (--requests >= 32: each client
+sends two or more, so the figure is a steady 16 at a time, not one burst). Throughput:
 generated tokens / wall time of the whole set; latency: per request, send to last token (p50 / p99). The transformers
 rows run the requests in static batches of --max-batch (left-padded; a request's latency is its batch's).
 """
@@ -14,11 +17,15 @@ rows run the requests in static batches of --max-batch (left-padded; a request's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,8 +42,6 @@ def data_dir() -> Path | None:
 
 def make_checkpoint(model: str, out: Path, DATA: Path):
     """A random-weight HF GPT-NeoX of the preset's shapes with the 20B tokenizer, converted by `convert hf`."""
-    import subprocess
-
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -106,6 +111,46 @@ def run_clients(url, name, reqs, max_tokens, concurrency):
     return lat, time.perf_counter() - t
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(ckpt: Path, args, max_len: int):
+    """`neox-jax serve` on 127.0.0.1 in a child process; yields its URL once /health answers 200 (at most 15 min,
+    the compile included); stopped with SIGTERM (then killed) on the way out."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "neox_jax", "serve", "--checkpoint", str(ckpt), "--port", str(port)]
+    cmd += ["--max-batch", str(args.max_batch), "--max-model-len", str(max_len), "--chunk", str(args.chunk)]
+    cmd += ["--max-queue", str(max(64, args.requests)), "--log-level", "warning", "--no-compile-cache"]
+    proc = subprocess.Popen(cmd, env=child_env())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"neox-jax serve exited with {proc.returncode} before it was ready")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("neox-jax serve was not ready within 15 minutes")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_transformers(hf, reqs, max_tokens, batch):
     import torch
 
@@ -129,6 +174,36 @@ def run_transformers(hf, reqs, max_tokens, batch):
     return lat, time.perf_counter() - t0
 
 
+def floor_rows(cfg, args, total: int, torch) -> list[dict]:
+    """The same requests' matrix multiplies at this machine's best kernels (bench/_floor.py), one at a time and 16
+    at a time (prompts prefilled together, then every step on 16 rows): the rate no server could beat here."""
+    from neox_jax.bench._floor import MatmulFloor, prompt_matmuls, step_matmuls
+
+    def scaled(products, k):
+        return [(m, i, o, c * k) for m, i, o, c in products]
+
+    p, n, b, reqs = args.prompt_tokens, args.max_tokens, args.max_batch, args.requests
+    waves = -(-reqs // b)  # groups of b requests
+    plans = {  # label -> (clients, the run's products)
+        "floor: one at a time, matmuls at the best kernels": (
+            1,
+            scaled(prompt_matmuls(cfg, 1, p), reqs) + step_matmuls(cfg, 1, reqs * (n - 1)),
+        ),
+        f"floor: {b} at a time, matmuls at the best kernels": (
+            b,
+            scaled(prompt_matmuls(cfg, b, p), waves) + step_matmuls(cfg, b, waves * (n - 1)),
+        ),
+    }
+    out = []
+    for label, (clients, products) in plans.items():
+        floor = MatmulFloor(products, torch)
+        floor.pick()
+        s = min(floor() for _ in range(3))
+        out.append({"engine": label, "clients": clients, "tokens/s": total / s, "wall s": s})
+        print(out[-1], file=sys.stderr)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="pythia-70m")
@@ -137,6 +212,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument(
+        "--server",
+        choices=("process", "thread"),
+        default="process",
+        help="the server in a process of its own (default, as deployed) or in a thread of this one",
+    )
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args()
     require(["torch", "transformers", "openai"], "the model is built in transformers; the clients are openai's")
@@ -154,20 +235,25 @@ def main() -> None:
         lm = neox_jax.load(ckpt)
         reqs = prompts(args.requests, args.prompt_tokens, lm.tokenizer, DATA)
         max_len = args.prompt_tokens + args.max_tokens
-        svc = Service.from_model(
-            lm, max_batch=args.max_batch, max_queue=max(64, args.requests), chunk=args.chunk, max_model_len=max_len
-        )
         t = time.perf_counter()
         rows = []
         total = args.requests * args.max_tokens
-        with ServerThread(svc) as srv:
-            print(
-                f"server up in {time.perf_counter() - t:.1f} s ({svc.scheduler.engine.compiles} programs)",
-                file=sys.stderr,
-            )
-            run_clients(srv.url, svc.name, reqs[:2], args.max_tokens, 2)  # a first request through every layer
+        with contextlib.ExitStack() as stack:
+            if args.server == "process":
+                url, name = stack.enter_context(server_process(ckpt, args, max_len)), ckpt.name
+            else:
+                svc = Service.from_model(
+                    lm,
+                    max_batch=args.max_batch,
+                    max_queue=max(64, args.requests),
+                    chunk=args.chunk,
+                    max_model_len=max_len,
+                )
+                url, name = stack.enter_context(ServerThread(svc)).url, svc.name
+            print(f"server up in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+            run_clients(url, name, reqs[:2], args.max_tokens, 2)  # a first request through every layer
             for c in (1, 4, 16):
-                lat, wall = run_clients(srv.url, svc.name, reqs, args.max_tokens, c)
+                lat, wall = run_clients(url, name, reqs, args.max_tokens, c)
                 label = "neox-jax serve, one at a time" if c == 1 else f"neox-jax serve, {c} concurrent"
                 rows.append({**stats(label, lat, wall, total), "clients": c})
                 print(rows[-1], file=sys.stderr)
@@ -187,6 +273,7 @@ def main() -> None:
                 "clients": args.max_batch,
             }
         )
+        rows += floor_rows(lm.config, args, total, torch)
     base = rows[0]["tokens/s"]
     gen = next(r["tokens/s"] for r in rows if r["engine"].startswith("model.generate"))
     for r in rows:
@@ -194,7 +281,8 @@ def main() -> None:
         r["vs model.generate"] = r["tokens/s"] / gen
     print(
         f"\n{args.model} (random weights), {args.requests} requests x {args.prompt_tokens} prompt + "
-        f"{args.max_tokens} generated tokens, greedy, {args.max_batch} slots, {os.cpu_count()} CPUs\n"
+        f"{args.max_tokens} generated tokens, greedy, {args.max_batch} slots, the server in a {args.server}, "
+        f"{os.cpu_count()} CPUs\n"
     )
     print(
         markdown_table(
