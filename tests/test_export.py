@@ -94,9 +94,12 @@ def test_server_engine_programs_export_for_cuda(monkeypatch):
     eng._init_program()
     for p in eng.buckets:
         eng._admit_program(p)
+        for r in eng.admit_rows[p]:
+            eng._admit_rows_program(r, p)
     for r in eng.row_buckets:
         for w in eng.length_buckets:
             eng._decode_program(r, w)
     kinds = [k[0] for k, _ in exported]
     n_decode = len(eng.row_buckets) * len(eng.length_buckets)
-    assert kinds == ["init"] + ["admit"] * len(eng.buckets) + ["decode"] * n_decode
+    assert eng.admit_rows == {16: [2], 32: [2], 64: [2]}
+    assert kinds == ["init"] + ["admit", "admit_rows"] * len(eng.buckets) + ["decode"] * n_decode

@@ -262,7 +262,8 @@ def test_compacted_rows_and_width_buckets_equal_generate(lm):
 
 def test_nothing_compiles_after_warm_up(served, client):
     eng = served.svc.scheduler.engine  # init, one admit per prompt bucket, one decode per (rows, width) bucket
-    assert eng.compiles == 1 + len(eng.buckets) + len(eng.row_buckets) * len(eng.length_buckets)
+    batched = sum(map(len, eng.admit_rows.values()))  # one batched admission per (rows, prompt bucket)
+    assert eng.compiles == 1 + len(eng.buckets) + batched + len(eng.row_buckets) * len(eng.length_buckets)
     assert eng.row_buckets == [1, 2, 4, 8, 16] and eng.length_buckets == [MAX_LEN]
     before = (served.counter.n, served.svc.scheduler.engine.compiles)
     for i, n in enumerate((1, 7, 15, 20, 28)):  # every prompt bucket, sampling and greedy, logprobs, echo
@@ -601,3 +602,37 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, ckpt):
     assert "no such directory" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(ckpt), "--max-model-len", "100000", "--no-compile-cache"]) == 1
     assert "--max-model-len 100000" in capsys.readouterr().err
+
+
+def test_batched_admission_equals_generate_and_leaves_other_rows_alone(lm):
+    """Three prompts admitted in one program (a 4-row batch, one padding row) into scattered slots, one of them
+    holding a former request's longer prompt: their first tokens and greedy continuations equal model.generate's,
+    and the row admitted alone before them decodes as it would have."""
+    eng = Engine(lm.config, lm.params, slots=8, max_model_len=MAX_LEN, vocab_limit=TOK_VOCAB, chunk=4)
+    eng.warm_up()
+    assert eng.admit_rows[16] == [4, 8] and eng.admit_rows[32] == [4, 8] and eng.batch_limit(20) == 8
+    compiled = eng.compiles
+
+    def row(n):
+        r = jax.tree.map(lambda x: x[0].copy(), R.empty_rows(1, lm.config.vocab_size))
+        r["max_new"] = np.int32(n)
+        return r
+
+    prompts = [list(range(3, 3 + n)) for n in (5, 9, 2)]
+    alone, news = list(range(40, 52)), (6, 9, 4)
+    want = lm.generate([*prompts, alone], max_new_tokens=max(news), stop_token_ids=[]).token_ids
+    eng.admit(6, list(range(3, 33)), row(4))  # a former request's 30-token prompt in slot 6
+    got = {5: [int(eng.admit(5, alone, row(8))["tokens"][0])]}
+    firsts = eng.admit_many([6, 1, 4], prompts, [row(n) for n in news])
+    got |= {slot: [int(f["tokens"][0])] for slot, f in zip((6, 1, 4), firsts)}
+    made = {slot: 1 for slot in got}
+    force_done = np.array([slot not in got for slot in range(8)])
+    for _ in range(10):  # bounded: every row is done after at most 3 chunks of 4
+        out, now = eng.decode(force_done)
+        for slot in got:
+            got[slot] += out["tokens"][slot, : now[slot] - made[slot]].tolist()
+            made[slot] = int(now[slot])
+        if all(made[s] >= n for s, n in zip((6, 1, 4, 5), (*news, 8))):
+            break
+    assert [got[s] for s in (6, 1, 4, 5)] == [w[:n] for w, n in zip(want, (*news, 8))]
+    assert eng.compiles == compiled

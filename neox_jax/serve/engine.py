@@ -6,6 +6,9 @@ serves every mix of requests. Every program drives the decode core (neox_jax/inf
                right-padded prompt [1, P] into one row (its slots 0..P-1; the others untouched), choosing its first
                token; on request (echo + logprobs) also the log-probabilities of the prompt tokens, behind a runtime
                switch (lax.cond) so it is the same program.
+    admit_rows(R, P)  R prompts of one bucket at once (R = 4, 16, ... <= slots, R x P <= ADMIT_TOKENS) into R
+               rows anywhere in the state: requests that arrive together are prefilled in one forward, which reads
+               the weights once instead of R times.
     decode     core.decode_chunk: up to `chunk` single-token steps for every row at once, each row at its own slot
                (its position: prompts start at slot 0), so rows of any length mix; done and free rows are carried
                along unchanged.
@@ -96,6 +99,47 @@ def _decode(cfg, layout, vocab_limit, logprob_rows, chunk, width, mesh, params, 
     return core.constrain(state, mesh), out, steps
 
 
+def _admit_rows(cfg, layout, vocab_limit, logprob_rows, mesh, params, state, ids, lengths, slots, rows):
+    """ids [R, P] right-padded, lengths [R] their real tokens, slots [R] the rows to fill (distinct; B, one past the
+    last row, marks a padding row: computed, never written), rows: their settings, each [R, ...]."""
+    static = sampling.per_row_static(vocab_limit, logprob_rows)
+    stacked = is_stacked(params)
+    p, s = ids.shape[1], state.kv_valid.shape[1]
+    mask = (jnp.arange(p)[None] < lengths[:, None]).astype(jnp.int32)  # [R, P]
+
+    def take(path, x):  # [B, ...] -> [R, ...]; the cache [B, N, S, H] -> [R, N, P, H] (prefill writes 0..P-1)
+        name = getattr(path[0], "name", None)
+        if name == "cache":
+            return x[:, :, :, :p].at[:, slots].get(mode="clip") if stacked else x[:, :, :p].at[slots].get(mode="clip")
+        return x[:, :p].at[slots].get(mode="clip") if name == "kv_valid" else x.at[slots].get(mode="clip")
+
+    def put(path, x, y):
+        name = getattr(path[0], "name", None)
+        if name == "cache":
+            return x.at[:, slots, :, :p].set(y, mode="drop") if stacked else x.at[slots, :, :p].set(y, mode="drop")
+        if name == "kv_valid":  # the row's slots past P (a former request's) become invalid
+            return x.at[slots].set(jnp.pad(y, ((0, 0), (0, s - p))), mode="drop")
+        return x.at[slots].set(y, mode="drop")
+
+    small = jax.tree_util.tree_map_with_path(take, state._replace(key=None))
+    small, _, first = core.prefill_into(cfg, static, layout, params, small, 0, ids, mask, rows, mesh)
+    state = jax.tree_util.tree_map_with_path(put, state._replace(key=None), small._replace(key=None))
+    return core.constrain(state, mesh), first
+
+
+# A batched admission's most rows x prompt bucket: bounds its activations and how many programs warm-up compiles.
+ADMIT_TOKENS = 2048
+
+
+def admit_row_buckets(slots: int, min_rows: int, mesh) -> list[int]:
+    """Batched admissions' row counts: 4, 16, 64, ... below slots, and slots (none for one slot)."""
+    out, n = [], 4
+    while n < slots:
+        out.append(core.round_rows(n, min_rows, mesh))
+        n *= 4
+    return sorted({*out, slots}) if slots > 1 else []
+
+
 def row_buckets(slots: int, min_rows: int, mesh) -> list[int]:
     """Decode programs' row counts: powers of two (rounded for the layout and mesh) up to slots, and slots."""
     out, n = [], 1
@@ -147,6 +191,10 @@ class Engine:
         self.buckets = buckets(max_model_len)
         self.row_buckets = row_buckets(self.slots, self.layout.min_rows, mesh)
         self.length_buckets = length_buckets(max_model_len)
+        self.admit_rows = {  # prompt bucket -> its batched admissions' row counts
+            p: [r for r in admit_row_buckets(self.slots, self.layout.min_rows, mesh) if r * p <= ADMIT_TOKENS]
+            for p in self.buckets
+        }
         self.programs = core.Programs()
         self.state = None
         self._lengths = np.zeros(self.slots, np.int64)  # each row's slots in use (host mirror: picks the width)
@@ -169,6 +217,16 @@ class Engine:
         row = jax.tree.map(lambda x: x[0], R.empty_rows(1, self.cfg.vocab_size))
         args = (self.params, self._state_for_lowering(), jax.ShapeDtypeStruct((1, p), jnp.int32))
         return self.programs.get(("admit", p), fn, *args, np.int32(0), np.int32(0), row, np.bool_(False))
+
+    def _admit_rows_program(self, r: int, p: int):
+        fn = jax.jit(
+            functools.partial(_admit_rows, self.cfg, self.layout, self.vocab_limit, self.logprob_rows, self.mesh),
+            donate_argnums=(1,),
+        )
+        rows = R.empty_rows(r, self.cfg.vocab_size)
+        i32 = jax.ShapeDtypeStruct((r,), jnp.int32)
+        args = (self.params, self._state_for_lowering(), jax.ShapeDtypeStruct((r, p), jnp.int32), i32, i32, rows)
+        return self.programs.get(("admit_rows", r, p), fn, *args)
 
     def _decode_program(self, r: int, width: int):
         fn = jax.jit(
@@ -193,6 +251,8 @@ class Engine:
         self.state = self._init_program()()
         for p in self.buckets:
             self._admit_program(p)
+            for r in self.admit_rows[p]:
+                self._admit_rows_program(r, p)
         for r in self.row_buckets:
             for w in self.length_buckets:
                 self._decode_program(r, w)
@@ -213,6 +273,31 @@ class Engine:
         )
         self._lengths[slot] = n
         return jax.tree.map(sharding.to_host, first)
+
+    def batch_limit(self, n: int) -> int:
+        """The most prompts of n tokens one batched admission takes (1: none; they go one at a time)."""
+        return max(self.admit_rows[prompt_bucket(n, self.max_model_len)], default=1)
+
+    def admit_many(self, slots: list[int], prompts: list[list[int]], rows: list[dict]) -> list[dict]:
+        """Prefills several prompts of one bucket (at most batch_limit) into their free slots in one program, with
+        their settings; returns each one's first outputs as admit does."""
+        p = prompt_bucket(max(map(len, prompts)), self.max_model_len)
+        if any(prompt_bucket(len(x), self.max_model_len) != p for x in prompts):
+            raise ValueError(f"admit_many: prompts of {sorted(map(len, prompts))} tokens are not in one bucket")
+        r = next(b for b in self.admit_rows[p] if b >= len(prompts))
+        grid = np.full((r, p), self.pad_id, np.int32)
+        lengths = np.ones(r, np.int32)
+        where = np.full(r, self.slots, np.int32)  # padding rows: one past the last slot, never written
+        settings = R.empty_rows(r, self.cfg.vocab_size)
+        for i, (slot, ids, row) in enumerate(zip(slots, prompts, rows)):
+            grid[i, : len(ids)], lengths[i], where[i] = ids, len(ids), slot
+            for k, v in row.items():
+                settings[k][i] = v
+        self.state, first = self._admit_rows_program(r, p)(self.params, self.state, grid, lengths, where, settings)
+        first = jax.tree.map(sharding.to_host, first)
+        for slot, ids in zip(slots, prompts):
+            self._lengths[slot] = len(ids)
+        return [{k: v[i : i + 1] for k, v in first.items()} for i in range(len(prompts))]
 
     def decode(self, force_done: np.ndarray) -> tuple[dict, np.ndarray]:
         """One chunk for the rows not forced done: the smallest row bucket that holds them, over the smallest width

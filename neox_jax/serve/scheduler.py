@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from neox_jax.inference.core import prompt_bucket
 from neox_jax.inference.textstops import RowTracker
 from neox_jax.serve.engine import Engine
 from neox_jax.serve.metrics import Metrics
@@ -167,12 +168,35 @@ class Scheduler:
         self.metrics.occupancy.set(sum(r is not None for r in self.slots))
 
     def _admit_waiting(self) -> None:
-        while None in self.slots:
+        """Every waiting request a free slot can take: those that arrived together share one prefill per prompt
+        bucket (Engine.admit_many), up to the engine's batch limit; echo with logprobs goes alone."""
+        reqs = []
+        while len(reqs) < self.slots.count(None):
             try:
                 req = self.waiting.get_nowait()
             except queue.Empty:
                 break
-            self._admit(req)
+            if req.cancelled:
+                req.deliver(Delta([], "", finish_reason="abort"))
+            else:
+                reqs.append(req)
+        groups: dict[int, list[Request]] = {}
+        for req in reqs:
+            if req.prompt_logprobs:
+                self._admit(req)
+            else:
+                groups.setdefault(prompt_bucket(len(req.prompt_ids), self.engine.max_model_len), []).append(req)
+        for group in groups.values():
+            limit = self.engine.batch_limit(len(group[0].prompt_ids))
+            for at in range(0, len(group), limit):
+                part = group[at : at + limit]
+                if len(part) == 1:
+                    self._admit(part[0])
+                    continue
+                slots = [k for k, r in enumerate(self.slots) if r is None][: len(part)]
+                firsts = self.engine.admit_many(slots, [r.prompt_ids for r in part], [r.row for r in part])
+                for slot, req, first in zip(slots, part, firsts):
+                    self._admitted(slot, req, first)
 
     def _admit(self, req: Request) -> None:
         self.metrics.queue_depth.set(self.waiting.qsize())
@@ -180,8 +204,12 @@ class Scheduler:
             req.deliver(Delta([], "", finish_reason="abort"))
             return
         slot = self.slots.index(None)
+        self._admitted(slot, req, self.engine.admit(slot, req.prompt_ids, req.row, req.prompt_logprobs))
+
+    def _admitted(self, slot: int, req: Request, first: dict) -> None:
+        """Takes a request whose prompt is now in `slot`, with its first token's outputs `first`."""
+        self.metrics.queue_depth.set(self.waiting.qsize())
         req.tracker = RowTracker(self.tok, req.stop_ids, req.stops, req.max_tokens)
-        first = self.engine.admit(slot, req.prompt_ids, req.row, req.prompt_logprobs)
         self.slots[slot] = req
         self._made[slot] = 1
         self.metrics.ttft.observe(time.perf_counter() - req.arrival)
