@@ -146,7 +146,8 @@ class Scheduler:
         for i, r in enumerate(self.slots):  # cancelled requests free their slot first
             if r is not None and r.cancelled:
                 self._finish(i, "abort")
-        self._admit_waiting()
+        while self._admit_waiting():  # those that arrived during a prefill join before the chunk too
+            pass
         if all(r is None for r in self.slots):
             try:  # idle: wait for work without spinning
                 req = self.waiting.get(timeout=0.05)
@@ -167,10 +168,11 @@ class Scheduler:
     def _occupancy(self) -> None:
         self.metrics.occupancy.set(sum(r is not None for r in self.slots))
 
-    def _admit_waiting(self) -> None:
+    def _admit_waiting(self) -> int:
         """Every waiting request a free slot can take: those that arrived together share one prefill per prompt
-        bucket (Engine.admit_many), up to the engine's batch limit; echo with logprobs goes alone."""
-        reqs = []
+        bucket (Engine.admit_many), up to the engine's batch limit; echo with logprobs goes alone. Returns how many
+        it took (cancelled ones included)."""
+        reqs, cancelled = [], 0
         while len(reqs) < self.slots.count(None):
             try:
                 req = self.waiting.get_nowait()
@@ -178,6 +180,7 @@ class Scheduler:
                 break
             if req.cancelled:
                 req.deliver(Delta([], "", finish_reason="abort"))
+                cancelled += 1
             else:
                 reqs.append(req)
         groups: dict[int, list[Request]] = {}
@@ -197,6 +200,7 @@ class Scheduler:
                 firsts = self.engine.admit_many(slots, [r.prompt_ids for r in part], [r.row for r in part])
                 for slot, req, first in zip(slots, part, firsts):
                     self._admitted(slot, req, first)
+        return len(reqs) + cancelled
 
     def _admit(self, req: Request) -> None:
         self.metrics.queue_depth.set(self.waiting.qsize())
