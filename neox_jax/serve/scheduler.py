@@ -155,6 +155,8 @@ class Scheduler:
             return
         force_done = np.array([r is None for r in self.slots])
         out, made = self.engine.decode(force_done)
+        if self.metrics.spec is not None:
+            self.metrics.speculative(*self.engine.spec_stats)
         for i, r in enumerate(self.slots):
             if r is None:
                 continue
