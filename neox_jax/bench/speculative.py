@@ -12,7 +12,12 @@ tokens a step, and the target as its own draft (every token accepted: the upper 
 the draft), at batch 1 and 4. Speedup = the target alone's wall time / speculative wall time for the same prompts
 and tokens (median of --repeats warm calls, compiles excluded); outputs are checked to be equal token for token. Also
 measured: one target decode step and one draft decode step (each model's own loop, per token), whose ratio bounds what
-a draft can save. Run --train-only once, then --reuse to measure again without training.
+a draft can save, and, side by side with each speculative row, what its round is made of: one extend of the target
+over k+1 tokens from the cache (the verify) and of 1 token (a step), and the draft's k+1 single-token steps (k
+proposals, the last one fed too), each timed alone in a compiled loop. From them the row's ceiling: tokens per round x
+step / (verify + draft steps), the speedup its measured acceptance allows if a round cost nothing but its forwards; so a
+row short of a target speedup shows whether acceptance, the verify's cost or the rest of the round stops it. Run
+--train-only once, then --reuse to measure again without training.
 """
 
 from __future__ import annotations
@@ -92,6 +97,49 @@ def step_ms(model, prompt, tokens: int, repeats: int) -> float:
     return 1e3 * r.timing.decode_s / max(1, r.timing.decode_tokens)
 
 
+def extend_ms(model, rows: int, t: int, cache_len: int, prompt_len: int = 32, n: int = 32, repeats: int = 5) -> float:
+    """One core.extend of t tokens per row from a cache of cache_len slots holding a prompt_len-token prompt, rows
+    rows (batch 1: the uniform in-place write speculative decoding uses there; more: the per-row write), each rolled
+    back so every call sees the same slots: ms per call (median of `repeats` runs of n calls in one compiled loop).
+    t = 1 is a decode step, t = k + 1 a speculative verify."""
+    import jax
+    import jax.numpy as jnp
+
+    from neox_jax.inference import core, sampling
+
+    gen = model.generator()
+    cfg, layout = model.config, gen.run_layout()
+    params = gen.run_params(layout)
+    uniform = rows == 1
+    settings = {"stop_mask": jnp.zeros((rows, cfg.vocab_size), bool), "max_new": jnp.full((rows,), 2**30, jnp.int32)}
+    greedy = sampling.Static(True, 0, False, False, cfg.vocab_size)
+
+    @jax.jit
+    def start(params):
+        st = core.empty_state(cfg, layout, rows, cache_len, settings, False, False)
+        ids = jnp.full((rows, prompt_len), 5, jnp.int32)
+        return core.prefill_into(cfg, greedy, layout, params, st, 0, ids, jnp.ones_like(ids))[0]
+
+    def loop(params, st):
+        def body(i, carry):
+            st, acc = carry
+            ids = jnp.full((rows, t), 7, jnp.int32) + (acc > 1e30)  # (acc: each call depends on the one before)
+            new, logits = core.extend(cfg, layout, params, st, ids, uniform)
+            return core.rollback(new, st.lengths), acc + logits[0, -1, 0]
+
+        return jax.lax.fori_loop(0, n, body, (st, jnp.float32(0)))
+
+    opts = core.CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else {}
+    run = jax.jit(loop, donate_argnums=(1,)).lower(params, start(params)).compile(compiler_options=opts)
+    st, times = start(params), []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        st, acc = run(params, st)
+        acc.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times[1:]) / n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA, help="tiny shakespeare input.txt")
@@ -134,6 +182,14 @@ def main() -> int:
     n_new, rows = args.max_new_tokens, []
     t_ms, d_ms = step_ms(target, prompts[0], n_new, args.repeats), step_ms(draft, prompts[0], n_new, args.repeats)
     print(f"decode step: target {t_ms:.2f} ms, draft {d_ms:.2f} ms (ratio {t_ms / d_ms:.1f})", flush=True)
+    cache_len = 64 * -(-(32 + n_new + max(int(x) for x in args.k.split(","))) // 64)  # as the driver sizes it
+    costs = {}  # (model, batch, t) -> ms of one extend of t tokens
+
+    def cost(name, batch, t):
+        if (name, batch, t) not in costs:
+            costs[name, batch, t] = extend_ms(target if name == "target" else draft, batch, t, cache_len)
+        return costs[name, batch, t]
+
     for batch in (1, 4):
         ps = prompts[:batch]
         kw = dict(max_new_tokens=n_new, stop_token_ids=[])
@@ -149,6 +205,13 @@ def main() -> int:
                 if r.token_ids != base.token_ids:
                     sys.exit(f"speculative output differs from the target's (batch {batch}, {name}, k {k})")
                 st = r.speculative
+                # what a round costs by its parts: the verify (k+1 tokens) and the draft's k+1 single-token steps
+                # (each proposal, and the last one fed too); the ceiling is the speedup if a round cost nothing else
+                step = cost("target", batch, 1)
+                verify = cost("target", batch, k + 1)
+                d = "target" if dm is target else "draft"
+                drafting = (k + 1) * cost(d, batch, 1)
+                rounds_run = st["target_steps"] / batch
                 rows.append(
                     {
                         "batch": batch,
@@ -158,17 +221,31 @@ def main() -> int:
                         "tokens_per_s": batch * n_new / s,
                         "acceptance": st["acceptance_rate"],
                         "tokens_per_step": st["tokens_per_target_step"],
+                        "verify_steps": verify / step,
+                        "draft_steps": drafting / step,
+                        "round_ms": 1e3 * r.timing.decode_s / rounds_run,
+                        "parts_ms": verify + drafting,
+                        "ceiling": st["tokens_per_target_step"] * step / (verify + drafting),
                         "speedup": base_s / s,
                     }
                 )
                 print(markdown_table(rows[-1:], list(rows[-1])), flush=True)
-    cols = ["batch", "draft", "k", "s", "tokens_per_s", "acceptance", "tokens_per_step", "speedup"]
+    cols = ["batch", "draft", "k", "s", "tokens_per_s", "acceptance", "tokens_per_step"]
+    cols += ["verify_steps", "draft_steps", "round_ms", "parts_ms", "ceiling", "speedup"]
     print(markdown_table(rows, cols))
     best = max((r for r in rows if r["batch"] == 1 and r["draft"] == "draft 2x128"), key=lambda r: r["speedup"])
+    top = max((r for r in rows if r["batch"] == 1 and r["draft"] == "draft 2x128"), key=lambda r: r["ceiling"])
     print(
-        f"best at batch 1: k {best['k']}, {best['speedup']:.2f}x; target step / draft step = {t_ms / d_ms:.1f} "
-        f"({t_ms:.2f} / {d_ms:.2f} ms): with acceptance a and k drafts a step the speedup is at most "
-        f"(1 - a^(k+1)) / (1 - a) / (1 + k * draft/target) before the verify's extra cost"
+        f"best at batch 1: k {best['k']}, {best['speedup']:.2f}x (ceiling {best['ceiling']:.2f}x); highest ceiling "
+        f"k {top['k']}, {top['ceiling']:.2f}x. One extend of the target from the cache (batch 1): "
+        + ", ".join(
+            f"{t} token{'s' * (t > 1)} {ms:.2f} ms"
+            for (m, b, t), ms in sorted(costs.items())
+            if m == "target" and b == 1
+        )
+        + f"; the draft's step: {cost('draft', 1, 1):.3f} ms. "
+        "ceiling = tokens per round x step / (verify + (k+1) draft steps): the speedup the measured acceptance "
+        "allows if a round cost only its forwards; verify_steps / draft_steps: those costs in target steps"
     )
     path = write_json(
         "speculative",
@@ -179,6 +256,7 @@ def main() -> int:
             "max_new_tokens": n_new,
             "target_step_ms": t_ms,
             "draft_step_ms": d_ms,
+            "extend_ms": {f"{m} batch {b} tokens {t}": ms for (m, b, t), ms in sorted(costs.items())},
             "rows": rows,
         },
         args.out,

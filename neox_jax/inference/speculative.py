@@ -18,10 +18,11 @@ the rows beside it), and the log-probabilities of the kept tokens from the targe
 
 Both states keep the same slots (same prompt bucket): a row's target.tokens is its last chosen token, in neither
 cache yet, at slot target.lengths. Rolling back is core.rollback: the rejected slots are marked unused and the next
-round overwrites them; no cache is copied. The draft may lack the token at slot lengths-1 (the last draft of a fully
-accepted round was never fed to it), so each round first rolls the draft back to lengths-1 and feeds two tokens, that
-one (`prev`) and the last chosen one; rewriting a slot the draft already has is harmless. At batch 1 every write is
-the uniform in-place one (core.extend uniform); more rows each write at their own slot.
+round overwrites them; no cache is copied. The draft is fed every token it proposes, the k-th too (its logits
+unused), so after any round it holds every kept token: each round rolls it back to the target's length and feeds one
+token, the last chosen one (k+1 single-token draft steps a round; feeding two tokens at once instead cost as much as
+four single ones on XLA CPU). At batch 1 every write is the uniform in-place one (core.extend uniform); more rows each
+write at their own slot.
 
 Acceptance, per row: greedy keeps the longest prefix of drafts equal to the target's argmax, then the target's own
 token (so the output is the target's greedy output). Sampling accepts draft d_i with probability min(1, p_i(d_i) /
@@ -48,7 +49,6 @@ from neox_jax.parallel import sharding
 class SpecState(NamedTuple):
     target: core.DecodeState  # tokens, lengths, made, done, settings (stop_mask [B, V], max_new [B]) and the key
     draft: core.DecodeState  # the draft's cache and slots (its tokens / key unused after the prefill)
-    prev: jax.Array  # [B] the token at slot target.lengths - 1
     proposed: jax.Array  # [B] drafts proposed (statistics)
     accepted: jax.Array  # [B] drafts accepted
     steps: jax.Array  # [B] target forwards
@@ -57,7 +57,7 @@ class SpecState(NamedTuple):
 def _constrain(state: SpecState, mesh) -> SpecState:
     if mesh is None:
         return state
-    rest = sharding.constrain_state({k: getattr(state, k) for k in ("prev", "proposed", "accepted", "steps")}, mesh)
+    rest = sharding.constrain_state({k: getattr(state, k) for k in ("proposed", "accepted", "steps")}, mesh)
     return SpecState(core.constrain(state.target, mesh), core.constrain(state.draft, mesh), **rest)
 
 
@@ -180,7 +180,7 @@ def prefill(
         st = core.empty_state(c, lay, b, cache_len, settings, is_stacked(prm), False, k, mesh)
         both.append(core.prefill_into(c, static, lay, prm, st, 0, ids, mask, mesh=mesh)[0])
     zeros = jnp.zeros((b,), jnp.int32)
-    return _constrain(SpecState(both[0], both[1], ids[:, -1].astype(jnp.int32), zeros, zeros, zeros), mesh)
+    return _constrain(SpecState(both[0], both[1], zeros, zeros, zeros), mesh)
 
 
 def rounds(
@@ -227,10 +227,9 @@ def rounds(
     def propose(st: SpecState, key):
         """k draft tokens [B, k], the logits they came from [B, k, U] and the draft's state."""
         t = st.target
-        dst = core.rollback(st.draft, t.lengths - 1)
-        two = jnp.stack([st.prev, t.tokens], axis=1)  # [B, 2] at slots lengths-1, lengths
-        dst, logits = core.extend(draft_cfg, draft_layout, draft_params, dst, two, uniform)
-        logits = _over(logits[:, -1], u)  # [B, U]
+        dst = core.rollback(st.draft, t.lengths)  # the draft holds every kept token (see the module docstring)
+        dst, logits = core.extend(draft_cfg, draft_layout, draft_params, dst, t.tokens[:, None], uniform)
+        logits = _over(logits[:, 0], u)  # [B, U]
 
         def step(carry, i):
             dst, logits, key = carry
@@ -239,11 +238,13 @@ def rounds(
             return (dst, _over(nxt[:, 0], u), key), (tok, drawn)
 
         # k-1 fed drafts (the last one is scored by the target only), then the k-th draw
-        (dst, logits, key), (toks, lgs) = jax.lax.scan(step, (dst, logits, key), jnp.arange(k - 1))
+        (dst, logits, key), (toks, lgs) = jax.lax.scan(step, (dst, logits, key), jnp.arange(k - 1), unroll=True)
         if per_row:
             last, dlast = _draft_rows(static, settings, logits, key, t.made + k - 1, sampled)
         else:
             last, dlast = sampling.choose(static, values, logits, key), logits
+        # fed too, for its cache only (after a fully accepted round the next one starts past it)
+        dst, _ = core.extend(draft_cfg, draft_layout, draft_params, dst, last[:, None], uniform)
         drafts = jnp.concatenate([toks.T, last[:, None]], axis=1) if k > 1 else last[:, None]
         dlogits = jnp.concatenate([lgs.transpose(1, 0, 2), dlast[:, None]], axis=1) if k > 1 else dlast[:, None]
         return drafts.astype(jnp.int32), dlogits, dst
@@ -276,7 +277,6 @@ def rounds(
         c = jnp.minimum(jnp.minimum(n + 1, stop_at + 1), limit - t.made)
         c = jnp.where(live, c, 0)
         last = jnp.take_along_axis(emitted, jnp.maximum(c - 1, 0)[:, None], axis=1)[:, 0]
-        before = jnp.take_along_axis(emitted, jnp.maximum(c - 2, 0)[:, None], axis=1)[:, 0]
         cols = jnp.where(j < c[:, None], count[:, None] + j, width)  # [B, k+1]; width: dropped
         new = {"tokens": emitted}
         if per_row:
@@ -294,7 +294,6 @@ def rounds(
         new = SpecState(
             target=t,
             draft=dst,
-            prev=jnp.where(c > 1, before, jnp.where(c == 1, st.target.tokens, st.prev)),
             proposed=st.proposed + jnp.where(live, k, 0),
             accepted=st.accepted + jnp.where(live, n, 0),
             steps=st.steps + live.astype(jnp.int32),

@@ -41,7 +41,7 @@ def _init_state(cfg, dcfg, layout, dlayout, slots, length, stacked, dstacked, me
     dset = {"stop_mask": np.zeros((slots, dcfg.vocab_size), bool), "max_new": np.ones(slots, np.int32)}
     draft = core.empty_state(dcfg, dlayout, slots, length, dset, dstacked, False, None, mesh)
     zeros = jnp.zeros(slots, jnp.int32)
-    return spec._constrain(spec.SpecState(target, draft, zeros, zeros, zeros, zeros), mesh)
+    return spec._constrain(spec.SpecState(target, draft, zeros, zeros, zeros), mesh)
 
 
 def _admit(
@@ -54,8 +54,7 @@ def _admit(
     mask = (jnp.arange(ids.shape[1]) < length)[None].astype(jnp.int32)
     greedy = sampling.Static(True, 0, False, False, vocab_limit)
     draft = core.prefill_into(dcfg, greedy, dlayout, dparams, state.draft, slot, ids, mask, mesh=mesh)[0]
-    prev = state.prev.at[slot].set(ids[0, length - 1])  # the token at the row's slot lengths - 1
-    return spec._constrain(state._replace(target=target, draft=draft, prev=prev), mesh), first
+    return spec._constrain(state._replace(target=target, draft=draft), mesh), first
 
 
 def _gather(st: core.DecodeState, rows, width: int, stacked: bool, put=None):
@@ -108,7 +107,6 @@ def _decode(
     small = spec.SpecState(
         _gather(state.target, rows, width, stacked),
         _gather(state.draft, rows, width, dstacked),
-        state.prev[rows],
         zeros,
         zeros,
         zeros,
@@ -120,7 +118,6 @@ def _decode(
     state = state._replace(
         target=_gather(state.target, rows, width, stacked, small.target),
         draft=_gather(state.draft, rows, width, dstacked, small.draft),
-        prev=state.prev.at[rows].set(small.prev),
     )
     stats = jnp.stack([small.steps.sum(), small.proposed.sum(), small.accepted.sum()])
     return spec._constrain(state, mesh), out, stats
