@@ -174,6 +174,10 @@ def test_repetition_penalty_is_refused(served, plain):
     assert "repetition_penalty" in r["error"]["message"] and "draft" in r["error"]["message"]
     assert http(plain.url + "/v1/completions", body)[0] == 200
     assert http(served.url + "/v1/completions", {**body, "repetition_penalty": 1.0})[0] == 200
+    req, *_ = _collect_ids(served.svc.scheduler, [5, 6], 2, {"repetition_penalty": np.float32(1.2)})
+    with pytest.raises(ValueError, match="repetition_penalty"):  # the Python API: refused, the model loop unharmed
+        served.svc.scheduler.submit(req)
+    assert served.svc.scheduler.failed is None
 
 
 def test_nothing_compiles_after_warm_up(served, counter):

@@ -92,6 +92,7 @@ class Scheduler:
             raise ShuttingDown("the server is shutting down")
         if self.failed is not None or (self._thread is not None and not self._thread.is_alive()):
             raise ShuttingDown(f"the model loop has stopped ({self.failed!r}); see the server log")
+        self.engine.check_row(req.row)  # (ValueError here, in the caller's thread: never in the model loop)
         if not self.ready.is_set():  # as /health says: nothing waits behind a compile that may take minutes
             raise NotReady("the model is still loading and compiling; GET /health answers 200 once it is ready")
         try:

@@ -196,9 +196,11 @@ class SpecEngine(E.Engine):
         args = (self.params, self.draft_params, self._state_for_lowering(), rows, np.zeros(r, bool))
         return self.programs.get(("decode", r, width), fn, *args)
 
-    def admit(self, slot: int, ids: list[int], row: dict, prompt_logprobs: bool = False) -> dict:
+    def check_row(self, row: dict) -> None:
         if float(row["repetition_penalty"]) != 1.0:
-            raise ValueError("repetition_penalty is not supported with a draft model")
+            raise ValueError("repetition_penalty is not supported with a draft model (speculative decoding)")
+
+    def admit(self, slot: int, ids: list[int], row: dict, prompt_logprobs: bool = False) -> dict:
         n = len(ids)
         p = prompt_bucket(n, self.max_model_len)
         grid = np.full((1, p), self.pad_id, np.int32)
