@@ -6,6 +6,7 @@ is compiled before /health answers 200, so no request waits on a compile.
 
 examples:
   neox-jax serve --checkpoint ckpt/pythia-160m --port 8000
+  neox-jax serve --checkpoint ckpt/pythia-1.4b --draft ckpt/pythia-160m --draft-tokens 4   # speculative decoding
   neox-jax serve --checkpoint ckpt/neox-20b --dtype bfloat16 --mesh model=8 --max-batch 16 --max-model-len 2048
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "pythia-160m", "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'
@@ -45,7 +46,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="positions per slot: prompt + max_tokens (default: the model's max_position_embeddings)",
     )
-    p.add_argument("--chunk", type=int, default=8, help="decode steps between admissions / stream updates (default 8)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=8,
+        help="decode steps (with --draft: rounds) between admissions / stream updates (default 8)",
+    )
+    p.add_argument(
+        "--draft",
+        default=None,
+        metavar="CKPT",
+        help="a smaller checkpoint (or hub id) with the same tokenizer: speculative decoding (docs/serving.md)",
+    )
+    p.add_argument(
+        "--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes a round (default 4)"
+    )
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -114,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
     mesh = distributed.setup(args)
     try:
         lm = neox_jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh, quantize=args.quantize, adapter=args.adapter)
+        draft = None
+        if args.draft is not None:
+            if not Path(args.draft).is_dir() and not hub.is_hub_id(args.draft):
+                raise NeoXError(f"--draft {args.draft}: no such directory (nor a hub id org/name)")
+            draft = neox_jax.load(args.draft, dtype=args.dtype, mesh=mesh)
         tok = Tokenizer.from_file(args.tokenizer) if args.tokenizer else None
         template = Path(args.chat_template).read_text() if args.chat_template else None
         svc = Service.from_model(
@@ -126,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
             tokenizer=tok,
             chat_template=template,
             logprob_vocab=args.logprob_vocab,
+            draft=draft,
+            draft_tokens=args.draft_tokens,
         )
     except (ValueError, FileNotFoundError) as e:
         raise NeoXError(str(e)) from None
@@ -138,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
         svc.scheduler.engine.slots,
         svc.max_model_len,
     )
+    if draft is not None:
+        logging.getLogger("neox_jax.serve").info("draft %s proposing %d tokens a round", draft, args.draft_tokens)
     config = uvicorn.Config(
         build_app(svc, args.drain_timeout),
         host=args.host,

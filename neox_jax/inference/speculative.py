@@ -5,17 +5,24 @@ the target scores all k+1 positions in one `extend`, and the tokens the target a
     prefill(cfg, draft_cfg, static, layout, draft_layout, cache_len, params, draft_params, ids, mask, settings, key)
         -> state: both models' prompts through core.empty_state + prefill_into (the target's first token chosen).
     rounds(cfg, draft_cfg, static, layout, draft_layout, k, params, draft_params, state, values, force_done, n_rounds)
-        -> (state, out [B, S], count [B], rounds_run)
+        -> (state, out {"tokens": [B, S], ...}, count [B], rounds_run)
         a lax.while_loop of up to n_rounds rounds (stopping once every row is done): k draft steps (core.extend on
         the draft's own state), one core.extend of k+1 tokens on the target's, the acceptance rule, per row, then
-        core.rollback of the target to the kept tokens. out[b, :count[b]] are the tokens row b made in this call.
+        core.rollback of the target to the kept tokens. out["tokens"][b, :count[b]] are the tokens row b made in
+        this call.
+
+Two sampling modes. Batch-uniform (generate): one Static + values for every row and one PRNG key. Per row (the
+server, static.per_row, values None): each row's temperature (0: greedy), top_k, top_p and min_tokens from the
+state's settings, its draws from its own seed folded with the tokens it has made (so a row's output never depends on
+the rows beside it), and the log-probabilities of the kept tokens from the target's logits.
 
 Both states keep the same slots (same prompt bucket): a row's target.tokens is its last chosen token, in neither
 cache yet, at slot target.lengths. Rolling back is core.rollback: the rejected slots are marked unused and the next
-round overwrites them; no cache is copied. The draft may lack the token at slot lengths-1 (the last draft of a fully
-accepted round was never fed to it), so each round first rolls the draft back to lengths-1 and feeds two tokens, that
-one (`prev`) and the last chosen one; rewriting a slot the draft already has is harmless. At batch 1 every write is
-the uniform in-place one (core.extend uniform); more rows each write at their own slot.
+round overwrites them; no cache is copied. The draft is fed every token it proposes, the k-th too (its logits
+unused), so after any round it holds every kept token: each round rolls it back to the target's length and feeds one
+token, the last chosen one (k+1 single-token draft steps a round; feeding two tokens at once instead cost as much as
+four single ones on XLA CPU). At batch 1 every write is the uniform in-place one (core.extend uniform); more rows each
+write at their own slot.
 
 Acceptance, per row: greedy keeps the longest prefix of drafts equal to the target's argmax, then the target's own
 token (so the output is the target's greedy output). Sampling accepts draft d_i with probability min(1, p_i(d_i) /
@@ -42,7 +49,6 @@ from neox_jax.parallel import sharding
 class SpecState(NamedTuple):
     target: core.DecodeState  # tokens, lengths, made, done, settings (stop_mask [B, V], max_new [B]) and the key
     draft: core.DecodeState  # the draft's cache and slots (its tokens / key unused after the prefill)
-    prev: jax.Array  # [B] the token at slot target.lengths - 1
     proposed: jax.Array  # [B] drafts proposed (statistics)
     accepted: jax.Array  # [B] drafts accepted
     steps: jax.Array  # [B] target forwards
@@ -51,7 +57,7 @@ class SpecState(NamedTuple):
 def _constrain(state: SpecState, mesh) -> SpecState:
     if mesh is None:
         return state
-    rest = sharding.constrain_state({k: getattr(state, k) for k in ("prev", "proposed", "accepted", "steps")}, mesh)
+    rest = sharding.constrain_state({k: getattr(state, k) for k in ("proposed", "accepted", "steps")}, mesh)
     return SpecState(core.constrain(state.target, mesh), core.constrain(state.draft, mesh), **rest)
 
 
@@ -81,6 +87,72 @@ def accept(static: sampling.Static, values: dict, drafts, draft_logits, target_l
     return emitted.astype(jnp.int32), n
 
 
+ACCEPT_SALT, FIX_SALT = 0x7FFFFFFF, 0x7FFFFFFE  # fold_in data for the per-row accept / correction draws
+
+
+def _blocked(settings, logits, made):
+    """Per row: logits [B, T, U] of the tokens made + t (t < T) with the stop ids at -inf before min_tokens (what
+    sampling.choose does for the server)."""
+    n = made[:, None] + jnp.arange(logits.shape[1])  # [B, T] index of the token chosen from each position
+    block = (n < settings["min_tokens"][:, None])[..., None] & settings["stop_mask"][:, None, : logits.shape[-1]]
+    return jnp.where(block, -jnp.inf, logits)
+
+
+def _processed_rows(static, settings, x):
+    """x [B, T, U] -> the logits each row draws from (its own temperature, top_k, top_p), [B, T, U]."""
+    b, t, u = x.shape
+    vals = {k: jnp.repeat(settings[k], t, axis=0) for k in ("temperature", "top_p", "top_k")}
+    return sampling.processed_logits(static, vals, x.reshape(b * t, u)).reshape(b, t, u)
+
+
+def _fold(kd, n):
+    """Per row: key data kd [B, 2] folded with n [B] (or a scalar) -> keys [B]."""
+    n = jnp.broadcast_to(n, kd.shape[:1])
+    return jax.vmap(lambda d, i: jax.random.fold_in(jax.random.wrap_key_data(d), i))(kd, n)
+
+
+def _draft_rows(static, settings, logits, kd, made, sampled):
+    """The server's draft choice, per row: logits [B, U] of token `made` [B]; kd [B, 2] the row's round key data;
+    sampled: whether any row samples (else no sort at all). -> (tokens [B], the logits drawn from [B, U])."""
+    x = _blocked(settings, logits[:, None], made)[:, 0]
+    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+
+    def sample(x):
+        q = _processed_rows(static, settings, x[:, None])[:, 0]
+        tok = jax.vmap(jax.random.categorical)(_fold(kd, made), q).astype(jnp.int32)
+        return jnp.where(settings["temperature"] > 0, tok, greedy), q
+
+    return jax.lax.cond(sampled, sample, lambda x: (greedy, x), x)
+
+
+def accept_rows(static, settings, drafts, draft_logits, target_logits, made, kd, sampled):
+    """accept() with each row's own settings (the server): a row with temperature 0 keeps the drafts equal to the
+    target's argmax, the others the rejection rule over their own processed distributions. draft_logits [B, k, U]
+    (what _draft_rows drew from), target_logits [B, k+1, U] raw, made [B] (the tokens made before this round's
+    first), kd [B, 2] the rows' round key data. -> (emitted [B, k+1], n [B])."""
+    b, k = drafts.shape
+    x = _blocked(settings, target_logits, made)
+    best = jnp.argmax(x, axis=-1).astype(jnp.int32)  # [B, k+1]
+    n_greedy = jnp.sum(jnp.cumprod(drafts == best[:, :k], axis=1), axis=1).astype(jnp.int32)
+
+    def sample(x):
+        p = jax.nn.softmax(_processed_rows(static, settings, x), axis=-1)  # [B, k+1, U]
+        q = jax.nn.softmax(draft_logits, axis=-1)  # [B, k, U]
+        p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]  # [B, k]
+        q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+        u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(_fold(kd, ACCEPT_SALT))
+        n = jnp.sum(jnp.cumprod(u * q_d < p_d, axis=1), axis=1).astype(jnp.int32)
+        residual = jnp.concatenate([jnp.maximum(p[:, :k] - q, 0.0), p[:, k:]], axis=1)  # [B, k+1, U]
+        residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p)
+        fix = jax.vmap(lambda key, r: jax.random.categorical(key, jnp.log(r), axis=-1))(_fold(kd, FIX_SALT), residual)
+        j = jnp.arange(k + 1)[None, :]
+        emitted = jnp.where(j < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), jnp.where(j == n[:, None], fix, 0))
+        on = settings["temperature"] > 0
+        return jnp.where(on[:, None], emitted.astype(jnp.int32), best), jnp.where(on, n, n_greedy)
+
+    return jax.lax.cond(sampled, sample, lambda x: (best, n_greedy), x)
+
+
 def _over(logits, u: int):
     """[..., V] -> [..., U]: the first u ids (a draft with fewer rows would be refused by the driver)."""
     return logits[..., :u]
@@ -108,7 +180,7 @@ def prefill(
         st = core.empty_state(c, lay, b, cache_len, settings, is_stacked(prm), False, k, mesh)
         both.append(core.prefill_into(c, static, lay, prm, st, 0, ids, mask, mesh=mesh)[0])
     zeros = jnp.zeros((b,), jnp.int32)
-    return _constrain(SpecState(both[0], both[1], ids[:, -1].astype(jnp.int32), zeros, zeros, zeros), mesh)
+    return _constrain(SpecState(both[0], both[1], zeros, zeros, zeros), mesh)
 
 
 def rounds(
@@ -125,37 +197,56 @@ def rounds(
     force_done,
     n_rounds,
     mesh=None,
+    width: int | None = None,
+    uniform: bool | None = None,
 ):
     """Up to n_rounds rounds; a row is done at a stop id (settings stop_mask) or once it made settings max_new tokens
-    (exactly: a round's surplus is dropped). values: the batch's sampling scalars (SamplingParams.values()). The
-    caller keeps cache_len >= P + max_new + k."""
+    (exactly: a round's surplus is dropped). values: the batch's sampling scalars (SamplingParams.values()), or None
+    with static.per_row (the server): then every row samples with its own settings (state.target.settings:
+    temperature, top_k, top_p, min_tokens, key) and out also has the log-probabilities of the kept tokens under the
+    target ("logprobs", "top_ids", "top_logprobs", behind a runtime switch: only when a row asked). Returns (state,
+    out {"tokens": [B, width], ...}, count [B], rounds_run); width: out's columns (default: the cache length).
+    uniform: every row at one slot (default: batch 1). The caller keeps cache_len >= P + max_new + k."""
     u = static.vocab_limit
+    per_row = static.per_row
     b, s = state.target.kv_valid.shape
-    uniform = b == 1  # one row: its slot is every row's, the in-place dynamic_update_slice
+    width = s if width is None else width
+    uniform = b == 1 if uniform is None else uniform  # one row: its slot is every row's, the in-place update
     rows = jnp.arange(b)
-    limit = state.target.settings["max_new"]  # [B]
-    stop_mask = state.target.settings["stop_mask"]  # [B, V]
+    settings = state.target.settings
+    limit = settings["max_new"]  # [B]
+    stop_mask = settings["stop_mask"]  # [B, V]
+    sampled = jnp.any(settings["temperature"] > 0) if per_row else None  # some row samples (per_row)
+
+    def choose(logits, key, made):  # the draft's choice: (tokens [B], the logits drawn from [B, U], key)
+        if per_row:
+            return (*_draft_rows(static, settings, logits, key, made, sampled), key)
+        key, sub = jax.random.split(key)
+        return sampling.choose(static, values, logits, sub), logits, key
 
     def propose(st: SpecState, key):
         """k draft tokens [B, k], the logits they came from [B, k, U] and the draft's state."""
         t = st.target
-        dst = core.rollback(st.draft, t.lengths - 1)
-        two = jnp.stack([st.prev, t.tokens], axis=1)  # [B, 2] at slots lengths-1, lengths
-        dst, logits = core.extend(draft_cfg, draft_layout, draft_params, dst, two, uniform)
-        logits = _over(logits[:, -1], u)  # [B, U]
+        dst = core.rollback(st.draft, t.lengths)  # the draft holds every kept token (see the module docstring)
+        dst, logits = core.extend(draft_cfg, draft_layout, draft_params, dst, t.tokens[:, None], uniform)
+        logits = _over(logits[:, 0], u)  # [B, U]
 
-        def step(carry, _):
+        def step(carry, i):
             dst, logits, key = carry
-            key, sub = jax.random.split(key)
-            tok = sampling.choose(static, values, logits, sub)  # [B]
+            tok, drawn, key = choose(logits, key, t.made + i)
             dst, nxt = core.extend(draft_cfg, draft_layout, draft_params, dst, tok[:, None], uniform)
-            return (dst, _over(nxt[:, 0], u), key), (tok, logits)
+            return (dst, _over(nxt[:, 0], u), key), (tok, drawn)
 
         # k-1 fed drafts (the last one is scored by the target only), then the k-th draw
-        (dst, logits, key), (toks, lgs) = jax.lax.scan(step, (dst, logits, key), None, length=k - 1)
-        last = sampling.choose(static, values, logits, key)
+        (dst, logits, key), (toks, lgs) = jax.lax.scan(step, (dst, logits, key), jnp.arange(k - 1), unroll=True)
+        if per_row:
+            last, dlast = _draft_rows(static, settings, logits, key, t.made + k - 1, sampled)
+        else:
+            last, dlast = sampling.choose(static, values, logits, key), logits
+        # fed too, for its cache only (after a fully accepted round the next one starts past it)
+        dst, _ = core.extend(draft_cfg, draft_layout, draft_params, dst, last[:, None], uniform)
         drafts = jnp.concatenate([toks.T, last[:, None]], axis=1) if k > 1 else last[:, None]
-        dlogits = jnp.concatenate([lgs.transpose(1, 0, 2), logits[:, None]], axis=1) if k > 1 else logits[:, None]
+        dlogits = jnp.concatenate([lgs.transpose(1, 0, 2), dlast[:, None]], axis=1) if k > 1 else dlast[:, None]
         return drafts.astype(jnp.int32), dlogits, dst
 
     def cond(carry):
@@ -165,23 +256,34 @@ def rounds(
     def body(carry):
         i, st, out, count = carry
         t = st.target
-        key, k_draft, k_acc = jax.random.split(t.key, 3)
+        made0, live = t.made, ~t.done
+        if per_row:  # each row's round key: its seed folded with the tokens it has made (never its company)
+            key = None
+            k_draft = k_acc = jax.random.key_data(_fold(settings["key"], made0))
+        else:
+            key, k_draft, k_acc = jax.random.split(t.key, 3)
         drafts, dlogits, dst = propose(st, k_draft)
         idx = t.lengths
         fed = jnp.concatenate([t.tokens[:, None], drafts], axis=1)  # [B, k+1] at slots lengths..lengths+k
-        t, logits = core.extend(cfg, layout, params, t, fed, uniform)
-        emitted, n = accept(static, values, drafts, dlogits, _over(logits, u), k_acc)
+        t, logits = core.extend(cfg, layout, params, t, fed, uniform)  # logits [B, k+1, V]
+        if per_row:
+            emitted, n = accept_rows(static, settings, drafts, dlogits, _over(logits, u), made0, k_acc, sampled)
+        else:
+            emitted, n = accept(static, values, drafts, dlogits, _over(logits, u), k_acc)
         # how many of the k+1 this row keeps: up to the first stop id, at most limit - made, none once done
         j = jnp.arange(k + 1)[None, :]
         stops = jnp.take_along_axis(stop_mask, emitted, axis=1)  # [B, k+1]
         stop_at = jnp.where((j <= n[:, None]) & stops, j, k + 1).min(axis=1)  # [B] (k+1: none)
         c = jnp.minimum(jnp.minimum(n + 1, stop_at + 1), limit - t.made)
-        live = ~t.done
         c = jnp.where(live, c, 0)
         last = jnp.take_along_axis(emitted, jnp.maximum(c - 1, 0)[:, None], axis=1)[:, 0]
-        before = jnp.take_along_axis(emitted, jnp.maximum(c - 2, 0)[:, None], axis=1)[:, 0]
-        cols = jnp.where(j < c[:, None], count[:, None] + j, s)  # [B, k+1]; s: dropped
-        out = out.at[rows[:, None], cols].set(emitted, mode="drop")
+        cols = jnp.where(j < c[:, None], count[:, None] + j, width)  # [B, k+1]; width: dropped
+        new = {"tokens": emitted}
+        if per_row:
+            want = jnp.any(settings["logprobs"] & live)
+            flat = core._logprobs(static, want, logits.reshape(b * (k + 1), -1), emitted.reshape(-1))
+            new["logprobs"], new["top_ids"], new["top_logprobs"] = (x.reshape(b, k + 1, *x.shape[1:]) for x in flat)
+        out = {name: out[name].at[rows[:, None], cols].set(v, mode="drop") for name, v in new.items()}
         made = t.made + c
         t = core.rollback(t, idx + c)._replace(
             tokens=jnp.where(c > 0, last, t.tokens),
@@ -192,7 +294,6 @@ def rounds(
         new = SpecState(
             target=t,
             draft=dst,
-            prev=jnp.where(c > 1, before, jnp.where(c == 1, st.target.tokens, st.prev)),
             proposed=st.proposed + jnp.where(live, k, 0),
             accepted=st.accepted + jnp.where(live, n, 0),
             steps=st.steps + live.astype(jnp.int32),
@@ -202,11 +303,16 @@ def rounds(
     t = state.target
     state = _constrain(state._replace(target=t._replace(done=t.done | force_done | (t.made >= limit))), mesh)
     zero = jnp.asarray(0, jnp.int32)
-    ran, state, out, count = jax.lax.while_loop(
-        cond, body, (zero, state, jnp.zeros((b, s), jnp.int32), jnp.zeros((b,), jnp.int32))
-    )
+    out = {"tokens": jnp.zeros((b, width), jnp.int32)}
+    if per_row:
+        out["logprobs"] = jnp.zeros((b, width), jnp.float32)
+        out["top_ids"] = jnp.zeros((b, width, core.TOP_LOGPROBS), jnp.int32)
+        out["top_logprobs"] = jnp.zeros((b, width, core.TOP_LOGPROBS), jnp.float32)
+    ran, state, out, count = jax.lax.while_loop(cond, body, (zero, state, out, jnp.zeros((b,), jnp.int32)))
     return state, out, count, ran
 
 
 prefill_jit = jax.jit(prefill, static_argnums=(0, 1, 2, 3, 4, 5), static_argnames=("mesh",))
-rounds_jit = jax.jit(rounds, static_argnums=(0, 1, 2, 3, 4, 5), static_argnames=("mesh",), donate_argnums=(8,))
+rounds_jit = jax.jit(
+    rounds, static_argnums=(0, 1, 2, 3, 4, 5), static_argnames=("mesh", "width", "uniform"), donate_argnums=(8,)
+)

@@ -54,6 +54,15 @@ def _same_tokenizer(a, b) -> bool:
     return a._tok.get_vocab(with_added_tokens=True) == b._tok.get_vocab(with_added_tokens=True)
 
 
+def check_tokenizers(tt, dt) -> None:
+    """Refuses a draft tokenizer dt that is not the target's tt (NeoXError naming both)."""
+    if tt is not dt and not _same_tokenizer(tt, dt):
+        raise NeoXError(
+            f"the draft's tokenizer ({dt.source}, {dt.vocab_size} ids) is not the target's ({tt.source}, "
+            f"{tt.vocab_size} ids): a draft must share the target's tokenizer (every Pythia and GPT-NeoX-20B do)"
+        )
+
+
 def check_draft(target: Generator, draft: Generator, draft_tokens: int) -> None:
     """Refuses a draft that cannot propose for this target: another tokenizer, too few embedding rows, k out of
     range (NeoXError naming both)."""
@@ -62,11 +71,8 @@ def check_draft(target: Generator, draft: Generator, draft_tokens: int) -> None:
     if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
         raise NeoXError(f"draft_tokens must be in [1, {MAX_DRAFT_TOKENS}], got {draft_tokens}")
     tt, dt = target.tokenizer, draft.tokenizer
-    if tt is not None and dt is not None and tt is not dt and not _same_tokenizer(tt, dt):
-        raise NeoXError(
-            f"the draft's tokenizer ({dt.source}, {dt.vocab_size} ids) is not the target's ({tt.source}, "
-            f"{tt.vocab_size} ids): a draft must share the target's tokenizer (every Pythia and GPT-NeoX-20B do)"
-        )
+    if tt is not None and dt is not None:
+        check_tokenizers(tt, dt)
     u = target.vocab_limit()
     if draft.cfg.vocab_size < u:
         raise NeoXError(
@@ -218,7 +224,7 @@ class SpeculativeGenerator:
                 timing.compile_s += time.perf_counter() - t
             t = time.perf_counter()
             state, out, count, ran = run(params, dparams, state, values, done, np.int32(per_call))
-            out, count = sharding.to_host(out), sharding.to_host(count)
+            out, count = sharding.to_host(out["tokens"]), sharding.to_host(count)
             event = Generator._advance(rows, [out[i, : count[i]] for i in range(n)])
             timing.decode_s += time.perf_counter() - t
             if int(sharding.to_host(ran)) == 0:  # every row done on the device (stop id / limit): the host agrees

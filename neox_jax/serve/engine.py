@@ -260,6 +260,9 @@ class Engine:
     def reset(self) -> None:
         self.state = self._init_program()()
 
+    def check_row(self, row: dict) -> None:
+        """Raises ValueError for per-row settings this engine cannot honour (none here; see SpecEngine)."""
+
     def admit(self, slot: int, ids: list[int], row: dict, prompt_logprobs: bool = False) -> dict:
         """Prefills `ids` into `slot` (free) with its settings `row` (numpy, see rows.empty_rows, one row);
         returns the first token's outputs as numpy ({"tokens": [1], ...})."""

@@ -39,6 +39,12 @@ class Run:
     """One HTTP request's generation requests (one per prompt), their deltas, and their cancellation."""
 
     def __init__(self, svc, http: HttpRequest, prompts: list[list[int]], st: P.Settings):
+        if getattr(svc, "draft_tokens", None) is not None and st.row["repetition_penalty"] != 1:
+            raise P.ApiError(
+                "'repetition_penalty' is not supported by this server: it decodes with a draft model (speculative "
+                "decoding), and the penalty's distribution changes along the drafted tokens",
+                param="repetition_penalty",
+            )
         self.svc, self.http, self.prompts, self.st = svc, http, prompts, st
         loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
 

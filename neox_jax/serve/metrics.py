@@ -12,7 +12,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, slots: int, max_queue: int):
+    def __init__(self, slots: int, max_queue: int, draft_tokens: int | None = None):
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "neox_jax:request_success", "requests ended, by finish reason", ["finish_reason"], registry=r
@@ -33,6 +33,25 @@ class Metrics:
             buckets=TTFT_BUCKETS,
             registry=r,
         )
+
+        self.spec = None  # with a draft model: (drafts, drafted tokens, accepted tokens) counters
+        if draft_tokens is not None:
+            self.spec = (
+                Counter("neox_jax:spec_decode_num_drafts", "speculative rounds run, summed over rows", registry=r),
+                Counter("neox_jax:spec_decode_num_draft_tokens", "tokens the draft proposed", registry=r),
+                Counter(
+                    "neox_jax:spec_decode_num_accepted_tokens",
+                    "proposed tokens the target accepted (before a stop or max_tokens cut)",
+                    registry=r,
+                ),
+            )
+            Gauge("neox_jax:spec_decode_draft_tokens", "tokens the draft proposes a round (k)", registry=r).set(
+                draft_tokens
+            )
+
+    def speculative(self, drafts: int, draft_tokens: int, accepted: int) -> None:
+        for counter, n in zip(self.spec, (drafts, draft_tokens, accepted)):
+            counter.inc(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

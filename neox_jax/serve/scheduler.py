@@ -93,6 +93,7 @@ class Scheduler:
             raise ShuttingDown("the server is shutting down")
         if self.failed is not None or (self._thread is not None and not self._thread.is_alive()):
             raise ShuttingDown(f"the model loop has stopped ({self.failed!r}); see the server log")
+        self.engine.check_row(req.row)  # (ValueError here, in the caller's thread: never in the model loop)
         if not self.ready.is_set():  # as /health says: nothing waits behind a compile that may take minutes
             raise NotReady("the model is still loading and compiling; GET /health answers 200 once it is ready")
         try:
@@ -157,6 +158,8 @@ class Scheduler:
             return
         force_done = np.array([r is None for r in self.slots])
         out, made = self.engine.decode(force_done)
+        if self.metrics.spec is not None:
+            self.metrics.speculative(*self.engine.spec_stats)
         for i, r in enumerate(self.slots):
             if r is None:
                 continue

@@ -32,6 +32,7 @@ class Service:
     vocab_size: int
     max_model_len: int
     chat_template: object = None  # a compiled jinja template, or None
+    draft_tokens: int | None = None  # k with a draft model (speculative decoding), else None
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -47,10 +48,14 @@ class Service:
         tokenizer: Tokenizer | None = None,
         chat_template: str | None = None,
         logprob_vocab: str = "all",
+        draft=None,
+        draft_tokens: int = 4,
     ) -> Service:
         """lm: a neox_jax.NeoX. chat_template: jinja source (default: the checkpoint's, if it has one).
         logprob_vocab: "all" (log-probabilities normalised over every output row, as lm-eval's hf backend, vLLM and
-        neox-jax evaluate do) or "tokenizer" (over the ids the tokenizer has only); see sampling.log_probs."""
+        neox-jax evaluate do) or "tokenizer" (over the ids the tokenizer has only); see sampling.log_probs.
+        draft: a smaller neox_jax.NeoX with the same tokenizer, proposing draft_tokens tokens a round (speculative
+        decoding, serve.spec_engine; `chunk` then counts rounds)."""
         tok = tokenizer or lm.tokenizer
         if tok is None:
             raise NeoXError(f"{lm.path}: the checkpoint has no tokenizer.json; pass --tokenizer FILE")
@@ -66,9 +71,7 @@ class Service:
         vocab_limit = min(cfg.vocab_size, tok.vocab_size)
         if max_batch < 1 or max_queue < 1:
             raise NeoXError(f"--max-batch {max_batch} and --max-queue {max_queue} must be >= 1")
-        engine = Engine(
-            cfg,
-            lm.params,
+        kw = dict(
             slots=max_batch,
             max_model_len=max_model_len,
             vocab_limit=vocab_limit,
@@ -77,7 +80,18 @@ class Service:
             pad_id=tok.pad_id,
             mesh=lm.mesh,
         )
-        metrics = Metrics(engine.slots, max_queue)
+        if draft is None:
+            engine = Engine(cfg, lm.params, **kw)
+        else:
+            from neox_jax.inference.speculative_driver import check_tokenizers
+            from neox_jax.serve.spec_engine import SpecEngine
+
+            if draft.tokenizer is not None:  # (a draft without one reads the same ids; its rows are checked below)
+                check_tokenizers(tok, draft.tokenizer)
+            engine = SpecEngine(
+                cfg, lm.params, draft_cfg=draft.config, draft_params=draft.params, draft_tokens=draft_tokens, **kw
+            )
+        metrics = Metrics(engine.slots, max_queue, draft_tokens=engine.k if draft is not None else None)
         if chat_template is None and lm.path:
             chat_template = chat.find_template(lm.path)
         name = name or (Path(lm.path).name if lm.path else "neox-jax")
@@ -89,6 +103,7 @@ class Service:
             cfg.vocab_size,
             max_model_len,
             chat.compile_template(chat_template) if chat_template else None,
+            draft_tokens=engine.k if draft is not None else None,
         )
 
 
