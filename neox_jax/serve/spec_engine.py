@@ -162,6 +162,7 @@ class SpecEngine(E.Engine):
         self.length_buckets = [w for w in self.length_buckets if w < self.max_model_len] + [self.cache_len]
         self._lengths = np.zeros(self.slots, np.int64)
         self.spec_stats = (0, 0, 0)
+        self.admit_rows = {p: [] for p in self.buckets}  # one prompt at a time: its admit fills the draft's cache too
 
     def _statics(self):
         return (self.cfg, self.draft_cfg, self.layout, self.draft_layout)
