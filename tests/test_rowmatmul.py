@@ -39,11 +39,11 @@ def test_every_form_equals_numpy(dtype, m):
 
 
 def test_form_per_dtype_and_rows():
-    assert rowmatmul.form(jnp.float32, 1) == rowmatmul.form(jnp.float32, 4096) == "dot"
-    for dtype in (jnp.bfloat16, jnp.float16, jnp.int8):
-        assert rowmatmul.form(dtype, 1) == rowmatmul.form(dtype, rowmatmul.FEW_ROWS) == "reduce"
-    assert rowmatmul.form(jnp.bfloat16, rowmatmul.FEW_ROWS + 1) == "dot"
-    assert rowmatmul.form(jnp.int8, rowmatmul.FEW_ROWS + 1) == "dequant-dot"
+    few = rowmatmul.FEW_ROWS
+    for dtype in (jnp.float32, jnp.float16):
+        assert rowmatmul.form(dtype, 1) == rowmatmul.form(dtype, 4096) == "dot"
+    assert [rowmatmul.form(jnp.bfloat16, m) for m in (1, 2, few, few + 1)] == ["rowwise", "reduce", "reduce", "dot"]
+    assert [rowmatmul.form(jnp.int8, m) for m in (1, 2, few, few + 1)] == ["rowwise"] * 3 + ["dequant-dot"]
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,7 @@ def floor_rows(name: str, linears, batch: int, bw: float, repeats: int) -> tuple
     nbytes = sum(k.size * k.dtype.itemsize for k, _ in linears)
     low = any(k.dtype != jnp.float32 for k, _ in linears)
     rows = []
-    for how in ("dot", "reduce", None) if low else ("dot",):
+    for how in ("dot", "reduce", "rowwise", None) if low else ("dot",):
         ms = matmul_floor_ms(linears, batch, how, repeats)
         row = {"dtype": name, "batch": batch, "form": how or "chosen", "ms": ms, "Gelem/s": elems / ms / 1e6}
         rows.append(row | {"GB/s": nbytes / ms / 1e6, "% of bandwidth": 100 * nbytes / ms / 1e6 / bw})
