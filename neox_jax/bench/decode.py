@@ -166,28 +166,33 @@ def main() -> None:
     batches = [int(b) for b in a.batches.split(",")]
     bw = bandwidth_gbs(256)
     torch_ok = not a.no_torch and not reference_skipped("the transformers rows")
-    rows, forms, base = [], [], init_params(cfg, jnp.float32)
+    base = init_params(cfg, jnp.float32)
+    runs = {}  # dtype -> (params, generator, its Linears in the run layout)
     for name in a.dtypes.split(","):
         dtype, mode = DTYPES[name]
         params = Q.cast_floats(base, dtype)
         params = Q.quantize_tree(params, mode) if mode else params
         gen = Generator(cfg, params)
-        linears = run_linears(gen)
-        one = None
-        for b in batches:
+        runs[name] = (params, gen, run_linears(gen))
+    rows, forms = [], []
+    for b in batches:  # batch by batch, every dtype in turn: a busy spell on the machine hits them alike
+        for name, (params, gen, linears) in runs.items():
             ms = jax_row(cfg, gen, b, a.prompt, a.new, a.repeats)
-            one = one or ms
             roof = step_bytes(cfg, params, b, a.prompt + a.new // 2) / (bw * 1e9) * 1e3
-            row = {"dtype": name, "batch": b, "step_ms": ms, "tokens/s": b / ms * 1e3, "step vs batch 1": ms / one}
+            row = {"dtype": name, "batch": b, "step_ms": ms, "tokens/s": b / ms * 1e3}
             row |= {"roofline_ms": roof, "roofline_pct": 100 * roof / ms}
             form_rows, floor = floor_rows(name, linears, b, bw, a.floor_repeats)
             forms += [r | {"chosen forms": forms_used(linears, b)} if r["form"] == "chosen" else r for r in form_rows]
-            row |= floor | {"step / floor": ms / floor["floor_ms"]}
-            if torch_ok and name == "float32":
-                row["transformers tokens/s"] = b / torch_ms(cfg, b, a.prompt, a.new) * 1e3
-            rows.append(row)
-            print(" ", row, flush=True)
-        del params, gen, linears
+            rows.append(row | floor | {"step / floor": ms / floor["floor_ms"]})
+            print(" ", rows[-1], flush=True)
+    del runs
+    order = list(a.dtypes.split(","))
+    rows.sort(key=lambda r: (order.index(r["dtype"]), r["batch"]))
+    forms.sort(key=lambda r: (order.index(r["dtype"]), r["batch"]))
+    for r in rows:
+        r["step vs batch 1"] = r["step_ms"] / next(o for o in rows if o["dtype"] == r["dtype"])["step_ms"]
+        if torch_ok and r["dtype"] == "float32":  # after every JAX figure: torch's threads stay out of them
+            r["transformers tokens/s"] = r["batch"] / torch_ms(cfg, r["batch"], a.prompt, a.new) * 1e3
     cols = ["dtype", "batch", "step_ms", "tokens/s", "step vs batch 1", "roofline_ms", "roofline_pct"]
     cols += ["floor_ms", "floor_form", "floor_Gelem/s", "floor_GB/s", "step / floor"]
     print(f"\n{a.preset} (random weights), prompt {a.prompt}, {a.new} new tokens; bandwidth {bw:.1f} GB/s\n")
