@@ -69,7 +69,7 @@ def test_greedy_matches_transformers(lm, hf_greedy, variant):
 
 def test_bfloat16_decode_agrees_with_bfloat16_forward(tok_ckpt):
     half = neox_jax.load(tok_ckpt[1], dtype="bfloat16")
-    r = half.generate(["The quick"], max_new_tokens=8, stop_token_ids=[])  # on CPU one prompt decodes as two rows
+    r = half.generate(["The quick"], max_new_tokens=8, stop_token_ids=[])  # on CPU: the [O, I] reduce form
     gen, prompt = r.token_ids[0], r.prompt_ids[0]
     assert len(gen) == 8 and max(gen) < TOK_VOCAB
     want = half.logits([prompt + gen])[0, len(prompt) - 1 : -1, :TOK_VOCAB].argmax(-1).tolist()

@@ -16,16 +16,18 @@ from __future__ import annotations
 import argparse
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neox_jax.bench._common import markdown_table, reference_skipped, write_json
+from neox_jax.bench._common import markdown_table, median_time, reference_skipped, write_json
 from neox_jax.bench.generate import bandwidth_gbs
 from neox_jax.inference.cache import cache_bytes
 from neox_jax.inference.generate import Generator
 from neox_jax.model import quantize as Q
+from neox_jax.model import rowmatmul
 from neox_jax.model.config import preset
-from neox_jax.model.neox import init_params
+from neox_jax.model.neox import LINEARS, init_params
 
 DTYPES = {"float32": (jnp.float32, None), "bfloat16": (jnp.bfloat16, None), "int8": (jnp.float32, "int8")}
 
@@ -36,9 +38,68 @@ def step_bytes(cfg, params, batch: int, length: int) -> int:
     return Q.param_bytes(params) - embed.size * embed.dtype.itemsize + cache_bytes(cfg, batch, length)
 
 
-def jax_row(cfg, params, batch: int, prompt: int, new: int, repeats: int) -> float:
+def run_linears(gen: Generator) -> list[tuple]:
+    """(kernel [O, I], scale [O] or None) of every Linear in the generator's run layout, in model order."""
+    found = []
+
+    def walk(tree, name=None):
+        if name in LINEARS and "kernel" in tree:
+            found.append((tree["kernel"], tree.get("scale")))
+            return
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                walk(v, k)
+
+    walk(gen.run_params(gen.run_layout()))
+    return found
+
+
+def matmul_floor_ms(linears, batch: int, how: str | None, repeats: int) -> float:
+    """ms for every Linear of one decode step, once each, over `batch` rows in form `how` (None: rowmatmul.form's
+    choice), in one program: the weights stream from memory as in a step (median of repeats)."""
+
+    @jax.jit
+    def step(linears, x):  # x [batch, widest I]
+        acc = jnp.zeros((), jnp.float32)
+        for kernel, scale in linears:  # each product waits for the last (as in the model), through a scalar
+            y = rowmatmul.matmul_t(kernel, x[:, : kernel.shape[1]] + acc * 1e-30, how)
+            acc = (y if scale is None else y * scale)[0, 0]
+        return acc
+
+    x = jnp.asarray(np.random.RandomState(0).randn(batch, max(k.shape[1] for k, _ in linears)), jnp.float32)
+    step(linears, x).block_until_ready()
+    return median_time(lambda: step(linears, x).block_until_ready(), repeats) * 1e3
+
+
+def forms_used(linears, batch: int) -> str:
+    """rowmatmul.form's choice per kernel shape at this batch: 'reduce: 1536x512 int8, ...; dot: 50304x512 float32'."""
+    by: dict[str, list[str]] = {}
+    for k, _ in linears:
+        shape = f"{k.shape[0]}x{k.shape[1]} {k.dtype.name}"
+        names = by.setdefault(rowmatmul.form(k.dtype, batch), [])
+        if shape not in names:
+            names.append(shape)
+    return "; ".join(f"{f}: {', '.join(v)}" for f, v in by.items())
+
+
+def floor_rows(name: str, linears, batch: int, bw: float, repeats: int) -> tuple[list[dict], dict]:
+    """A decode step's matmuls in each form (every kernel in that form; float32 models: dot only) and in the chosen
+    forms: (rows of the forms table, the fastest as {"floor_ms", "floor_form", "floor_Gelem/s", "floor_GB/s"})."""
+    elems = sum(k.size for k, _ in linears)
+    nbytes = sum(k.size * k.dtype.itemsize for k, _ in linears)
+    low = any(k.dtype != jnp.float32 for k, _ in linears)
+    rows = []
+    for how in ("dot", "reduce", "rowwise", None) if low else ("dot",):
+        ms = matmul_floor_ms(linears, batch, how, repeats)
+        row = {"dtype": name, "batch": batch, "form": how or "chosen", "ms": ms, "Gelem/s": elems / ms / 1e6}
+        rows.append(row | {"GB/s": nbytes / ms / 1e6, "% of bandwidth": 100 * nbytes / ms / 1e6 / bw})
+    best = min(rows, key=lambda r: r["ms"])
+    floor = {"floor_ms": best["ms"], "floor_form": best["form"], "floor_Gelem/s": best["Gelem/s"]}
+    return rows, floor | {"floor_GB/s": best["GB/s"]}
+
+
+def jax_row(cfg, gen: Generator, batch: int, prompt: int, new: int, repeats: int) -> float:
     """ms per decode step at this batch (median of repeats, compile excluded)."""
-    gen = Generator(cfg, params)
     ids = [list(np.random.RandomState(b).randint(0, cfg.vocab_size, prompt)) for b in range(batch)]
 
     def run():
@@ -66,6 +127,26 @@ def torch_ms(cfg, batch: int, prompt: int, new: int) -> float:
     return (time.perf_counter() - t - pre) / (new - 1) * 1e3
 
 
+def summary(rows: list[dict]) -> list[str]:
+    """The targets in words: int8 against float32's tokens/s, bfloat16 against its roofline, each beside its floor."""
+    at = {(r["dtype"], r["batch"]): r for r in rows}
+    out = []
+    for (name, b), r in at.items():
+        f32 = at.get(("float32", b))
+        if name == "int8" and f32:
+            out.append(
+                f"int8 batch {b}: {r['tokens/s'] / f32['tokens/s']:.2f}x float32's tokens/s; its matmul floor "
+                f"{f32['floor_ms'] / r['floor_ms']:.2f}x float32's ({r['floor_Gelem/s']:.1f} against "
+                f"{f32['floor_Gelem/s']:.1f} G weights/s)"
+            )
+        if name == "bfloat16":
+            out.append(
+                f"bfloat16 batch {b}: {r['roofline_pct']:.0f}% of its roofline; its matmuls alone at their best "
+                f"form reach {100 * r['roofline_ms'] / r['floor_ms']:.0f}% ({r['floor_GB/s']:.1f} GB/s)"
+            )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="pythia-70m")
@@ -74,37 +155,53 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--floor-repeats", type=int, default=7, help="repeats of each matmul-floor program")
     ap.add_argument("--quick", action="store_true", help="tiny preset, batches 1,4,16, 8 new tokens, 1 repeat")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--out", default="bench_out")
     a = ap.parse_args()
     if a.quick:
-        a.preset, a.batches, a.new, a.repeats = "tiny", "1,4,16", 8, 1
+        a.preset, a.batches, a.new, a.repeats, a.floor_repeats = "tiny", "1,4,16", 8, 1, 1
     cfg = preset(a.preset)
     batches = [int(b) for b in a.batches.split(",")]
     bw = bandwidth_gbs(256)
     torch_ok = not a.no_torch and not reference_skipped("the transformers rows")
-    rows, base = [], init_params(cfg, jnp.float32)
+    base = init_params(cfg, jnp.float32)
+    runs = {}  # dtype -> (params, generator, its Linears in the run layout)
     for name in a.dtypes.split(","):
         dtype, mode = DTYPES[name]
         params = Q.cast_floats(base, dtype)
         params = Q.quantize_tree(params, mode) if mode else params
-        one = None
-        for b in batches:
-            ms = jax_row(cfg, params, b, a.prompt, a.new, a.repeats)
-            one = one or ms
+        gen = Generator(cfg, params)
+        runs[name] = (params, gen, run_linears(gen))
+    rows, forms = [], []
+    for b in batches:  # batch by batch, every dtype in turn: a busy spell on the machine hits them alike
+        for name, (params, gen, linears) in runs.items():
+            ms = jax_row(cfg, gen, b, a.prompt, a.new, a.repeats)
             roof = step_bytes(cfg, params, b, a.prompt + a.new // 2) / (bw * 1e9) * 1e3
-            row = {"dtype": name, "batch": b, "step_ms": ms, "tokens/s": b / ms * 1e3, "step vs batch 1": ms / one}
+            row = {"dtype": name, "batch": b, "step_ms": ms, "tokens/s": b / ms * 1e3}
             row |= {"roofline_ms": roof, "roofline_pct": 100 * roof / ms}
-            if torch_ok and name == "float32":
-                row["transformers tokens/s"] = b / torch_ms(cfg, b, a.prompt, a.new) * 1e3
-            rows.append(row)
-            print(" ", row, flush=True)
-        del params
+            form_rows, floor = floor_rows(name, linears, b, bw, a.floor_repeats)
+            forms += [r | {"chosen forms": forms_used(linears, b)} if r["form"] == "chosen" else r for r in form_rows]
+            rows.append(row | floor | {"step / floor": ms / floor["floor_ms"]})
+            print(" ", rows[-1], flush=True)
+    del runs
+    order = list(a.dtypes.split(","))
+    rows.sort(key=lambda r: (order.index(r["dtype"]), r["batch"]))
+    forms.sort(key=lambda r: (order.index(r["dtype"]), r["batch"]))
+    for r in rows:
+        r["step vs batch 1"] = r["step_ms"] / next(o for o in rows if o["dtype"] == r["dtype"])["step_ms"]
+        if torch_ok and r["dtype"] == "float32":  # after every JAX figure: torch's threads stay out of them
+            r["transformers tokens/s"] = r["batch"] / torch_ms(cfg, r["batch"], a.prompt, a.new) * 1e3
     cols = ["dtype", "batch", "step_ms", "tokens/s", "step vs batch 1", "roofline_ms", "roofline_pct"]
+    cols += ["floor_ms", "floor_form", "floor_Gelem/s", "floor_GB/s", "step / floor"]
     print(f"\n{a.preset} (random weights), prompt {a.prompt}, {a.new} new tokens; bandwidth {bw:.1f} GB/s\n")
     print(markdown_table(rows, cols + (["transformers tokens/s"] if torch_ok else [])))
-    print("wrote", write_json("decode", {"args": vars(a), "bandwidth_gbs": bw, "rows": rows}, a.out))
+    print("\nA step's matmuls alone (every Linear once, weights streamed from memory), per form:\n")
+    print(markdown_table(forms, ["dtype", "batch", "form", "ms", "Gelem/s", "GB/s", "% of bandwidth", "chosen forms"]))
+    print("\n" + "\n".join(summary(rows)))
+    payload = {"args": vars(a), "bandwidth_gbs": bw, "rows": rows, "forms": forms}
+    print("wrote", write_json("decode", payload, a.out))
 
 
 if __name__ == "__main__":

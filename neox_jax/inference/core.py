@@ -158,7 +158,7 @@ def prefill_into(cfg, static, layout, params, state: DecodeState, row0, ids, mas
     cache = init_cache(cfg, r, p, layout.cache_dtype, stacked)
     hidden, cache = model.hidden_states(ids, positions, valid, cache, 0)  # [R, P, D]
     lengths = p - jnp.argmax(valid[:, ::-1], axis=1).astype(jnp.int32)  # last real slot + 1
-    m = layout.min_rows  # bf16 on CPU: at least two rows per matmul (see decode.layout_for)
+    m = layout.min_rows  # the logits of the last m positions (a layout may want more than one row)
     start = jnp.clip(lengths - m, 0, p - m)  # [R]
     last = jnp.take_along_axis(hidden, (start[:, None] + jnp.arange(m))[..., None], axis=1)  # [R, m, D]
     logits = jnp.take_along_axis(model.logits(last), (lengths - 1 - start)[:, None, None], axis=1)[:, 0]  # [R, V]

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from neox_jax.model import attention, int8
+from neox_jax.model import attention, int8, rowmatmul
 from neox_jax.model.config import NeoXConfig
 
 Params = dict[str, Any]
@@ -126,11 +126,6 @@ class LayerNorm(nnx.Module):
         return (y * self.weight[...].astype(F32) + self.bias[...].astype(F32)).astype(x.dtype)
 
 
-# Transposed matmuls with at most this many rows (decode) keep their [O, M] result in memory and transpose it after:
-# left to itself XLA CPU folds the transpose into the matmul's output layout and takes a slower [M, O] kernel.
-FEW_ROWS = 64
-
-
 @jax.custom_vjp
 def matmul_f32(x, w, w_t=None):
     """[M, I] @ [I, O] with float32 accumulation and a float32 result, for operands in any one dtype; w_t: None or
@@ -187,7 +182,8 @@ class Linear(nnx.Module):
     `transposed` (set by model_from_params(..., transposed=True), for params from decode.transpose_kernels): the
     kernel is one [out, in] matrix (PyTorch's layout) and the product is computed as kernel @ x^T, weights on the
     left: XLA CPU's small-batch matmuls pack the right-hand operand, here the few activations instead of the weights
-    (docs/performance.md)."""
+    (docs/performance.md). Its form per dtype and row count is rowmatmul.form's; a weight-only int8 kernel is
+    [O, I] int8 with its scale flattened to [O]."""
 
     transposed = False
     kernel_t = None  # an [O, I] copy of a frozen kernel for the backward pass (see matmul_f32), or None
@@ -215,16 +211,17 @@ class Linear(nnx.Module):
     def __call__(self, x, out_dtype=None):
         """Accumulates in float32 whatever the parameter dtype (also what makes XLA CPU pick its fast bf16 matmul:
         with a bf16 result it took a path 2-5x slower), then returns out_dtype (default: the kernel's dtype)."""
-        if self.scale is not None:
+        if self.scale is not None and not self.transposed:
             return int8.linear(self, x, out_dtype)
         kernel = self.kernel[...]
         lead = x.shape[: x.ndim - self.n_in]
         if self.transposed:  # kernel [O, I]; x [..., in dims] -> [..., out dims]
-            rows = x.reshape(-1, kernel.shape[1]).astype(kernel.dtype)  # [M, I]
-            y = jnp.einsum("OI,MI->OM", kernel, rows, preferred_element_type=F32)  # [O, M]
-            if rows.shape[0] <= FEW_ROWS:  # keep [O, M] in memory: else XLA folds the .T into the matmul's output
-                y = jax.lax.optimization_barrier(y)  # layout and takes its slower [M, O] kernel
-            y = y.T  # [M, O]
+            if self.threshold is not None:
+                raise ValueError("llm.int8 kernels run in their stored layout (decode.layout_for), not transposed")
+            rows = x.reshape(-1, kernel.shape[1])  # [M, I]
+            y = rowmatmul.matmul_t(kernel, rows)  # [M, O] float32
+            if self.scale is not None:  # weight-only int8: scale [O]
+                y = y * self.scale[...]
             y = y.reshape(*lead, *self.out_shape)
         else:  # one 2-D matmul [M, I] @ [I, O]: with several contracted or output axes (query_key_value's
             # [D, N, 3, H]) XLA CPU copied the kernel into a transposed [O, I] buffer for every backward product
@@ -235,7 +232,8 @@ class Linear(nnx.Module):
             y = y + self.lora(x, self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(F32)
-        return checkpoint_name(y.astype(out_dtype or kernel.dtype), LINEAR_OUT)  # kept by --remat dots
+        dtype = out_dtype or (x.dtype if self.scale is not None else kernel.dtype)  # int8: the activations'
+        return checkpoint_name(y.astype(dtype), LINEAR_OUT)  # kept by --remat dots
 
 
 def _linear(name: str, kernel_shape, bias_shape, **kw) -> Linear:
