@@ -174,33 +174,35 @@ def run_transformers(hf, reqs, max_tokens, batch):
     return lat, time.perf_counter() - t0
 
 
-def floor_rows(cfg, args, total: int, torch) -> list[dict]:
-    """The same requests' matrix multiplies at this machine's best kernels (bench/_floor.py), one at a time and 16
-    at a time (prompts prefilled together, then every step on 16 rows): the rate no server could beat here."""
-    from neox_jax.bench._floor import MatmulFloor, prompt_matmuls, step_matmuls
+def floor_rows(lm, args, total: int) -> list[dict]:
+    """The same requests' matrix multiplies as the server runs them (its weights, its decode form, every Linear of a
+    step chained in one program: bench/decode.py's floor), one at a time and 16 at a time (a wave's prompts prefilled
+    together, then every step on 16 rows): the rate the server's kernels allow here, all else free."""
+    from neox_jax.bench.decode import matmul_floor_ms, run_linears
+    from neox_jax.inference.generate import Generator
 
-    def scaled(products, k):
-        return [(m, i, o, c * k) for m, i, o, c in products]
+    linears = run_linears(Generator(lm.config, lm.params))
+    body = [lin for lin in linears if lin[0].shape[0] != lm.config.vocab_size]
+    unembed = [lin for lin in linears if lin[0].shape[0] == lm.config.vocab_size]
+
+    def ms(lins, rows):
+        return matmul_floor_ms(lins, rows, None, 7)
 
     p, n, b, reqs = args.prompt_tokens, args.max_tokens, args.max_batch, args.requests
     waves = -(-reqs // b)  # groups of b requests
-    plans = {  # label -> (clients, the run's products)
-        "floor: one at a time, matmuls at the best kernels": (
+    plans = {  # label -> (clients, seconds: prompts' forwards (the output layer at the last position) + steps)
+        "floor: one at a time, the server's matmuls alone": (
             1,
-            scaled(prompt_matmuls(cfg, 1, p), reqs) + step_matmuls(cfg, 1, reqs * (n - 1)),
+            reqs * (ms(body, p) + ms(unembed, 1) + (n - 1) * ms(linears, 1)) / 1e3,
         ),
-        f"floor: {b} at a time, matmuls at the best kernels": (
+        f"floor: {b} at a time, the server's matmuls alone": (
             b,
-            scaled(prompt_matmuls(cfg, b, p), waves) + step_matmuls(cfg, b, waves * (n - 1)),
+            waves * (ms(body, b * p) + ms(unembed, b) + (n - 1) * ms(linears, b)) / 1e3,
         ),
     }
-    out = []
-    for label, (clients, products) in plans.items():
-        floor = MatmulFloor(products, torch)
-        floor.pick()
-        s = min(floor() for _ in range(3))
-        out.append({"engine": label, "clients": clients, "tokens/s": total / s, "wall s": s})
-        print(out[-1], file=sys.stderr)
+    out = [{"engine": k, "clients": c, "tokens/s": total / s, "wall s": s} for k, (c, s) in plans.items()]
+    for row in out:
+        print(row, file=sys.stderr)
     return out
 
 
@@ -273,7 +275,7 @@ def main() -> None:
                 "clients": args.max_batch,
             }
         )
-        rows += floor_rows(lm.config, args, total, torch)
+        rows += floor_rows(lm, args, total)
     base = rows[0]["tokens/s"]
     gen = next(r["tokens/s"] for r in rows if r["engine"].startswith("model.generate"))
     for r in rows:
