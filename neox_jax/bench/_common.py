@@ -73,6 +73,16 @@ def median_time(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def best_time(fn, repeats: int) -> float:
+    """The fastest of `repeats` calls of fn, s: a floor takes the best a kernel did, not its typical time."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)

@@ -5,9 +5,9 @@ so a goal beyond what the machine's arithmetic allows shows as such."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
+
+from neox_jax.bench._common import best_time
 
 
 def step_matmuls(cfg, rows: int, count: int = 1) -> list[tuple[int, int, int, int]]:
@@ -37,16 +37,6 @@ def attention_gflop(cfg, b: int, k: int, n: int) -> float:
     prompt = b * k * (k + 1) / 2  # causal: query t attends over t + 1 keys
     steps = b * sum(k + i + 1 for i in range(n - 1))  # step i's query attends over k + i + 1 keys
     return 2 * 2 * layers * d * (prompt + steps) / 1e9
-
-
-def best_time(fn, repeats: int) -> float:
-    """The fastest of `repeats` calls of fn, s: a floor takes the best a kernel did, not its typical time."""
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 class MatmulFloor:

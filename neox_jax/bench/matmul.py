@@ -24,14 +24,14 @@ bandwidth measured in this run; a product at the floor reads its weights once at
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 
-from neox_jax.bench._common import child_env, markdown_table, module_cmd, write_json
+from neox_jax.bench._common import best_time, child_env, markdown_table, module_cmd, write_json
 
 FLAG_SETS = {
     "defaults": "",
@@ -76,16 +76,6 @@ def forms():
     }
 
 
-def best_ms(fn, repeats: int) -> float:
-    fn()  # compiles
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times) * 1e3
-
-
 def worker(shapes: dict, rows: list[int], repeats: int) -> dict:
     """'name|rows|form' -> best ms, under the XLA_FLAGS this process started with."""
     import jax.numpy as jnp
@@ -100,12 +90,13 @@ def worker(shapes: dict, rows: list[int], repeats: int) -> dict:
             ref = None
             for form, (layout, fn) in forms().items():
                 wl = layouts[layout]
-                y = np.asarray(fn(x, wl))
+                y = np.asarray(fn(x, wl))  # (compiles)
                 if ref is None:
                     ref = y
                 elif not np.allclose(y, ref, rtol=1e-4, atol=1e-4):  # every form computes the same product
                     raise AssertionError(f"{form} on {name} rows {b}: differs from x @ W by {np.abs(y - ref).max()}")
-                out[f"{name}|{b}|{form}"] = best_ms(lambda f=fn, w=wl: f(x, w).block_until_ready(), repeats)
+                call = functools.partial(lambda f, w: f(x, w).block_until_ready(), fn, wl)
+                out[f"{name}|{b}|{form}"] = best_time(call, repeats) * 1e3
     return out
 
 

@@ -177,8 +177,8 @@ def _sample(static: Static, values: dict, x, key, made):
     """The cuts (see _candidates), then one draw per row (see choose)."""
     cand, ids = _candidates(static, values, x)
     if ids is None:
-        return _draw(key, cand, made).astype(jnp.int32)
-    return jnp.take_along_axis(ids, _draw(key, cand, made)[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return draw(key, cand, made).astype(jnp.int32)
+    return jnp.take_along_axis(ids, draw(key, cand, made)[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 def processed_logits(static: Static, values: dict, logits):
@@ -193,12 +193,18 @@ def processed_logits(static: Static, values: dict, logits):
     return cand.reshape(shape)
 
 
-def _draw(key, logits, made):
+def row_keys(key_data, n):
+    """Per row: key data [B, 2] folded with n [B] (or one int for every row) -> keys [B]: a row's draws depend on its
+    own seed and n only."""
+    n = jnp.broadcast_to(n, key_data.shape[:1])
+    return jax.vmap(lambda kd, i: jax.random.fold_in(jax.random.wrap_key_data(kd), i))(key_data, n)
+
+
+def draw(key, logits, made):
     """One categorical draw per row of logits [B, K]: from one key (made None) or per-row key data folded with made."""
     if made is None:
         return jax.random.categorical(key, logits, axis=-1)
-    keys = jax.vmap(lambda kd, n: jax.random.fold_in(jax.random.wrap_key_data(kd), n))(key, made)
-    return jax.vmap(jax.random.categorical)(keys, logits)
+    return jax.vmap(jax.random.categorical)(row_keys(key, made), logits)
 
 
 def log_probs(logits, vocab_limit: int, logprob_rows: int | None = None):

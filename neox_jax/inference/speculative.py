@@ -105,12 +105,6 @@ def _processed_rows(static, settings, x):
     return sampling.processed_logits(static, vals, x.reshape(b * t, u)).reshape(b, t, u)
 
 
-def _fold(kd, n):
-    """Per row: key data kd [B, 2] folded with n [B] (or a scalar) -> keys [B]."""
-    n = jnp.broadcast_to(n, kd.shape[:1])
-    return jax.vmap(lambda d, i: jax.random.fold_in(jax.random.wrap_key_data(d), i))(kd, n)
-
-
 def _draft_rows(static, settings, logits, kd, made, sampled):
     """The server's draft choice, per row: logits [B, U] of token `made` [B]; kd [B, 2] the row's round key data;
     sampled: whether any row samples (else no sort at all). -> (tokens [B], the logits drawn from [B, U])."""
@@ -119,7 +113,7 @@ def _draft_rows(static, settings, logits, kd, made, sampled):
 
     def sample(x):
         q = _processed_rows(static, settings, x[:, None])[:, 0]
-        tok = jax.vmap(jax.random.categorical)(_fold(kd, made), q).astype(jnp.int32)
+        tok = sampling.draw(kd, q, made).astype(jnp.int32)
         return jnp.where(settings["temperature"] > 0, tok, greedy), q
 
     return jax.lax.cond(sampled, sample, lambda x: (greedy, x), x)
@@ -140,11 +134,13 @@ def accept_rows(static, settings, drafts, draft_logits, target_logits, made, kd,
         q = jax.nn.softmax(draft_logits, axis=-1)  # [B, k, U]
         p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]  # [B, k]
         q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-        u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(_fold(kd, ACCEPT_SALT))
+        u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(sampling.row_keys(kd, ACCEPT_SALT))
         n = jnp.sum(jnp.cumprod(u * q_d < p_d, axis=1), axis=1).astype(jnp.int32)
         residual = jnp.concatenate([jnp.maximum(p[:, :k] - q, 0.0), p[:, k:]], axis=1)  # [B, k+1, U]
         residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p)
-        fix = jax.vmap(lambda key, r: jax.random.categorical(key, jnp.log(r), axis=-1))(_fold(kd, FIX_SALT), residual)
+        fix = jax.vmap(lambda key, r: jax.random.categorical(key, jnp.log(r), axis=-1))(
+            sampling.row_keys(kd, FIX_SALT), residual
+        )
         j = jnp.arange(k + 1)[None, :]
         emitted = jnp.where(j < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), jnp.where(j == n[:, None], fix, 0))
         on = settings["temperature"] > 0
@@ -259,7 +255,7 @@ def rounds(
         made0, live = t.made, ~t.done
         if per_row:  # each row's round key: its seed folded with the tokens it has made (never its company)
             key = None
-            k_draft = k_acc = jax.random.key_data(_fold(settings["key"], made0))
+            k_draft = k_acc = jax.random.key_data(sampling.row_keys(settings["key"], made0))
         else:
             key, k_draft, k_acc = jax.random.split(t.key, 3)
         drafts, dlogits, dst = propose(st, k_draft)

@@ -76,26 +76,42 @@ def _admit(cfg, layout, vocab_limit, logprob_rows, mesh, params, state, ids, len
     return state, first
 
 
+def _row_index(path, rows, width: int, stacked: bool) -> tuple:
+    """The index of rows [R] (over the first `width` cache slots) in one field of a DecodeState."""
+    name = getattr(path[0], "name", None)
+    if name == "cache":  # [B, N, S, H], stacked [L, B, N, S, H]
+        return (
+            (slice(None), rows, slice(None), slice(None, width)) if stacked else (rows, slice(None), slice(None, width))
+        )
+    return (rows, slice(None, width)) if name == "kv_valid" else (rows,)
+
+
+def take_rows(st: core.DecodeState, rows, width: int, stacked: bool) -> core.DecodeState:
+    """Rows [R] of a decode state over its first `width` cache slots, as a compact state (key None). A row index past
+    the last reads the last row (a padding row: computed, never written back)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.at[_row_index(path, rows, width, stacked)].get(mode="clip"), st._replace(key=None)
+    )
+
+
+def put_rows(st: core.DecodeState, small: core.DecodeState, rows, width: int, stacked: bool) -> core.DecodeState:
+    """`small` (from take_rows) written back into rows [R] of st (key None); a row index past the last is dropped."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x, y: x.at[_row_index(path, rows, width, stacked)].set(y, mode="drop"),
+        st._replace(key=None),
+        small._replace(key=None),
+    )
+
+
 def _decode(cfg, layout, vocab_limit, logprob_rows, chunk, width, mesh, params, state, rows, force_done):
     """Up to `chunk` steps for the R rows `rows` [R] (distinct slots) over the first `width` cache slots: those rows
     are gathered into a compact state, decoded, and written back (the other rows untouched). out[k][r, i]: rows[r]'s
     step i (valid for the steps it was live); force_done [R]."""
     static = sampling.per_row_static(vocab_limit, logprob_rows)
     stacked = is_stacked(params)
-
-    def take(path, x):  # [B, ...] -> [R, ...]; the cache [B, N, S, H] -> [R, N, width, H]
-        if getattr(path[0], "name", None) == "cache":
-            return x[:, rows, :, :width] if stacked else x[rows, :, :width]
-        return x[rows, :width] if getattr(path[0], "name", None) == "kv_valid" else x[rows]
-
-    def put(path, x, y):
-        if getattr(path[0], "name", None) == "cache":
-            return x.at[:, rows, :, :width].set(y) if stacked else x.at[rows, :, :width].set(y)
-        return x.at[rows, :width].set(y) if getattr(path[0], "name", None) == "kv_valid" else x.at[rows].set(y)
-
-    small = jax.tree_util.tree_map_with_path(take, state._replace(key=None))
+    small = take_rows(state, rows, width, stacked)
     small, out, steps = core.decode_chunk(cfg, static, layout, params, small, force_done, chunk, chunk, False, mesh)
-    state = jax.tree_util.tree_map_with_path(put, state._replace(key=None), small)
+    state = put_rows(state, small, rows, width, stacked)
     return core.constrain(state, mesh), out, steps
 
 
@@ -104,26 +120,12 @@ def _admit_rows(cfg, layout, vocab_limit, logprob_rows, mesh, params, state, ids
     last row, marks a padding row: computed, never written), rows: their settings, each [R, ...]."""
     static = sampling.per_row_static(vocab_limit, logprob_rows)
     stacked = is_stacked(params)
-    p, s = ids.shape[1], state.kv_valid.shape[1]
+    p = ids.shape[1]
     mask = (jnp.arange(p)[None] < lengths[:, None]).astype(jnp.int32)  # [R, P]
-
-    def take(path, x):  # [B, ...] -> [R, ...]; the cache [B, N, S, H] -> [R, N, P, H] (prefill writes 0..P-1)
-        name = getattr(path[0], "name", None)
-        if name == "cache":
-            return x[:, :, :, :p].at[:, slots].get(mode="clip") if stacked else x[:, :, :p].at[slots].get(mode="clip")
-        return x[:, :p].at[slots].get(mode="clip") if name == "kv_valid" else x.at[slots].get(mode="clip")
-
-    def put(path, x, y):
-        name = getattr(path[0], "name", None)
-        if name == "cache":
-            return x.at[:, slots, :, :p].set(y, mode="drop") if stacked else x.at[slots, :, :p].set(y, mode="drop")
-        if name == "kv_valid":  # the row's slots past P (a former request's) become invalid
-            return x.at[slots].set(jnp.pad(y, ((0, 0), (0, s - p))), mode="drop")
-        return x.at[slots].set(y, mode="drop")
-
-    small = jax.tree_util.tree_map_with_path(take, state._replace(key=None))
+    small = take_rows(state, slots, p, stacked)  # prefill writes cache slots 0..P-1
     small, _, first = core.prefill_into(cfg, static, layout, params, small, 0, ids, mask, rows, mesh)
-    state = jax.tree_util.tree_map_with_path(put, state._replace(key=None), small._replace(key=None))
+    state = put_rows(state, small, slots, p, stacked)
+    state = state._replace(kv_valid=state.kv_valid.at[slots, p:].set(False, mode="drop"))  # a former request's slots
     return core.constrain(state, mesh), first
 
 

@@ -57,30 +57,6 @@ def _admit(
     return spec._constrain(state._replace(target=target, draft=draft), mesh), first
 
 
-def _gather(st: core.DecodeState, rows, width: int, stacked: bool, put=None):
-    """Rows [R] of a decode state over its first `width` slots (put None), or `put` (such a compact state) written
-    back into them."""
-
-    def one(path, x, y=None):
-        name = getattr(path[0], "name", None)
-        if name == "cache":
-            ix = (
-                (slice(None), rows, slice(None), slice(None, width))
-                if stacked
-                else (rows, slice(None), slice(None, width))
-            )
-        elif name == "kv_valid":
-            ix = (rows, slice(None, width))
-        else:
-            ix = (rows,)
-        return x[ix] if y is None else x.at[ix].set(y)
-
-    st = st._replace(key=None)
-    if put is None:
-        return jax.tree_util.tree_map_with_path(one, st)
-    return jax.tree_util.tree_map_with_path(one, st, put)
-
-
 def _decode(
     cfg,
     dcfg,
@@ -105,8 +81,8 @@ def _decode(
     stacked, dstacked = is_stacked(params), is_stacked(dparams)
     zeros = jnp.zeros(rows.shape, jnp.int32)
     small = spec.SpecState(
-        _gather(state.target, rows, width, stacked),
-        _gather(state.draft, rows, width, dstacked),
+        E.take_rows(state.target, rows, width, stacked),
+        E.take_rows(state.draft, rows, width, dstacked),
         zeros,
         zeros,
         zeros,
@@ -116,8 +92,8 @@ def _decode(
         *statics, params, dparams, small, None, force_done, chunk, mesh, width=chunk * (k + 1), uniform=False
     )
     state = state._replace(
-        target=_gather(state.target, rows, width, stacked, small.target),
-        draft=_gather(state.draft, rows, width, dstacked, small.draft),
+        target=E.put_rows(state.target, small.target, rows, width, stacked),
+        draft=E.put_rows(state.draft, small.draft, rows, width, dstacked),
     )
     stats = jnp.stack([small.steps.sum(), small.proposed.sum(), small.accepted.sum()])
     return spec._constrain(state, mesh), out, stats
