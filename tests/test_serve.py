@@ -260,6 +260,22 @@ def test_compacted_rows_and_width_buckets_equal_generate(lm):
         sched.shutdown(5)
 
 
+def test_warm_up_runs_every_program_then_frees_every_slot(lm):
+    """warm_up runs each decode (rows, width) and batched admission program once (XLA CPU's first run of a program
+    is the slow one) and leaves the state as fresh as before: no stand-in row stays in a slot."""
+    eng = Engine(lm.config, lm.params, slots=4, max_model_len=80, vocab_limit=TOK_VOCAB, chunk=4)
+    ran, admitted = set(), set()
+    run_decode, admit_many = eng._run_decode, eng.admit_many
+    eng._run_decode = lambda r, w, rows, done: (ran.add((r, w)), run_decode(r, w, rows, done))[1]
+    eng.admit_many = lambda slots, ids, rows: (admitted.add((len(slots), len(ids[0]))), admit_many(slots, ids, rows))[1]
+    eng.warm_up()
+    assert ran == {(r, w) for r in eng.row_buckets for w in eng.length_buckets}
+    assert admitted == {(r, p) for p in eng.buckets for r in eng.admit_rows[p]} and admitted
+    assert not eng._lengths.any()
+    fresh = eng._init_program()()
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), eng.state, fresh)
+
+
 def test_nothing_compiles_after_warm_up(served, client):
     eng = served.svc.scheduler.engine  # init, one admit per prompt bucket, one decode per (rows, width) bucket
     batched = sum(map(len, eng.admit_rows.values()))  # one batched admission per (rows, prompt bucket)

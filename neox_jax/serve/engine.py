@@ -249,7 +249,8 @@ class Engine:
         return jax.eval_shape(lambda: _init_state(*statics))
 
     def warm_up(self) -> None:
-        """Compiles every program a request inside the buckets can need, and allocates the state."""
+        """Compiles every program a request inside the buckets can need, runs each once (see run_once), and
+        allocates the state."""
         self.state = self._init_program()()
         for p in self.buckets:
             self._admit_program(p)
@@ -258,9 +259,39 @@ class Engine:
         for r in self.row_buckets:
             for w in self.length_buckets:
                 self._decode_program(r, w)
+        self.run_once()
+
+    def run_once(self) -> None:
+        """Runs every compiled program once on stand-in prompts, then frees every slot. XLA CPU's first run of a
+        program cost ~100 ms more than the next ones (pythia-70m shapes), which the first requests after /health
+        paid once per program they reached. The stand-in rows sample with top-p, a penalty (where the engine takes
+        one) and log-probabilities, so the heavier side of each runtime switch runs too."""
+        row = {k: v[0] for k, v in R.empty_rows(1, self.cfg.vocab_size).items()}
+        row |= {"temperature": 0.8, "top_p": 0.9, "top_k": 5, "repetition_penalty": 1.1, "logprobs": True}
+        row["max_new"] = 2  # a decode chunk stops after one step (one round)
+        try:
+            self.check_row(row)
+        except ValueError:
+            row["repetition_penalty"] = 1.0
+        row = {k: np.asarray(v, R.empty_rows(1, 1)[k].dtype) for k, v in row.items()}
+        self.reset()
+        for p in self.buckets:
+            self.admit(0, [self.pad_id] * p, row, prompt_logprobs=True)
+            for r in self.admit_rows[p]:
+                self.admit_many(list(range(r)), [[self.pad_id] * p] * r, [row] * r)
+        if self.max_model_len > 1:  # (a one-slot model has no decode step)
+            for r in self.row_buckets:
+                for w in self.length_buckets:
+                    self.reset()
+                    for slot in range(r):
+                        self.admit(slot, [self.pad_id], row)
+                    self._run_decode(r, w, np.arange(r, dtype=np.int32), np.zeros(r, bool))
+        self.reset()
 
     def reset(self) -> None:
+        """Every slot free (a fresh state)."""
         self.state = self._init_program()()
+        self._lengths[:] = 0
 
     def check_row(self, row: dict) -> None:
         """Raises ValueError for per-row settings this engine cannot honour (none here; see SpecEngine)."""
@@ -311,10 +342,19 @@ class Engine:
         live = np.flatnonzero(~force_done)
         r = next(b for b in self.row_buckets if b >= len(live))
         rows = np.concatenate([live, np.flatnonzero(force_done)[: r - len(live)]]).astype(np.int32)
-        need = int(self._lengths[live].max(initial=0)) + self.chunk
-        width = next((w for w in self.length_buckets if w >= need), self.max_model_len)
+        need = int(self._lengths[live].max(initial=0)) + self.chunk_slots
+        width = next((w for w in self.length_buckets if w >= need), self.length_buckets[-1])
         self.last_bucket = (r, width)  # (tests read it)
-        self.state, out, _ = self._decode_program(r, width)(self.params, self.state, rows, force_done[rows])
+        return self._run_decode(r, width, rows, force_done[rows])
+
+    @property
+    def chunk_slots(self) -> int:
+        """The most cache slots a row takes in one decode chunk."""
+        return self.chunk
+
+    def _run_decode(self, r: int, width: int, rows: np.ndarray, force_done: np.ndarray) -> tuple[dict, np.ndarray]:
+        """The (r, width) decode program over rows [r] (force_done [r]); returns decode's outputs."""
+        self.state, out, _ = self._decode_program(r, width)(self.params, self.state, rows, force_done)
         made = sharding.to_host(self.state.made)
         self._lengths = np.asarray(sharding.to_host(self.state.lengths), np.int64)
         full = {}

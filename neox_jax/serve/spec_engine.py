@@ -195,17 +195,14 @@ class SpecEngine(E.Engine):
         self._lengths[slot] = n
         return jax.tree.map(sharding.to_host, first)
 
-    def decode(self, force_done: np.ndarray) -> tuple[dict, np.ndarray]:
-        """One chunk of rounds (see Engine.decode); the width holds every live row's slots after chunk rounds of
-        up to k+1 tokens each."""
-        live = np.flatnonzero(~force_done)
-        r = next(b for b in self.row_buckets if b >= len(live))
-        rows = np.concatenate([live, np.flatnonzero(force_done)[: r - len(live)]]).astype(np.int32)
-        need = int(self._lengths[live].max(initial=0)) + self.chunk * (self.k + 1)
-        width = next((w for w in self.length_buckets if w >= need), self.cache_len)
-        self.last_bucket = (r, width)
+    @property
+    def chunk_slots(self) -> int:
+        """A chunk of rounds of up to k+1 tokens each (see Engine.decode)."""
+        return self.chunk * (self.k + 1)
+
+    def _run_decode(self, r: int, width: int, rows: np.ndarray, force_done: np.ndarray) -> tuple[dict, np.ndarray]:
         prog = self._decode_program(r, width)
-        self.state, out, stats = prog(self.params, self.draft_params, self.state, rows, force_done[rows])
+        self.state, out, stats = prog(self.params, self.draft_params, self.state, rows, force_done)
         self.spec_stats = tuple(int(x) for x in sharding.to_host(stats))
         made = sharding.to_host(self.state.target.made)
         self._lengths = np.asarray(sharding.to_host(self.state.target.lengths), np.int64)
