@@ -372,6 +372,27 @@ def test_one_sampler():
     assert cuts == ["inference/sampling.py"]
 
 
+@pytest.mark.parametrize("vocab", [1, 7, 320, 1024, 1030, 50304])
+def test_greedy_argmax_equals_jnp_argmax(vocab):
+    """sampling.argmax (pairwise halving) picks what jnp.argmax picks: the first of equal maxima, the first NaN,
+    the first id of an all -inf row, at even, odd, small and Pythia-sized vocabularies."""
+    from neox_jax.inference.sampling import argmax
+
+    rng = np.random.default_rng(vocab)
+    x = rng.normal(size=(9, vocab)).astype(np.float32)
+    x[1] = np.round(x[1])  # many ties
+    x[2] = 0.0  # all tied
+    x[3] = -np.inf
+    x[4, rng.integers(vocab, size=3)] = np.nan
+    x[5, -1] = x[5].max() + 1  # the last id wins
+    x[6, rng.integers(vocab, size=2)] = np.inf
+    got = jax.jit(argmax)(jnp.asarray(x))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+    bf = jnp.asarray(x, jnp.bfloat16)  # more ties after rounding
+    np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(bf)), np.asarray(jnp.argmax(bf, axis=-1)))
+
+
 @pytest.mark.parametrize("uniform", [True, False])
 def test_extend_and_rollback_are_a_verify_step(lm, uniform):
     """The decode core's speculative primitives: extend k+1 draft positions, roll a row back to its accepted length,

@@ -122,12 +122,12 @@ def empty_state(
     return constrain(state, mesh)
 
 
-def _choose(static, settings, logits, state_key, seen, made):
+def _choose(static, layout, settings, logits, state_key, seen, made):
     """sampling.choose over state settings; returns (tokens, the state's next key)."""
     if static.per_row:
-        return sampling.choose(static, settings, logits, settings["key"], seen, made), state_key
+        return sampling.choose(static, settings, logits, settings["key"], seen, made, layout.transposed), state_key
     key, sub = jax.random.split(state_key) if not static.greedy else (state_key, None)
-    return sampling.choose(static, settings, logits, sub, seen), key
+    return sampling.choose(static, settings, logits, sub, seen, vocab_major=layout.transposed), key
 
 
 def _logprobs(static, want, logits, tokens):
@@ -165,7 +165,7 @@ def prefill_into(cfg, static, layout, params, state: DecodeState, row0, ids, mas
     if settings is None:
         settings = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, row0, r), state.settings)
     seen = sampling.prompt_seen(ids, mask, cfg.vocab_size) if state.seen is not None else None
-    tokens, key = _choose(static, settings, logits, state.key, seen, jnp.zeros(r, jnp.int32))
+    tokens, key = _choose(static, layout, settings, logits, state.key, seen, jnp.zeros(r, jnp.int32))
     first = {"tokens": tokens}
     if static.per_row:
         first["logprobs"], first["top_ids"], first["top_logprobs"] = _logprobs(
@@ -250,7 +250,7 @@ def decode_chunk(
         live = ~st.done
         st, logits = extend(cfg, layout, params, st, st.tokens[:, None], uniform, None if uniform else live)
         logits = logits[:, 0]  # [B, V]
-        tokens, key = _choose(static, st.settings, logits, st.key, st.seen, st.made)
+        tokens, key = _choose(static, layout, st.settings, logits, st.key, st.seen, st.made)
         tokens = jnp.where(live, tokens, st.tokens)
         made = st.made + live
         stop = st.settings["stop_mask"][rows_ix, tokens] | (made >= st.settings["max_new"])
