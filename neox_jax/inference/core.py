@@ -125,7 +125,8 @@ def empty_state(
 def _choose(static, layout, settings, logits, state_key, seen, made):
     """sampling.choose over state settings; returns (tokens, the state's next key)."""
     if static.per_row:
-        return sampling.choose(static, settings, logits, settings["key"], seen, made, layout.transposed), state_key
+        tokens = sampling.choose(static, settings, logits, settings["key"], seen, made, vocab_major=layout.transposed)
+        return tokens, state_key
     key, sub = jax.random.split(state_key) if not static.greedy else (state_key, None)
     return sampling.choose(static, settings, logits, sub, seen, vocab_major=layout.transposed), key
 

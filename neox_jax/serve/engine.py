@@ -249,7 +249,7 @@ class Engine:
         return jax.eval_shape(lambda: _init_state(*statics))
 
     def warm_up(self) -> None:
-        """Compiles every program a request inside the buckets can need, runs each once (see run_once), and
+        """Compiles every program a request inside the buckets can need, runs each once (see _run_once), and
         allocates the state."""
         self.state = self._init_program()()
         for p in self.buckets:
@@ -259,22 +259,27 @@ class Engine:
         for r in self.row_buckets:
             for w in self.length_buckets:
                 self._decode_program(r, w)
-        self.run_once()
+        self._run_once()
 
-    def run_once(self) -> None:
+    def _run_once(self) -> None:
         """Runs every compiled program once on stand-in prompts, then frees every slot. XLA CPU's first run of a
         program cost ~100 ms more than the next ones (pythia-70m shapes), which the first requests after /health
         paid once per program they reached. The stand-in rows sample with top-p, a penalty (where the engine takes
-        one) and log-probabilities, so the heavier side of each runtime switch runs too."""
+        one) and log-probabilities, so the heavier side of each runtime switch runs too. Each decode runs one step:
+        its rows are admitted again (overwritten) before it, with max_new 2."""
         row = {k: v[0] for k, v in R.empty_rows(1, self.cfg.vocab_size).items()}
-        row |= {"temperature": 0.8, "top_p": 0.9, "top_k": 5, "repetition_penalty": 1.1, "logprobs": True}
-        row["max_new"] = 2  # a decode chunk stops after one step (one round)
+        row.update(
+            temperature=np.float32(0.8),
+            top_p=np.float32(0.9),
+            top_k=np.int32(5),
+            repetition_penalty=np.float32(1.1),
+            logprobs=np.bool_(True),
+            max_new=np.int32(2),
+        )
         try:
             self.check_row(row)
         except ValueError:
-            row["repetition_penalty"] = 1.0
-        row = {k: np.asarray(v, R.empty_rows(1, 1)[k].dtype) for k, v in row.items()}
-        self.reset()
+            row["repetition_penalty"] = np.float32(1.0)
         for p in self.buckets:
             self.admit(0, [self.pad_id] * p, row, prompt_logprobs=True)
             for r in self.admit_rows[p]:
@@ -282,7 +287,6 @@ class Engine:
         if self.max_model_len > 1:  # (a one-slot model has no decode step)
             for r in self.row_buckets:
                 for w in self.length_buckets:
-                    self.reset()
                     for slot in range(r):
                         self.admit(slot, [self.pad_id], row)
                     self._run_decode(r, w, np.arange(r, dtype=np.int32), np.zeros(r, bool))
