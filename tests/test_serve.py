@@ -260,6 +260,33 @@ def test_compacted_rows_and_width_buckets_equal_generate(lm):
         sched.shutdown(5)
 
 
+def test_every_row_decode_slices_instead_of_gathering(lm):
+    """take_rows / put_rows with rows None (the every-row program): the state itself over the whole cache, a slice
+    equal to gathering arange(B) over fewer slots, and writing back touches only those slots."""
+    from neox_jax.serve.engine import put_rows, take_rows
+
+    eng = Engine(lm.config, lm.params, slots=4, max_model_len=80, vocab_limit=TOK_VOCAB, chunk=4)
+    eng.warm_up()
+    for slot, n in enumerate((5, 9, 40, 12)):
+        eng.admit(slot, list(range(3, 3 + n)), {k: v[0] for k, v in R.empty_rows(1, lm.config.vocab_size).items()})
+    st = eng.state._replace(key=None)
+
+    def same(a):  # the very buffers of st, no copy
+        return all(x is y for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(st)))
+
+    assert same(take_rows(st, None, 80, False)) and same(put_rows(st, st, None, 80, False))
+    every = jax.device_get(take_rows(st, None, 64, False))
+    gathered = jax.device_get(take_rows(st, jax.numpy.arange(4), 64, False))
+    assert jax.tree.all(jax.tree.map(np.array_equal, every, gathered))
+    assert every.kv_valid.shape == (4, 64) and int(every.kv_valid.sum()) == 5 + 9 + 40 + 12
+    small = take_rows(st, None, 64, False)
+    small = small._replace(tokens=small.tokens + 1, kv_valid=~small.kv_valid)
+    back = jax.device_get(put_rows(st, small, None, 64, False))
+    assert np.array_equal(back.tokens, np.asarray(st.tokens) + 1)
+    assert np.array_equal(back.kv_valid[:, :64], ~np.asarray(st.kv_valid)[:, :64])
+    assert np.array_equal(back.kv_valid[:, 64:], np.asarray(st.kv_valid)[:, 64:])
+
+
 def test_warm_up_runs_every_program_then_frees_every_slot(lm):
     """warm_up runs each decode (rows, width) and batched admission program once (XLA CPU's first run of a program
     is the slow one) and leaves the state as fresh as before: no stand-in row stays in a slot."""
