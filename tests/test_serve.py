@@ -266,7 +266,7 @@ def test_every_row_decode_slices_instead_of_gathering(lm):
     from neox_jax.serve.engine import put_rows, take_rows
 
     eng = Engine(lm.config, lm.params, slots=4, max_model_len=80, vocab_limit=TOK_VOCAB, chunk=4)
-    eng.warm_up()
+    eng.reset()
     for slot, n in enumerate((5, 9, 40, 12)):
         eng.admit(slot, list(range(3, 3 + n)), {k: v[0] for k, v in R.empty_rows(1, lm.config.vocab_size).items()})
     st = eng.state._replace(key=None)

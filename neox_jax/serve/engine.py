@@ -87,6 +87,12 @@ def _row_index(path, rows, width: int, stacked: bool) -> tuple:
     return (rows, slice(None, width)) if name == "kv_valid" else (rows,)
 
 
+def decode_rows(rows, slots: int):
+    """A decode program's rows [R] as take_rows takes them: None (every row, nothing gathered) when R = slots, which
+    Engine.decode runs in slot order (rows = arange(slots))."""
+    return None if rows.shape[0] == slots else rows
+
+
 def _whole(st: core.DecodeState, rows, width: int) -> bool:
     """Every row over every slot: the compact state is the state itself."""
     return rows is None and width == st.kv_valid.shape[1]
@@ -118,11 +124,10 @@ def put_rows(st: core.DecodeState, small: core.DecodeState, rows, width: int, st
 def _decode(cfg, layout, vocab_limit, logprob_rows, chunk, width, mesh, params, state, rows, force_done):
     """Up to `chunk` steps for the R rows `rows` [R] (distinct slots) over the first `width` cache slots: those rows
     are gathered into a compact state, decoded, and written back (the other rows untouched). out[k][r, i]: rows[r]'s
-    step i (valid for the steps it was live); force_done [R]. R = B (every row) means rows = arange(B): then nothing
-    is gathered (see take_rows)."""
+    step i (valid for the steps it was live); force_done [R]. R = B: every row, in slot order (see decode_rows)."""
     static = sampling.per_row_static(vocab_limit, logprob_rows)
     stacked = is_stacked(params)
-    rows = None if rows.shape[0] == state.tokens.shape[0] else rows
+    rows = decode_rows(rows, state.tokens.shape[0])
     small = take_rows(state, rows, width, stacked)
     small, out, steps = core.decode_chunk(cfg, static, layout, params, small, force_done, chunk, chunk, False, mesh)
     state = put_rows(state, small, rows, width, stacked)
@@ -359,7 +364,7 @@ class Engine:
         run) and how many tokens each row has made in all."""
         live = np.flatnonzero(~force_done)
         r = next(b for b in self.row_buckets if b >= len(live))
-        if r == self.slots:  # the every-row program: slot order (see _decode)
+        if r == self.slots:  # the every-row program: slot order (see decode_rows)
             rows = np.arange(r, dtype=np.int32)
         else:
             rows = np.concatenate([live, np.flatnonzero(force_done)[: r - len(live)]]).astype(np.int32)

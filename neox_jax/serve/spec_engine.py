@@ -80,7 +80,7 @@ def _decode(
     static = sampling.per_row_static(vocab_limit, logprob_rows)._replace(repetition_penalty=False)
     stacked, dstacked = is_stacked(params), is_stacked(dparams)
     zeros = jnp.zeros(rows.shape, jnp.int32)
-    rows = None if rows.shape[0] == state.target.tokens.shape[0] else rows  # every row: arange(B), nothing gathered
+    rows = E.decode_rows(rows, state.target.tokens.shape[0])
     small = spec.SpecState(
         E.take_rows(state.target, rows, width, stacked),
         E.take_rows(state.draft, rows, width, dstacked),
