@@ -33,6 +33,10 @@ def test_every_form_equals_numpy(dtype, m):
     lhs = rows if dtype == jnp.int8 else rows.astype(dtype)
     ref = np.asarray(lhs, np.float64) @ np.asarray(kernel, np.float64).T
     for how in (None,) + rowmatmul.FORMS:
+        if how == "limbs" and dtype != jnp.int8:
+            with pytest.raises(ValueError, match="limbs form multiplies int8 kernels"):
+                rowmatmul.matmul_t(kernel, rows, how)
+            continue
         y = jax.jit(rowmatmul.matmul_t, static_argnums=2)(kernel, rows, how)
         assert y.shape == (m, o) and y.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-3 * np.abs(ref).max(), err_msg=str(how))
@@ -43,7 +47,48 @@ def test_form_per_dtype_and_rows():
     for dtype in (jnp.float32, jnp.float16):
         assert rowmatmul.form(dtype, 1) == rowmatmul.form(dtype, 4096) == "dot"
     assert [rowmatmul.form(jnp.bfloat16, m) for m in (1, 2, few, few + 1)] == ["rowwise", "reduce", "reduce", "dot"]
-    assert [rowmatmul.form(jnp.int8, m) for m in (1, 2, few, few + 1)] == ["rowwise"] * 3 + ["dequant-dot"]
+    int8 = [rowmatmul.form(jnp.int8, m, int8_dot=False) for m in (1, 2, few, few + 1)]
+    assert int8 == ["rowwise"] * 3 + ["dequant-dot"]
+    limbs = rowmatmul.LIMB_ROWS
+    int8 = [rowmatmul.form(jnp.int8, m, int8_dot=True) for m in (1, limbs, limbs + 1, few + 1)]
+    assert int8 == ["limbs", "limbs", "rowwise", "dequant-dot"]
+    assert rowmatmul.form(jnp.int8, 1, int8_dot=True, weights=rowmatmul.LIMB_MIN_WEIGHTS - 1) == "rowwise"
+    assert rowmatmul.form(jnp.float32, 1, int8_dot=True) == "dot"
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e30])
+def test_limbs_split_rows_exactly_and_sum_nearer_than_float32(scale):
+    """The int8 digits of a row give back the row (to 2^-30 of its largest element), and the limbs product of an
+    int8 kernel is nearer the exact product than the float32 form's summation, at any scale; a zero row gives zeros,
+    a non-finite row non-finite outputs."""
+    rs = np.random.RandomState(1)
+    kernel = jnp.asarray(rs.randint(-127, 128, (64, 2048)), jnp.int8)
+    rows = (rs.randn(3, 2048) * scale).astype(np.float32)
+    rows[0, 7] *= 500  # an outlier feature
+    rows[2] = 0.0
+    digits, e = rowmatmul.limb_digits(jnp.asarray(rows))
+    assert digits.shape == (rowmatmul.LIMBS, 3, 2048) and digits.dtype == jnp.int8
+    assert int(jnp.abs(digits[0]).max()) <= 64
+    weights = 256.0 ** np.arange(rowmatmul.LIMBS - 1, -1, -1)
+    back = np.einsum("k,kmi->mi", weights, np.asarray(digits, np.float64)) * 2.0 ** (np.asarray(e) - 30)[:, None]
+    top = np.abs(rows).max(axis=1, keepdims=True)
+    assert np.all(np.abs(back - rows) <= top * 2.0**-30)
+    big = np.abs(rows) >= top / 64
+    np.testing.assert_array_equal(back[big], rows[big])  # every element past 1/64 of the largest: exact
+    exact = rows.astype(np.float64) @ np.asarray(kernel, np.float64).T
+    fn = jax.jit(rowmatmul.matmul_t, static_argnums=2)
+    limbs, floats = (
+        np.asarray(fn(kernel, jnp.asarray(rows), "limbs")),
+        np.asarray(fn(kernel, jnp.asarray(rows), "rowwise")),
+    )
+    assert np.all(limbs[2] == 0)
+    err = np.abs(limbs - exact).max(axis=1)[:2]
+    assert np.all(err <= np.abs(floats - exact).max(axis=1)[:2]), (err, np.abs(floats - exact).max(axis=1))
+    assert np.all(err <= 1e-6 * np.abs(exact).max(axis=1)[:2])
+    rows[1, 3] = np.nan
+    rows[2, 0] = np.inf
+    y = np.asarray(fn(kernel, jnp.asarray(rows), "limbs"))
+    assert np.isfinite(y[0]).all() and np.isnan(y[1:]).all()
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +145,18 @@ def test_transposed_int8_logits_equal_stored_int8_and_dequantized_float(model, s
     np.testing.assert_allclose(np.asarray(ours), np.asarray(deq), atol=2e-5 * scale, rtol=0)
 
 
+@pytest.mark.parametrize("int8_dot", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_int8_greedy_decode_equals_todays_int8_path(model, dtype):
-    """Weight-only int8 (the float params in float32 or float16): the default CPU layout ([O, I] int8 read as stored)
-    generates today's stored-layout tokens, one row and a batch."""
+def test_int8_greedy_decode_equals_todays_int8_path(model, dtype, int8_dot, monkeypatch):
+    """Weight-only int8 (the float params in float32 or float16): the default CPU layout ([O, I] int8 read as stored;
+    with and without the limbs form of CPUs with int8 dots) generates today's stored-layout tokens, one row and a
+    batch."""
+    monkeypatch.setattr(rowmatmul, "fast_int8_dot", lambda: int8_dot)
+    monkeypatch.setattr(rowmatmul, "LIMB_MIN_WEIGHTS", 0)  # the tiny model's kernels too
+    traced = []
+    limbs = rowmatmul._limbs
+    monkeypatch.setattr(rowmatmul, "_limbs", lambda k, x: traced.append(x.shape) or limbs(k, x))
+    jax.clear_caches()  # programs traced under the other setting are not reused
     params = Q.quantize_tree(Q.cast_floats(model.params, jnp.dtype(dtype)), "int8", embed_out=dtype == "float16")
     new = Generator(model.config, params)
     assert new.run_layout().transposed
@@ -111,6 +164,7 @@ def test_int8_greedy_decode_equals_todays_int8_path(model, dtype):
     for prompts in (PROMPTS[:1], PROMPTS):
         a = new.generate(prompts, max_new_tokens=10, stop_token_ids=[]).token_ids
         assert a == today.generate(prompts, max_new_tokens=10, stop_token_ids=[]).token_ids
+    assert bool(traced) == int8_dot  # the decode steps ran the limbs form (traced once per program)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

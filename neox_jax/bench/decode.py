@@ -1,5 +1,6 @@
 """Decode that scales with the batch: tokens/s at batch 1, 2, 4, 8, 16, 32 per dtype (float32, bfloat16, int8
-weight-only), against the roofline and transformers, in one run.
+weight-only with the output layer in float32 as `--quantize int8` keeps it, int8-all with it int8 too as
+`convert quantize --embed-out` writes it), against the roofline and transformers, in one run.
 
     neox-jax benchmark decode                       # pythia-70m shapes, random weights
     neox-jax benchmark decode --quick               # tiny preset, batches 1, 4, 16, 8 new tokens
@@ -29,7 +30,12 @@ from neox_jax.model import rowmatmul
 from neox_jax.model.config import preset
 from neox_jax.model.neox import LINEARS, init_params
 
-DTYPES = {"float32": (jnp.float32, None), "bfloat16": (jnp.bfloat16, None), "int8": (jnp.float32, "int8")}
+DTYPES = {  # name -> (float dtype, int8 mode, embed_out int8 too)
+    "float32": (jnp.float32, None, False),
+    "bfloat16": (jnp.bfloat16, None, False),
+    "int8": (jnp.float32, "int8", False),
+    "int8-all": (jnp.float32, "int8", True),
+}
 
 
 def step_bytes(cfg, params, batch: int, length: int) -> int:
@@ -56,13 +62,15 @@ def run_linears(gen: Generator) -> list[tuple]:
 
 def matmul_floor_ms(linears, batch: int, how: str | None, repeats: int) -> float:
     """ms for every Linear of one decode step, once each, over `batch` rows in form `how` (None: rowmatmul.form's
-    choice), in one program: the weights stream from memory as in a step (median of repeats)."""
+    choice; "limbs": for the int8 kernels, the others their own), in one program: the weights stream from memory as
+    in a step (median of repeats)."""
 
     @jax.jit
     def step(linears, x):  # x [batch, widest I]
         acc = jnp.zeros((), jnp.float32)
         for kernel, scale in linears:  # each product waits for the last (as in the model), through a scalar
-            y = rowmatmul.matmul_t(kernel, x[:, : kernel.shape[1]] + acc * 1e-30, how)
+            own = None if how == "limbs" and kernel.dtype != jnp.int8 else how  # limbs: int8 kernels only
+            y = rowmatmul.matmul_t(kernel, x[:, : kernel.shape[1]] + acc * 1e-30, own)
             acc = (y if scale is None else y * scale)[0, 0]
         return acc
 
@@ -76,7 +84,7 @@ def forms_used(linears, batch: int) -> str:
     by: dict[str, list[str]] = {}
     for k, _ in linears:
         shape = f"{k.shape[0]}x{k.shape[1]} {k.dtype.name}"
-        names = by.setdefault(rowmatmul.form(k.dtype, batch), [])
+        names = by.setdefault(rowmatmul.form(k.dtype, batch, weights=k.size), [])
         if shape not in names:
             names.append(shape)
     return "; ".join(f"{f}: {', '.join(v)}" for f, v in by.items())
@@ -89,7 +97,8 @@ def floor_rows(name: str, linears, batch: int, bw: float, repeats: int) -> tuple
     nbytes = sum(k.size * k.dtype.itemsize for k, _ in linears)
     low = any(k.dtype != jnp.float32 for k, _ in linears)
     rows = []
-    for how in ("dot", "reduce", "rowwise", None) if low else ("dot",):
+    int8 = any(k.dtype == jnp.int8 for k, _ in linears)
+    for how in ("dot", "reduce", "rowwise") + ("limbs",) * int8 + (None,) if low else ("dot",):
         ms = matmul_floor_ms(linears, batch, how, repeats)
         row = {"dtype": name, "batch": batch, "form": how or "chosen", "ms": ms, "Gelem/s": elems / ms / 1e6}
         rows.append(row | {"GB/s": nbytes / ms / 1e6, "% of bandwidth": 100 * nbytes / ms / 1e6 / bw})
@@ -133,9 +142,9 @@ def summary(rows: list[dict]) -> list[str]:
     out = []
     for (name, b), r in at.items():
         f32 = at.get(("float32", b))
-        if name == "int8" and f32:
+        if name.startswith("int8") and f32:
             out.append(
-                f"int8 batch {b}: {r['tokens/s'] / f32['tokens/s']:.2f}x float32's tokens/s; its matmul floor "
+                f"{name} batch {b}: {r['tokens/s'] / f32['tokens/s']:.2f}x float32's tokens/s; its matmul floor "
                 f"{f32['floor_ms'] / r['floor_ms']:.2f}x float32's ({r['floor_Gelem/s']:.1f} against "
                 f"{f32['floor_Gelem/s']:.1f} G weights/s)"
             )
@@ -150,7 +159,7 @@ def summary(rows: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="pythia-70m")
-    ap.add_argument("--dtypes", default="float32,bfloat16,int8")
+    ap.add_argument("--dtypes", default="float32,bfloat16,int8,int8-all", help=f"of {', '.join(DTYPES)}")
     ap.add_argument("--batches", default="1,2,4,8,16,32")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=32)
@@ -169,9 +178,9 @@ def main() -> None:
     base = init_params(cfg, jnp.float32)
     runs = {}  # dtype -> (params, generator, its Linears in the run layout)
     for name in a.dtypes.split(","):
-        dtype, mode = DTYPES[name]
+        dtype, mode, embed_out = DTYPES[name]
         params = Q.cast_floats(base, dtype)
-        params = Q.quantize_tree(params, mode) if mode else params
+        params = Q.quantize_tree(params, mode, embed_out=embed_out) if mode else params
         gen = Generator(cfg, params)
         runs[name] = (params, gen, run_linears(gen))
     rows, forms = [], []
