@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from neox_jax.bench import llama_cpp
 from neox_jax.bench._common import markdown_table, median_time, reference_skipped, write_json
 from neox_jax.bench.generate import bandwidth_gbs
 from neox_jax.inference.cache import cache_bytes
@@ -36,6 +38,13 @@ DTYPES = {  # name -> (float dtype, int8 mode, embed_out int8 too)
     "int8": (jnp.float32, "int8", False),
     "int8-all": (jnp.float32, "int8", True),
 }
+
+
+def tokenizer_file() -> Path | None:
+    """The 20B tokenizer in the first data directory that has it (llama.cpp's converter writes its vocabulary)."""
+    from neox_jax.evaluation.tasks import data
+
+    return next((d / "20B_tokenizer.json" for d in data.data_dirs() if (d / "20B_tokenizer.json").is_file()), None)
 
 
 def step_bytes(cfg, params, batch: int, length: int) -> int:
@@ -167,6 +176,12 @@ def main() -> None:
     ap.add_argument("--floor-repeats", type=int, default=7, help="repeats of each matmul-floor program")
     ap.add_argument("--quick", action="store_true", help="tiny preset, batches 1,4,16, 8 new tokens, 1 repeat")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument(
+        "--llama-cpp",
+        metavar="DIR",
+        help="a built llama.cpp checkout: its llama-bench beside batch 1 in f32 / f16 / q8_0 (default: llama-bench "
+        "on PATH, if there; skipped with --quick)",
+    )
     ap.add_argument("--out", default="bench_out")
     a = ap.parse_args()
     if a.quick:
@@ -209,7 +224,14 @@ def main() -> None:
     print("\nA step's matmuls alone (every Linear once, weights streamed from memory), per form:\n")
     print(markdown_table(forms, ["dtype", "batch", "form", "ms", "Gelem/s", "GB/s", "% of bandwidth", "chosen forms"]))
     print("\n" + "\n".join(summary(rows)))
-    payload = {"args": vars(a), "bandwidth_gbs": bw, "rows": rows, "forms": forms}
+    llama = [] if a.quick else llama_cpp.rows(cfg, a.new, tokenizer_file(), a.llama_cpp)
+    if llama:
+        ours = [
+            {"engine": f"neox-jax {r['dtype']}", "batch": 1, "tokens/s": r["tokens/s"]} for r in rows if r["batch"] == 1
+        ]
+        print("\nllama.cpp's llama-bench on the same shapes, one sequence:\n")
+        print(markdown_table(ours + llama, ["engine", "batch", "tokens/s", "stddev"]))
+    payload = {"args": vars(a), "bandwidth_gbs": bw, "rows": rows, "forms": forms, "llama.cpp": llama}
     print("wrote", write_json("decode", payload, a.out))
 
 
