@@ -7,9 +7,10 @@ weight-only with the output layer in float32 as `--quantize int8` keeps it, int8
     neox-jax benchmark decode --preset pythia-160m --dtypes float32,int8 --batches 1,16
 
 Each row: `model.generate`'s decode loop (greedy, no stop ids, a 32-token prompt; compile excluded), its ms per step
-and tokens/s, and the roofline: the bytes one step must read (every weight but the embedding table, which is only
-gathered, plus the batch's K and V caches at the mean length) over the memory bandwidth measured in this run (a large
-numpy copy). `step vs batch 1` is the batch-b step time over the batch-1 step: 1 means the batch came for free.
+(the best of --repeats calls, the dtypes taken in turn each round) and tokens/s, and the roofline: the bytes one
+step must read (every weight but the embedding table, which is only gathered, plus the batch's K and V caches at the
+mean length) over the memory bandwidth measured in this run (a large numpy copy). `step vs batch 1` is the batch-b
+step time over the batch-1 step: 1 means the batch came for free.
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ def floor_rows(name: str, linears, batch: int, bw: float, repeats: int) -> tuple
     return rows, floor | {"floor_GB/s": best["GB/s"]}
 
 
-def jax_row(cfg, gen: Generator, batch: int, prompt: int, new: int, repeats: int) -> float:
-    """ms per decode step at this batch (median of repeats, compile excluded)."""
+def step_runner(cfg, gen: Generator, batch: int, prompt: int, new: int):
+    """A function timing one generate call at this batch: ms per decode step (compiled on the first call)."""
     ids = [list(np.random.RandomState(b).randint(0, cfg.vocab_size, prompt)) for b in range(batch)]
 
     def run():
@@ -125,7 +126,17 @@ def jax_row(cfg, gen: Generator, batch: int, prompt: int, new: int, repeats: int
         return t.decode_s / (t.decode_tokens / batch) * 1e3
 
     run()
-    return float(np.median([run() for _ in range(repeats)]))
+    return run
+
+
+def interleaved_best(runners: dict, repeats: int) -> dict:
+    """name -> the best of `repeats` ms of each runner, the runners taken in turn each round: a busy spell on a
+    shared machine slows one round of all of them rather than all rounds of one."""
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            times[name].append(run())
+    return {name: min(t) for name, t in times.items()}
 
 
 def torch_ms(cfg, batch: int, prompt: int, new: int) -> float:
@@ -172,7 +183,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4,8,16,32")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument(
+        "--repeats", type=int, default=5, help="timed generate calls per dtype and batch, interleaved (best kept)"
+    )
     ap.add_argument("--floor-repeats", type=int, default=7, help="repeats of each matmul-floor program")
     ap.add_argument("--quick", action="store_true", help="tiny preset, batches 1,4,16, 8 new tokens, 1 repeat")
     ap.add_argument("--no-torch", action="store_true")
@@ -200,8 +213,10 @@ def main() -> None:
         runs[name] = (params, gen, run_linears(gen))
     rows, forms = [], []
     for b in batches:  # batch by batch, every dtype in turn: a busy spell on the machine hits them alike
-        for name, (params, gen, linears) in runs.items():
-            ms = jax_row(cfg, gen, b, a.prompt, a.new, a.repeats)
+        runners = {name: step_runner(cfg, gen, b, a.prompt, a.new) for name, (_, gen, _) in runs.items()}
+        best = interleaved_best(runners, a.repeats)
+        for name, (params, _, linears) in runs.items():
+            ms = best[name]
             roof = step_bytes(cfg, params, b, a.prompt + a.new // 2) / (bw * 1e9) * 1e3
             row = {"dtype": name, "batch": b, "step_ms": ms, "tokens/s": b / ms * 1e3}
             row |= {"roofline_ms": roof, "roofline_pct": 100 * roof / ms}
