@@ -57,19 +57,7 @@ def hf_model(cfg, out: Path, tokenizer: Path) -> Path:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    hf_cfg = GPTNeoXConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        intermediate_size=cfg.intermediate_size,
-        rotary_pct=cfg.rotary_pct,
-        max_position_embeddings=cfg.max_position_embeddings,
-        use_parallel_residual=cfg.use_parallel_residual,
-        hidden_act=cfg.hidden_act,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    hf_cfg = GPTNeoXConfig(**cfg.to_hf_config())
     torch.manual_seed(0)
     GPTNeoXForCausalLM(hf_cfg).save_pretrained(out)
     shutil.copyfile(tokenizer, out / "tokenizer.json")
