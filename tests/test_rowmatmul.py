@@ -70,7 +70,10 @@ def test_limbs_split_rows_exactly_and_sum_nearer_than_float32(scale):
     assert digits.shape == (rowmatmul.LIMBS, 3, 2048) and digits.dtype == jnp.int8
     assert int(jnp.abs(digits[0]).max()) <= 64
     weights = 256.0 ** np.arange(rowmatmul.LIMBS - 1, -1, -1)
-    back = np.einsum("k,kmi->mi", weights, np.asarray(digits, np.float64)) * 2.0 ** (np.asarray(e) - 30)[:, None]
+    back = (
+        np.einsum("k,kmi->mi", weights, np.asarray(digits, np.float64))
+        * 2.0 ** (np.asarray(e) - rowmatmul.LIMB_BITS)[:, None]
+    )
     top = np.abs(rows).max(axis=1, keepdims=True)
     assert np.all(np.abs(back - rows) <= top * 2.0**-30)
     big = np.abs(rows) >= top / 64
